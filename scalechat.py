@@ -30,6 +30,7 @@ import selectors
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 from collections import deque
@@ -510,25 +511,46 @@ def error_frame(code: str, reason: str, message_id=None) -> bytes:
     return encode_json_frame(obj)
 
 
+def message_parts(room: str, sender: str, message_id, text: str, sent_at) -> tuple[bytes, bytes]:
+    """A ``message`` frame's JSON split around its seq: ``prefix + b"17" + suffix``.
+
+    The sequencer (this process, the supervisor or a Redis script) splices the
+    seq in, so the JSON is encoded once, wherever the seq is assigned.
+    """
+    rest = json.dumps({"sender": sender, "message_id": message_id, "text": text, "sent_at": sent_at},
+                      separators=(",", ":"), ensure_ascii=False)
+    return (b'{"type":"message","room":"' + room.encode() + b'","seq":',   # room: [A-Za-z0-9_.-]
+            b"," + rest[1:].encode())
+
+
 class Room:
-    """A room: its members on this process, its sequence and its recent history."""
+    """A room on this process: members, the last seq delivered here, recent history.
 
-    __slots__ = ("name", "members", "seq", "history", "count_dirty")
+    With a remote bus a room is not ``ready`` until the bus has sent its
+    snapshot (seq and history); joiners wait in ``waiting`` meanwhile, and
+    messages that arrive while ``syncing`` wait in ``early``.
+    """
 
-    def __init__(self, name: str, history: int):
+    __slots__ = ("name", "members", "seq", "history", "count_dirty", "ready", "syncing",
+                 "early", "waiting")
+
+    def __init__(self, name: str, history: int, ready: bool):
         self.name = name
         self.members: dict = {}             # Connection -> None: ordered, O(1) removal
         self.seq = 0
         self.history: deque = deque(maxlen=history)   # (seq, frame)
         self.count_dirty = False
+        self.ready = ready
+        self.syncing = False
+        self.early: list = []               # (seq, frame, t0) held while syncing
+        self.waiting: list = []             # (conn, since) held until ready
 
     def frames_since(self, since: int) -> list:
         """Frames of held messages with seq > since, oldest first."""
         hist = self.history
         if not hist or since >= hist[-1][0]:
             return []
-        first = hist[0][0]
-        start = max(0, since - first + 1)
+        start = max(0, since - hist[0][0] + 1)
         return [hist[i][1] for i in range(start, len(hist))]
 
     def oldest_seq(self) -> int:
@@ -536,39 +558,19 @@ class Room:
         return self.history[0][0] if self.history else self.seq + 1
 
 
-# ---------------------------------------------------------------------------
-# 3. Bus: one process delivers to its own members directly
-# ---------------------------------------------------------------------------
-
-class LocalBus:
-    """Sequences and delivers a room's messages inside one process."""
-
-    up = True
-
-    def __init__(self, chat: "Chat"):
-        self.chat = chat
-
-    def publish(self, room: Room, sender: str, message_id, text: str, sent_at, t0: float) -> None:
-        """Assign the room's next seq and deliver the message to every member."""
-        seq = room.seq + 1
-        payload = json.dumps({"type": "message", "room": room.name, "seq": seq, "sender": sender,
-                              "message_id": message_id, "text": text, "sent_at": sent_at},
-                             separators=(",", ":"), ensure_ascii=False).encode()
-        self.chat.deliver(room, seq, encode_frame(OP_TEXT, payload), t0)
-
-    def room_opened(self, room: Room) -> None:
-        """The first local member joined room."""
-
-    def room_closed(self, room: Room) -> None:
-        """The last local member left room."""
-
-
 class Chat:
-    """Rooms and their members on this process; knows nothing of sockets."""
+    """Rooms and their members on this process; knows nothing of sockets.
 
-    def __init__(self, config, stats: "Stats"):
+    ``send(conn, bytes)`` queues bytes for a connection; ``dirty`` is the
+    loop's list of connections with newly queued bytes (the hot path appends
+    to it directly).
+    """
+
+    def __init__(self, config, stats: "Stats", send, dirty: list):
         self.config = config
         self.stats = stats
+        self.send = send
+        self.dirty = dirty
         self.rooms: dict[str, Room] = {}
         self.bus = LocalBus(self)
         self.guest_counter = 0
@@ -580,34 +582,42 @@ class Chat:
         self.guest_counter += 1
         return f"guest-{self.guest_counter}"
 
-    def join(self, conn, room_name: str, since: int | None) -> list:
-        """Add conn to a room; return the frames it gets first (welcome, then replay)."""
+    def join(self, conn, room_name: str, since: int | None) -> None:
+        """Put conn in a room: welcome and replay now, or once the bus has the room."""
         room = self.rooms.get(room_name)
         if room is None:
-            room = self.rooms[room_name] = Room(room_name, self.config.history)
-        if not room.members:
+            room = self.rooms[room_name] = Room(room_name, self.config.history, self.bus.local)
+        opened = not room.members and not room.waiting
+        conn.room = room
+        if room.ready:
+            self._admit(conn, room, since)
+        else:
+            room.waiting.append((conn, since))
+        if opened:
             self.bus.room_opened(room)
+
+    def _admit(self, conn, room: Room, since: int | None) -> None:
         room.members[conn] = None
         room.count_dirty = True
-        conn.room = room
-        frames = [encode_json_frame({"type": "welcome", "room": room.name, "name": conn.name,
-                                     "seq": room.seq, "members": len(room.members),
-                                     "oldest": room.oldest_seq()})]
+        self.send(conn, encode_json_frame({"type": "welcome", "room": room.name, "name": conn.name,
+                                           "seq": room.seq, "members": len(room.members),
+                                           "oldest": room.oldest_seq()}))
         if since is not None:
-            frames.extend(room.frames_since(since))
-        return frames
+            for frame in room.frames_since(since):
+                self.send(conn, frame)
 
     def leave(self, conn) -> None:
-        """Remove conn from its room; forget an empty room that holds no history."""
+        """Take conn out of its room; forget a room nobody here needs."""
         room = conn.room
         if room is None:
             return
         conn.room = None
-        room.members.pop(conn, None)
+        if room.members.pop(conn, 0) is not None:
+            room.waiting = [w for w in room.waiting if w[0] is not conn]
         room.count_dirty = True
-        if not room.members:
+        if not room.members and not room.waiting:
             self.bus.room_closed(room)
-            if not room.history:
+            if not self.bus.local or not room.history:
                 del self.rooms[room.name]
 
     def receive(self, conn, payload: bytes, t0: float) -> bytes | None:
@@ -618,11 +628,11 @@ class Chat:
             self.stats.refused["too_big" if e.code == "too_big" else "bad_message"] += 1
             return error_frame(e.code, e.reason, e.message_id)
         self.stats.messages_in += 1
-        self.bus.publish(conn.room, conn.name, message_id, text, sent_at, t0)
-        return None
+        prefix, suffix = message_parts(conn.room.name, conn.name, message_id, text, sent_at)
+        return self.bus.publish(conn.room, prefix, suffix, t0, conn, message_id)
 
-    def deliver(self, room: Room, seq: int, frame: bytes, t0: float) -> None:
-        """Record a sequenced frame in history and queue it for every local member."""
+    def deliver(self, room: Room, seq: int, frame: bytes, t0: float | None) -> None:
+        """Record a sequenced frame in history and queue it for every member (the hot path)."""
         room.seq = seq
         room.history.append((seq, frame))
         members = room.members
@@ -635,9 +645,55 @@ class Chat:
                     dirty.append(c)
                 out.append(frame)
                 c.out_bytes += n
-            stats = self.stats
-            stats.deliveries += len(members)
-            stats.broadcast.observe(time.monotonic() - t0)
+            self.stats.deliveries += len(members)
+        if t0 is not None:
+            self.stats.broadcast.observe(time.monotonic() - t0)
+
+    def on_bus_message(self, room_name: str, seq: int, payload: bytes, t0: float | None) -> None:
+        """A sequenced message from a remote bus: deliver in order, once."""
+        room = self.rooms.get(room_name)
+        if room is None:
+            return                          # unsubscribed meanwhile
+        frame = encode_frame(OP_TEXT, payload)
+        if room.syncing or not room.ready:
+            room.early.append((seq, frame, t0))
+        elif seq == room.seq + 1:
+            self.deliver(room, seq, frame, t0)
+        elif seq > room.seq + 1:            # a gap: hold it and catch up from history
+            room.early.append((seq, frame, t0))
+            self.bus.resync(room)
+        # seq <= room.seq: a duplicate, already delivered
+
+    def on_snapshot(self, room_name: str, seq: int, payloads: list) -> None:
+        """The bus's view of a room: its seq and its last messages (ending at seq)."""
+        room = self.rooms.get(room_name)
+        if room is None:
+            return
+        first = seq - len(payloads) + 1
+        if not room.ready:
+            room.history.extend((first + i, encode_frame(OP_TEXT, p)) for i, p in enumerate(payloads))
+            room.seq = seq
+            room.ready = True
+            waiting, room.waiting = room.waiting, []
+            for conn, since in waiting:
+                self._admit(conn, room, since)
+        else:                               # catching up: deliver what members missed
+            for i, p in enumerate(payloads):
+                if first + i > room.seq:
+                    self.deliver(room, first + i, encode_frame(OP_TEXT, p), None)
+            if seq > room.seq:              # older than the history still held: lost for good
+                log.warning("room %s: messages %d-%d are no longer in history", room.name,
+                            room.seq + 1, first - 1)
+                room.seq = seq
+        room.syncing = False
+        early, room.early = sorted(room.early, key=lambda e: e[0]), []
+        for s, frame, t0 in early:
+            if s == room.seq + 1:
+                self.deliver(room, s, frame, t0)
+            elif s > room.seq + 1:
+                room.early.append((s, frame, t0))
+        if room.early:
+            self.bus.resync(room)
 
     def member_count_frames(self):
         """(room, frame) for each room whose member count changed since the last call."""
@@ -648,11 +704,546 @@ class Chat:
                     yield room, encode_json_frame({"type": "members", "room": room.name,
                                                    "count": len(room.members)})
 
-    dirty: list = None   # set by the loop: connections with newly queued frames
+
+# ---------------------------------------------------------------------------
+# 3. Bus: how a message reaches every member of its room
+#
+#    LocalBus   one process: this process assigns seq and delivers.
+#    HubBus     --workers: the supervisor process assigns seq, keeps history and
+#               forwards each message to the workers with members in its room.
+#    RedisBus   --redis: a Lua script assigns seq, keeps history and publishes on
+#               a per-room channel; a node subscribes only to its own rooms.
+#    Every bus has the same face: publish, room_opened, room_closed, resync.
+# ---------------------------------------------------------------------------
+
+class LocalBus:
+    """Sequences and delivers a room's messages inside one process."""
+
+    local = True
+    up = True
+
+    def __init__(self, chat: Chat):
+        self.chat = chat
+
+    def publish(self, room: Room, prefix: bytes, suffix: bytes, t0: float, conn, message_id):
+        """Assign the room's next seq and deliver the message to every member."""
+        seq = room.seq + 1
+        self.chat.deliver(room, seq, encode_frame(OP_TEXT, prefix + str(seq).encode() + suffix), t0)
+
+    def room_opened(self, room: Room) -> None:
+        """The first local member joined room."""
+
+    def room_closed(self, room: Room) -> None:
+        """The last local member left room."""
+
+    def resync(self, room: Room) -> None:
+        """Never needed: nothing is lost inside one process."""
+
+
+class Link:
+    """A non-blocking stream socket on the loop: buffered writes flushed once a turn."""
+
+    def __init__(self, loop: "EventLoop", sock: socket.socket, on_data, on_close, connecting: bool = False):
+        self.loop, self.sock, self.on_data, self.on_close = loop, sock, on_data, on_close
+        self.out: list = []
+        self.connecting = connecting
+        self.writing = connecting
+        self.closed = False
+        sock.setblocking(False)
+        loop.sel.register(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if connecting else 0),
+                          self.on_event)
+        loop.links.append(self)
+
+    @classmethod
+    def connect(cls, loop: "EventLoop", host: str, port: int, on_data, on_close, on_connect) -> "Link":
+        """Start a non-blocking TCP connect; on_connect() runs once it succeeds."""
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        err = sock.connect_ex((host, port))
+        link = cls(loop, sock, on_data, on_close, connecting=True)
+        link.on_connect = on_connect
+        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            loop.call_later(0, link.close)
+        return link
+
+    def write(self, data: bytes) -> None:
+        """Queue data; it is sent at the end of the loop turn."""
+        self.out.append(data)
+
+    def flush(self) -> None:
+        """Send what is queued; watch for writability if the socket is full."""
+        if self.writing or self.closed:
+            return
+        data = b"".join(self.out)
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.close()
+            return
+        if sent == len(data):
+            self.out.clear()
+            return
+        self.out[:] = [data[sent:]]
+        self.writing = True
+        self.loop.sel.modify(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self.on_event)
+
+    def on_event(self, events: int) -> None:
+        """Selector callback."""
+        if events & selectors.EVENT_WRITE:
+            if self.connecting:
+                err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    self.close()
+                    return
+                self.connecting = False
+                self.on_connect()
+            self.writing = False
+            self.loop.sel.modify(self.sock, selectors.EVENT_READ, self.on_event)
+            self.flush()
+        if events & selectors.EVENT_READ and not self.closed and not self.connecting:
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if data:
+                self.on_data(data)
+            else:
+                self.close()
+
+    def close(self) -> None:
+        """Close the socket and tell the owner (once)."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.loop.sel.unregister(self.sock)
+        except (KeyError, ValueError):
+            pass
+        self.sock.close()
+        self.loop.links.remove(self)
+        self.on_close()
+
+
+# Records between the supervisor and its workers: length, type, body.
+REC_SUBSCRIBE, REC_UNSUBSCRIBE, REC_PUBLISH, REC_STATS = b"S", b"U", b"P", b"T"
+REC_SNAPSHOT, REC_MESSAGE = b"N", b"M"
+REC_HEADER = struct.Struct("!Ic")
+PUBLISH_HEAD = struct.Struct("!BdI")        # room length, t0, prefix length
+MESSAGE_HEAD = struct.Struct("!BQd")        # room length, seq, t0
+SNAPSHOT_HEAD = struct.Struct("!BQI")       # room length, seq, count
+LENGTH = struct.Struct("!I")
+
+
+def record(kind: bytes, body: bytes) -> bytes:
+    """One supervisor/worker record."""
+    return REC_HEADER.pack(len(body), kind) + body
+
+
+class RecordReader:
+    """Splits a byte stream into (kind, body) records."""
+
+    def __init__(self):
+        self.buf = b""
+
+    def feed(self, data: bytes) -> list:
+        """The records completed by data."""
+        buf = self.buf + data if self.buf else data
+        pos, end, out = 0, len(buf), []
+        while end - pos >= 5:
+            n, kind = REC_HEADER.unpack_from(buf, pos)
+            if end - pos - 5 < n:
+                break
+            out.append((kind, buf[pos + 5:pos + 5 + n]))
+            pos += 5 + n
+        self.buf = buf[pos:]
+        return out
+
+
+class RemoteBus:
+    """What HubBus and RedisBus share: holding messages while the bus is down."""
+
+    local = False
+
+    def __init__(self, loop: "Server", chat: Chat):
+        self.loop, self.chat, self.config = loop, chat, loop.config
+        self.held: deque = deque()          # (room, prefix, suffix, t0, conn, message_id, since)
+        self.up = False
+        loop.every(0.5, self._expire_held)
+
+    def publish(self, room: Room, prefix: bytes, suffix: bytes, t0: float, conn, message_id):
+        """Send to the sequencer now, or hold while it is unreachable."""
+        if self.up:
+            self.send_publish(room.name, prefix, suffix, t0)
+            return None
+        if len(self.held) >= self.config.bus_hold_count:
+            self.loop.stats.refused["bus_down"] += 1
+            return error_frame("unavailable", "message bus unavailable: send again later", message_id)
+        self.held.append((room.name, prefix, suffix, t0, conn, message_id, self.loop.now))
+        return None
+
+    def _expire_held(self) -> None:
+        held, limit = self.held, self.loop.now - self.config.bus_hold_seconds
+        while held and held[0][6] < limit:
+            _, _, _, _, conn, message_id, _ = held.popleft()
+            self.loop.stats.refused["bus_down"] += 1
+            if conn.state == OPEN:
+                self.loop.send(conn, error_frame("unavailable", "message bus unavailable: send again later",
+                                                 message_id))
+
+    def set_up(self, up: bool) -> None:
+        """Record the bus state; on coming up, send what was held, in order."""
+        self.up = up
+        self.loop.stats.bus_up = int(up)
+        if up:
+            while self.held:
+                room, prefix, suffix, t0, _, _, _ = self.held.popleft()
+                self.send_publish(room, prefix, suffix, t0)
+
+    def send_publish(self, room: str, prefix: bytes, suffix: bytes, t0: float) -> None:
+        raise NotImplementedError
+
+
+class HubBus(RemoteBus):
+    """A worker's side of the supervisor link: publish, subscribe, receive in order."""
+
+    def __init__(self, loop: "Server", chat: Chat, sock: socket.socket):
+        super().__init__(loop, chat)
+        self.reader = RecordReader()
+        self.link = Link(loop, sock, self._on_data, self._on_closed)
+        self.set_up(True)
+
+    def send_publish(self, room: str, prefix: bytes, suffix: bytes, t0: float) -> None:
+        """Hand a message to the supervisor, which sequences it."""
+        r = room.encode()
+        self.link.write(record(REC_PUBLISH, PUBLISH_HEAD.pack(len(r), t0, len(prefix)) + r + prefix + suffix))
+
+    def room_opened(self, room: Room) -> None:
+        """Subscribe; the supervisor answers with a snapshot, then live messages."""
+        room.syncing = True
+        self.link.write(record(REC_SUBSCRIBE, room.name.encode()))
+
+    def room_closed(self, room: Room) -> None:
+        """Unsubscribe."""
+        self.link.write(record(REC_UNSUBSCRIBE, room.name.encode()))
+
+    def resync(self, room: Room) -> None:
+        """The supervisor link is ordered; a gap cannot happen, so this only logs."""
+        log.error("room %s: gap on the supervisor link", room.name)
+
+    def send_stats(self, stats: "Stats") -> None:
+        """Report this worker's counters to the supervisor."""
+        self.link.write(record(REC_STATS, json.dumps(stats.to_dict()).encode()))
+
+    def _on_data(self, data: bytes) -> None:
+        chat = self.chat
+        for kind, body in self.reader.feed(data):
+            if kind == REC_MESSAGE:
+                rlen, seq, t0 = MESSAGE_HEAD.unpack_from(body)
+                start = MESSAGE_HEAD.size
+                chat.on_bus_message(body[start:start + rlen].decode(), seq, body[start + rlen:], t0 or None)
+            elif kind == REC_SNAPSHOT:
+                room, seq, payloads = parse_snapshot(body)
+                chat.on_snapshot(room, seq, payloads)
+
+    def _on_closed(self) -> None:
+        log.warning("supervisor link closed: draining")
+        self.set_up(False)
+        self.loop.request_stop()
+
+
+def encode_snapshot(room: str, seq: int, payloads) -> bytes:
+    """A snapshot record body: the room's seq and its last messages."""
+    r = room.encode()
+    parts = [SNAPSHOT_HEAD.pack(len(r), seq, len(payloads)), r]
+    for p in payloads:
+        parts.append(LENGTH.pack(len(p)))
+        parts.append(p)
+    return b"".join(parts)
+
+
+def parse_snapshot(body: bytes) -> tuple[str, int, list]:
+    """(room, seq, payloads) from a snapshot record body."""
+    rlen, seq, count = SNAPSHOT_HEAD.unpack_from(body)
+    pos = SNAPSHOT_HEAD.size
+    room = body[pos:pos + rlen].decode()
+    pos += rlen
+    payloads = []
+    for _ in range(count):
+        (n,) = LENGTH.unpack_from(body, pos)
+        payloads.append(body[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    return room, seq, payloads
+
+
+# -- Redis: RESP spoken on the loop's own non-blocking sockets ---------------
+
+class RespError(Exception):
+    """An error reply from Redis."""
+
+
+def resp_command(*args) -> bytes:
+    """A RESP array of bulk strings."""
+    parts = [b"*%d\r\n" % len(args)]
+    for a in args:
+        a = a if isinstance(a, bytes) else str(a).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(parts)
+
+
+class RespParser:
+    """Incremental RESP2 reply parser: bytes in, replies out."""
+
+    class Incomplete(Exception):
+        pass
+
+    def __init__(self):
+        self.buf = b""
+
+    def feed(self, data: bytes) -> list:
+        """The replies completed by data (RespError objects for error replies)."""
+        self.buf += data
+        out, pos = [], 0
+        while pos < len(self.buf):
+            try:
+                value, pos2 = self._parse(pos)
+            except self.Incomplete:
+                break
+            out.append(value)
+            pos = pos2
+        self.buf = self.buf[pos:]
+        return out
+
+    def _parse(self, pos: int):
+        buf = self.buf
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            raise self.Incomplete
+        kind, line = buf[pos:pos + 1], buf[pos + 1:eol]
+        pos = eol + 2
+        if kind == b"+":
+            return line.decode(), pos
+        if kind == b"-":
+            return RespError(line.decode()), pos
+        if kind == b":":
+            return int(line), pos
+        if kind == b"$":
+            n = int(line)
+            if n < 0:
+                return None, pos
+            if len(buf) < pos + n + 2:
+                raise self.Incomplete
+            return buf[pos:pos + n], pos + n + 2
+        if kind == b"*":
+            n = int(line)
+            if n < 0:
+                return None, pos
+            items = []
+            for _ in range(n):
+                item, pos = self._parse(pos)
+                items.append(item)
+            return items, pos
+        raise ValueError(f"bad RESP type byte {kind!r}")
+
+
+# INCR the room's seq, splice it into the JSON, keep bounded history, publish
+# "<seq> <origin tag>\n<json>" so nodes learn the seq without parsing JSON.
+PUBLISH_SCRIPT = b"""
+local seq = redis.call('INCR', KEYS[1])
+local msg = ARGV[1] .. seq .. ARGV[2]
+redis.call('RPUSH', KEYS[2], msg)
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
+redis.call('PUBLISH', ARGV[4], seq .. ' ' .. ARGV[5] .. '\\n' .. msg)
+return seq
+"""
+SNAPSHOT_SCRIPT = b"""
+local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
+return {seq, redis.call('LRANGE', KEYS[2], -tonumber(ARGV[1]), -1)}
+"""
+
+
+def parse_redis_url(url: str) -> tuple[str, int, int, str | None]:
+    """(host, port, db, password) from redis://[:password@]host[:port][/db]."""
+    parts = urlsplit(url)
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ValueError(f"not a redis:// URL: {url!r}")
+    db = int(parts.path.lstrip("/") or 0)
+    return parts.hostname, parts.port or 6379, db, parts.password
+
+
+class RedisBus(RemoteBus):
+    """Rooms shared by every node on one Redis: per-room channels, seq and history in Redis."""
+
+    def __init__(self, loop: "Server", chat: Chat, url: str):
+        super().__init__(loop, chat)
+        self.host, self.port, self.db, self.password = parse_redis_url(url)
+        self.prefix = "scalechat:"
+        self.tag = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        self.cmd = self.sub = None
+        self.callbacks: deque = deque()     # (callback, sent_at) per command in flight
+        self.backoff = 0.0
+        self.publish_sha = hashlib.sha1(PUBLISH_SCRIPT).hexdigest()
+        self.snapshot_sha = hashlib.sha1(SNAPSHOT_SCRIPT).hexdigest()
+        self.connected_links = 0
+        loop.every(1.0, self._keepalive)
+        self._connect()
+
+    # -- connection management
+
+    def _connect(self) -> None:
+        self.cmd_parser, self.sub_parser = RespParser(), RespParser()
+        self.callbacks.clear()
+        self.connected_links = 0
+        self.cmd = Link.connect(self.loop, self.host, self.port, self._on_cmd_data, self._on_link_lost,
+                                self._on_link_connected)
+        self.sub = Link.connect(self.loop, self.host, self.port, self._on_sub_data, self._on_link_lost,
+                                self._on_link_connected)
+
+    def _on_link_connected(self) -> None:
+        self.connected_links += 1
+        if self.connected_links < 2:
+            return
+        if self.password:
+            for link in (self.cmd, self.sub):
+                link.write(resp_command("AUTH", self.password))
+            self.sub_parser_skip = 1
+            self._call(("AUTH", self.password), None)
+        else:
+            self.sub_parser_skip = 0
+        if self.db:
+            self._call(("SELECT", self.db), None)
+        self._call(("SCRIPT", "LOAD", PUBLISH_SCRIPT), None)
+        self._call(("SCRIPT", "LOAD", SNAPSHOT_SCRIPT), self._on_ready)
+
+    def _on_ready(self, reply) -> None:
+        if isinstance(reply, RespError):
+            log.error("redis: cannot load scripts: %s", reply)
+            self._drop_links()
+            return
+        log.info("redis %s:%d connected", self.host, self.port)
+        self.backoff = 0.0
+        self.set_up(True)
+        for room in self.chat.rooms.values():
+            self._subscribe(room)
+
+    def _on_link_lost(self) -> None:
+        if self.cmd is None:
+            return
+        was_up = self.up
+        self._drop_links()
+        if was_up:
+            log.warning("redis %s:%d lost: holding messages (at most %d for %gs)", self.host, self.port,
+                        self.config.bus_hold_count, self.config.bus_hold_seconds)
+        # Exponential backoff with full jitter, so a fleet does not reconnect in lockstep.
+        self.backoff = min(max(self.backoff * 2, 0.1), 5.0)
+        self.loop.call_later(self.backoff * (0.5 + 0.5 * int.from_bytes(os.urandom(2), "big") / 65535),
+                             self._connect)
+
+    def _drop_links(self) -> None:
+        self.set_up(False)
+        links, self.cmd, self.sub = (self.cmd, self.sub), None, None
+        for link in links:
+            if link is not None:
+                link.close()
+        for room in self.chat.rooms.values():
+            room.syncing = True             # catch up from history once back
+
+    def _keepalive(self) -> None:
+        if self.up and self.callbacks and self.loop.now - self.callbacks[0][1] > self.config.bus_timeout:
+            log.warning("redis: no reply for %.1fs", self.config.bus_timeout)
+            self._on_link_lost()
+        elif self.up and not self.callbacks:
+            self._call(("PING",), None)
+
+    def _call(self, args: tuple, callback) -> None:
+        self.cmd.write(resp_command(*args))
+        self.callbacks.append((callback, self.loop.now))
+
+    # -- bus face
+
+    def _keys(self, room: str) -> tuple[str, str, str]:
+        p = f"{self.prefix}{{{room}}}"
+        return p + ":seq", p + ":history", p
+
+    def send_publish(self, room: str, prefix: bytes, suffix: bytes, t0: float) -> None:
+        """One round trip: the script sequences, stores and publishes."""
+        seq_key, hist_key, channel = self._keys(room)
+        self._call(("EVALSHA", self.publish_sha, 2, seq_key, hist_key, prefix, suffix,
+                    self.config.history, channel, f"{self.tag} {t0!r}"), self._on_published)
+
+    def _on_published(self, reply) -> None:
+        if isinstance(reply, RespError):
+            log.error("redis: publish failed: %s", reply)
+
+    def room_opened(self, room: Room) -> None:
+        """Subscribe to the room's channel; a snapshot follows the confirmation."""
+        if self.up:
+            self._subscribe(room)
+        else:
+            room.syncing = True
+
+    def _subscribe(self, room: Room) -> None:
+        room.syncing = True
+        self.sub.write(resp_command("SUBSCRIBE", self._keys(room.name)[2]))
+
+    def room_closed(self, room: Room) -> None:
+        """Unsubscribe: this node stops receiving the room's traffic."""
+        if self.up:
+            self.sub.write(resp_command("UNSUBSCRIBE", self._keys(room.name)[2]))
+
+    def resync(self, room: Room) -> None:
+        """Fetch the room's recent history to fill a gap."""
+        if self.up and not room.syncing:
+            room.syncing = True
+            self._request_snapshot(room.name)
+
+    def _request_snapshot(self, room: str) -> None:
+        seq_key, hist_key, _ = self._keys(room)
+        self._call(("EVALSHA", self.snapshot_sha, 2, seq_key, hist_key, self.config.history),
+                   lambda reply: self._on_snapshot(room, reply))
+
+    def _on_snapshot(self, room: str, reply) -> None:
+        if isinstance(reply, RespError):
+            log.error("redis: snapshot of %s failed: %s", room, reply)
+            return
+        self.chat.on_snapshot(room, int(reply[0]), reply[1])
+
+    # -- replies
+
+    def _on_cmd_data(self, data: bytes) -> None:
+        for reply in self.cmd_parser.feed(data):
+            if not self.callbacks:
+                continue
+            callback, _ = self.callbacks.popleft()
+            if callback is not None:
+                callback(reply)
+            elif isinstance(reply, RespError):
+                log.error("redis: %s", reply)
+
+    def _on_sub_data(self, data: bytes) -> None:
+        plen = len(self.prefix) + 1
+        for reply in self.sub_parser.feed(data):
+            if not isinstance(reply, list):
+                continue                    # AUTH's answer
+            kind = reply[0]
+            if kind == b"message":
+                head, _, payload = reply[2].partition(b"\n")
+                seq, tag, t0 = head.split(b" ", 2)
+                room = reply[1][plen:-1].decode()
+                mine = tag.decode() == self.tag
+                self.chat.on_bus_message(room, int(seq), payload, float(t0) if mine else None)
+            elif kind == b"subscribe":
+                room = self.chat.rooms.get(reply[1][plen:-1].decode())
+                if room is not None and room.syncing:
+                    self._request_snapshot(room.name)
 
 
 # ---------------------------------------------------------------------------
-# 4. I/O loop: connections, accept, read, write, timers, signals
+# 4. I/O loop: the event loop, connections, accept, read, write, timers
 # ---------------------------------------------------------------------------
 
 HTTP, OPEN, CLOSING, CLOSED = range(4)
@@ -678,29 +1269,162 @@ class Histogram:
         self.count += 1
 
 
+BROADCAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                     0.25, 0.5, 1.0, 2.5)
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+DROP_REASONS = ("slow_consumer", "ping_timeout", "write_timeout", "close_timeout")
+REFUSE_REASONS = ("bad_request", "not_found", "method", "version", "header_too_large", "origin",
+                  "max_connections", "draining", "rate_limit", "bad_message", "too_big",
+                  "handshake_timeout", "bus_down")
+
+
 class Stats:
     """The server's counters as plain attributes; the metrics collector reads them."""
 
+    COUNTERS = ("connections", "connections_total", "messages_in", "deliveries", "bytes_in",
+                "bytes_out", "draining", "rooms", "bus_up")
+    TABLES = ("dropped", "protocol_errors", "refused", "http_requests")
+
     def __init__(self):
-        self.connections = 0
-        self.connections_total = 0
-        self.messages_in = 0
-        self.deliveries = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.dropped = dict.fromkeys(("slow_consumer", "ping_timeout", "write_timeout", "close_timeout"), 0)
-        self.protocol_errors: dict[int, int] = {}
-        self.refused = dict.fromkeys(("bad_request", "not_found", "method", "version",
-                                      "header_too_large", "origin", "max_connections",
-                                      "draining", "rate_limit", "bad_message", "too_big",
-                                      "handshake_timeout"), 0)
-        self.http_requests: dict[int, int] = {}
-        self.broadcast = Histogram((0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
-                                    0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
-        self.loop_lag = Histogram((0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
-        self.draining = 0
-        self.rooms = 0
+        for name in self.COUNTERS:
+            setattr(self, name, 0)
         self.bus_up = 1
+        self.dropped = dict.fromkeys(DROP_REASONS, 0)
+        self.protocol_errors: dict = {}
+        self.refused = dict.fromkeys(REFUSE_REASONS, 0)
+        self.http_requests: dict = {}
+        self.broadcast = Histogram(BROADCAST_BUCKETS)
+        self.loop_lag = Histogram(LAG_BUCKETS)
+
+    def to_dict(self) -> dict:
+        """Everything as plain JSON-able data."""
+        d = {name: getattr(self, name) for name in self.COUNTERS + self.TABLES}
+        for name in ("broadcast", "loop_lag"):
+            h = getattr(self, name)
+            d[name] = [h.counts, h.total, h.count]
+        return d
+
+    def add(self, d: dict) -> None:
+        """Add another process's to_dict() into this one (gauges add up too)."""
+        for name in self.COUNTERS:
+            setattr(self, name, getattr(self, name) + d[name])
+        for name in self.TABLES:
+            table = getattr(self, name)
+            for key, value in d[name].items():
+                table[key] = table.get(key, 0) + value
+        for name in ("broadcast", "loop_lag"):
+            h, (counts, total, count) = getattr(self, name), d[name]
+            h.counts = [a + b for a, b in zip(h.counts, counts)]
+            h.total += total
+            h.count += count
+
+
+class EventLoop:
+    """A selectors loop with timers, links and a signal-safe wake-up.
+
+    Handlers registered with the selector are callables ``handler(events)``;
+    client connections are dispatched by the Server subclass directly.
+    """
+
+    def __init__(self):
+        self.sel = selectors.DefaultSelector()
+        self.timers: list = []              # [due, interval (0: once), fn]
+        self.links: list = []
+        self.now = time.monotonic()
+        self.running = True
+        self.stop_requested = False
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, self._on_wake)
+
+    def every(self, interval: float, fn) -> list:
+        """Call fn every interval seconds."""
+        timer = [self.now + interval, interval, fn]
+        self.timers.append(timer)
+        return timer
+
+    def call_later(self, delay: float, fn) -> list:
+        """Call fn once, delay seconds from now."""
+        timer = [self.now + delay, 0, fn]
+        self.timers.append(timer)
+        return timer
+
+    def run_timers(self) -> float:
+        """Run due timers; return when the next one is due."""
+        now = self.now
+        next_due = now + 1.0
+        for timer in list(self.timers):
+            due, interval, fn = timer
+            if due <= now:
+                if interval:
+                    timer[0] = max(due + interval, now)
+                else:
+                    self.timers.remove(timer)
+                fn()
+            if timer[0] < next_due and (interval or due > now):
+                next_due = timer[0]
+        return next_due
+
+    def run(self) -> None:
+        """Turn the loop until ``running`` is false."""
+        select, monotonic = self.sel.select, time.monotonic
+        while self.running:
+            self.now = monotonic()
+            next_due = self.run_timers()
+            self.end_turn()
+            for key, events in select(max(0.0, next_due - monotonic())):
+                handler = key.data
+                self.now = monotonic()
+                if handler.__class__ is Connection:
+                    self.on_connection_event(handler, events)
+                else:
+                    handler(events)
+            self.end_turn()
+            self.after_turn()
+
+    def end_turn(self) -> None:
+        """Flush what the turn queued."""
+        for link in self.links:
+            if link.out:
+                link.flush()
+
+    def after_turn(self) -> None:
+        """Hook: decide whether to keep running."""
+
+    def on_connection_event(self, conn: "Connection", events: int) -> None:
+        raise NotImplementedError
+
+    def wake(self) -> None:
+        """Make select return (safe from signal handlers)."""
+        try:
+            self.wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def request_stop(self, *_args) -> None:
+        """Signal handler: begin stopping on the loop's next turn; twice: stop now."""
+        if self.stop_requested:
+            self.on_stop_again()
+        self.stop_requested = True
+        self.wake()
+
+    def _on_wake(self, _events: int) -> None:
+        try:
+            while self.wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+        if self.stop_requested:
+            self.on_stop()
+
+    def on_stop(self) -> None:
+        """Hook: a stop was requested."""
+        self.running = False
+
+    def on_stop_again(self) -> None:
+        """Hook: a second stop was requested."""
+        self.running = False
 
 
 class Connection:
@@ -708,7 +1432,7 @@ class Connection:
 
     __slots__ = ("sock", "fd", "state", "inbuf", "parser", "out", "out_bytes", "writing",
                  "close_after_flush", "room", "name", "last_seen", "ping_sent", "deadline",
-                 "tokens", "token_time", "strikes", "peer", "__weakref__")
+                 "tokens", "token_time", "strikes", "peer")
 
     def __init__(self, sock: socket.socket, peer: str, now: float):
         self.sock = sock
@@ -724,7 +1448,7 @@ class Connection:
         self.name = ""
         self.last_seen = now
         self.ping_sent = 0.0
-        self.deadline = 0.0           # handshake or close deadline
+        self.deadline = 0.0           # handshake, write or close deadline
         self.tokens = 0.0
         self.token_time = now
         self.strikes = 0
@@ -765,128 +1489,93 @@ def load_static(directory: str) -> dict:
     return files
 
 
-class Server:
-    """One selectors loop serving HTTP, WebSocket and the chat."""
+class Server(EventLoop):
+    """One process's loop serving HTTP, WebSocket and the chat."""
 
-    def __init__(self, config, listen_sock: socket.socket | None = None):
+    def __init__(self, config, hub_sock: socket.socket | None = None):
+        super().__init__()
         self.config = config
         self.stats = Stats()
-        self.chat = Chat(config, self.stats)
         self.dirty: list = []
-        self.chat.dirty = self.dirty
-        self.sel = selectors.DefaultSelector()
+        self.chat = Chat(config, self.stats, self.send, self.dirty)
         self.conns: dict[int, Connection] = {}
         self.handshaking: dict[int, Connection] = {}
         self.closing: dict[int, Connection] = {}
         self.blocked: dict[int, Connection] = {}
         self.per_ip: dict[str, int] = {}
         self.static = load_static(config.static_dir)
-        self.running = True
         self.draining = False
         self.drain_deadline = 0.0
-        self.timers: list = []
-        self.now = time.monotonic()
         self.max_conns = config.max_connections or max(16, fd_limit() - 64)
-        self.accept_paused_until = 0.0
         self.sweep_queue: list = []
-        self.listener = listen_sock or make_listener(config.host, config.port)
+        self.listener = make_listener(config.host, config.port, reuse_port=hub_sock is not None)
         self.listener.setblocking(False)
-        self.sel.register(self.listener, selectors.EVENT_READ, None)
-        self.wake_r, self.wake_w = socket.socketpair()
-        self.wake_r.setblocking(False)
-        self.wake_w.setblocking(False)
-        self.sel.register(self.wake_r, selectors.EVENT_READ, self.wake_r)
+        self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
         self.allowed_origins = {o.strip().rstrip("/").lower()
                                 for o in config.allowed_origins.split(",") if o.strip()}
-
-    # -- timers -------------------------------------------------------------
-
-    def every(self, interval: float, fn) -> None:
-        """Call fn every interval seconds from the loop."""
-        self.timers.append([self.now + interval, interval, fn])
-
-    def _run_timers(self) -> float:
-        next_due = self.now + 1.0
-        for t in self.timers:
-            if t[0] <= self.now:
-                lateness = self.now - t[0]
-                t[0] = max(t[0] + t[1], self.now)
-                if t[2] is self._tick_lag:
-                    self.stats.loop_lag.observe(lateness)
-                t[2]()
-            next_due = min(next_due, t[0])
-        return next_due
+        self.hub = HubBus(self, self.chat, hub_sock) if hub_sock is not None else None
+        if config.redis:
+            self.chat.bus = RedisBus(self, self.chat, config.redis)
+        elif self.hub is not None:
+            self.chat.bus = self.hub
+        if self.hub is not None:
+            self.every(1.0, lambda: self.hub.send_stats(self.stats))
+        self.every(0.25, self._tick_lag)
+        self.every(0.25, self._check_deadlines)
+        self.every(min(1.0, config.ping_interval / 4), self._sweep)
+        self.every(1.0, self._send_member_counts)
 
     def _tick_lag(self) -> None:
-        """Only measures how late the loop runs its timers."""
+        """Measure how late the loop runs a timer due every 0.25 s."""
+        self.stats.loop_lag.observe(max(0.0, self.now - self._lag_due))
+        self._lag_due = self.now + 0.25
+
+    _lag_due = 0.0
 
     # -- the loop -----------------------------------------------------------
 
     def serve_forever(self) -> None:
         """Run until stopped and drained."""
-        cfg = self.config
-        self.every(0.25, self._tick_lag)
-        self.every(0.25, self._check_deadlines)
-        self.every(min(1.0, cfg.ping_interval / 4), self._sweep)
-        self.every(1.0, self._send_member_counts)
-        select = self.sel.select
-        dirty = self.dirty
-        listener = self.listener
-        while self.running:
-            self.now = time.monotonic()
-            next_due = self._run_timers()
-            if dirty:
-                self._flush_dirty()
-            timeout = max(0.0, next_due - time.monotonic())
-            for key, events in select(timeout):
-                conn = key.data
-                self.now = time.monotonic()
-                if conn is None:
-                    if key.fileobj is listener:
-                        self._accept()
-                elif conn is self.wake_r:
-                    self._on_wake()
-                else:
-                    if events & selectors.EVENT_WRITE:
-                        self._on_writable(conn)
-                    if events & selectors.EVENT_READ and conn.state != CLOSED:
-                        self._on_readable(conn)
-                if dirty and len(dirty) > 4096:
-                    self._flush_dirty()
-            if dirty:
-                self._flush_dirty()
-            if self.draining and (not self.conns or self.now > self.drain_deadline):
-                self.running = False
-        self._shutdown()
+        self._lag_due = self.now + 0.25
+        self.run()
+        for conn in list(self.conns.values()):
+            self._abort(conn)
+        if self.hub is not None:
+            self.hub.send_stats(self.stats)
+            self.end_turn()
+        self.sel.close()
+        self.listener.close()
+        log.info("stopped")
 
-    def wake(self) -> None:
-        """Make select return (safe from signal handlers and other threads)."""
-        try:
-            self.wake_w.send(b"x")
-        except OSError:
-            pass
+    def end_turn(self) -> None:
+        """Send what connections and links queued this turn."""
+        if self.dirty:
+            self._flush_dirty()
+        super().end_turn()
 
-    def _on_wake(self) -> None:
-        try:
-            while self.wake_r.recv(4096):
-                pass
-        except OSError:
-            pass
-        if self.stop_requested and not self.draining:
+    def after_turn(self) -> None:
+        """Stop once draining is done."""
+        if self.draining and (not self.conns or self.now > self.drain_deadline):
+            self.running = False
+
+    def on_connection_event(self, conn: "Connection", events: int) -> None:
+        """Selector callback for a client socket."""
+        if events & selectors.EVENT_WRITE:
+            self._flush(conn)
+        if events & selectors.EVENT_READ and conn.state != CLOSED:
+            self._on_readable(conn)
+
+    def on_stop(self) -> None:
+        """SIGTERM/SIGINT: drain."""
+        if not self.draining:
             self.drain()
 
-    stop_requested = False
-
-    def request_stop(self, *_args) -> None:
-        """Signal handler: begin draining on the loop's next turn."""
-        if self.stop_requested:
-            # A second signal: stop now.
-            self.drain_deadline = 0.0
-        self.stop_requested = True
-        self.wake()
+    def on_stop_again(self) -> None:
+        """A second signal: stop without waiting."""
+        self.drain_deadline = 0.0
 
     def drain(self) -> None:
-        """Stop accepting WebSockets, say 1001 to every client, exit when they are gone."""
+        """Refuse new WebSockets, say 1001 to every client, stop when they are gone."""
         log.info("draining %d connections (timeout %.1fs)", len(self.conns), self.config.drain_timeout)
         self.draining = True
         self.stats.draining = 1
@@ -897,18 +1586,9 @@ class Server:
             elif conn.state == HTTP and not conn.out:
                 self._abort(conn)
 
-    def _shutdown(self) -> None:
-        for conn in list(self.conns.values()):
-            self._abort(conn)
-        self.sel.close()
-        self.listener.close()
-        log.info("stopped")
-
     # -- accept -------------------------------------------------------------
 
-    def _accept(self) -> None:
-        if self.now < self.accept_paused_until:
-            return
+    def _accept(self, _events: int) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, addr = self.listener.accept()
@@ -916,32 +1596,23 @@ class Server:
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of descriptors: the pending connection stays in the backlog,
-                    # and accepting again at once would spin. Pause a little.
+                    # Out of descriptors: the connection stays in the backlog, and
+                    # accepting again at once would spin at 100% CPU. Pause a little.
                     log.warning("accept: %s; pausing accepts for 100 ms", os.strerror(e.errno))
-                    self._pause_accept(0.1)
+                    self.sel.unregister(self.listener)
+                    self.call_later(0.1, lambda: self.sel.register(self.listener, selectors.EVENT_READ,
+                                                                   self._accept))
                     return
                 if e.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 raise
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            ip = addr[0] if isinstance(addr, tuple) else "unix"
-            conn = Connection(sock, ip, self.now)
+            conn = Connection(sock, addr[0], self.now)
             conn.deadline = self.now + self.config.handshake_timeout
             self.conns[conn.fd] = conn
             self.handshaking[conn.fd] = conn
             self.sel.register(sock, selectors.EVENT_READ, conn)
-
-    def _pause_accept(self, seconds: float) -> None:
-        self.accept_paused_until = self.now + seconds
-        self.sel.unregister(self.listener)
-
-        def resume():
-            self.sel.register(self.listener, selectors.EVENT_READ, None)
-            self.timers.remove(timer)
-        timer = [self.now + seconds, seconds, resume]
-        self.timers.append(timer)
 
     # -- read ---------------------------------------------------------------
 
@@ -1065,7 +1736,8 @@ class Server:
         head = request.method == "HEAD"
         if path == "/healthz":
             status = 503 if self.draining else 200
-            body = b"draining\n" if self.draining else b"ok\n"
+            bus = "up" if self.chat.bus.up else "down (holding messages)"
+            body = f"{'draining' if self.draining else 'ok'}\nbus: {bus}\n".encode()
             self._http_reply(conn, http_response(status, body, head_only=head), status)
             return
         target = "/static/index.html" if path in ("/", "/index.html") else request.target.split("?")[0]
@@ -1120,8 +1792,7 @@ class Server:
         self.stats.connections_total += 1
         self.stats.http_requests[101] = self.stats.http_requests.get(101, 0) + 1
         self.send(conn, upgrade_response(accept))
-        for frame in self.chat.join(conn, room, since):
-            self.send(conn, frame)
+        self.chat.join(conn, room, since)
         self.stats.rooms = len(self.chat.rooms)
         if rest:
             try:
@@ -1192,9 +1863,6 @@ class Server:
             conn.deadline = self.now + self.config.write_timeout if conn.state == OPEN else conn.deadline
             self.blocked[conn.fd] = conn
             self.sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
-
-    def _on_writable(self, conn: Connection) -> None:
-        self._flush(conn)
 
     # -- closing ------------------------------------------------------------
 
@@ -1324,16 +1992,173 @@ def raise_fd_limit() -> int:
     return hard
 
 
-def make_listener(host: str, port: int, reuse_port: bool = False) -> socket.socket:
-    """A listening TCP socket (IPv6 when host contains ':')."""
+def make_listener(host: str, port: int, reuse_port: bool = False, listen: bool = True) -> socket.socket:
+    """A listening TCP socket (IPv6 when host contains ':'); SO_REUSEPORT for workers."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(4096)
+    try:
+        sock.bind((host, port))
+        if listen:
+            sock.listen(4096)
+    except OSError:
+        sock.close()
+        raise
     return sock
+
+
+# -- --workers N: the supervisor ---------------------------------------------
+
+class HubRoom:
+    """The supervisor's view of a room: the seq, history, and subscribed workers."""
+
+    __slots__ = ("seq", "history", "subs")
+
+    def __init__(self, history: int):
+        self.seq = 0
+        self.history: deque = deque(maxlen=history)   # payloads ending at seq
+        self.subs: dict = {}                          # Worker -> None
+
+
+class Worker:
+    """A worker process as the supervisor sees it."""
+
+    def __init__(self, slot: int, proc: subprocess.Popen, link: Link):
+        self.slot, self.proc, self.link = slot, proc, link
+        self.reader = RecordReader()
+        self.stats: dict | None = None
+        self.started = time.monotonic()
+
+
+class Supervisor(EventLoop):
+    """--workers N: starts N server processes on one port (SO_REUSEPORT), restarts
+    any that dies, and is the sequencer of every room: a worker sends it each
+    message, it assigns the seq, keeps the history and forwards the message to
+    the workers with members in the room, in one order for all."""
+
+    def __init__(self, config, argv: list):
+        super().__init__()
+        self.config = config
+        self.argv = argv
+        self.workers: dict[int, Worker] = {}
+        self.rooms: dict[str, HubRoom] = {}
+        self.retired = Stats()               # counters of workers that have exited
+        self.retired.bus_up = 0
+        self.draining = False
+        self.drain_deadline = 0.0
+        self.backoff: dict[int, float] = {}
+        for slot in range(config.workers):
+            self._spawn(slot)
+        self.every(0.2, self._reap)
+
+    def _spawn(self, slot: int) -> None:
+        ours, theirs = socket.socketpair()
+        cmd = [sys.executable, os.path.abspath(__file__), *self.argv, "--workers", "1",
+               "--metrics-port", "0", "--worker-id", str(slot), "--hub-fd", str(theirs.fileno())]
+        proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),))
+        theirs.close()
+        worker = Worker(slot, proc, None)
+        worker.link = Link(self, ours, lambda data: self._on_data(worker, data),
+                           lambda: self._unsubscribe_all(worker))
+        self.workers[slot] = worker
+        log.info("worker %d started (pid %d)", slot, proc.pid)
+
+    def _reap(self) -> None:
+        for slot, worker in list(self.workers.items()):
+            code = worker.proc.poll()
+            if code is None:
+                if self.draining and self.now > self.drain_deadline + 5:
+                    worker.proc.kill()
+                continue
+            del self.workers[slot]
+            worker.link.close()
+            self._retire(worker)
+            if self.draining:
+                continue
+            lived = time.monotonic() - worker.started
+            delay = 0.0 if lived > 5 else min(max(self.backoff.get(slot, 0.1) * 2, 0.2), 5.0)
+            self.backoff[slot] = delay
+            log.warning("worker %d (pid %d) exited with %s after %.1fs; restarting in %.1fs",
+                        slot, worker.proc.pid, code, lived, delay)
+            self.call_later(delay, lambda s=slot: None if self.draining else self._spawn(s))
+        if self.draining and not self.workers:
+            self.running = False
+
+    def _retire(self, worker: Worker) -> None:
+        if worker.stats:
+            counters = dict(worker.stats, connections=0, rooms=0, draining=0, bus_up=0)
+            self.retired.add(counters)
+
+    def _unsubscribe_all(self, worker: Worker) -> None:
+        for room in self.rooms.values():
+            room.subs.pop(worker, None)
+
+    def _room(self, name: str) -> HubRoom:
+        room = self.rooms.get(name)
+        if room is None:
+            room = self.rooms[name] = HubRoom(self.config.history)
+        return room
+
+    def _on_data(self, worker: Worker, data: bytes) -> None:
+        for kind, body in worker.reader.feed(data):
+            if kind == REC_PUBLISH:
+                rlen, t0, plen = PUBLISH_HEAD.unpack_from(body)
+                start = PUBLISH_HEAD.size
+                name = body[start:start + rlen]
+                room = self._room(name.decode())
+                room.seq += 1
+                payload = body[start + rlen:start + rlen + plen] + str(room.seq).encode() + \
+                    body[start + rlen + plen:]
+                room.history.append(payload)
+                rec = record(REC_MESSAGE, MESSAGE_HEAD.pack(rlen, room.seq, t0) + name + payload)
+                for sub in room.subs:
+                    sub.link.write(rec)
+            elif kind == REC_SUBSCRIBE:
+                name = body.decode()
+                room = self._room(name)
+                room.subs[worker] = None
+                worker.link.write(record(REC_SNAPSHOT, encode_snapshot(name, room.seq, room.history)))
+            elif kind == REC_UNSUBSCRIBE:
+                room = self.rooms.get(body.decode())
+                if room is not None:
+                    room.subs.pop(worker, None)
+            elif kind == REC_STATS:
+                worker.stats = json.loads(body)
+
+    def total_stats(self) -> Stats:
+        """All workers' counters added up, with those of workers that exited."""
+        total = Stats()
+        total.bus_up = 0
+        total.add(self.retired.to_dict())
+        live = [w.stats for w in list(self.workers.values()) if w.stats]
+        for d in live:
+            total.add(d)
+        total.bus_up = int(bool(live) and all(d["bus_up"] for d in live))
+        total.draining = int(self.draining)
+        if not self.config.redis:
+            total.rooms = sum(1 for r in list(self.rooms.values()) if r.subs)
+        return total
+
+    def pids(self) -> list:
+        """The supervisor's and its workers' process ids."""
+        return [os.getpid(), *(w.proc.pid for w in list(self.workers.values()))]
+
+    def on_stop(self) -> None:
+        """SIGTERM/SIGINT: every worker drains; stop when all have exited."""
+        if self.draining:
+            return
+        log.info("draining %d workers", len(self.workers))
+        self.draining = True
+        self.drain_deadline = self.now + self.config.drain_timeout
+        for worker in self.workers.values():
+            worker.proc.send_signal(signal.SIGTERM)
+
+    def on_stop_again(self) -> None:
+        """A second signal: pass it on, so workers stop without waiting."""
+        for worker in self.workers.values():
+            worker.proc.send_signal(signal.SIGTERM)
 
 
 # ---------------------------------------------------------------------------
@@ -1341,19 +2166,19 @@ def make_listener(host: str, port: int, reuse_port: bool = False) -> socket.sock
 # ---------------------------------------------------------------------------
 
 class StatsCollector:
-    """Exposes a Stats object to prometheus-client at scrape time (no hot-path cost)."""
+    """Exposes Stats to prometheus-client at scrape time (no hot-path cost)."""
 
-    def __init__(self, stats: Stats):
-        self.stats = stats
+    def __init__(self, get_stats):
+        self.get_stats = get_stats
 
     def collect(self):
         """Yield the metric families (called from the metrics thread)."""
         from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                             HistogramMetricFamily)
-        s = self.stats
+        s = self.get_stats()
         for name, doc, value in (
                 ("scalechat_connections", "Open WebSocket connections", s.connections),
-                ("scalechat_rooms", "Rooms with members or history", s.rooms),
+                ("scalechat_rooms", "Rooms with members here (or history, in one process)", s.rooms),
                 ("scalechat_bus_up", "1 when the message bus is connected", s.bus_up),
                 ("scalechat_draining", "1 while the server drains", s.draining)):
             yield GaugeMetricFamily(name, doc, value=value)
@@ -1387,17 +2212,48 @@ class StatsCollector:
 
 def histogram_buckets(hist: Histogram) -> list:
     """Cumulative (le, count) pairs of a Histogram, ending with +Inf."""
-    counts, acc, buckets = list(hist.counts), 0, []
-    for bound, n in zip((*hist.bounds, float("inf")), counts):
+    acc, buckets = 0, []
+    for bound, n in zip((*hist.bounds, float("inf")), list(hist.counts)):
         acc += n
         buckets.append(("+Inf" if bound == float("inf") else repr(bound), acc))
     return buckets
 
 
-def start_metrics(stats: Stats, host: str, port: int) -> None:
+class ProcessTreeCollector:
+    """process_* metrics summed over the supervisor and its workers, from /proc."""
+
+    def __init__(self, get_pids):
+        self.get_pids = get_pids
+        self.ticks = os.sysconf("SC_CLK_TCK")
+        self.page = resource.getpagesize()
+
+    def collect(self):
+        """Yield CPU seconds, resident memory and open descriptors of all processes."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        cpu = rss = fds = 0
+        for pid in self.get_pids():
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+                cpu += (int(fields[11]) + int(fields[12])) / self.ticks
+                rss += int(fields[21]) * self.page
+                fds += len(os.listdir(f"/proc/{pid}/fd"))
+            except OSError:
+                continue                    # exited meanwhile
+        yield CounterMetricFamily("process_cpu_seconds", "CPU seconds of all server processes", value=cpu)
+        yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory of all server processes",
+                                value=rss)
+        yield GaugeMetricFamily("process_open_fds", "Open descriptors of all server processes", value=fds)
+        yield GaugeMetricFamily("process_max_fds", "Open-file limit of each process", value=fd_limit())
+
+
+def start_metrics(get_stats, host: str, port: int, get_pids=None) -> None:
     """Serve /metrics from a daemon thread on its own port."""
-    from prometheus_client import REGISTRY, start_http_server
-    REGISTRY.register(StatsCollector(stats))
+    from prometheus_client import PROCESS_COLLECTOR, REGISTRY, start_http_server
+    REGISTRY.register(StatsCollector(get_stats))
+    if get_pids is not None:
+        REGISTRY.unregister(PROCESS_COLLECTOR)
+        REGISTRY.register(ProcessTreeCollector(get_pids))
     start_http_server(port, addr=host)
 
 
@@ -1407,12 +2263,14 @@ SETTINGS = (
     ("port", int, 8080, "public port: HTTP, the demo client and WebSocket"),
     ("metrics-host", str, None, "address for the metrics port (default: --host)"),
     ("metrics-port", int, 8081, "Prometheus metrics port (0 disables metrics)"),
+    ("workers", str, "1", "server processes sharing the port ('auto': one per core)"),
+    ("redis", str, "", "redis://host:port/db: share rooms with every instance on this Redis"),
     ("static-dir", str, os.path.join(os.path.dirname(os.path.abspath(__file__)), "static"),
      "folder served at / and /static/"),
     ("max-message-size", int, 65536, "largest message text in UTF-8 bytes"),
     ("max-header-size", int, 8192, "largest HTTP request head in bytes (431 past it)"),
     ("history", int, 1000, "messages kept per room for since=<seq> resume"),
-    ("max-connections", int, 0, "WebSocket connections at most (0: what the open-file limit allows)"),
+    ("max-connections", int, 0, "WebSocket connections per process at most (0: what the open-file limit allows)"),
     ("max-per-ip", int, 0, "WebSocket connections per client address at most (0: no cap)"),
     ("max-buffer", int, 1 << 20, "bytes queued for one client before it is cut off with 1013"),
     ("handshake-timeout", float, 10.0, "seconds a client has to complete its HTTP request"),
@@ -1425,6 +2283,9 @@ SETTINGS = (
     ("rate-burst", float, 100.0, "messages a connection may send at once"),
     ("allowed-origins", str, "", "comma-separated Origins allowed besides the server's own host ('*': any)"),
     ("allow-no-origin", "bool", True, "accept clients that send no Origin header (non-browsers)"),
+    ("bus-hold-count", int, 10000, "messages held while the bus is down, at most"),
+    ("bus-hold-seconds", float, 30.0, "seconds a held message waits for the bus before it is refused"),
+    ("bus-timeout", float, 5.0, "seconds without a Redis reply before the link counts as lost"),
     ("log-level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
 )
 
@@ -1460,17 +2321,27 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
             except (ValueError, argparse.ArgumentTypeError):
                 parser.error(f"{env_name(flag)}={env!r} is not a valid {flag}")
         parser.add_argument("--" + flag, type=convert, default=default,
-                            metavar=kind.upper() if kind == "bool" else kind.__name__.upper(),
+                            metavar="BOOL" if kind == "bool" else kind.__name__.upper(),
                             help=f"{help_text} [env {env_name(flag)}]")
+    parser.add_argument("--worker-id", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--hub-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"scalechat {__version__}")
     args = parser.parse_args(argv)
     if args.metrics_host is None:
         args.metrics_host = args.host
-    for flag in ("max-message-size", "max-header-size", "history", "max-buffer"):
-        if getattr(args, flag.replace("-", "_")) <= 0:
-            parser.error(f"--{flag} must be positive")
-    for flag in ("handshake-timeout", "ping-interval", "pong-timeout", "write-timeout",
-                 "close-timeout", "drain-timeout"):
+    if args.workers == "auto":
+        args.workers = os.cpu_count() or 1
+    elif not args.workers.isdigit() or int(args.workers) < 1:
+        parser.error("--workers must be a positive integer or 'auto'")
+    args.workers = int(args.workers)
+    if args.redis:
+        try:
+            parse_redis_url(args.redis)
+        except ValueError as e:
+            parser.error(str(e))
+    for flag in ("max-message-size", "max-header-size", "history", "max-buffer", "bus-hold-count",
+                 "handshake-timeout", "ping-interval", "pong-timeout", "write-timeout",
+                 "close-timeout", "drain-timeout", "bus-hold-seconds", "bus-timeout"):
         if getattr(args, flag.replace("-", "_")) <= 0:
             parser.error(f"--{flag} must be positive")
     if args.rate_limit < 0 or args.rate_burst < 1:
@@ -1479,28 +2350,47 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
 
 
 def main(argv: list | None = None) -> int:
-    """Run the server until SIGTERM or SIGINT."""
+    """Run the server (or the supervisor of --workers) until SIGTERM or SIGINT."""
     args = parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     limit = raise_fd_limit()
+    supervising = args.workers > 1 and args.hub_fd is None
     try:
-        server = Server(args)
+        if supervising:
+            make_listener(args.host, args.port, reuse_port=True, listen=False).close()
+            loop = Supervisor(args, list(sys.argv[1:] if argv is None else argv))
+        else:
+            hub = socket.socket(fileno=args.hub_fd) if args.hub_fd is not None else None
+            loop = Server(args, hub)
     except OSError as e:
         log.error("cannot listen on %s:%d: %s", args.host, args.port, e.strerror)
         return 2
     if args.metrics_port:
         try:
-            start_metrics(server.stats, args.metrics_host, args.metrics_port)
+            if supervising:
+                start_metrics(loop.total_stats, args.metrics_host, args.metrics_port, loop.pids)
+            else:
+                start_metrics(lambda: loop.stats, args.metrics_host, args.metrics_port)
         except OSError as e:
             log.error("cannot serve metrics on %s:%d: %s", args.metrics_host, args.metrics_port, e.strerror)
             return 2
-    signal.signal(signal.SIGTERM, server.request_stop)
-    signal.signal(signal.SIGINT, server.request_stop)
-    log.info("scalechat %s listening on http://%s:%d/ (metrics on :%s); open-file limit %d, "
-             "so up to %d connections", __version__, args.host, args.port,
-             args.metrics_port or "off", limit, server.max_conns)
-    server.serve_forever()
+    signal.signal(signal.SIGTERM, loop.request_stop)
+    signal.signal(signal.SIGINT, loop.request_stop)
+    if supervising:
+        log.info("scalechat %s: %d workers on http://%s:%d/ (metrics on :%s); open-file limit %d "
+                 "per worker", __version__, args.workers, args.host, args.port,
+                 args.metrics_port or "off", limit)
+        loop.run()
+        log.info("all workers stopped")
+    elif args.worker_id is None:
+        log.info("scalechat %s listening on http://%s:%d/ (metrics on :%s); open-file limit %d, "
+                 "so up to %d connections", __version__, args.host, args.port,
+                 args.metrics_port or "off", limit, loop.max_conns)
+        loop.serve_forever()
+    else:
+        log.debug("worker %d listening, up to %d connections", args.worker_id, loop.max_conns)
+        loop.serve_forever()
     return 0
 
 
