@@ -76,12 +76,17 @@ MAX_CONTROL_PAYLOAD = 125
 
 
 class ProtocolError(Exception):
-    """A peer broke the protocol; ``code`` is the close code to answer with."""
+    """A peer broke the protocol; ``code`` is the close code to answer with.
 
-    def __init__(self, code: int, reason: str):
+    ``frames`` are those the same ``FrameParser.feed`` call completed before the
+    violation: they were valid, so they are handled before failing.
+    """
+
+    def __init__(self, code: int, reason: str, frames: list | None = None):
         super().__init__(f"{code} {reason}")
         self.code = code
         self.reason = reason
+        self.frames = frames or []
 
 
 class HandshakeError(Exception):
@@ -139,7 +144,9 @@ def encode_frame(opcode: int, payload: bytes, fin: bool = True, mask_key: bytes 
 
 def encode_close(code: int, reason: str = "", mask_key: bytes | None = None) -> bytes:
     """A Close frame with a status code and a UTF-8 reason cut to fit 125 bytes."""
-    payload = b"" if code == CLOSE_NO_STATUS else struct.pack("!H", code) + reason.encode()[:123]
+    # Cut on a character boundary: half a character would make the reason invalid UTF-8.
+    reason_bytes = reason.encode()[:123].decode(errors="ignore").encode()
+    payload = b"" if code == CLOSE_NO_STATUS else struct.pack("!H", code) + reason_bytes
     return encode_frame(OP_CLOSE, payload, mask_key=mask_key)
 
 
@@ -162,16 +169,32 @@ def parse_close(payload: bytes) -> tuple[int, str]:
 _new_utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 
+def _validate_utf8(decoder, chunk: bytes, final: bool = False) -> None:
+    """Feed part of a text message to an incremental UTF-8 decoder; 1007 at the first bad byte.
+
+    CPython's decoder fails at once on every impossible prefix but one: after
+    ED A0..BF (a UTF-16 surrogate, never valid) it waits for one more byte.
+    """
+    try:
+        decoder.decode(chunk, final)
+    except UnicodeDecodeError:
+        raise ProtocolError(CLOSE_INVALID_DATA, "text is not valid UTF-8") from None
+    pending = decoder.buffer
+    if pending[:1] == b"\xed" and pending[1:2] >= b"\xa0":
+        raise ProtocolError(CLOSE_INVALID_DATA, "text holds a UTF-16 surrogate")
+
+
 class FrameParser:
     """Turns a byte stream, cut anywhere, into complete messages and control frames.
 
     ``feed`` returns ``(opcode, payload)`` pairs: OP_TEXT / OP_BINARY with the
     whole (defragmented, unmasked) message, or a control frame. Text is
     validated as UTF-8 while it arrives, so invalid text fails at the first bad
-    byte, even inside an unfinished frame. Violations raise ProtocolError.
+    byte, even inside an unfinished frame. Violations raise ProtocolError; a
+    failed parser stays failed (RFC 6455 7.1.7: no more data is processed).
     """
 
-    __slots__ = ("expect_masked", "max_message_size", "accept_binary",
+    __slots__ = ("expect_masked", "max_message_size", "accept_binary", "error",
                  "_buf", "_frame", "_msg_op", "_parts", "_size", "_decoder")
 
     def __init__(self, expect_masked: bool = True, max_message_size: int = 1 << 20,
@@ -179,6 +202,7 @@ class FrameParser:
         self.expect_masked = expect_masked
         self.max_message_size = max_message_size
         self.accept_binary = accept_binary
+        self.error: ProtocolError | None = None
         self._buf = b""
         self._frame = None      # [fin, remaining, key, offset] of a frame being streamed
         self._msg_op = None     # opcode of the message in progress (fragmented or streamed)
@@ -188,8 +212,20 @@ class FrameParser:
 
     def feed(self, data: bytes) -> list:
         """Consume data; return the messages and control frames it completed."""
+        if self.error is not None:
+            raise ProtocolError(self.error.code, self.error.reason)
+        out: list = []
+        try:
+            self._parse(data, out)
+        except ProtocolError as e:
+            e.frames = out
+            self.error = e
+            raise
+        return out
+
+    def _parse(self, data: bytes, out: list) -> None:
         buf = self._buf + data if self._buf else data
-        pos, end, out = 0, len(buf), []
+        pos, end = 0, len(buf)
         while pos < end:
             if self._frame is not None:
                 pos = self._stream(buf, pos, end, out)
@@ -252,7 +288,6 @@ class FrameParser:
             if not n:
                 self._stream(buf, pos, end, out)
         self._buf = buf[pos:] if pos < end else b""
-        return out
 
     def _check_header(self, b0: int, b1: int, opcode: int, fin: int, n: int) -> None:
         if b0 & 0x70:
@@ -292,10 +327,7 @@ class FrameParser:
                 r = offset & 3
                 chunk = mask(chunk, key[r:] + key[:r])
             if self._decoder is not None:
-                try:
-                    self._decoder.decode(chunk)
-                except UnicodeDecodeError:
-                    raise ProtocolError(CLOSE_INVALID_DATA, "text is not valid UTF-8") from None
+                _validate_utf8(self._decoder, chunk)
             self._parts.append(chunk)
             frame[1] = remaining = remaining - take
             frame[3] = offset + take
@@ -304,10 +336,7 @@ class FrameParser:
         self._frame = None
         if fin:
             if self._decoder is not None:
-                try:
-                    self._decoder.decode(b"", True)
-                except UnicodeDecodeError:
-                    raise ProtocolError(CLOSE_INVALID_DATA, "text ends inside a character") from None
+                _validate_utf8(self._decoder, b"", True)
             out.append((self._msg_op, b"".join(self._parts)))
             self._msg_op, self._parts, self._size, self._decoder = None, [], 0, None
         return pos + take
@@ -1060,6 +1089,14 @@ redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
 redis.call('PUBLISH', ARGV[4], seq .. ' ' .. ARGV[5] .. '\\n' .. msg)
 return seq
 """
+# A Redis that restarted empty would count seq from 1 again, and nodes would
+# drop those messages as duplicates: each node first raises the seq to what it
+# has delivered, so a room's seq never goes backwards.
+SEQ_FLOOR_SCRIPT = b"""
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if cur < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+return cur
+"""
 SNAPSHOT_SCRIPT = b"""
 local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
 return {seq, redis.call('LRANGE', KEYS[2], -tonumber(ARGV[1]), -1)}
@@ -1088,6 +1125,7 @@ class RedisBus(RemoteBus):
         self.backoff = 0.0
         self.publish_sha = hashlib.sha1(PUBLISH_SCRIPT).hexdigest()
         self.snapshot_sha = hashlib.sha1(SNAPSHOT_SCRIPT).hexdigest()
+        self.floor_sha = hashlib.sha1(SEQ_FLOOR_SCRIPT).hexdigest()
         self.connected_links = 0
         loop.every(1.0, self._keepalive)
         self._connect()
@@ -1108,15 +1146,12 @@ class RedisBus(RemoteBus):
         if self.connected_links < 2:
             return
         if self.password:
-            for link in (self.cmd, self.sub):
-                link.write(resp_command("AUTH", self.password))
-            self.sub_parser_skip = 1
+            self.sub.write(resp_command("AUTH", self.password))   # its "+OK" is skipped
             self._call(("AUTH", self.password), None)
-        else:
-            self.sub_parser_skip = 0
         if self.db:
             self._call(("SELECT", self.db), None)
         self._call(("SCRIPT", "LOAD", PUBLISH_SCRIPT), None)
+        self._call(("SCRIPT", "LOAD", SEQ_FLOOR_SCRIPT), None)
         self._call(("SCRIPT", "LOAD", SNAPSHOT_SCRIPT), self._on_ready)
 
     def _on_ready(self, reply) -> None:
@@ -1126,6 +1161,9 @@ class RedisBus(RemoteBus):
             return
         log.info("redis %s:%d connected", self.host, self.port)
         self.backoff = 0.0
+        for room in self.chat.rooms.values():       # before held messages get their seq
+            if room.seq:
+                self._call(("EVALSHA", self.floor_sha, 1, self._keys(room.name)[0], room.seq), None)
         self.set_up(True)
         for room in self.chat.rooms.values():
             self._subscribe(room)
