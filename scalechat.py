@@ -540,16 +540,32 @@ def error_frame(code: str, reason: str, message_id=None) -> bytes:
     return encode_json_frame(obj)
 
 
+_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode   # skips dumps()'s checks
+
+
 def message_parts(room: str, sender: str, message_id, text: str, sent_at) -> tuple[bytes, bytes]:
     """A ``message`` frame's JSON split around its seq: ``prefix + b"17" + suffix``.
 
     The sequencer (this process, the supervisor or a Redis script) splices the
     seq in, so the JSON is encoded once, wherever the seq is assigned.
     """
-    rest = json.dumps({"sender": sender, "message_id": message_id, "text": text, "sent_at": sent_at},
-                      separators=(",", ":"), ensure_ascii=False)
+    rest = _encode_json({"sender": sender, "message_id": message_id, "text": text, "sent_at": sent_at})
     return (b'{"type":"message","room":"' + room.encode() + b'","seq":',   # room: [A-Za-z0-9_.-]
             b"," + rest[1:].encode())
+
+
+RESEND_TRUE = re.compile(rb'"resend"\s*:\s*true')   # outside a string: quotes in text are escaped
+
+
+def resend_key(suffix: bytes) -> bytes:
+    """The part of a message's JSON that names it: sender and message_id.
+
+    A client that reconnects may send again what it never saw confirmed, marked
+    ``"resend": true``; the sequencer drops it if its history already holds a
+    message with this key. (Inside the text, quotes are escaped, so the text
+    cannot contain the key.)
+    """
+    return suffix[:suffix.find(b',"text":') + 8]
 
 
 class Room:
@@ -585,6 +601,10 @@ class Room:
     def oldest_seq(self) -> int:
         """The seq of the oldest message still held (seq + 1 when none is)."""
         return self.history[0][0] if self.history else self.seq + 1
+
+    def holds(self, key: bytes) -> bool:
+        """Whether a held message has this resend_key."""
+        return any(key in frame for _, frame in self.history)
 
 
 class Chat:
@@ -658,7 +678,8 @@ class Chat:
             return error_frame(e.code, e.reason, e.message_id)
         self.stats.messages_in += 1
         prefix, suffix = message_parts(conn.room.name, conn.name, message_id, text, sent_at)
-        return self.bus.publish(conn.room, prefix, suffix, t0, conn, message_id)
+        resend = b'"resend"' in payload and RESEND_TRUE.search(payload) is not None
+        return self.bus.publish(conn.room, prefix, suffix, t0, conn, message_id, resend)
 
     def deliver(self, room: Room, seq: int, frame: bytes, t0: float | None) -> None:
         """Record a sequenced frame in history and queue it for every member (the hot path)."""
@@ -754,8 +775,11 @@ class LocalBus:
     def __init__(self, chat: Chat):
         self.chat = chat
 
-    def publish(self, room: Room, prefix: bytes, suffix: bytes, t0: float, conn, message_id):
+    def publish(self, room: Room, prefix: bytes, suffix: bytes, t0: float, conn, message_id,
+                resend: bool = False):
         """Assign the room's next seq and deliver the message to every member."""
+        if resend and room.holds(resend_key(suffix)):
+            return None
         seq = room.seq + 1
         self.chat.deliver(room, seq, encode_frame(OP_TEXT, prefix + str(seq).encode() + suffix), t0)
 
@@ -862,7 +886,7 @@ class Link:
 REC_SUBSCRIBE, REC_UNSUBSCRIBE, REC_PUBLISH, REC_STATS = b"S", b"U", b"P", b"T"
 REC_SNAPSHOT, REC_MESSAGE = b"N", b"M"
 REC_HEADER = struct.Struct("!Ic")
-PUBLISH_HEAD = struct.Struct("!BdI")        # room length, t0, prefix length
+PUBLISH_HEAD = struct.Struct("!BdI?")       # room length, t0, prefix length, resend
 MESSAGE_HEAD = struct.Struct("!BQd")        # room length, seq, t0
 SNAPSHOT_HEAD = struct.Struct("!BQI")       # room length, seq, count
 LENGTH = struct.Struct("!I")
@@ -904,21 +928,22 @@ class RemoteBus:
         self.up = False
         loop.every(0.5, self._expire_held)
 
-    def publish(self, room: Room, prefix: bytes, suffix: bytes, t0: float, conn, message_id):
+    def publish(self, room: Room, prefix: bytes, suffix: bytes, t0: float, conn, message_id,
+                resend: bool = False):
         """Send to the sequencer now, or hold while it is unreachable."""
         if self.up:
-            self.send_publish(room.name, prefix, suffix, t0)
+            self.send_publish(room.name, prefix, suffix, t0, resend)
             return None
         if len(self.held) >= self.config.bus_hold_count:
             self.loop.stats.refused["bus_down"] += 1
             return error_frame("unavailable", "message bus unavailable: send again later", message_id)
-        self.held.append((room.name, prefix, suffix, t0, conn, message_id, self.loop.now))
+        self.held.append((room.name, prefix, suffix, t0, conn, message_id, self.loop.now, resend))
         return None
 
     def _expire_held(self) -> None:
         held, limit = self.held, self.loop.now - self.config.bus_hold_seconds
         while held and held[0][6] < limit:
-            _, _, _, _, conn, message_id, _ = held.popleft()
+            _, _, _, _, conn, message_id, _, _ = held.popleft()
             self.loop.stats.refused["bus_down"] += 1
             if conn.state == OPEN:
                 self.loop.send(conn, error_frame("unavailable", "message bus unavailable: send again later",
@@ -930,10 +955,10 @@ class RemoteBus:
         self.loop.stats.bus_up = int(up)
         if up:
             while self.held:
-                room, prefix, suffix, t0, _, _, _ = self.held.popleft()
-                self.send_publish(room, prefix, suffix, t0)
+                room, prefix, suffix, t0, _, _, _, resend = self.held.popleft()
+                self.send_publish(room, prefix, suffix, t0, resend)
 
-    def send_publish(self, room: str, prefix: bytes, suffix: bytes, t0: float) -> None:
+    def send_publish(self, room: str, prefix: bytes, suffix: bytes, t0: float, resend: bool) -> None:
         raise NotImplementedError
 
 
@@ -946,10 +971,11 @@ class HubBus(RemoteBus):
         self.link = Link(loop, sock, self._on_data, self._on_closed)
         self.set_up(True)
 
-    def send_publish(self, room: str, prefix: bytes, suffix: bytes, t0: float) -> None:
+    def send_publish(self, room: str, prefix: bytes, suffix: bytes, t0: float, resend: bool) -> None:
         """Hand a message to the supervisor, which sequences it."""
         r = room.encode()
-        self.link.write(record(REC_PUBLISH, PUBLISH_HEAD.pack(len(r), t0, len(prefix)) + r + prefix + suffix))
+        self.link.write(record(REC_PUBLISH, PUBLISH_HEAD.pack(len(r), t0, len(prefix), resend) +
+                               r + prefix + suffix))
 
     def room_opened(self, room: Room) -> None:
         """Subscribe; the supervisor answers with a snapshot, then live messages."""
@@ -1079,9 +1105,15 @@ class RespParser:
         raise ValueError(f"bad RESP type byte {kind!r}")
 
 
-# INCR the room's seq, splice it into the JSON, keep bounded history, publish
-# "<seq> <origin tag>\n<json>" so nodes learn the seq without parsing JSON.
+# Drop a resent message already in history; INCR the room's seq, splice it into
+# the JSON, keep bounded history, publish "<seq> <origin tag>\n<json>" so nodes
+# learn the seq without parsing JSON.
 PUBLISH_SCRIPT = b"""
+if ARGV[6] ~= '' then
+  for _, m in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+    if string.find(m, ARGV[6], 1, true) then return 0 end
+  end
+end
 local seq = redis.call('INCR', KEYS[1])
 local msg = ARGV[1] .. seq .. ARGV[2]
 redis.call('RPUSH', KEYS[2], msg)
@@ -1207,11 +1239,12 @@ class RedisBus(RemoteBus):
         p = f"{self.prefix}{{{room}}}"
         return p + ":seq", p + ":history", p
 
-    def send_publish(self, room: str, prefix: bytes, suffix: bytes, t0: float) -> None:
+    def send_publish(self, room: str, prefix: bytes, suffix: bytes, t0: float, resend: bool) -> None:
         """One round trip: the script sequences, stores and publishes."""
         seq_key, hist_key, channel = self._keys(room)
         self._call(("EVALSHA", self.publish_sha, 2, seq_key, hist_key, prefix, suffix,
-                    self.config.history, channel, f"{self.tag} {t0!r}"), self._on_published)
+                    self.config.history, channel, f"{self.tag} {t0!r}",
+                    resend_key(suffix) if resend else b""), self._on_published)
 
     def _on_published(self, reply) -> None:
         if isinstance(reply, RespError):
@@ -2142,13 +2175,17 @@ class Supervisor(EventLoop):
     def _on_data(self, worker: Worker, data: bytes) -> None:
         for kind, body in worker.reader.feed(data):
             if kind == REC_PUBLISH:
-                rlen, t0, plen = PUBLISH_HEAD.unpack_from(body)
+                rlen, t0, plen, resend = PUBLISH_HEAD.unpack_from(body)
                 start = PUBLISH_HEAD.size
                 name = body[start:start + rlen]
                 room = self._room(name.decode())
+                suffix = body[start + rlen + plen:]
+                if resend:
+                    key = resend_key(suffix)
+                    if any(key in p for p in room.history):
+                        continue
                 room.seq += 1
-                payload = body[start + rlen:start + rlen + plen] + str(room.seq).encode() + \
-                    body[start + rlen + plen:]
+                payload = body[start + rlen:start + rlen + plen] + str(room.seq).encode() + suffix
                 room.history.append(payload)
                 rec = record(REC_MESSAGE, MESSAGE_HEAD.pack(rlen, room.seq, t0) + name + payload)
                 for sub in room.subs:
