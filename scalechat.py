@@ -1703,19 +1703,22 @@ class Server(EventLoop):
         if conn.state == HTTP:
             self._on_http_data(conn, data)
             return
-        if conn.parser is None:            # an HTTP reply is on its way out: ignore input
-            return
+        if conn.parser is not None:        # None: an HTTP reply is on its way out
+            self._on_websocket_data(conn, data)
+
+    def _on_websocket_data(self, conn: Connection, data: bytes) -> None:
         try:
-            frames = conn.parser.feed(data)
+            frames, error = conn.parser.feed(data), None
         except ProtocolError as e:
-            self._fail(conn, e.code, e.reason)
-            return
+            frames, error = e.frames, e      # frames completed before the violation still count
         for opcode, payload in frames:
             if conn.state == OPEN:
                 self._on_frame(conn, opcode, payload)
             elif opcode == OP_CLOSE:        # the answer to our close: done
                 self._abort(conn)
                 return
+        if error is not None and conn.state != CLOSED:
+            self._fail(conn, error.code, error.reason)
 
     def _on_frame(self, conn: Connection, opcode: int, payload: bytes) -> None:
         if opcode == OP_TEXT:
@@ -1866,14 +1869,7 @@ class Server(EventLoop):
         self.chat.join(conn, room, since)
         self.stats.rooms = len(self.chat.rooms)
         if rest:
-            try:
-                frames = conn.parser.feed(rest)
-            except ProtocolError as e:
-                self._fail(conn, e.code, e.reason)
-                return
-            for opcode, payload in frames:
-                if conn.state == OPEN:
-                    self._on_frame(conn, opcode, payload)
+            self._on_websocket_data(conn, rest)
 
     # -- write --------------------------------------------------------------
 
@@ -1952,11 +1948,13 @@ class Server(EventLoop):
         self._begin_close(conn, encode_close(code, reason))
 
     def _fail(self, conn: Connection, code: int, reason: str) -> None:
-        """Close after a protocol violation: count it, stop reading data frames."""
+        """Fail the connection (RFC 6455 7.1.7): send Close, then close TCP without waiting."""
         self.stats.protocol_errors[code] = self.stats.protocol_errors.get(code, 0) + 1
         log.debug("closing %s with %d: %s", conn.peer, code, reason)
         if conn.state == OPEN:
             self.close(conn, code, reason)
+            conn.close_after_flush = True
+            self._flush(conn)
         else:
             self._abort(conn)
 
