@@ -1,0 +1,339 @@
+#!/usr/bin/env python3
+"""plot.py: matplotlib figures of a load-test run, headless.
+
+    python plot.py                         # the newest run folder in results/
+    python plot.py results/20261128-100000 [--out DIR] [--format png|svg] [--log]
+
+Reads the run's processed/ outputs (running csvprocess.py first when they are
+missing or older than the event files) and draws:
+
+- latency-percentiles: latency by percentile, one panel per scenario, shared axis
+- latency-mean: mean latency with its spread (stddev, p50, p99) per scenario
+- delivery: expected vs received deliveries and the delivery ratio per scenario
+- latency-over-time_<scenario>: p50/p90/p99 per second, message rate on a second axis
+
+Figures go to <run>/plots/ unless --out says otherwise; their paths are printed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display, same output everywhere
+import matplotlib.pyplot as plt  # after choosing the backend
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
+
+import csvprocess
+
+DPI = 100
+WIDE = (11.0, 6.0)                 # inches: single-panel figures
+PANEL = (3.6, 3.2)                 # inches per panel in the percentile grid
+MAX_COLUMNS = 4                    # panels per row in the percentile grid
+NINES = (0, 90, 99, 99.9, 99.99, 99.999)
+COLORS = {"p50": "tab:blue", "p90": "tab:orange", "p99": "tab:red", "intended": "tab:purple",
+          "rate": "0.55", "expected": "tab:gray", "received": "tab:green"}
+
+plt.rcParams.update({"figure.dpi": DPI, "savefig.dpi": DPI, "font.size": 10,
+                     "axes.grid": True, "grid.alpha": 0.3, "axes.titlesize": 11})
+
+
+class PlotError(Exception):
+    """A run that cannot be plotted: reported as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------
+# Finding a run and its processed data
+# ---------------------------------------------------------------------------
+
+def newest_run(results: Path) -> Path:
+    """The run folder in results whose event files were written last."""
+    runs = [d for d in results.iterdir() if d.is_dir() and csvprocess.event_files(d)] if results.is_dir() else []
+    if not runs:
+        raise PlotError(f"no run folder with event CSVs in {results}/: run "
+                        "`python loadclient.py --load-test` first, or name a folder")
+    return max(runs, key=lambda d: max(p.stat().st_mtime for p in csvprocess.event_files(d)))
+
+
+def processed_folder(run: Path) -> Path:
+    """The folder with summary_*.json for run, made (or remade) by csvprocess when needed."""
+    if list(run.glob("summary_*.json")):  # run is itself a processed folder
+        return run
+    processed = run / "processed"
+    files = csvprocess.event_files(run)
+    if not files:
+        raise PlotError(f"{run}: no event CSVs and no processed summaries here")
+    done = [processed / f"summary_{csvprocess.scenario_name(f)}.json" for f in files]
+    if any(not s.exists() or s.stat().st_mtime < f.stat().st_mtime for f, s in zip(files, done)):
+        print(f"processing {run} with csvprocess.py ...")
+        summaries = csvprocess.process([str(run)], str(processed))
+        print(csvprocess.format_table(summaries))
+    return processed
+
+
+def load_run(processed: Path) -> list[dict]:
+    """Every scenario summary of a processed folder, each with its time series under 'series'."""
+    summaries = []
+    for path in processed.glob("summary_*.json"):
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+            series_path = processed / f"timeseries_{summary['scenario']}.csv"
+            with open(series_path, newline="", encoding="utf-8") as f:
+                summary["series"] = [{k: int(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PlotError(f"{path}: not a csvprocess.py summary with its time series ({e})") from None
+        summaries.append(summary)
+    if not summaries:
+        raise PlotError(f"{processed}: no summary_*.json")
+    return sorted(summaries, key=lambda s: csvprocess.scenario_key(s["scenario"]))
+
+
+# ---------------------------------------------------------------------------
+# Figure helpers
+# ---------------------------------------------------------------------------
+
+def label(summary: dict) -> str:
+    """A scenario's name with its client count."""
+    meta = summary.get("meta") or {}
+    clients = meta.get("clients")
+    return f"{summary['scenario']} ({clients:,} clients)" if clients else summary["scenario"]
+
+
+def latency_axis(ax, log: bool) -> None:
+    """Milliseconds on a linear or log y axis, with plain tick labels."""
+    if log:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+
+def count_axis(axis) -> None:
+    """Whole numbers with thousands separators (no repeated labels on small ranges)."""
+    axis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+
+
+def nines(p: float) -> float:
+    """Percentile -> position on an axis that gives each extra nine the same width."""
+    return -math.log10(1 - min(p, 99.999) / 100)
+
+
+def save(fig, out: Path, name: str, fmt: str) -> Path:
+    """Write fig as out/name.fmt and close it."""
+    path = out / f"{name}.{fmt}"
+    fig.savefig(path, format=fmt)
+    plt.close(fig)
+    return path
+
+
+def no_data(ax, what: str) -> None:
+    """Mark a panel with nothing to draw, so it is not mistaken for a broken plot."""
+    ax.text(0.5, 0.5, f"no {what}", ha="center", va="center", transform=ax.transAxes, color="0.4")
+
+
+# ---------------------------------------------------------------------------
+# The figures
+# ---------------------------------------------------------------------------
+
+def percentile_grid(summaries: list[dict], log: bool):
+    """Latency by percentile, one panel per scenario, all on the same latency axis."""
+    n = len(summaries)
+    cols = min(n, MAX_COLUMNS)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, sharey=True, squeeze=False, layout="constrained",
+                             figsize=(PANEL[0] * cols + 0.6, PANEL[1] * rows + 0.8))
+    for ax, summary in zip(axes.flat, summaries):
+        ax.set_title(label(summary))
+        for key, name, style in (("latency_us", "from actual send", "-"),
+                                 ("latency_intended_us", "from intended send", "--")):
+            stats = summary.get(key)
+            if stats:
+                curve = [(nines(p), v / 1000) for p, v in stats["curve"] if p < 100]
+                ax.plot(*zip(*curve), style, label=name, lw=1.6,
+                        color=COLORS["p50"] if style == "-" else COLORS["intended"])
+        if not summary.get("latency_us"):
+            no_data(ax, "deliveries")
+        ax.xaxis.set_major_locator(FixedLocator([nines(p) for p in NINES]))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * (1 - 10 ** -v):.6g}"))
+        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+        ax.set_xlim(0, nines(99.999))
+        latency_axis(ax, log)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("latency (ms)")
+    for ax in axes[-1, :]:
+        ax.set_xlabel("percentile (%)")
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, names, loc="outside lower center", ncols=2)
+    fig.suptitle("Latency by percentile")
+    return fig
+
+
+def mean_spread(summaries: list[dict], log: bool):
+    """Mean latency with +-1 stddev per scenario, p50 and p99 beside it."""
+    fig, ax = plt.subplots(figsize=WIDE, layout="constrained")
+    x = range(len(summaries))
+    stats = [s.get("latency_us") for s in summaries]
+    shown = [(i, st) for i, st in zip(x, stats) if st]
+    if shown:
+        xs = [i for i, _ in shown]
+        mean = [st["mean"] / 1000 for _, st in shown]
+        low = [min(st["stddev"], st["mean"] - st["min"]) / 1000 for _, st in shown]  # not below min
+        high = [st["stddev"] / 1000 for _, st in shown]
+        ax.errorbar(xs, mean, yerr=[low, high], fmt="o", capsize=6, color=COLORS["p50"],
+                    ms=7, label="mean \u00b1 1 stddev")
+        ax.plot(xs, [st["p50"] / 1000 for _, st in shown], "_", ms=18, mew=2, color=COLORS["p90"],
+                label="p50")
+        ax.plot(xs, [st["p99"] / 1000 for _, st in shown], "v", ms=7, color=COLORS["p99"], label="p99")
+        ax.legend(loc="upper left")
+    else:
+        no_data(ax, "deliveries")
+    ax.set_xticks(list(x), [label(s) for s in summaries], rotation=20 if len(summaries) > 4 else 0,
+                  ha="right" if len(summaries) > 4 else "center")
+    ax.set_xlim(-0.6, len(summaries) - 0.4)
+    ax.set_xlabel("scenario (rooms x room size)")
+    ax.set_ylabel("latency (ms)")
+    latency_axis(ax, log)
+    ax.set_title("Mean latency and spread per scenario")
+    return fig
+
+
+def delivery(summaries: list[dict]):
+    """Expected vs received deliveries (left) and the delivery ratio (right) per scenario."""
+    fig, (counts, ratio) = plt.subplots(1, 2, figsize=WIDE, layout="constrained")
+    x = list(range(len(summaries)))
+    names = [s["scenario"] for s in summaries]
+    expected = [s["deliveries_expected"] for s in summaries]
+    received = [s["deliveries_received"] for s in summaries]
+    counts.bar([i - 0.2 for i in x], expected, 0.4, label="expected", color=COLORS["expected"])
+    counts.bar([i + 0.2 for i in x], received, 0.4, label="received", color=COLORS["received"])
+    nonzero = [v for v in expected + received if v]
+    if nonzero and max(nonzero) > 20 * min(nonzero):  # small scenarios would be invisible
+        counts.set_yscale("log")
+        counts.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    else:
+        count_axis(counts.yaxis)
+    counts.set_xticks(x, names, rotation=30 if len(x) > 4 else 0)
+    counts.set_xlabel("scenario (rooms x room size)")
+    counts.set_ylabel("deliveries (messages x members)")
+    counts.set_title("Deliveries: expected vs received")
+    counts.legend(loc="upper left")
+    ratios = [(i, 100 * s["delivery_ratio"], s["lost"]) for i, s in zip(x, summaries)
+              if s["delivery_ratio"] is not None]
+    if ratios:
+        ratio.plot([i for i, _, _ in ratios], [r for _, r, _ in ratios], "o", ms=8, color=COLORS["received"])
+        for i, r, lost in ratios:
+            ratio.annotate(f"{r:.2f}%\n{lost:,} lost", (i, r), textcoords="offset points", xytext=(0, 8),
+                           ha="center", va="bottom", fontsize=8)
+        lowest = min(r for _, r, _ in ratios)
+        pad = max(0.5, 0.15 * (100 - lowest))  # zoom in on what is lost, room for the labels
+        ratio.set_ylim(lowest - pad, 100 + pad)
+    else:
+        no_data(ratio, "expected deliveries")
+    ratio.axhline(100, color="0.6", lw=0.8, ls=":")
+    ratio.set_xticks(x, names, rotation=30 if len(x) > 4 else 0)
+    ratio.set_xlim(-0.6, len(x) - 0.4)
+    ratio.set_xlabel("scenario (rooms x room size)")
+    ratio.set_ylabel("delivery ratio (% of expected)")
+    ratio.set_title("Delivery ratio")
+    fig.suptitle("Sent vs received")
+    return fig
+
+
+def over_time(summary: dict, log: bool):
+    """p50/p90/p99 latency per second (by receive time), and the message rates behind them."""
+    fig, ax = plt.subplots(figsize=WIDE, layout="constrained")
+    series = summary["series"]
+    t = [row["second"] for row in series]
+    rate = ax.twinx()
+    rate.plot(t, [row["delivered"] for row in series], color=COLORS["rate"], lw=1, ls=":",
+              label="deliveries/s (right axis)")
+    rate.plot(t, [row["sent"] for row in series], color=COLORS["rate"], lw=1,
+              label="messages sent/s (right axis)")
+    rate.set_ylabel("messages per second")
+    rate.set_ylim(0, max([row["delivered"] for row in series] + [1]) * 1.1)
+    rate.grid(False)
+    count_axis(rate.yaxis)
+    lines = [("p50_us", "p50", COLORS["p50"], "-"), ("p90_us", "p90", COLORS["p90"], "-"),
+             ("p99_us", "p99", COLORS["p99"], "-"),
+             ("intended_p99_us", "p99 from intended send", COLORS["intended"], "--")]
+    drawn = False
+    for key, name, color, style in lines:
+        if series and key in series[0]:
+            points = [(row["second"], row[key] / 1000) for row in series if row[key] >= 0]
+            if points:
+                ax.plot(*zip(*points), style, color=color, lw=1.3, label=name)
+                drawn = True
+    if not drawn:
+        no_data(ax, "deliveries")
+    ax.set_xlabel("time since start (s)")
+    ax.set_ylabel("latency (ms), by second of receipt")
+    latency_axis(ax, log)
+    if not log:
+        ax.set_ylim(bottom=0)
+    handles = ax.get_legend_handles_labels()
+    more = rate.get_legend_handles_labels()
+    fig.legend(handles[0] + more[0], handles[1] + more[1], loc="outside lower center", ncols=6, fontsize=9)
+    ax.set_title(f"Latency over time: {label(summary)}")
+    return fig
+
+
+# ---------------------------------------------------------------------------
+# Drawing a run
+# ---------------------------------------------------------------------------
+
+def plot_run(run: Path, out: Path | None = None, fmt: str = "png", log: bool = False) -> list[Path]:
+    """Draw every figure of a run folder (or a processed folder); returns the files written."""
+    processed = processed_folder(run)
+    summaries = load_run(processed)
+    if out is None:
+        out = (run.parent if processed == run else run) / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [save(percentile_grid(summaries, log), out, "latency-percentiles", fmt),
+             save(mean_spread(summaries, log), out, "latency-mean", fmt),
+             save(delivery(summaries), out, "delivery", fmt)]
+    paths += [save(over_time(s, log), out, f"latency-over-time_{s['scenario']}", fmt) for s in summaries]
+    return paths
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command-line options."""
+    parser = argparse.ArgumentParser(prog="plot.py", description="Figures of a load-test run.")
+    parser.add_argument("run", nargs="?", type=Path,
+                        help="run folder (default: the newest in --results) or its processed/ folder")
+    parser.add_argument("--results", type=Path, default=Path("results"),
+                        help="where runs are looked for without RUN (default: results)")
+    parser.add_argument("--out", type=Path, help="output folder (default: <run>/plots)")
+    parser.add_argument("--format", choices=("png", "svg"), default="png", help="image format")
+    parser.add_argument("--log", action="store_true", help="log scale for latency axes")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = parse_args(argv)
+    try:
+        run = args.run or newest_run(args.results)
+        if not run.is_dir():
+            raise PlotError(f"{run}: no such folder")
+        paths = plot_run(run, args.out, args.format, args.log)
+    except (PlotError, csvprocess.InputError) as e:
+        print(f"plot: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"plot: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(f"figures of {run}:")
+    for path in paths:
+        print(f"  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
