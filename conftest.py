@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,10 +17,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on host right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port that is free on host right now, below the ephemeral range.
+
+    bind(0) hands out ports from the ephemeral range, which every outgoing
+    connection on the machine draws from too: between this call and the
+    server's bind, a client socket could take the port.
+    """
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    for port in random.sample(range(10000, ephemeral_low), 100):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free port below the ephemeral range")
 
 
 def wait_http(url: str, timeout: float = 10.0) -> None:

@@ -461,8 +461,15 @@ def parse_handshake_response(buf: bytes, key: str) -> int | None:
     for line in lines[1:]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
+    # RFC 6455 4.1: fail unless the server upgraded to WebSocket and confirmed our key.
+    connection = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    if headers.get("upgrade", "").lower() != "websocket" or "upgrade" not in connection:
+        raise HandshakeError(101, "no Upgrade: websocket and Connection: Upgrade")
     if headers.get("sec-websocket-accept") != accept_key(key):
         raise HandshakeError(101, "wrong Sec-WebSocket-Accept")
+    # We ask for no extension or subprotocol: one in the answer would change the framing.
+    if "sec-websocket-extensions" in headers or "sec-websocket-protocol" in headers:
+        raise HandshakeError(101, "an extension or subprotocol that was not asked for")
     return end + 4
 
 
@@ -1922,14 +1929,13 @@ class Server(EventLoop):
         rest = data[sent:]
         out[:] = [rest]
         conn.out_bytes = len(rest)
-        if conn.out_bytes > self.config.max_buffer and conn.state == OPEN:
-            self._cut_off(conn)
-            return
         if not conn.writing:
             conn.writing = True
             conn.deadline = self.now + self.config.write_timeout if conn.state == OPEN else conn.deadline
             self.blocked[conn.fd] = conn
             self.sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+        if conn.out_bytes > self.config.max_buffer and conn.state == OPEN:
+            self._cut_off(conn)             # writing is set: the partly sent frame is kept
 
     # -- closing ------------------------------------------------------------
 

@@ -1,0 +1,1014 @@
+"""Tests of scalechat.py.
+
+1. The protocol core with bytes alone: every RFC 6455 rule with the close code it
+   must produce, the parser fed whole streams and every split of them, handshakes.
+2. The chat logic as plain functions: client JSON, history, names.
+3. The server end to end over real sockets: the wire protocol of PROTOCOL.md,
+   HTTP answers, static files, limits, timeouts, draining, metrics.
+4. Interop with independent client libraries (websockets, websocket-client).
+
+Frames sent by tests are built by test_conformance.py's hand-written client, not
+by the code under test.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import pathlib
+import re
+import signal
+import socket
+import struct
+import threading
+import time
+import urllib.request
+
+import pytest
+import websocket
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
+from websockets.sync.client import connect
+
+from conftest import start_server
+from scalechat import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONTINUATION,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    ChatError,
+    FrameParser,
+    HandshakeError,
+    ProtocolError,
+    Room,
+    accept_key,
+    check_upgrade,
+    client_handshake_request,
+    encode_close,
+    encode_frame,
+    http_response,
+    mask,
+    max_frame_size,
+    new_key,
+    new_mask_key,
+    parse_chat_message,
+    parse_close,
+    parse_handshake_response,
+    parse_request_head,
+    upgrade_response,
+    valid_name,
+)
+from test_conformance import RawClient, chat_json, close_frame, frame, pieces
+from test_conformance import text as chat_frame
+
+# ---------------------------------------------------------------------------
+# 1. Protocol core: RFC 6455 with bytes alone
+# ---------------------------------------------------------------------------
+
+# RFC 6455 section 5.7, byte for byte.
+RFC_KEY = bytes.fromhex("37fa213d")
+RFC_HELLO = bytes.fromhex("810548656c6c6f")
+RFC_HELLO_MASKED = bytes.fromhex("818537fa213d7f9f4d5158")
+RFC_FRAGMENTED = bytes.fromhex("010348656c" "80026c6f")
+RFC_PING = bytes.fromhex("890548656c6c6f")
+RFC_PONG_MASKED = bytes.fromhex("8a8537fa213d7f9f4d5158")
+
+
+def feed_chunks(parser: FrameParser, chunks) -> list:
+    """Everything the parser completes while fed chunks in order."""
+    return [event for chunk in chunks for event in parser.feed(chunk)]
+
+
+def failure(data: bytes, **parser_args) -> tuple[int, int]:
+    """Feed data byte by byte; (close code, offset of the byte that made the parser fail)."""
+    parser = FrameParser(**parser_args)
+    for i in range(len(data)):
+        try:
+            parser.feed(data[i:i + 1])
+        except ProtocolError as e:
+            return e.code, i
+    raise AssertionError("the parser accepted everything")
+
+
+def test_accept_key_rfc_example():
+    """RFC 6455 section 1.3's own example."""
+    assert accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+def test_mask_is_rfc_xor_and_its_own_inverse():
+    """Masking matches RFC 5.7, keeps leading zero bytes and undoes itself."""
+    assert mask(b"Hello", RFC_KEY) == bytes.fromhex("7f9f4d5158")
+    assert mask(RFC_KEY[:2], RFC_KEY) == b"\x00\x00"
+    assert mask(b"", RFC_KEY) == b""
+    data = os.urandom(1001)
+    assert mask(mask(data, RFC_KEY), RFC_KEY) == data
+
+
+def test_encode_frame_rfc_examples():
+    """encode_frame writes the RFC's example frames exactly."""
+    assert encode_frame(OP_TEXT, b"Hello") == RFC_HELLO
+    assert encode_frame(OP_TEXT, b"Hello", mask_key=RFC_KEY) == RFC_HELLO_MASKED
+    assert encode_frame(OP_TEXT, b"Hel", fin=False) + encode_frame(OP_CONTINUATION, b"lo") == RFC_FRAGMENTED
+    assert encode_frame(OP_PING, b"Hello") == RFC_PING
+    assert encode_frame(OP_PONG, b"Hello", mask_key=RFC_KEY) == RFC_PONG_MASKED
+    assert encode_frame(OP_BINARY, bytes(256))[:4] == bytes.fromhex("827e0100")
+    assert encode_frame(OP_BINARY, bytes(65536))[:10] == bytes.fromhex("827f0000000000010000")
+
+
+@pytest.mark.parametrize("n, header", [
+    (0, "8100"), (125, "817d"), (126, "817e007e"), (65535, "817effff"),
+    (65536, "817f0000000000010000"), (70000, "817f0000000000011170"),
+])
+def test_length_classes_round_trip(n, header):
+    """7-, 16- and 64-bit lengths at their edges, written and parsed back."""
+    payload = b"a" * n
+    data = encode_frame(OP_TEXT, payload)
+    assert data[:len(header) // 2] == bytes.fromhex(header)
+    assert FrameParser(expect_masked=False).feed(data) == [(OP_TEXT, payload)]
+    assert FrameParser().feed(frame(OP_TEXT, payload)) == [(OP_TEXT, payload)]
+
+
+def test_parser_rfc_examples():
+    """The RFC's example frames parse (client side: unmasked; server side: masked)."""
+    client_side = FrameParser(expect_masked=False)
+    assert client_side.feed(RFC_HELLO + RFC_FRAGMENTED + RFC_PING) == [
+        (OP_TEXT, b"Hello"), (OP_TEXT, b"Hello"), (OP_PING, b"Hello")]
+    assert FrameParser().feed(RFC_HELLO_MASKED + RFC_PONG_MASKED) == [(OP_TEXT, b"Hello"), (OP_PONG, b"Hello")]
+
+
+def test_parser_every_split_of_a_frame():
+    """All 2**10 ways to cut the RFC's masked frame give the same message."""
+    n = len(RFC_HELLO_MASKED)
+    for bits in range(1 << (n - 1)):
+        cuts = [i + 1 for i in range(n - 1) if bits >> i & 1]
+        assert feed_chunks(FrameParser(), pieces(RFC_HELLO_MASKED, cuts)) == [(OP_TEXT, b"Hello")], cuts
+
+
+KOSME = "κόσμε".encode()
+# A fragmented text cut inside a character, with a ping and an empty fragment between;
+# then every length class and a close.
+STREAM = (frame(OP_TEXT, b"Hello") + frame(OP_TEXT, KOSME[:3], fin=False) + frame(OP_PING, b"in between")
+          + frame(OP_CONTINUATION, b"", fin=False) + frame(OP_CONTINUATION, KOSME[3:])
+          + frame(OP_PONG) + frame(OP_TEXT, KOSME * 12) + close_frame(1000, b"bye"))
+STREAM_EVENTS = [(OP_TEXT, b"Hello"), (OP_PING, b"in between"), (OP_TEXT, KOSME), (OP_PONG, b""),
+                 (OP_TEXT, KOSME * 12), (OP_CLOSE, b"\x03\xe8bye")]
+
+
+def test_parser_stream_whole_and_byte_by_byte():
+    """Fragments, interleaved control frames and a 16-bit length: at once or byte by byte."""
+    assert FrameParser().feed(STREAM) == STREAM_EVENTS
+    assert feed_chunks(FrameParser(), pieces(STREAM, range(1, len(STREAM)))) == STREAM_EVENTS
+
+
+def test_parser_stream_every_split_in_two_and_three():
+    """Every cut, and every pair of cuts, of the stream gives the same events."""
+    for cuts in itertools.chain(itertools.combinations(range(1, len(STREAM)), 1),
+                                itertools.combinations(range(1, len(STREAM)), 2)):
+        assert feed_chunks(FrameParser(), pieces(STREAM, cuts)) == STREAM_EVENTS, cuts
+
+
+def test_parser_64_bit_length_in_pieces():
+    """A 64-bit-length frame arriving in uneven pieces, then another frame."""
+    payload = "€".encode() * 30000
+    data = frame(OP_TEXT, payload) + frame(OP_PING, b"after")
+    assert feed_chunks(FrameParser(), pieces(data, [1, 5, 9, 14, 1000, 45001, 90000])) == [
+        (OP_TEXT, payload), (OP_PING, b"after")]
+
+
+@st.composite
+def streams(draw):
+    """A random client stream (messages, some fragmented with pings between) and its events."""
+    data, events = b"", []
+    for text in draw(st.lists(st.text(max_size=200), max_size=6)):
+        payload = text.encode()
+        cuts = sorted(draw(st.sets(st.integers(0, len(payload)), max_size=3)))
+        parts = pieces(payload, cuts)
+        for i, part in enumerate(parts):
+            data += frame(OP_CONTINUATION if i else OP_TEXT, part, fin=i == len(parts) - 1)
+            if i < len(parts) - 1 and draw(st.booleans()):
+                data += frame(OP_PING, b"%d" % i)
+                events.append((OP_PING, b"%d" % i))
+        events.append((OP_TEXT, payload))
+    return data, events
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams(), st.data())
+def test_parser_any_stream_any_chunking(stream, data):
+    """Property: however a valid stream is cut, the parser completes the same events."""
+    raw, events = stream
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(raw) - 1)), max_size=12)))
+    assert feed_chunks(FrameParser(), pieces(raw, cuts)) == events
+
+
+VIOLATIONS = [
+    ("unmasked client frame", frame(OP_TEXT, b"hi", masked=False), 1002),
+    *[(f"reserved bits {rsv}", frame(OP_TEXT, b"hi", rsv=rsv), 1002) for rsv in range(1, 8)],
+    *[(f"reserved opcode {op}", frame(op, b"x"), 1002) for op in (3, 4, 5, 6, 7, 11, 12, 13, 14, 15)],
+    ("ping longer than 125 bytes", frame(OP_PING, b"x" * 126), 1002),
+    ("close longer than 125 bytes", frame(OP_CLOSE, b"\x03\xe8" + b"x" * 124), 1002),
+    ("fragmented ping", frame(OP_PING, b"x", fin=False), 1002),
+    ("fragmented close", frame(OP_CLOSE, b"\x03\xe8", fin=False), 1002),
+    ("continuation without a message", frame(OP_CONTINUATION, b"x"), 1002),
+    ("new message inside a fragmented one", frame(OP_TEXT, b"a", fin=False) + frame(OP_TEXT, b"b"), 1002),
+    ("binary frame", frame(OP_BINARY, b"\x00"), 1003),
+    ("binary after text fragments", frame(OP_TEXT, b"a", fin=False) + frame(OP_BINARY, b"b"), 1002),
+    ("invalid UTF-8", frame(OP_TEXT, b"ok\xff"), 1007),
+    ("text ending inside a character", frame(OP_TEXT, KOSME[:3]), 1007),
+    ("fragments ending inside a character", frame(OP_TEXT, KOSME[:3], fin=False) + frame(OP_CONTINUATION), 1007),
+    ("UTF-16 surrogate", frame(OP_TEXT, b"\xed\xa0\x80"), 1007),
+    ("close payload of one byte", frame(OP_CLOSE, b"\x03"), 1002),
+    *[(f"close code {code}", close_frame(code), 1002) for code in (0, 999, 1004, 1005, 1006, 1015, 2999, 5000)],
+    ("close reason not UTF-8", close_frame(1000, b"\xc0\xaf"), 1007),
+    ("message over the limit", frame(OP_TEXT, b"x" * 101), 1009),
+    ("fragments over the limit", frame(OP_TEXT, b"x" * 60, fin=False) + frame(OP_CONTINUATION, b"x" * 41), 1009),
+    ("64-bit length with its top bit set", frame(OP_TEXT, length=1 << 63), 1002),
+]
+
+
+@pytest.mark.parametrize("data, code", [pytest.param(d, c, id=name) for name, d, c in VIOLATIONS])
+def test_parser_violations(data, code):
+    """Each rule's close code, whether the bytes come at once or one by one."""
+    with pytest.raises(ProtocolError) as e:
+        FrameParser(max_message_size=100, accept_binary=False).feed(data)
+    assert e.value.code == code
+    assert failure(data, max_message_size=100, accept_binary=False)[0] == code
+
+
+@pytest.mark.parametrize("data, where", [
+    pytest.param(frame(OP_TEXT, length=101), 2, id="7-bit"),
+    pytest.param(frame(OP_TEXT, length=200), 4, id="16-bit"),
+    pytest.param(frame(OP_TEXT, length=1 << 40), 10, id="64-bit"),
+    pytest.param(frame(OP_TEXT, b"x" * 90, fin=False) + frame(OP_CONTINUATION, length=11), 96 + 2, id="fragment"),
+])
+def test_too_big_fails_at_the_header(data, where):
+    """1009 as soon as the length is read: before the mask key, long before the payload."""
+    assert failure(data, max_message_size=100) == (1009, where - 1)
+
+
+def test_top_bit_length_fails_at_the_header():
+    """A 64-bit length with the most significant bit set is refused once it is read."""
+    assert failure(frame(OP_TEXT, length=1 << 63)) == (1002, 9)
+
+
+def test_limit_itself_is_accepted():
+    """A message of exactly the limit, whole or fragmented, passes."""
+    parser = FrameParser(max_message_size=100)
+    assert parser.feed(frame(OP_TEXT, b"x" * 100)) == [(OP_TEXT, b"x" * 100)]
+    assert parser.feed(frame(OP_TEXT, b"x" * 60, fin=False) + frame(OP_CONTINUATION, b"x" * 40)) == [
+        (OP_TEXT, b"x" * 100)]
+
+
+@pytest.mark.parametrize("bad, at", [
+    (b"\xff", 0), (b"\x80", 0), (b"\xc0", 0), (b"\xf5", 0), (b"\xce\x41", 1), (b"\xe0\x80", 1),
+    (b"\xf0\x80", 1), (b"\xf4\x90", 1), (b"\xed\xa0", 1), (b"\xed\xbf", 1),
+])
+def test_utf8_fails_at_the_first_bad_byte(bad, at):
+    """Invalid UTF-8 fails at its first impossible byte, inside a frame still unfinished."""
+    payload = b"text " + bad + b" and much more"
+    data = frame(OP_TEXT, payload)
+    header = len(data) - len(payload)
+    assert failure(data) == (1007, header + 5 + at)
+
+
+def test_utf8_fails_fast_across_fragments():
+    """A character begun in one fragment and broken in the next fails at that byte."""
+    first = frame(OP_TEXT, b"ok \xf4", fin=False)
+    data = first + frame(OP_CONTINUATION, b"\x90 and the rest")
+    assert failure(data) == (1007, len(first) + 6)
+
+
+def test_failed_parser_keeps_earlier_frames_and_stays_failed():
+    """Frames completed before a violation come with the error; later data is refused."""
+    parser = FrameParser()
+    with pytest.raises(ProtocolError) as e:
+        parser.feed(frame(OP_TEXT, b"first") + frame(OP_PING, b"p") + frame(OP_TEXT, b"x", rsv=2) + frame(OP_PING))
+    assert (e.value.code, e.value.frames) == (1002, [(OP_TEXT, b"first"), (OP_PING, b"p")])
+    with pytest.raises(ProtocolError) as again:
+        parser.feed(close_frame(1002))
+    assert (again.value.code, again.value.frames) == (1002, [])
+
+
+def test_client_side_parser_refuses_masked_frames():
+    """A client parses unmasked server frames and fails on masked ones."""
+    with pytest.raises(ProtocolError) as e:
+        FrameParser(expect_masked=False).feed(RFC_HELLO_MASKED)
+    assert e.value.code == 1002
+
+
+@pytest.mark.parametrize("payload, expected", [
+    (b"", (1005, "")), (b"\x03\xe8", (1000, "")), (b"\x03\xe9going", (1001, "going")),
+    (b"\x0b\xb8", (3000, "")), (b"\x13\x87" + KOSME, (4999, "κόσμε")), (b"\x03\xf5", (1013, "")),
+])
+def test_parse_close(payload, expected):
+    """Status code and reason of valid Close payloads."""
+    assert parse_close(payload) == expected
+
+
+def test_encode_close():
+    """Close frames: code and reason, none for 1005, reason cut on a character boundary."""
+    assert encode_close(1000, "bye") == bytes.fromhex("880503e8") + b"bye"
+    assert encode_close(1005) == b"\x88\x00"
+    long_close = encode_close(1001, "é" * 100)
+    assert len(long_close) == 2 + 124
+    assert parse_close(long_close[2:]) == (1001, "é" * 61)
+    masked = encode_close(1000, "bye", mask_key=RFC_KEY)
+    assert FrameParser().feed(masked) == [(OP_CLOSE, b"\x03\xe8bye")]
+
+
+GOOD_REQUEST = (b"GET /ws/room?name=al%20ice&since=3 HTTP/1.1\r\nHost: example.com\r\n"
+                b"Upgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                b"X-Twice: a\r\nX-Twice: b")
+
+
+def test_parse_request_head():
+    """Request line, path, decoded query, lower-case header names, repeated headers joined."""
+    req = parse_request_head(GOOD_REQUEST)
+    assert (req.method, req.target, req.path, req.version) == (
+        "GET", "/ws/room?name=al%20ice&since=3", "/ws/room", "HTTP/1.1")
+    assert req.query == {"name": ["al ice"], "since": ["3"]}
+    assert req.headers["x-twice"] == "a, b"
+    assert req.header_tokens("connection") == {"keep-alive", "upgrade"}
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /ws", b"GET  /ws HTTP/1.1", b"GET ws HTTP/1.1", b"GET /ws HTTP/2.0", b"G(T /ws HTTP/1.1",
+    b"GET /ws HTTP/1.1\r\nHost example.com", b"GET /ws HTTP/1.1\r\nHost : example.com",
+    b"GET /ws HTTP/1.1\r\n folded: value", "GET /wş HTTP/1.1".encode(),
+])
+def test_parse_request_head_refuses_malformed(head):
+    """Malformed request heads are 400."""
+    with pytest.raises(HandshakeError) as e:
+        parse_request_head(head)
+    assert e.value.status == 400
+
+
+def test_check_upgrade_accepts_rfc_request():
+    """A valid opening handshake yields the RFC's accept value; tokens are case-insensitive."""
+    assert check_upgrade(parse_request_head(GOOD_REQUEST)) == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+@pytest.mark.parametrize("change, status, header", [
+    ((b"GET /ws/room", b"POST /ws/room"), 405, ("Allow", "GET")),
+    ((b"HTTP/1.1\r\n", b"HTTP/1.0\r\n"), 400, None),
+    ((b"Host: example.com\r\n", b""), 400, None),
+    ((b"Upgrade: WebSocket\r\n", b""), 426, ("Upgrade", "websocket")),
+    ((b"keep-alive, Upgrade", b"keep-alive"), 426, ("Upgrade", "websocket")),
+    ((b"Version: 13", b"Version: 8"), 426, ("Sec-WebSocket-Version", "13")),
+    ((b"Sec-WebSocket-Version: 13\r\n", b""), 426, ("Sec-WebSocket-Version", "13")),
+    ((b"dGhlIHNhbXBsZSBub25jZQ==", b""), 400, None),
+    ((b"dGhlIHNhbXBsZSBub25jZQ==", b"dGhlIHNhbXBsZQ=="), 400, None),
+    ((b"dGhlIHNhbXBsZSBub25jZQ==", b"dGhlIHNhbXBsZSBub25jZQ!!"), 400, None),
+])
+def test_check_upgrade_refusals(change, status, header):
+    """Each broken handshake gets its HTTP status, and the headers that status needs."""
+    with pytest.raises(HandshakeError) as e:
+        check_upgrade(parse_request_head(GOOD_REQUEST.replace(*change)))
+    assert e.value.status == status
+    if header:
+        assert header in e.value.headers
+
+
+def test_responses():
+    """The 101 answer and plain HTTP answers are complete and close the connection."""
+    assert upgrade_response("abc=") == (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                        b"Connection: Upgrade\r\nSec-WebSocket-Accept: abc=\r\n\r\n")
+    response = http_response(404, b"nope\n", headers=(("X-A", "1"),))
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0] == b"HTTP/1.1 404 Not Found" and body == b"nope\n"
+    assert {b"Content-Length: 5", b"Connection: close", b"X-A: 1"} <= set(head.split(b"\r\n"))
+    assert http_response(200, b"ok", head_only=True).endswith(b"Content-Length: 2\r\nConnection: close\r\n\r\n")
+
+
+def test_client_handshake_helpers():
+    """The client's request passes the server's checks; its response parser checks the accept."""
+    key = new_key()
+    assert key != new_key() and len(key) == 24 and len(new_mask_key()) == 4
+    request = client_handshake_request("127.0.0.1:8080", "/ws/r?name=a", key, origin="http://127.0.0.1:8080")
+    head = request[:request.index(b"\r\n\r\n")]
+    parsed = parse_request_head(head)
+    assert parsed.headers["origin"] == "http://127.0.0.1:8080"
+    response = upgrade_response(check_upgrade(parsed))
+    assert parse_handshake_response(response[:-1], key) is None
+    assert parse_handshake_response(response + RFC_HELLO, key) == len(response)
+    for wrong in ((accept_key(key).encode(), accept_key(new_key()).encode()),
+                  (b"Upgrade: websocket", b"Upgrade: h2c"), (b"Connection: Upgrade", b"Connection: close"),
+                  (b"\r\n\r\n", b"\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"),
+                  (b"\r\n\r\n", b"\r\nSec-WebSocket-Protocol: chat\r\n\r\n")):
+        with pytest.raises(HandshakeError):
+            parse_handshake_response(response.replace(*wrong), key)
+    other_case = response.replace(b"Upgrade: websocket", b"UPGRADE: WebSocket").replace(
+        b"Connection: Upgrade", b"connection: keep-alive, upgrade")
+    assert parse_handshake_response(other_case, key) == len(other_case)
+    with pytest.raises(HandshakeError) as e:
+        parse_handshake_response(http_response(503, b"busy"), key)
+    assert e.value.status == 503
+    with pytest.raises(HandshakeError):
+        parse_handshake_response(b"x" * 70000, key)
+
+
+# ---------------------------------------------------------------------------
+# 2. Chat logic
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("payload, expected", [
+    (b'{"message_id": 42, "text": "hello", "sent_at": "2026-11-28T10:00:00.123456Z"}',
+     (42, "hello", "2026-11-28T10:00:00.123456Z")),
+    (b'{"text": "hi", "sender": "mallory", "room": "elsewhere"}', (None, "hi", None)),
+    ('{"message_id": 1, "text": "%s"}' % ("é" * 50), (1, "é" * 50, None)),
+])
+def test_parse_chat_message(payload, expected):
+    """Valid client messages; sender and room from a client are ignored."""
+    if isinstance(payload, str):
+        payload = payload.encode()
+    assert parse_chat_message(payload, 100) == expected
+
+
+@pytest.mark.parametrize("payload, code, message_id", [
+    (b"not json", "bad_json", None), (b"[1, 2]", "bad_message", None), (b"", "bad_json", None),
+    (b'{"message_id": true, "text": "a"}', "bad_message", None),
+    (b'{"message_id": 1.5, "text": "a"}', "bad_message", None),
+    (b'{"message_id": 9223372036854775808, "text": "a"}', "bad_message", None),
+    (b'{"message_id": 3}', "missing_text", 3), (b'{"message_id": 3, "text": ""}', "missing_text", 3),
+    (b'{"message_id": 3, "text": 5}', "missing_text", 3),
+    (b'{"message_id": 4, "text": "' + "é".encode() * 51 + b'"}', "too_big", 4),
+    (b'{"message_id": 5, "text": "\\ud800"}', "bad_message", 5),
+    (b'{"message_id": 6, "text": "a", "sent_at": 7}', "bad_message", 6),
+    (b'{"message_id": 6, "text": "a", "sent_at": "' + b"9" * 65 + b'"}', "bad_message", 6),
+    (b"[" * 100000, "bad_json", None),
+])
+def test_parse_chat_message_refusals(payload, code, message_id):
+    """Refused frames: the error code, and the message_id when it is known."""
+    with pytest.raises(ChatError) as e:
+        parse_chat_message(payload, 100)
+    assert (e.value.code, e.value.message_id) == (code, message_id)
+
+
+def test_max_frame_size_holds_the_worst_escaped_text():
+    """A text of the maximum size still fits the frame limit when every byte is escaped."""
+    for text in ("\x01" * 1000, '"' * 1000, "é" * 500, "\U0001f600" * 250):
+        assert len(json.dumps({"message_id": -(1 << 62), "text": text, "sent_at": "9" * 64})) <= max_frame_size(1000)
+
+
+def test_room_frames_since():
+    """Replay: held messages after since, oldest first; history bounded."""
+    room = Room("r", history=3, ready=True)
+    assert room.frames_since(0) == [] and room.oldest_seq() == 1
+    for seq in range(1, 6):
+        room.seq = seq
+        room.history.append((seq, b"f%d" % seq))
+    assert room.frames_since(0) == [b"f3", b"f4", b"f5"]
+    assert room.frames_since(3) == [b"f4", b"f5"]
+    assert room.frames_since(5) == room.frames_since(99) == []
+    assert room.oldest_seq() == 3
+
+
+@pytest.mark.parametrize("name, ok", [
+    ("alice", True), ("a", True), ("x" * 32, True), ("Zoë 2", True), ("", False), ("x" * 33, False),
+    ("   ", False), ("tab\there", False), ("nul\x00", False), ("new\nline", False),
+])
+def test_valid_name(name, ok):
+    """Names: 1-32 printable characters, not only spaces."""
+    assert valid_name(name) is ok
+
+
+# ---------------------------------------------------------------------------
+# 3. The server end to end, over real sockets
+# ---------------------------------------------------------------------------
+
+STATIC = pathlib.Path(__file__).parent / "static"
+WS_HEADERS = ("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+              "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+QUIET = ("--ping-interval", "60", "--log-level", "WARNING")
+
+
+@pytest.fixture(scope="module")
+def chat_server():
+    """One server with default limits for the tests that need nothing special (a room each)."""
+    s = start_server(*QUIET)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def server_with():
+    """A fresh server started with the settings a test passes: server_with("--history", "3")."""
+    started = []
+
+    def start(*args: str):
+        started.append(start_server(*QUIET, *args))
+        return started[-1]
+    yield start
+    for s in started:
+        s.stop()
+
+
+def join(server, room: str, query: str = "", **options) -> RawClient:
+    """A raw WebSocket client in room; its welcome frame is already read."""
+    return RawClient(server.port, f"/ws/{room}" + (f"?{query}" if query else ""), **options)
+
+
+def http(port: int, request: bytes) -> tuple[int, dict, bytes]:
+    """Send a raw HTTP request; the (status, headers, body) of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def get(port: int, target: str, headers: str = "", method: str = "GET") -> tuple[int, dict, bytes]:
+    """A request for target with a Host header and any extra header lines."""
+    return http(port, f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n".encode())
+
+
+@contextlib.contextmanager
+def library_client(url: str):
+    """A websockets client (no proxy, no pings of its own) past its welcome frame."""
+    with connect(url, proxy=None, ping_interval=None, max_size=None, open_timeout=5) as ws:
+        assert json.loads(ws.recv(timeout=5))["type"] == "welcome"
+        yield ws
+
+
+def closed_with(ws) -> int:
+    """Read a websockets client until the server closes it; the close code received."""
+    with pytest.raises((ConnectionClosedOK, ConnectionClosedError)):
+        while True:
+            ws.recv(timeout=5)
+    return ws.close_code
+
+
+def next_message(recv) -> dict:
+    """The next frame that is not a member-count notice, from a library's recv."""
+    while (obj := json.loads(recv(timeout=5)))["type"] == "members":
+        pass
+    return obj
+
+
+def metrics(server) -> dict:
+    """Every sample on the metrics port: {(name, ((label, value), ...)): value}."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def chat(client: RawClient, text: str, message_id: int) -> None:
+    """Send one chat message."""
+    client.send(chat_frame(text, message_id))
+
+
+def seqs_of(client: RawClient, n: int) -> list:
+    """The seqs of the next n message frames."""
+    return [client.recv_json()["seq"] for _ in range(n)]
+
+
+def test_welcome_message_and_server_assigned_sender(chat_server):
+    """welcome, then message frames to every member, the sender set by the server."""
+    alice = join(chat_server, "t-welcome", "name=alice")
+    assert alice.welcome == {"type": "welcome", "room": "t-welcome", "name": "alice", "seq": 0,
+                             "members": 1, "oldest": 1}
+    guest = join(chat_server, "t-welcome")
+    assert re.fullmatch(r"guest-\d+", guest.welcome["name"]) and guest.welcome["members"] == 2
+    alice.send_json({"message_id": 42, "text": "hello", "sent_at": "2026-11-28T10:00:00.123456Z",
+                     "sender": guest.welcome["name"], "room": "elsewhere"})
+    expected = {"type": "message", "room": "t-welcome", "seq": 1, "sender": "alice", "message_id": 42,
+                "text": "hello", "sent_at": "2026-11-28T10:00:00.123456Z"}
+    assert alice.recv_json() == expected == guest.recv_json()
+    guest.send_json({"text": "hi"})
+    expected = {"type": "message", "room": "t-welcome", "seq": 2, "sender": guest.welcome["name"],
+                "message_id": None, "text": "hi", "sent_at": None}
+    assert alice.recv_json() == expected == guest.recv_json()
+
+
+def test_guest_names_are_distinct(chat_server):
+    """Every connection without a name gets a name of its own."""
+    names = {join(chat_server, "t-guests").welcome["name"] for _ in range(5)}
+    assert len(names) == 5
+
+
+def test_every_member_sees_one_order(chat_server):
+    """Interleaved senders: every member gets the same seq 1..n order, each sender's in its order."""
+    members = [join(chat_server, "t-order", f"name=m{i}") for i in range(3)]
+    for k in range(10):
+        for i, m in enumerate(members):
+            chat(m, f"{i}:{k}", k)
+    seen = [[(f["seq"], f["sender"], f["message_id"]) for f in (m.recv_json() for _ in range(30))]
+            for m in members]
+    assert seen[0] == seen[1] == seen[2]
+    assert [s for s, _, _ in seen[0]] == list(range(1, 31))
+    for i in range(3):
+        assert [mid for _, sender, mid in seen[0] if sender == f"m{i}"] == list(range(10))
+
+
+def test_error_frames_keep_the_connection_open(chat_server):
+    """Refused frames get error frames (with message_id when known); the connection goes on."""
+    c = join(chat_server, "t-errors")
+    c.send(frame(OP_TEXT, b"not json"))
+    assert c.recv_json() == {"type": "error", "code": "bad_json", "reason": "frame is not valid JSON"}
+    for refused, code in (({"message_id": 3}, "missing_text"), ({"message_id": 4, "text": "x" * 65537}, "too_big")):
+        c.send_json(refused)
+        error = c.recv_json()
+        assert (error["type"], error["code"], error["message_id"]) == ("error", code, refused["message_id"])
+    chat(c, "still here", 5)
+    assert c.recv_json()["seq"] == 1
+
+
+def test_since_replays_without_gap_or_duplicate(chat_server):
+    """since=<seq> replays what follows it, then goes live; since at or past the end replays nothing."""
+    writer = join(chat_server, "t-since")
+    for k in range(5):
+        chat(writer, f"m{k}", k)
+    assert seqs_of(writer, 5) == [1, 2, 3, 4, 5]
+    readers = {since: join(chat_server, "t-since", f"since={since}") for since in (0, 2, 5, 99)}
+    chat(writer, "live", 5)
+    assert seqs_of(readers[0], 6) == [1, 2, 3, 4, 5, 6]
+    assert seqs_of(readers[2], 4) == [3, 4, 5, 6]
+    assert seqs_of(readers[5], 1) == seqs_of(readers[99], 1) == [6]
+    assert readers[2].welcome["seq"] == 5
+
+
+def test_since_during_traffic_loses_nothing(chat_server):
+    """A member joining with since=0 while messages flow gets each seq exactly once."""
+    writer = join(chat_server, "t-since-live")
+
+    def send_all():
+        for k in range(60):
+            chat(writer, f"m{k}", k)
+            time.sleep(0.001)
+    sender = threading.Thread(target=send_all)
+    sender.start()
+    time.sleep(0.02)
+    reader = join(chat_server, "t-since-live", "since=0")
+    got = seqs_of(reader, 60)
+    sender.join()
+    assert got == list(range(1, 61))
+
+
+def test_history_is_bounded(server_with):
+    """--history N keeps the last N messages; welcome.oldest says where replay starts."""
+    server = server_with("--history", "3")
+    writer = join(server, "t-history")
+    for k in range(6):
+        chat(writer, f"m{k}", k)
+    assert seqs_of(writer, 6) == list(range(1, 7))
+    reader = join(server, "t-history", "since=0")
+    assert (reader.welcome["seq"], reader.welcome["oldest"]) == (6, 4)
+    assert seqs_of(reader, 3) == [4, 5, 6]
+
+
+@pytest.mark.parametrize("request_text, status, header", [
+    (f"GET /ws/bad%20room HTTP/1.1\r\nHost: x\r\n{WS_HEADERS}\r\n", 400, None),
+    (f"GET /ws/ HTTP/1.1\r\nHost: x\r\n{WS_HEADERS}\r\n", 400, None),
+    (f"GET /ws/{'a' * 65} HTTP/1.1\r\nHost: x\r\n{WS_HEADERS}\r\n", 400, None),
+    (f"GET /ws/a/b HTTP/1.1\r\nHost: x\r\n{WS_HEADERS}\r\n", 400, None),
+    (f"GET /ws/r?name=%00 HTTP/1.1\r\nHost: x\r\n{WS_HEADERS}\r\n", 400, None),
+    (f"GET /ws/r?name={'x' * 33} HTTP/1.1\r\nHost: x\r\n{WS_HEADERS}\r\n", 400, None),
+    (f"GET /ws/r?name=%20%20 HTTP/1.1\r\nHost: x\r\n{WS_HEADERS}\r\n", 400, None),
+    *[(f"GET /ws/r?since={v} HTTP/1.1\r\nHost: x\r\n{WS_HEADERS}\r\n", 400, None)
+      for v in ("-1", "abc", "9" * 20, "", "1.5")],
+    (f"GET /ws HTTP/1.1\r\n{WS_HEADERS}\r\n", 400, None),
+    ("GARBAGE\r\n\r\n", 400, None),
+    ("GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", 404, None),
+    (f"POST /ws HTTP/1.1\r\nHost: x\r\n{WS_HEADERS}\r\n", 405, ("allow", "GET")),
+    ("DELETE /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 405, ("allow", "GET, HEAD")),
+    ("GET /ws HTTP/1.1\r\nHost: x\r\n\r\n", 426, ("upgrade", "websocket")),
+    (f"GET /ws HTTP/1.1\r\nHost: x\r\n{WS_HEADERS.replace('Version: 13', 'Version: 8')}\r\n", 426,
+     ("sec-websocket-version", "13")),
+    (f"GET /ws HTTP/1.1\r\nHost: x\r\nX-Big: {'a' * 9000}\r\n{WS_HEADERS}\r\n", 431, None),
+    (f"GET /ws HTTP/1.1\r\nHost: x\r\nX-Big: {'a' * 9000}", 431, None),
+], ids=lambda v: v.split("\r\n")[0][:40] if isinstance(v, str) else None)
+def test_http_refusals(chat_server, request_text, status, header):
+    """Bad requests get their status before any upgrade, and the headers that status needs."""
+    got, headers, _ = http(chat_server.port, request_text.encode())
+    assert got == status
+    if header:
+        assert headers[header[0]] == header[1]
+
+
+def test_static_files(chat_server):
+    """The demo client at / and /static/, HEAD without a body, a CSP on the page."""
+    index = (STATIC / "index.html").read_bytes()
+    status, headers, body = get(chat_server.port, "/")
+    assert (status, body) == (200, index)
+    assert headers["content-type"].startswith("text/html") and "default-src 'self'" in headers[
+        "content-security-policy"]
+    status, headers, body = get(chat_server.port, "/", method="HEAD")
+    assert (status, headers["content-length"], body) == (200, str(len(index)), b"")
+    status, headers, body = get(chat_server.port, "/static/app.js")
+    assert (status, body) == (200, (STATIC / "app.js").read_bytes())
+    assert headers["content-type"].startswith("text/javascript")
+
+
+@pytest.mark.parametrize("target", [
+    "/static/../scalechat.py", "/static/%2e%2e/scalechat.py", "/static/%2E%2E%2Fscalechat.py",
+    "/static/..%2fscalechat.py", "/static/./app.js", "/static//etc/passwd", "/static/%2fetc%2fpasswd",
+    "//etc/passwd", "/etc/passwd", "/scalechat.py", "/../scalechat.py", "/static/app.js%00",
+    "/static/app.js%00.png", "/static/app.js\x00", "/static/", "/static",
+])
+def test_static_never_escapes(chat_server, target):
+    """Encoded dot-dot, absolute paths, NUL: never anything but the static folder's files."""
+    status, _, body = get(chat_server.port, target)
+    assert status == 404 and b"root:" not in body and b"import" not in body
+
+
+def test_static_symlinks_are_not_followed(server_with, tmp_path):
+    """A symlink inside --static-dir, to a file or a folder outside, is never served."""
+    static = tmp_path / "static"
+    (static / "sub").mkdir(parents=True)
+    (static / "a.txt").write_bytes(b"inside")
+    (static / "sub" / "b.txt").write_bytes(b"inside too")
+    (tmp_path / "secret.txt").write_bytes(b"SECRET")
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "s.txt").write_bytes(b"SECRET")
+    (static / "link.txt").symlink_to("../secret.txt")
+    (static / "abs.txt").symlink_to(tmp_path / "secret.txt")
+    (static / "linkdir").symlink_to(tmp_path / "secrets")
+    server = server_with("--static-dir", str(static))
+    assert get(server.port, "/static/a.txt")[::2] == (200, b"inside")
+    assert get(server.port, "/static/sub/b.txt")[::2] == (200, b"inside too")
+    for target in ("/static/link.txt", "/static/abs.txt", "/static/linkdir/s.txt", "/static/%2e%2e/secret.txt"):
+        status, _, body = get(server.port, target)
+        assert status == 404 and b"SECRET" not in body, target
+
+
+def test_healthz(chat_server):
+    """/healthz is 200 while the server accepts connections."""
+    status, _, body = get(chat_server.port, "/healthz")
+    assert status == 200 and body.startswith(b"ok\n")
+
+
+def test_sigterm_drains_with_1001_and_exits_in_time(server_with):
+    """SIGTERM: 1001 to every client, /healthz 503 and no upgrades while draining, exit by the timeout."""
+    server = server_with("--drain-timeout", "1", "--close-timeout", "30")
+    with library_client(server.url) as polite:
+        stubborn = join(server, "t-drain")     # reads, but never answers the Close
+        start = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert stubborn.recv_close_code() == 1001
+        assert closed_with(polite) == 1001
+        status, _, body = get(server.port, "/healthz")
+        assert status == 503 and body.startswith(b"draining\n")
+        assert get(server.port, "/ws", WS_HEADERS)[0] == 503
+        assert server.proc.wait(5) == 0
+        assert time.monotonic() - start < 1 + 1.0
+        assert stubborn.closed_by_server(0.5)
+
+
+def test_sigterm_exits_once_clients_are_gone(server_with):
+    """When every client answers the 1001, the process exits at once."""
+    server = server_with("--drain-timeout", "10")
+    with library_client(server.url) as a, library_client(server.url) as b:
+        start = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert closed_with(a) == closed_with(b) == 1001
+        assert server.proc.wait(5) == 0
+        assert time.monotonic() - start < 2.0
+
+
+def test_max_connections_refused_with_503(server_with):
+    """Past --max-connections an upgrade gets 503 with Retry-After; a freed slot is usable again."""
+    server = server_with("--max-connections", "2")
+    first, second = join(server, "t-max"), join(server, "t-max")
+    assert second.welcome["members"] == 2
+    status, headers, _ = get(server.port, "/ws/t-max", WS_HEADERS)
+    assert (status, headers["retry-after"]) == (503, "1")
+    assert get(server.port, "/healthz")[0] == 200
+    first.send(close_frame(1000))
+    assert first.recv_close_code() == 1000 and first.closed_by_server()
+    assert join(server, "t-max").welcome["members"] == 2
+
+
+def test_max_message_size(server_with):
+    """A text of exactly the maximum passes, even fully escaped; a frame too big for one is 1009
+    before its payload is sent."""
+    limit = 1000
+    server = server_with("--max-message-size", str(limit))
+    c = join(server, "t-size")
+    for k, text in enumerate(("\x01" * limit, "é" * (limit // 2), "€" * (limit // 3))):
+        c.send_json({"message_id": k, "text": text})
+        assert c.recv_json()["text"] == text
+    chat(c, "x" * (limit + 1), 7)
+    assert c.recv_json()["code"] == "too_big"
+    padded = json.dumps({"message_id": 8, "text": "x"}).encode()
+    c.send(frame(OP_TEXT, padded[:-1] + b" " * (max_frame_size(limit) - len(padded)) + b"}"))
+    assert c.recv_json()["text"] == "x"
+    for length in (max_frame_size(limit) + 1, 1 << 40):
+        c = join(server, "t-size")
+        c.send(frame(OP_TEXT, length=length))       # the header alone
+        assert c.recv_close_code() == 1009
+        c.send(close_frame(1009))
+        assert c.closed_by_server()
+
+
+def test_handshake_timeout(server_with):
+    """Half a handshake, or none, is closed after --handshake-timeout; upgraded clients stay."""
+    server = server_with("--handshake-timeout", "0.5")
+    upgraded = join(server, "t-hs")
+    half = socket.create_connection(("127.0.0.1", server.port))
+    half.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+    silent = socket.create_connection(("127.0.0.1", server.port))
+    start = time.monotonic()
+    for s in (half, silent):
+        s.settimeout(3)
+        assert s.recv(100) == b""
+        s.close()
+    assert 0.4 < time.monotonic() - start < 1.5
+    chat(upgraded, "still here", 1)
+    assert upgraded.recv_json()["seq"] == 1
+    assert metrics(server)[("scalechat_refused_total", (("reason", "handshake_timeout"),))] == 2
+
+
+def test_dead_peer_is_dropped(server_with):
+    """A client that never answers pings is dropped after --pong-timeout; one that answers stays."""
+    server = server_with("--ping-interval", "0.3", "--pong-timeout", "0.3")
+    with library_client(f"{server.url}/t-dead") as alive:      # answers pings by itself
+        dead = join(server, "t-dead")
+        while (opcode := dead.recv_frame()[0]) != OP_PING:
+            assert opcode == OP_TEXT                # member-count notices may come first
+        start = time.monotonic()
+        assert dead.closed_by_server(3.0)
+        assert time.monotonic() - start < 1.5
+        alive.send(chat_json("still here").decode())
+        assert next_message(alive.recv)["text"] == "still here"
+    assert metrics(server)[("scalechat_dropped_clients_total", (("reason", "ping_timeout"),))] == 1
+
+
+def test_slow_consumer_is_cut_off_while_others_keep_receiving(server_with):
+    """A client that stops reading gets 1013 at a frame boundary, the others lose nothing, and
+    since=<seq> brings the cut-off client back without loss."""
+    server = server_with("--max-buffer", str(256 << 10), "--rate-limit", "0")
+    # A small receive window keeps the kernel from absorbing much for the slow client.
+    slow = join(server, "t-slow", rcvbuf=64 << 10)  # never reads until it has been cut off
+    sender = join(server, "t-slow")                 # reads each batch: a quarter of the cap
+    text, sent, cut = "x" * (16 << 10), 0, False
+    while not cut and sent < 2400:                  # bounded: ~38 MB at most
+        for _ in range(4):
+            sent += 1
+            chat(sender, text, sent)
+        assert seqs_of(sender, 4) == list(range(sent - 3, sent + 1))
+        cut = metrics(server)[("scalechat_dropped_clients_total", (("reason", "slow_consumer"),))] == 1
+    assert cut, "the slow client was never cut off"
+    chat(sender, "after the cut", sent + 1)
+    assert seqs_of(sender, 1) == [sent + 1]
+    got = []
+    while (f := slow.recv_frame())[0] != OP_CLOSE:
+        message = json.loads(f[1])
+        if message["type"] == "message":
+            got.append(message["seq"])
+    assert struct.unpack("!H", f[1][:2])[0] == 1013
+    assert got == list(range(1, len(got) + 1)) and len(got) < sent
+    back = join(server, "t-slow", f"since={got[-1]}")
+    assert seqs_of(back, sent + 1 - len(got)) == list(range(len(got) + 1, sent + 2))
+
+
+def test_cut_off_never_splits_a_frame(server_with):
+    """A frame larger than the kernel takes at once, then the cut-off: frames stay whole."""
+    kernel_buffer = int(pathlib.Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    size = kernel_buffer + (2 << 20)
+    server = server_with("--max-buffer", str(64 << 10), "--max-message-size", str(size), "--rate-limit", "0")
+    c = join(server, "t-split", rcvbuf=8192)
+    chat(c, "x" * size, 1)
+    time.sleep(0.3)                                 # the server tries to send it before we read
+    frames = []
+    while (f := c.recv_frame())[0] != OP_CLOSE:
+        frames.append(json.loads(f[1])["type"])
+    assert "message" in frames and struct.unpack("!H", f[1][:2])[0] == 1013
+
+
+def test_protocol_error_counted_once(server_with):
+    """A failed connection whose peer answers the Close counts one protocol error."""
+    server = server_with()
+    c = join(server, "t-count")
+    c.send(frame(OP_TEXT, b'{"text": "\xff and more')[:-4])    # invalid, in an unfinished frame
+    assert c.recv_close_code() == 1007
+    c.send(close_frame(1007))
+    assert c.closed_by_server()
+    assert metrics(server)[("scalechat_protocol_errors_total", (("code", "1007"),))] == 1
+
+
+def test_metrics_counters_move(server_with):
+    """The metrics endpoint counts connections, messages, deliveries, bytes, errors and requests."""
+    server = server_with()
+    before = metrics(server)
+    a, b = join(server, "t-metrics"), join(server, "t-metrics")
+    for k in range(3):
+        chat(a, f"m{k}", k)
+    assert seqs_of(a, 3) == seqs_of(b, 3) == [1, 2, 3]
+    assert get(server.port, "/nope")[0] == 404
+    c = join(server, "t-metrics")
+    c.send(frame(OP_BINARY, b"\x00"))
+    assert c.recv_close_code() == 1003
+    after = metrics(server)
+    expected = {
+        ("scalechat_connections", ()): 2, ("scalechat_rooms", ()): 1,
+        ("scalechat_connections_accepted_total", ()): 3, ("scalechat_messages_received_total", ()): 3,
+        ("scalechat_deliveries_total", ()): 6, ("scalechat_broadcast_seconds_count", ()): 3,
+        ("scalechat_protocol_errors_total", (("code", "1003"),)): 1,
+        ("scalechat_refused_total", (("reason", "not_found"),)): 1,
+        ("scalechat_http_requests_total", (("status", "404"),)): 1,
+        ("scalechat_http_requests_total", (("status", "101"),)): 3,
+    }
+    assert {k: after.get(k) for k in expected} == expected
+    assert before[("scalechat_connections_accepted_total", ())] == 0
+    for name in ("scalechat_bytes_received_total", "scalechat_bytes_sent_total"):
+        assert after[(name, ())] > before[(name, ())] + 3 * 30
+    assert after[("process_resident_memory_bytes", ())] > 0
+    assert any(name == "scalechat_info" for name, _ in after)
+
+
+# ---------------------------------------------------------------------------
+# 4. Interop with independent client libraries
+# ---------------------------------------------------------------------------
+
+# Texts whose client frames fall in each length class: 7-bit, 16-bit, 64-bit (the limit).
+TEXT_SIZES = (1, 60, 100, 65000, 65536)
+
+
+def sized_text(n: int) -> str:
+    """A text of n UTF-8 bytes, mostly two-byte characters."""
+    return "é" * (n // 2) + "a" * (n % 2)
+
+
+def test_text_sizes_cover_every_length_class():
+    """The sizes used below give client frames of all three length classes."""
+    lengths = {len(chat_json(sized_text(n))) for n in TEXT_SIZES}
+    assert min(lengths) < 126 and any(126 <= n < 65536 for n in lengths) and max(lengths) >= 65536
+
+
+@pytest.mark.parametrize("size", TEXT_SIZES)
+def test_websockets_library_text_sizes(chat_server, size):
+    """The websockets client sends and receives text of every length class, up to the limit."""
+    with library_client(f"{chat_server.url}/i-websockets-{size}") as ws:
+        ws.send(chat_json(sized_text(size)).decode())
+        message = next_message(ws.recv)
+        assert (message["text"], message["seq"]) == (sized_text(size), 1)
+
+
+@pytest.mark.parametrize("size", TEXT_SIZES)
+def test_websocket_client_library_text_sizes(chat_server, size):
+    """websocket-client does the same."""
+    ws = websocket.create_connection(f"{chat_server.url}/i-wsclient-{size}", timeout=5)
+    try:
+        assert json.loads(ws.recv())["type"] == "welcome"
+        ws.send(chat_json(sized_text(size)).decode())
+        assert next_message(lambda timeout: ws.recv())["text"] == sized_text(size)
+    finally:
+        ws.close()
+
+
+def test_websockets_library_fragments_ping_and_close(chat_server):
+    """Fragmented send, ping/pong, an empty text refused, and the client's close code echoed."""
+    with library_client(f"{chat_server.url}/i-frag") as ws:
+        ws.send(iter(['{"message_id": 1, ', '"text": "in three ', 'fragments"}']))
+        assert next_message(ws.recv)["text"] == "in three fragments"
+        assert ws.ping(b"are you there").wait(5)
+        ws.send(chat_json("").decode())
+        assert next_message(ws.recv)["code"] == "missing_text"
+        ws.close(4000, "bye")
+        assert ws.close_code == 4000
+
+
+@pytest.mark.parametrize("payload, code", [
+    pytest.param(b"\x00\x01", 1003, id="binary-1003"),
+    pytest.param("x" * (max_frame_size(65536) + 1), 1009, id="too-big-1009"),
+])
+def test_websockets_library_sees_server_close_codes(chat_server, payload, code):
+    """The server's close codes reach the library."""
+    with library_client(f"{chat_server.url}/i-codes") as ws:
+        ws.send(payload)
+        assert closed_with(ws) == code
+
+
+def websocket_client_close_code(ws) -> int:
+    """Read a websocket-client connection up to the server's Close; its status code."""
+    while (reply := ws.recv_data(control_frame=True))[0] != websocket.ABNF.OPCODE_CLOSE:
+        pass
+    ws.shutdown()
+    return struct.unpack("!H", reply[1][:2])[0]
+
+
+def test_websocket_client_library_fragments_ping_and_close(chat_server):
+    """websocket-client: fragments with a ping between them, pong payload, close codes both ways."""
+    ws = websocket.create_connection(f"{chat_server.url}/i-wsclient-frag", timeout=5)
+    json.loads(ws.recv())
+    ws.send_frame(websocket.ABNF.create_frame('{"message_id": 1, "text": "fr', websocket.ABNF.OPCODE_TEXT, 0))
+    ws.ping("between")
+    ws.send_frame(websocket.ABNF.create_frame('agmented"}', websocket.ABNF.OPCODE_CONT, 1))
+    assert ws.recv_data(control_frame=True) == (websocket.ABNF.OPCODE_PONG, b"between")
+    assert next_message(lambda timeout: ws.recv())["text"] == "fragmented"
+    ws.send_close(4001, b"bye")
+    assert websocket_client_close_code(ws) == 4001
+    bad = websocket.create_connection(f"{chat_server.url}/i-wsclient-utf8", timeout=5)
+    json.loads(bad.recv())
+    bad.send(b'{"text": "\xff"}', opcode=websocket.ABNF.OPCODE_TEXT)
+    assert websocket_client_close_code(bad) == 1007
