@@ -852,6 +852,8 @@ class Link:
 
     def on_event(self, events: int) -> None:
         """Selector callback."""
+        if self.closed:                     # closed earlier this turn (its sibling link failed)
+            return
         if events & selectors.EVENT_WRITE:
             if self.connecting:
                 err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -1161,6 +1163,7 @@ class RedisBus(RemoteBus):
         self.tag = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.cmd = self.sub = None
         self.callbacks: deque = deque()     # (callback, sent_at) per command in flight
+        self.unacked: deque = deque()       # (room, prefix, suffix, t0) published, not yet answered
         self.backoff = 0.0
         self.publish_sha = hashlib.sha1(PUBLISH_SCRIPT).hexdigest()
         self.snapshot_sha = hashlib.sha1(SNAPSHOT_SCRIPT).hexdigest()
@@ -1196,13 +1199,18 @@ class RedisBus(RemoteBus):
     def _on_ready(self, reply) -> None:
         if isinstance(reply, RespError):
             log.error("redis: cannot load scripts: %s", reply)
-            self._drop_links()
+            self._on_link_lost()            # e.g. LOADING while Redis reads its data: retry later
             return
         log.info("redis %s:%d connected", self.host, self.port)
         self.backoff = 0.0
         for room in self.chat.rooms.values():       # before held messages get their seq
             if room.seq:
                 self._call(("EVALSHA", self.floor_sha, 1, self._keys(room.name)[0], room.seq), None)
+        # Publishes the lost link never answered may or may not have run: send them again,
+        # first and in order, as resends, so the script drops those already in history.
+        unacked, self.unacked = self.unacked, deque()
+        for room, prefix, suffix, t0 in unacked:
+            self.send_publish(room, prefix, suffix, t0, True)
         self.set_up(True)
         for room in self.chat.rooms.values():
             self._subscribe(room)
@@ -1248,12 +1256,14 @@ class RedisBus(RemoteBus):
 
     def send_publish(self, room: str, prefix: bytes, suffix: bytes, t0: float, resend: bool) -> None:
         """One round trip: the script sequences, stores and publishes."""
+        self.unacked.append((room, prefix, suffix, t0))
         seq_key, hist_key, channel = self._keys(room)
         self._call(("EVALSHA", self.publish_sha, 2, seq_key, hist_key, prefix, suffix,
                     self.config.history, channel, f"{self.tag} {t0!r}",
                     resend_key(suffix) if resend else b""), self._on_published)
 
     def _on_published(self, reply) -> None:
+        self.unacked.popleft()
         if isinstance(reply, RespError):
             log.error("redis: publish failed: %s", reply)
 

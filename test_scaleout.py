@@ -1,0 +1,782 @@
+"""Scale-out of scalechat.py: --workers N on one machine, --redis across instances.
+
+Real processes only: the tests start their own server processes
+(conftest.start_server) and their own redis-server processes on free loopback
+ports, kill them with real signals, and look at what real WebSocket clients
+received. One property is checked everywhere: every member of a room ends with
+the room's messages as seq 1, 2, 3, ... with no gap and no duplicate, in one
+order for all members, whatever died on the way.
+
+Where a member sits is read from /proc, not guessed: the kernel spreads
+SO_REUSEPORT connections by a hash, and /proc/net/tcp with /proc/<pid>/fd says
+which worker process holds each client's socket.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Self
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.protocol import State
+
+from conftest import HERE, ServerProc, free_port, start_server
+
+DRAIN = 2.0                     # --drain-timeout of every server here, in seconds
+SERVER_ARGS = ("--drain-timeout", str(DRAIN), "--log-level", "WARNING")
+
+
+# ---------------------------------------------------------------------------
+# Waiting, processes and sockets
+# ---------------------------------------------------------------------------
+
+async def until(predicate, timeout: float, what: str) -> None:
+    """Poll predicate (without blocking the loop for long) until true; fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}")
+        await asyncio.sleep(0.02)
+
+
+def run_async(test):
+    """Run an async test function in a fresh event loop (pytest sees its fixtures)."""
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+    return wrapper
+
+
+def worker_pids(supervisor: ServerProc) -> list[int]:
+    """The supervisor's child processes, from /proc/<pid>/task/*/children."""
+    pids = []
+    for path in glob.glob(f"/proc/{supervisor.proc.pid}/task/*/children"):
+        with open(path) as f:
+            pids += [int(p) for p in f.read().split()]
+    return sorted(pids)
+
+
+def tcp_sockets(port: int, state: str) -> dict[str, int]:
+    """Socket inode -> remote port of the IPv4 sockets on local port in state (01 established, 0A listen)."""
+    found = {}
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if fields[3] == state and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                found[fields[9]] = int(fields[2].rsplit(":", 1)[1], 16)
+    return found
+
+
+def connection_owners(port: int, pids: list[int]) -> dict[int, int]:
+    """Client port -> pid of the process that holds that client's connection to port."""
+    inodes = tcp_sockets(port, "01")
+    owners = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue                        # exited meanwhile
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            inode = target[8:-1] if target.startswith("socket:[") else None
+            if inode in inodes:
+                owners[inodes[inode]] = pid
+    return owners
+
+
+async def start_workers(n: int, *args: str, **kwargs) -> ServerProc:
+    """A --workers n server, returned once all n workers listen on the port."""
+    server = start_server("--workers", str(n), *SERVER_ARGS, *args, **kwargs)
+    await until(lambda: len(tcp_sockets(server.port, "0A")) == n, 20, f"{n} workers listening")
+    return server
+
+
+def healthz(server: ServerProc) -> str:
+    """The body of /healthz, whatever its status."""
+    try:
+        return urllib.request.urlopen(server.http + "/healthz", timeout=5).read().decode()
+    except urllib.error.HTTPError as e:
+        return e.read().decode()
+
+
+def scrape(server: ServerProc) -> dict[str, float]:
+    """One metrics scrape: sample name (with labels, if any) -> value."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return samples
+
+
+def family_names(server: ServerProc) -> set[str]:
+    """The metric family names of one scrape."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    return {f.name for f in text_string_to_metric_families(text)}
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port (never a system-wide one).
+
+    persistent: an append-only file fsynced on every write, so the seq counters
+    and histories survive a kill, as in a real deployment.
+    """
+
+    def __init__(self, workdir: str, persistent: bool = False):
+        self.port = free_port()
+        self.workdir = workdir
+        self.persistent = persistent
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, key_load_delay_us: int = 0) -> RedisServer:
+        """Start (or start again) on the same port; return once it answers, maybe still
+        loading its data. key_load_delay_us slows loading each key down, and makes Redis
+        answer LOADING meanwhile, as a big dataset would."""
+        durability = ("--appendonly", "yes", "--appendfsync", "always") if self.persistent \
+            else ("--appendonly", "no")
+        slow = ("--key-load-delay", str(key_load_delay_us),
+                "--loading-process-events-interval-bytes", "1024") if key_load_delay_us else ()
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--dir", self.workdir, *durability, *slow], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not self.answers():
+            assert self.proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+        return self
+
+    def answers(self) -> bool:
+        """Whether PING gets PONG (or LOADING) right now."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith((b"+PONG", b"-LOADING"))
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: Redis vanishes without a word to anyone."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def stall_and_kill(self, stall: float) -> None:
+        """SIGSTOP, then SIGKILL after stall seconds: what the nodes sent meanwhile is on the
+        wire, never run and never answered (a bare kill leaves that to chance)."""
+        self.proc.send_signal(signal.SIGSTOP)
+        time.sleep(stall)
+        self.kill()
+
+    def cli(self, *args: str) -> str:
+        """The output of one redis-cli command against this server."""
+        return subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True,
+                              text=True, timeout=5, check=True).stdout
+
+    def subscribers(self, room: str) -> int:
+        """PUBSUB NUMSUB of the room's channel: how many nodes receive its traffic."""
+        return int(self.cli("PUBSUB", "NUMSUB", f"scalechat:{{{room}}}").split()[-1])
+
+
+@pytest.fixture
+def redis(tmp_path):
+    """A fresh Redis without persistence."""
+    r = RedisServer(str(tmp_path)).start()
+    yield r
+    r.kill()
+
+
+@pytest.fixture
+def durable_redis(tmp_path):
+    """A fresh Redis that keeps its data across a kill (AOF, fsync always)."""
+    r = RedisServer(str(tmp_path), persistent=True).start()
+    yield r
+    r.kill()
+
+
+@pytest.fixture
+def redis_pair(redis):
+    """Two server instances sharing one Redis."""
+    nodes = [start_server("--redis", redis.url, *SERVER_ARGS) for _ in range(2)]
+    yield nodes
+    for node in nodes:
+        node.stop()
+
+
+# ---------------------------------------------------------------------------
+# Room members: real WebSocket clients that record what they get
+# ---------------------------------------------------------------------------
+
+class Member:
+    """A member of a room that records every frame; with resume it comes back
+    with since=<last seq> (to the next URL of its list) when its connection is lost."""
+
+    def __init__(self, urls: list[str], room: str, name: str, resume: bool = False,
+                 away: float = 0.05):
+        self.urls, self.room, self.name, self.resume = urls, room, name, resume
+        self.away = away                # seconds before coming back
+        self.turn = 0                   # index in urls of the current connection
+        self.ws = None
+        self.reader: asyncio.Task | None = None
+        self.messages: list[dict] = []  # message frames, as they arrived
+        self.errors: list[dict] = []
+        self.welcomes: list[tuple[int, dict]] = []     # (url index, welcome frame)
+        self.closes: list[int] = []     # close code of each lost connection (1006: none received)
+        self.sent: list[int] = []       # message ids sent while the connection was open
+        self.next_id = 0
+        self.leaving = False
+
+    async def join(self, since: int | None = None) -> Member:
+        """Connect and wait for the welcome."""
+        query = f"?name={self.name}" + ("" if since is None else f"&since={since}")
+        ws = await connect(f"{self.urls[self.turn]}/{self.room}{query}", open_timeout=10,
+                           ping_interval=None, close_timeout=2)
+        welcome = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert welcome["type"] == "welcome", welcome
+        self.welcomes.append((self.turn, welcome))
+        self.ws = ws
+        self.reader = asyncio.create_task(self._read(ws))
+        return self
+
+    async def _read(self, ws) -> None:
+        try:
+            async for raw in ws:
+                event = json.loads(raw)
+                if event["type"] == "message":
+                    self.messages.append(event)
+                elif event["type"] == "error":
+                    self.errors.append(event)
+        except ConnectionClosed:
+            pass
+        if self.leaving:
+            return
+        self.closes.append(ws.close_code)
+        if self.resume:
+            await self._come_back()
+
+    async def _come_back(self) -> None:
+        deadline = time.monotonic() + 15
+        while True:
+            self.turn = (self.turn + 1) % len(self.urls)
+            await asyncio.sleep(self.away)
+            try:
+                await self.join(since=self.last_seq)
+                return
+            except (OSError, TimeoutError, WebSocketException):
+                if time.monotonic() > deadline:
+                    raise
+
+    @property
+    def connected(self) -> bool:
+        return self.ws is not None and self.ws.state is State.OPEN
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last message received (the first welcome's before any)."""
+        return self.messages[-1]["seq"] if self.messages else self.welcomes[0][1]["seq"]
+
+    @property
+    def log(self) -> list[tuple[int, str, int]]:
+        """(seq, sender, message_id) of every message received, in arrival order."""
+        return [(m["seq"], m["sender"], m["message_id"]) for m in self.messages]
+
+    def keys(self) -> set[tuple[str, int]]:
+        """(sender, message_id) of every message received."""
+        return {(m["sender"], m["message_id"]) for m in self.messages}
+
+    def sent_keys(self) -> set[tuple[str, int]]:
+        """(sender, message_id) of the messages this member sent."""
+        return {(self.name, i) for i in self.sent}
+
+    async def say(self) -> bool:
+        """Send the next chat message if the connection is open; whether it was sent."""
+        if not self.connected:
+            return False
+        self.next_id += 1
+        try:
+            await self.ws.send(json.dumps({"message_id": self.next_id,
+                                           "text": f"{self.name} says {self.next_id}"}))
+        except ConnectionClosed:
+            return False
+        self.sent.append(self.next_id)
+        return True
+
+    async def leave(self) -> None:
+        """Close with 1000 and stop coming back."""
+        self.leaving = True
+        if self.ws is not None:
+            await self.ws.close()
+        if self.reader is not None:
+            await self.reader
+
+
+class Crowd:
+    """The members a test opens; all leave when the test ends, whatever happened."""
+
+    def __init__(self):
+        self.members: list[Member] = []
+
+    async def join(self, urls: list[str], room: str, count: int, prefix: str, resume: bool = False,
+                   since: int | None = None, away: float = 0.05) -> list[Member]:
+        """count new members of room, named prefix0, prefix1, ..., connected concurrently."""
+        start = len(self.members)
+        new = [Member(urls, room, f"{prefix}{start + i}", resume, away) for i in range(count)]
+        self.members += new
+        await asyncio.gather(*(m.join(since) for m in new))
+        return new
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await asyncio.gather(*(m.leave() for m in self.members), return_exceptions=True)
+
+
+async def everyone_says(members: list[Member], times: int = 1) -> set[tuple[str, int]]:
+    """Each member sends times messages, all at once; the keys of those that went out."""
+    before = {m.name: len(m.sent) for m in members}
+    for _ in range(times):
+        await asyncio.gather(*(m.say() for m in members))
+    return {(m.name, i) for m in members for i in m.sent[before[m.name]:]}
+
+
+async def chatter(members: list[Member], stop: asyncio.Event, period: float = 0.05,
+                  rounds: int = 400) -> None:
+    """Every connected member sends one message each period until stop (at most rounds times)."""
+    for _ in range(rounds):
+        if stop.is_set():
+            return
+        await asyncio.gather(*(m.say() for m in members))
+        await asyncio.sleep(period)
+
+
+async def all_received(members: list[Member], keys: set, timeout: float = 10.0) -> None:
+    """Wait until every member has every message of keys, then a moment for any stray extra."""
+    await until(lambda: all(keys <= m.keys() for m in members), timeout,
+                f"{len(keys)} messages to reach {len(members)} members")
+    await asyncio.sleep(0.2)
+
+
+def assert_one_order(members: list[Member], keys: set | None = None) -> int:
+    """Every member got seq 1..N, no gap, no duplicate, all in one order; with keys, exactly
+    those messages. Returns N."""
+    reference = members[0].log
+    n = len(reference)
+    for m in members:
+        seqs = [e[0] for e in m.log]
+        assert seqs == list(range(1, len(seqs) + 1)), f"{m.name}: gap or duplicate in seqs {seqs}"
+        assert m.log == reference, f"{m.name} saw another order or another set than {members[0].name}"
+    sequenced = [(sender, mid) for _, sender, mid in reference]
+    assert len(set(sequenced)) == n, "a message was sequenced twice"
+    if keys is not None:
+        assert set(sequenced) == keys, f"lost {keys - set(sequenced)}, foreign {set(sequenced) - keys}"
+    return n
+
+
+def placement(server: ServerProc, members: list[Member]) -> dict[str, int]:
+    """Member name -> pid of the worker process that holds its connection."""
+    owners = connection_owners(server.port, worker_pids(server))
+    return {m.name: owners.get(m.ws.local_address[1]) for m in members}
+
+
+# ---------------------------------------------------------------------------
+# --workers N: one machine, one port, one order per room
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def two_workers():
+    """A fresh --workers 2 server."""
+    server = asyncio.run(start_workers(2))
+    yield server
+    server.stop()
+
+
+@run_async
+async def test_workers_one_room_across_both_workers_one_order(two_workers):
+    """Members on both workers: every message reaches each member once, seq 1..60 in one order."""
+    async with Crowd() as crowd:
+        members = await crowd.join([two_workers.url], "spread", 20, "w")
+        where = placement(two_workers, members)
+        assert None not in where.values(), f"a connection held by no worker: {where}"
+        assert set(where.values()) == set(worker_pids(two_workers)), \
+            f"20 connections did not land on both workers: {where}"
+        keys = await everyone_says(members, 3)
+        await all_received(members, keys)
+        assert assert_one_order(members, keys) == 60
+
+
+@run_async
+async def test_workers_metrics_are_one_scrape_with_single_process_names(two_workers):
+    """One scrape of the supervisor sums both workers, under the names a single process uses."""
+    single = start_server(*SERVER_ARGS)
+    try:
+        single_names = family_names(single)
+    finally:
+        single.stop()
+    names = family_names(two_workers)
+    scalechat = {n for n in single_names if n.startswith("scalechat_")}
+    assert scalechat and scalechat == {n for n in names if n.startswith("scalechat_")}
+    # The process_* families the dashboards read, summed over the supervisor and its workers.
+    assert {"process_cpu_seconds", "process_resident_memory_bytes", "process_open_fds",
+            "process_max_fds"} <= names & single_names
+
+    before = scrape(two_workers)
+    async with Crowd() as crowd:
+        members = await crowd.join([two_workers.url], "metrics", 16, "m")
+        assert len(set(placement(two_workers, members).values())) == 2, "members on one worker only"
+        keys = await everyone_says(members, 2)
+        await all_received(members, keys)
+
+        def summed() -> bool:
+            now = scrape(two_workers)
+            delta = {k: now[k] - before.get(k, 0) for k in now}
+            return (now["scalechat_connections"] == 16 and delta["scalechat_messages_received_total"] == 32
+                    and delta["scalechat_deliveries_total"] == 32 * 16
+                    and delta["scalechat_connections_accepted_total"] == 16)
+        # Workers report every second; the sums must match what both workers did.
+        await until(summed, 5, "the scrape to add up both workers' counters")
+        assert scrape(two_workers)["scalechat_bus_up"] == 1
+
+
+@run_async
+async def test_worker_killed_is_restarted_and_its_clients_miss_nothing():
+    """SIGKILL a worker: a new one replaces it; its clients come back with since and miss nothing."""
+    server = await start_workers(2)
+    try:
+        async with Crowd() as crowd:
+            members = await crowd.join([server.url], "phoenix", 16, "k", resume=True)
+            where = placement(server, members)
+            assert None not in where.values(), f"a connection held by no worker: {where}"
+            victim = where["k0"]
+            hit = [m for m in members if where[m.name] == victim]
+            spared = [m for m in members if where[m.name] != victim]
+            assert spared, "all members landed on one worker"
+            await all_received(members, await everyone_says(members, 2))
+
+            stop = asyncio.Event()
+            talk = asyncio.create_task(chatter(members, stop))
+            os.kill(victim, signal.SIGKILL)
+            await until(lambda: victim not in worker_pids(server) and len(worker_pids(server)) == 2
+                        and len(tcp_sockets(server.port, "0A")) == 2, 10, "a new worker")
+            await until(lambda: all(len(m.welcomes) == 2 and m.connected for m in hit), 10,
+                        "the killed worker's members to come back")
+            await asyncio.sleep(0.3)
+            stop.set()
+            await talk
+            after = await everyone_says(members, 1)
+            await all_received(members, after)
+
+            assert server.proc.poll() is None
+            assert all(m.closes == [1006] for m in hit)
+            assert all(m.closes == [] and len(m.welcomes) == 1 for m in spared)
+            assert_one_order(members)
+            # Nothing the spared members sent can be lost; the hit ones may lose only
+            # what the dead worker had read but not yet passed on (never sequenced).
+            got = members[0].keys()
+            assert set().union(*(m.sent_keys() for m in spared)) <= got
+    finally:
+        server.stop()
+
+
+def close_code_in(data: bytes) -> int | None:
+    """The status code of the first Close frame in a stream of unmasked server frames."""
+    pos = 0
+    while pos + 2 <= len(data):
+        opcode, n = data[pos] & 0x0F, data[pos + 1] & 0x7F
+        pos += 2
+        if n >= 126:
+            width = 2 if n == 126 else 8
+            n, pos = int.from_bytes(data[pos:pos + width], "big"), pos + width
+        if opcode == 0x8:
+            return int.from_bytes(data[pos:pos + 2], "big")
+        pos += n
+    return None
+
+
+def silent_client(port: int) -> tuple[socket.socket, bytes]:
+    """A WebSocket client that completes the handshake, then neither reads nor answers;
+    returns its socket and the bytes that came after the 101 response head."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"GET /ws/drain HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 b"Sec-WebSocket-Version: 13\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    return sock, rest
+
+
+@run_async
+async def test_sigterm_on_supervisor_drains_every_worker():
+    """SIGTERM on the supervisor: every client gets 1001 and all exit within the drain timeout."""
+    # A close timeout far past the drain timeout: only the drain deadline can end the wait
+    # for the silent client.
+    server = await start_workers(2, "--close-timeout", "60")
+    try:
+        async with Crowd() as crowd:
+            members = await crowd.join([server.url], "drain", 16, "d")
+            workers = worker_pids(server)
+            assert set(placement(server, members).values()) == set(workers)
+            mute, data = silent_client(server.port)   # keeps its worker waiting until the deadline
+            started = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            await until(lambda: server.proc.poll() is not None, DRAIN + 10, "the supervisor to exit")
+            took = time.monotonic() - started
+            await until(lambda: all(m.closes for m in members), 2, "every close")
+            assert [m.closes for m in members] == [[1001]] * len(members)
+            assert server.proc.returncode == 0
+            assert took < DRAIN + 3.0, f"exit took {took:.2f} s with --drain-timeout {DRAIN:g}"
+            assert not any(os.path.exists(f"/proc/{pid}") for pid in workers), "a worker outlived the drain"
+            while chunk := mute.recv(65536):
+                data += chunk
+            mute.close()
+            assert close_code_in(data) == 1001
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------
+# --redis: several instances, per-room channels, seq and history in Redis
+# ---------------------------------------------------------------------------
+
+@run_async
+async def test_two_instances_one_room_one_order_and_only_member_nodes_subscribe(redis, redis_pair):
+    """Two nodes, one Redis: one order per room; only nodes with members get a room's traffic."""
+    a, b = redis_pair
+    async with Crowd() as crowd:
+        shared = await crowd.join([a.url], "shared", 3, "a")
+        shared += await crowd.join([b.url], "shared", 3, "b")
+        assert redis.subscribers("shared") == 2
+        keys = await everyone_says(shared, 3)
+        await all_received(shared, keys)
+        assert assert_one_order(shared, keys) == 18
+
+        # History lives in Redis: a newcomer on either node replays the room.
+        late = await crowd.join([b.url], "shared", 1, "late", since=0)
+        await all_received(late, keys)
+        assert late[0].log == shared[0].log
+
+        solo = await crowd.join([a.url], "solo", 4, "s")
+        assert redis.subscribers("solo") == 1
+        quiet = scrape(b)
+        keys = await everyone_says(solo, 3)
+        await all_received(solo, keys)
+        assert_one_order(solo, keys)
+        assert scrape(b)["scalechat_deliveries_total"] == quiet["scalechat_deliveries_total"], \
+            "a node without members of the room received its traffic"
+
+        for m in crowd.members:
+            await m.leave()
+        await until(lambda: redis.subscribers("shared") == 0 and redis.subscribers("solo") == 0, 5,
+                    "both nodes to unsubscribe after the last member left")
+
+
+@run_async
+async def test_joining_a_busy_room_on_another_node_opens_no_gap(redis_pair):
+    """Subscribing and reading history while messages flow: no gap, no duplicate for joiners."""
+    a, b = redis_pair
+    async with Crowd() as crowd:
+        talkers = await crowd.join([a.url], "busy", 3, "t")
+        stop = asyncio.Event()
+        talk = asyncio.create_task(chatter(talkers, stop, period=0.005))
+        await asyncio.sleep(0.3)
+        # The first joiner makes node b subscribe and read the history while messages flow.
+        joiners = [(await crowd.join([b.url], "busy", 1, "j"))[0] for _ in range(3)]
+        await asyncio.sleep(0.3)
+        stop.set()
+        await talk
+        keys = set().union(*(m.sent_keys() for m in talkers))
+        await all_received(talkers, keys)
+        assert_one_order(talkers, keys)
+        full = talkers[0].log
+        for j in joiners:
+            start = j.welcomes[0][1]["seq"]
+            assert j.log == full[start:], f"{j.name} joined at seq {start} and saw a gap or a duplicate"
+            assert len(j.log) > 10, "too little traffic after the join to mean anything"
+
+
+async def redis_outage(redis: RedisServer, nodes: list[ServerProc], members: list[Member]) -> None:
+    """Stall and kill Redis while everyone keeps talking, check every node reports it, start
+    it again and check every node recovers."""
+    stop = asyncio.Event()
+    talk = asyncio.create_task(chatter(members, stop))
+    await asyncio.sleep(0.5)
+    await asyncio.to_thread(redis.stall_and_kill, 0.3)
+    await until(lambda: all("bus: down" in healthz(n) and scrape(n)["scalechat_bus_up"] == 0
+                            for n in nodes), 5, "every node to report the bus down")
+    await asyncio.sleep(0.5)                # messages pile up, held by the nodes
+    redis.start()
+    await until(lambda: all("bus: up" in healthz(n) and scrape(n)["scalechat_bus_up"] == 1
+                            for n in nodes), 10, "every node to report the bus up again")
+    await asyncio.sleep(0.5)
+    stop.set()
+    await talk
+
+
+@pytest.mark.parametrize("durable", [
+    pytest.param(True, id="aof"),
+    pytest.param(False, id="no-persistence"),
+])
+@run_async
+async def test_redis_killed_and_restarted_while_clients_talk(tmp_path, durable):
+    """Redis stalls and dies mid-chat: nodes hold, report the bus down, recover, lose nothing."""
+    redis = RedisServer(str(tmp_path), persistent=durable).start()
+    nodes = [start_server("--redis", redis.url, *SERVER_ARGS) for _ in range(2)]
+    try:
+        async with Crowd() as crowd:
+            members = await crowd.join([nodes[0].url], "storm", 3, "a")
+            members += await crowd.join([nodes[1].url], "storm", 3, "b")
+            await all_received(members, await everyone_says(members))
+            await redis_outage(redis, nodes, members)
+            after = await everyone_says(members)
+            await all_received(members, after, timeout=15)
+
+            assert all(n.proc.poll() is None for n in nodes), "a node died with Redis"
+            assert all(m.closes == [] for m in members), "a client was disconnected"
+            assert all(not m.errors for m in members)
+            # Sent before the stall, during it (never answered), while Redis was away
+            # (held), or after: every message once, in one order.
+            assert_one_order(members, set().union(*(m.sent_keys() for m in members)))
+    finally:
+        for n in nodes:
+            n.stop()
+        redis.kill()
+
+
+LOADCLIENT = os.path.join(HERE, "loadclient.py")
+
+
+@run_async
+async def test_load_client_run_survives_a_redis_restart(durable_redis, tmp_path):
+    """A loadclient.py run through a Redis stall, kill and restart: delivery ratio 1.0."""
+    node = start_server("--redis", durable_redis.url, *SERVER_ARGS)
+    try:
+        summary = tmp_path / "summary.json"
+        run = await asyncio.create_subprocess_exec(
+            sys.executable, LOADCLIENT, "--load-test", "--server-url", node.url, "--rooms", "3",
+            "--room-size", "4", "--rate", "10", "--duration", "4", "--grace", "4", "--seed", "7",
+            "--out", str(tmp_path / "run"), "--summary-json", str(summary),
+            stdout=subprocess.DEVNULL, cwd=str(tmp_path))
+        await asyncio.sleep(1.5)
+        await asyncio.to_thread(durable_redis.stall_and_kill, 0.3)
+        await asyncio.sleep(0.7)
+        durable_redis.start()
+        assert await asyncio.wait_for(run.wait(), 30) == 0
+        assert node.proc.poll() is None
+        (result,) = json.loads(summary.read_text())["scenarios"]
+        assert result["sent"] > 300
+        assert (result["delivery_ratio"], result["duplicates"], result["reconnects"]) == (1.0, 0, 0), result
+        assert not result["errors"], result["errors"]
+    finally:
+        node.stop()
+
+
+@run_async
+async def test_instance_restarted_its_clients_resume_on_the_other(redis, redis_pair):
+    """A node drains and restarts: its clients resume on the other node with since, missing nothing."""
+    a, b = redis_pair
+    async with Crowd() as crowd:
+        movers = await crowd.join([a.url, b.url], "move", 4, "a", resume=True, away=0.5)
+        stayers = await crowd.join([b.url], "move", 4, "b")
+        members = movers + stayers
+        before = await everyone_says(members, 2)
+        await all_received(members, before)
+
+        a.proc.send_signal(signal.SIGTERM)     # drain: close 1001 to every client
+        await until(lambda: all(m.closes for m in movers), DRAIN, "a's clients to be told")
+        assert all(m.closes == [1001] for m in movers)
+        missed = await everyone_says(stayers, 3)   # while the movers are away
+        await until(lambda: all(len(m.welcomes) == 2 and m.connected for m in movers), 10,
+                    "a's clients to come back on b")
+        for m in movers:
+            turn, welcome = m.welcomes[1]
+            assert turn == 1, f"{m.name} came back to {m.urls[turn]}"
+            assert welcome["seq"] >= len(before | missed), "the missed messages were not replayed"
+        await until(lambda: a.proc.poll() is not None, DRAIN + 3, "node a to exit")
+
+        restarted = start_server("--redis", redis.url, *SERVER_ARGS, port=a.port)
+        try:
+            fresh = await crowd.join([restarted.url], "move", 1, "n", since=0)
+            after = await everyone_says(members + fresh, 1)
+            await all_received(members + fresh, before | missed | after)
+            assert_one_order(members + fresh, before | missed | after)
+        finally:
+            restarted.stop()
+
+
+@run_async
+async def test_redis_down_holds_a_bounded_number_then_refuses(redis):
+    """With Redis down, past --bus-hold-count or --bus-hold-seconds a message is refused."""
+    node = start_server("--redis", redis.url, "--bus-hold-count", "2", "--bus-hold-seconds", "2",
+                        *SERVER_ARGS)
+    try:
+        async with Crowd() as crowd:
+            (member,) = await crowd.join([node.url], "hold", 1, "h")
+            redis.kill()
+            await until(lambda: "bus: down" in healthz(node), 5, "the node to see Redis gone")
+            for _ in range(3):
+                await member.say()
+            await until(lambda: member.errors, 1.5, "the refusal of the third message")
+            assert [(e["code"], e["message_id"]) for e in member.errors] == [("unavailable", 3)]
+            # The two held messages age out after --bus-hold-seconds and are refused too.
+            await until(lambda: len(member.errors) == 3, 5, "the held messages to expire")
+            assert sorted(e["message_id"] for e in member.errors[1:]) == [1, 2]
+            assert all(e["code"] == "unavailable" for e in member.errors)
+            assert scrape(node)["scalechat_refused_total{reason=\"bus_down\"}"] == 3
+
+            redis.start()
+            await until(lambda: "bus: up" in healthz(node), 10, "the node to reconnect")
+            assert member.connected and not member.messages
+            await member.say()
+            await until(lambda: member.messages, 5, "a message after the bus came back")
+            assert member.log == [(1, "h0", 4)]
+    finally:
+        node.stop()
+
+
+@run_async
+async def test_redis_restarted_and_still_loading_nodes_retry_until_ready(redis):
+    """A Redis that answers LOADING for a while: nodes keep retrying and deliver what they held."""
+    node = start_server("--redis", redis.url, *SERVER_ARGS)
+    try:
+        async with Crowd() as crowd:
+            (member,) = await crowd.join([node.url], "load", 1, "l")
+            await member.say()
+            await until(lambda: member.messages, 5, "the first message")
+            # Enough data that loading it at 1 ms a key takes about a second.
+            redis.cli("EVAL", "for i = 1, 1000 do redis.call('SET', 'filler:' .. i, i) end", "0")
+            redis.cli("SAVE")
+            redis.kill()
+            await until(lambda: "bus: down" in healthz(node), 5, "the node to see Redis gone")
+            await member.say()                     # held
+            redis.start(key_load_delay_us=1000)
+            assert "LOADING" in redis.cli("GET", "filler:1")
+            await until(lambda: "bus: up" in healthz(node), 15, "the node to connect once loaded")
+            await member.say()
+            await until(lambda: len(member.messages) == 3, 5, "the held and the next message")
+            assert member.log == [(1, "l0", 1), (2, "l0", 2), (3, "l0", 3)]
+            assert member.closes == [] and not member.errors
+    finally:
+        node.stop()
