@@ -349,9 +349,10 @@ class Request:
 
     def __init__(self, method: str, target: str, version: str, headers: dict):
         self.method, self.target, self.version, self.headers = method, target, version, headers
-        parts = urlsplit(target)
-        self.path = parts.path
-        self.query = parse_qs(parts.query, keep_blank_values=True)
+        # origin-form (RFC 9112 3.2.1) is path ["?" query]: urlsplit would read "//x"
+        # as a host, and raise ValueError on "//[".
+        self.path, _, query = target.partition("?")
+        self.query = parse_qs(query, keep_blank_values=True)
 
     def header_tokens(self, name: str) -> set:
         """The comma-separated, case-insensitive tokens of a header."""
@@ -630,6 +631,8 @@ class Chat:
         self.rooms: dict[str, Room] = {}
         self.bus = LocalBus(self)
         self.guest_counter = 0
+        self.history_bytes = 0              # bytes of frames held in every room's history
+        self.by_activity: dict[str, Room] = {}   # rooms holding history, least recently active first
 
     def assign_name(self, requested: str | None) -> str:
         """The requested name, or a fresh ``guest-<n>``."""
@@ -674,7 +677,28 @@ class Chat:
         if not room.members and not room.waiting:
             self.bus.room_closed(room)
             if not self.bus.local or not room.history:
-                del self.rooms[room.name]
+                self._forget(room)
+
+    def _forget(self, room: Room) -> None:
+        self.history_bytes -= sum(len(frame) for _, frame in room.history)
+        self.by_activity.pop(room.name, None)
+        del self.rooms[room.name]
+
+    def _trim_history(self) -> None:
+        """Over --history-bytes: drop the oldest messages of the least recently active rooms.
+
+        Anyone can open rooms and fill their history, so only a budget across
+        rooms bounds the memory; a room left with no history and no members is
+        forgotten (its seq starts again at 1).
+        """
+        active = self.by_activity
+        while self.history_bytes > self.config.history_bytes and active:
+            name, room = next(iter(active.items()))
+            self.history_bytes -= len(room.history.popleft()[1])
+            if not room.history:
+                del active[name]
+                if not room.members and not room.waiting:
+                    del self.rooms[name]
 
     def receive(self, conn, payload: bytes, t0: float) -> bytes | None:
         """Handle a client text frame; an error frame for the sender if refused."""
@@ -691,7 +715,15 @@ class Chat:
     def deliver(self, room: Room, seq: int, frame: bytes, t0: float | None) -> None:
         """Record a sequenced frame in history and queue it for every member (the hot path)."""
         room.seq = seq
-        room.history.append((seq, frame))
+        history = room.history
+        if len(history) == history.maxlen:
+            self.history_bytes -= len(history[0][1])
+        history.append((seq, frame))
+        self.history_bytes += len(frame)
+        self.by_activity.pop(room.name, None)
+        self.by_activity[room.name] = room          # now the most recently active
+        if self.history_bytes > self.config.history_bytes:
+            self._trim_history()
         members = room.members
         if members:
             n = len(frame)
@@ -729,6 +761,10 @@ class Chat:
         first = seq - len(payloads) + 1
         if not room.ready:
             room.history.extend((first + i, encode_frame(OP_TEXT, p)) for i, p in enumerate(payloads))
+            if room.history:
+                self.history_bytes += sum(len(frame) for _, frame in room.history)
+                self.by_activity[room.name] = room
+                self._trim_history()
             room.seq = seq
             room.ready = True
             waiting, room.waiting = room.waiting, []
@@ -1520,7 +1556,7 @@ class Connection:
 
     __slots__ = ("sock", "fd", "state", "inbuf", "parser", "out", "out_bytes", "writing",
                  "close_after_flush", "room", "name", "last_seen", "ping_sent", "deadline",
-                 "tokens", "token_time", "strikes", "peer")
+                 "tokens", "token_time", "strikes", "peer", "linger")
 
     def __init__(self, sock: socket.socket, peer: str, now: float):
         self.sock = sock
@@ -1532,6 +1568,7 @@ class Connection:
         self.out_bytes = 0
         self.writing = False          # registered for write readiness
         self.close_after_flush = False
+        self.linger = False           # half-close after the flush, close at the peer's EOF
         self.room = None
         self.name = ""
         self.last_seen = now
@@ -1701,6 +1738,12 @@ class Server(EventLoop):
             self.conns[conn.fd] = conn
             self.handshaking[conn.fd] = conn
             self.sel.register(sock, selectors.EVENT_READ, conn)
+            # Every socket of an address counts, not only upgraded ones: otherwise one
+            # address could hold any number of sockets in the handshake (slowloris).
+            self.per_ip[conn.peer] = n = self.per_ip.get(conn.peer, 0) + 1
+            if self.config.max_per_ip and n > self.config.max_per_ip:
+                self._http_error(conn, 503, "too many connections from this address",
+                                 "max_connections", (("Retry-After", "1"),))
 
     # -- read ---------------------------------------------------------------
 
@@ -1745,7 +1788,8 @@ class Server(EventLoop):
             if err is not None:
                 self.send(conn, err)
         elif opcode == OP_PING:
-            self.send(conn, encode_frame(OP_PONG, payload))
+            if self._take_token(conn):      # each ping costs a pong: limited like messages
+                self.send(conn, encode_frame(OP_PONG, payload))
         elif opcode == OP_PONG:
             conn.ping_sent = 0.0
         elif opcode == OP_CLOSE:
@@ -1805,6 +1849,7 @@ class Server(EventLoop):
     def _http_error(self, conn: Connection, status: int, reason: str, counter: str,
                     headers: tuple = ()) -> None:
         self.stats.refused[counter] += 1
+        conn.linger = True              # the client may still be sending: let it read the answer
         self._http_reply(conn, http_response(status, (reason + "\n").encode(), headers=headers), status)
 
     def _http_reply(self, conn: Connection, response: bytes, status: int) -> None:
@@ -1861,7 +1906,7 @@ class Server(EventLoop):
             raise HandshakeError(400, "name must be 1-32 printable characters")
         since = request.query.get("since", [None])[-1]
         if since is not None:
-            if not since.isdigit() or len(since) > 19:
+            if not (since.isascii() and since.isdigit()) or len(since) > 19:
                 raise HandshakeError(400, "since must be a non-negative integer")
             since = int(since)
         if not self._origin_allowed(request):
@@ -1870,15 +1915,11 @@ class Server(EventLoop):
             raise HandshakeError(503, "server is draining", (("Retry-After", "1"),))
         if self.stats.connections >= self.max_conns:
             raise HandshakeError(503, "too many connections", (("Retry-After", "1"),))
-        if cfg.max_per_ip and self.per_ip.get(conn.peer, 0) >= cfg.max_per_ip:
-            raise HandshakeError(503, "too many connections from this address",
-                                 (("Retry-After", "1"),))
         self.handshaking.pop(conn.fd, None)
         conn.state = OPEN
         conn.name = self.chat.assign_name(name)
         conn.parser = FrameParser(True, max_frame_size(cfg.max_message_size), accept_binary=False)
         conn.tokens = cfg.rate_burst
-        self.per_ip[conn.peer] = self.per_ip.get(conn.peer, 0) + 1
         self.stats.connections += 1
         self.stats.connections_total += 1
         self.stats.http_requests[101] = self.stats.http_requests.get(101, 0) + 1
@@ -1915,7 +1956,7 @@ class Server(EventLoop):
         out = conn.out
         if not out:
             if conn.close_after_flush:
-                self._abort(conn)
+                self._finish(conn)
             return
         data = out[0] if len(out) == 1 else b"".join(out)
         try:
@@ -1934,7 +1975,7 @@ class Server(EventLoop):
                 self.blocked.pop(conn.fd, None)
                 self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
             if conn.close_after_flush:
-                self._abort(conn)
+                self._finish(conn)
             return
         rest = data[sent:]
         out[:] = [rest]
@@ -1969,9 +2010,25 @@ class Server(EventLoop):
         log.debug("closing %s with %d: %s", conn.peer, code, reason)
         if conn.state == OPEN:
             self.close(conn, code, reason)
-            conn.close_after_flush = True
+            conn.parser = None          # out of step with the peer: drop what it still sends
+            conn.close_after_flush = conn.linger = True
             self._flush(conn)
         else:
+            self._abort(conn)
+
+    def _finish(self, conn: Connection) -> None:
+        """Everything is sent: close, or half-close and wait (close-timeout) for the peer's EOF.
+
+        Closing a socket that still has unread input makes the kernel send RST,
+        and the peer's kernel then drops the Close frame before it is read.
+        """
+        if not conn.linger:
+            self._abort(conn)
+            return
+        conn.linger = conn.close_after_flush = False
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
             self._abort(conn)
 
     def _cut_off(self, conn: Connection) -> None:
@@ -1989,11 +2046,6 @@ class Server(EventLoop):
         self.chat.leave(conn)
         self.stats.connections -= 1
         self.stats.rooms = len(self.chat.rooms)
-        n = self.per_ip.get(conn.peer, 0) - 1
-        if n > 0:
-            self.per_ip[conn.peer] = n
-        else:
-            self.per_ip.pop(conn.peer, None)
 
     def _abort(self, conn: Connection) -> None:
         """Close the socket now and forget the connection."""
@@ -2002,6 +2054,11 @@ class Server(EventLoop):
         if conn.state == OPEN:
             self._leave(conn)
         conn.state = CLOSED
+        n = self.per_ip.get(conn.peer, 0) - 1
+        if n > 0:
+            self.per_ip[conn.peer] = n
+        else:
+            self.per_ip.pop(conn.peer, None)
         fd = conn.fd
         self.conns.pop(fd, None)
         self.handshaking.pop(fd, None)
@@ -2359,6 +2416,8 @@ SETTINGS = (
     ("max-message-size", int, 65536, "largest message text in UTF-8 bytes"),
     ("max-header-size", int, 8192, "largest HTTP request head in bytes (431 past it)"),
     ("history", int, 1000, "messages kept per room for since=<seq> resume"),
+    ("history-bytes", int, 64 << 20, "bytes of history one process keeps across all rooms; past it "
+     "the least recently active rooms lose their oldest messages"),
     ("max-connections", int, 0, "WebSocket connections per process at most (0: what the open-file limit allows)"),
     ("max-per-ip", int, 0, "WebSocket connections per client address at most (0: no cap)"),
     ("max-buffer", int, 1 << 20, "bytes queued for one client before it is cut off with 1013"),

@@ -1,0 +1,1124 @@
+"""Hostile clients: property tests of the protocol core, and attacks on a real server.
+
+Part one feeds the sans-IO core (FrameParser, encode_frame, mask, parse_close,
+parse_request_head, check_upgrade, parse_chat_message) bytes made by
+hypothesis: any split of a stream yields the same frames, arbitrary bytes only
+ever raise the protocol's own errors, and encoding round-trips. The example
+count is modest so the suite stays fast; SCALECHAT_FUZZ_EXAMPLES raises it, and
+bench/fuzz_protocol.py runs the long coverage-guided fuzzing with the same
+checks.
+
+Part two attacks a real server process over loopback sockets: Origin checks,
+rate limits, connection caps, static path escapes, size and time limits, and
+finally every attacker at once while two normal clients keep chatting.
+SECURITY.md describes each defense and the answer each test expects.
+"""
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import random
+import re
+import select
+import socket
+import struct
+import time
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+import scalechat as sc
+from conftest import start_server
+from test_scalechat import get, metrics as read_metrics
+from test_scalechat import http as http_exchange
+
+pytestmark = pytest.mark.timeout(180)
+
+FUZZ_EXAMPLES = int(os.environ.get("SCALECHAT_FUZZ_EXAMPLES", "150"))
+fuzz_settings = settings(max_examples=FUZZ_EXAMPLES, deadline=2000, database=None,
+                         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+# Close codes the server's own parser may answer a violation with.
+PARSER_CLOSE_CODES = {sc.CLOSE_PROTOCOL_ERROR, sc.CLOSE_UNSUPPORTED_DATA,
+                      sc.CLOSE_INVALID_DATA, sc.CLOSE_TOO_BIG}
+CHAT_ERROR_CODES = {"bad_json", "bad_message", "missing_text", "too_big"}
+HANDSHAKE_STATUSES = {400, 405, 426}
+
+
+# ---------------------------------------------------------------------------
+# Oracles for the protocol core (bench/fuzz_protocol.py uses them too)
+# ---------------------------------------------------------------------------
+
+def feed_chunks(chunks: list, **parser_options) -> tuple[list, int | None]:
+    """Feed chunks to a fresh FrameParser: (frames completed, close code of the error or None)."""
+    parser = sc.FrameParser(**parser_options)
+    frames: list = []
+    for chunk in chunks:
+        try:
+            frames.extend(parser.feed(chunk))
+        except sc.ProtocolError as e:
+            assert e.code in PARSER_CLOSE_CODES, f"close code {e.code} for {e.reason}"
+            assert isinstance(e.reason, str) and len(e.reason.encode()) <= 123
+            frames.extend(e.frames)                 # completed in the same call, before the error
+            with pytest.raises(sc.ProtocolError) as again:
+                parser.feed(b"\x81\x80abcd")        # a failed parser stays failed
+            assert again.value.code == e.code
+            return frames, e.code
+    return frames, None
+
+
+def split_at(data: bytes, cuts: list) -> list:
+    """data cut at the given offsets (taken modulo its length, in order)."""
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[i:j] for i, j in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+def check_any_split(data: bytes, cuts: list, **parser_options) -> tuple[list, int | None]:
+    """Assert that a stream parses alike whole, byte by byte and cut at cuts; return the result.
+
+    The result is the frames completed and, when the stream breaks the
+    protocol, the close code: both must not depend on how the stream was cut.
+    """
+    one_by_one = feed_chunks([data[i:i + 1] for i in range(len(data))], **parser_options)
+    for chunks in ([data], split_at(data, cuts)):
+        assert feed_chunks(chunks, **parser_options) == one_by_one
+    for opcode, payload in one_by_one[0]:
+        if opcode == sc.OP_TEXT:
+            payload.decode()                     # text messages are always valid UTF-8
+        if opcode == sc.OP_CLOSE:
+            sc.parse_close(payload)
+        assert parser_options.get("accept_binary", True) or opcode != sc.OP_BINARY
+    return one_by_one
+
+
+def check_close_payload(payload: bytes) -> None:
+    """parse_close either returns a valid (code, reason) or raises ProtocolError 1002/1007."""
+    try:
+        code, reason = sc.parse_close(payload)
+    except sc.ProtocolError as e:
+        assert e.code in (sc.CLOSE_PROTOCOL_ERROR, sc.CLOSE_INVALID_DATA)
+        return
+    assert code == sc.CLOSE_NO_STATUS or code in sc.VALID_CLOSE_CODES or 3000 <= code <= 4999
+    assert reason.encode() == payload[2:]
+
+
+def check_request_head(head: bytes) -> None:
+    """A request head either parses and upgrades or raises HandshakeError with a 4xx status."""
+    try:
+        request = sc.parse_request_head(head)
+    except sc.HandshakeError as e:
+        assert e.status == 400
+        return
+    try:
+        accept = sc.check_upgrade(request)
+    except sc.HandshakeError as e:
+        assert e.status in HANDSHAKE_STATUSES
+        return
+    assert accept == sc.accept_key(request.headers["sec-websocket-key"])
+
+
+def check_chat_payload(payload: bytes, max_message_size: int) -> None:
+    """parse_chat_message either returns a valid message or raises ChatError with a known code."""
+    try:
+        message_id, text, sent_at = sc.parse_chat_message(payload, max_message_size)
+    except sc.ChatError as e:
+        assert e.code in CHAT_ERROR_CODES
+        return
+    assert message_id is None or type(message_id) is int
+    assert type(text) is str and 0 < len(text.encode()) <= max_message_size
+    assert sent_at is None or type(sent_at) is str
+
+
+# ---------------------------------------------------------------------------
+# Strategies
+# ---------------------------------------------------------------------------
+
+close_codes = st.sampled_from(sorted(sc.VALID_CLOSE_CODES) + [0, 999, 1004, 1005, 1006, 1015,
+                                                             2999, 3000, 4999, 5000, 65535])
+close_payloads = st.builds(lambda code, reason: struct.pack("!H", code) + reason,
+                           close_codes, st.one_of(st.text(max_size=20).map(str.encode),
+                                                  st.binary(max_size=8)))
+frame_payloads = st.one_of(st.binary(max_size=200), st.text(max_size=60).map(str.encode),
+                           close_payloads)
+cut_lists = st.lists(st.integers(0, 1 << 16), max_size=12)
+mask_keys = st.binary(min_size=4, max_size=4)
+parser_options = st.fixed_dictionaries({
+    "expect_masked": st.booleans(),
+    "max_message_size": st.one_of(st.integers(0, 300), st.just(1 << 20)),
+    "accept_binary": st.booleans()})
+
+
+@st.composite
+def raw_frames(draw, masked: bool) -> bytes:
+    """One frame, valid or not: any header bits, length form, declared length, mask and payload."""
+    payload = draw(frame_payloads)
+    b0 = (draw(st.booleans()) << 7) | draw(st.sampled_from([0, 0, 0, 0x10, 0x20, 0x40])) | \
+        draw(st.sampled_from([0, 1, 1, 2, 8, 9, 10, 3, 7, 11, 15]))
+    declared = draw(st.one_of(st.just(len(payload)), st.just(len(payload)),
+                              st.integers(0, 300), st.integers(0, (1 << 64) - 1)))
+    form = draw(st.sampled_from(["short", "16", "64"])) if declared < 126 else "64"
+    if form == "short":
+        header = bytes((b0, declared))
+    elif form == "16" or declared < 65536:
+        header = struct.pack("!BBH", b0, 126, declared & 0xFFFF)
+    else:
+        header = struct.pack("!BBQ", b0, 127, declared)
+    if masked != (draw(st.integers(0, 9)) == 0):       # now and then the wrong masking
+        key = draw(mask_keys)
+        return bytes((header[0], header[1] | 0x80)) + header[2:] + key + sc.mask(payload, key)
+    return header + payload
+
+
+@st.composite
+def frame_streams(draw) -> tuple[bytes, dict]:
+    """A stream of mostly well-formed frames, sometimes with junk around them, and parser options."""
+    options = draw(parser_options)
+    frames = draw(st.lists(raw_frames(options["expect_masked"]), max_size=8))
+    junk = draw(st.one_of(st.just(b""), st.binary(max_size=16)))
+    return (junk + b"".join(frames) if draw(st.booleans()) else b"".join(frames) + junk), options
+
+
+@st.composite
+def payload_of_size(draw, opcode: int) -> bytes:
+    """A message payload whose size may sit on the 7/16/64-bit length boundaries."""
+    size = draw(st.one_of(st.integers(0, 300),
+                          st.sampled_from([125, 126, 127, 65535, 65536, 65537, 200_000])))
+    if opcode == sc.OP_TEXT:
+        unit = draw(st.text(min_size=1, max_size=8)).encode()
+        return (unit * (size // len(unit) + 1))[:size].decode(errors="ignore").encode()
+    return random.Random(draw(st.integers(0, 1 << 32))).randbytes(size)
+
+
+hostile_targets = st.lists(st.sampled_from(
+    ["/", "/ws", "//", "[", "]", "::1", "%", "%2e", "%00", "%C2%B2", "%ff", "?", "#", "&", "=",
+     "since=", "name=", "a", "..", "@", ":", "\\", "ws", "static", "é"]),
+    min_size=1, max_size=10).map(lambda parts: "/" + "".join(parts))
+
+
+@st.composite
+def request_heads(draw) -> bytes:
+    """A request head built from hostile pieces: near-valid upgrades with one thing off."""
+    key = draw(st.one_of(st.just(sc.new_key()), st.text(max_size=30)))
+    headers = {"Host": draw(st.sampled_from(["127.0.0.1:8080", "", "[::1]", "a b"])),
+               "Upgrade": draw(st.sampled_from(["websocket", "WebSocket", "h2c", ""])),
+               "Connection": draw(st.sampled_from(["Upgrade", "keep-alive, Upgrade", "close"])),
+               "Sec-WebSocket-Key": key,
+               "Sec-WebSocket-Version": draw(st.sampled_from(["13", "8", "", "13, 8"]))}
+    dropped = draw(st.sets(st.sampled_from(sorted(headers))))
+    lines = [f"{draw(st.sampled_from(['GET', 'POST', 'HEAD', 'G(T', '']))} {draw(hostile_targets)} "
+             f"{draw(st.sampled_from(['HTTP/1.1', 'HTTP/1.0', 'HTTP/2', 'http/1.1']))}"]
+    lines += [f"{k}: {v}" for k, v in headers.items() if k not in dropped]
+    lines += draw(st.lists(st.text(max_size=20), max_size=3))
+    return "\r\n".join(lines).encode("utf-8", "surrogatepass")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children,
+                                                                      max_size=4),
+    max_leaves=12)
+chat_objects = st.fixed_dictionaries({}, optional={
+    "message_id": st.one_of(st.integers(), st.booleans(), st.text(max_size=5), st.floats()),
+    "text": st.one_of(st.text(max_size=40), st.integers(), st.none(), json_values),
+    "sent_at": st.one_of(st.text(max_size=80), st.integers()),
+    "sender": st.text(max_size=10), "room": st.text(max_size=10)})
+
+
+# ---------------------------------------------------------------------------
+# Property tests: frames
+# ---------------------------------------------------------------------------
+
+@fuzz_settings
+@given(stream=frame_streams(), cuts=cut_lists)
+def test_frame_stream_parses_alike_however_it_is_split(stream, cuts):
+    data, options = stream
+    check_any_split(data, cuts, **options)
+
+
+@fuzz_settings
+@given(data=st.binary(max_size=2048), cuts=cut_lists, options=parser_options)
+def test_arbitrary_bytes_raise_only_protocol_errors(data, cuts, options):
+    check_any_split(data, cuts, **options)
+
+
+@fuzz_settings
+@given(data=st.data(), opcode=st.sampled_from([sc.OP_TEXT, sc.OP_BINARY]),
+       masked=st.booleans(), cuts=cut_lists)
+def test_fragmented_message_with_interleaved_controls_round_trips(data, opcode, masked, cuts):
+    payload = data.draw(payload_of_size(opcode))
+    pieces = split_at(payload, data.draw(st.lists(st.integers(0, 1 << 18), max_size=4)))
+    items, expected = [], []
+    for i, piece in enumerate(pieces):
+        for _ in range(data.draw(st.integers(0, 2 if i else 0))):   # controls inside the message
+            control = data.draw(st.sampled_from([sc.OP_PING, sc.OP_PONG]))
+            body = data.draw(st.binary(max_size=sc.MAX_CONTROL_PAYLOAD))
+            items.append(sc.encode_frame(control, body, mask_key=data.draw(mask_keys) if masked else None))
+            expected.append((control, body))
+        last = i == len(pieces) - 1
+        items.append(sc.encode_frame(opcode if i == 0 else sc.OP_CONTINUATION, piece, fin=last,
+                                     mask_key=data.draw(mask_keys) if masked else None))
+    expected.append((opcode, payload))
+    # A message of exactly the maximum size is allowed; one byte less of room refuses it.
+    frames, code = feed_chunks(split_at(b"".join(items), cuts), expect_masked=masked,
+                               max_message_size=len(payload))
+    assert (frames, code) == (expected, None)
+    if payload:
+        frames, code = feed_chunks([b"".join(items)], expect_masked=masked,
+                                   max_message_size=len(payload) - 1)
+        assert code == sc.CLOSE_TOO_BIG
+
+
+def is_valid_close(payload: bytes) -> bool:
+    """True when payload is a Close body that parse_close accepts."""
+    try:
+        sc.parse_close(payload)
+    except sc.ProtocolError:
+        return False
+    return True
+
+
+@fuzz_settings
+@given(opcode=st.sampled_from(sorted(set(sc.DATA_OPCODES + sc.CONTROL_OPCODES) - {0})),
+       data=st.data(), key=st.one_of(st.none(), mask_keys))
+def test_encode_frame_round_trips_every_opcode_size_and_mask(opcode, data, key):
+    if opcode in sc.CONTROL_OPCODES:
+        payload = data.draw(close_payloads.filter(is_valid_close)
+                            if opcode == sc.OP_CLOSE else st.binary(max_size=sc.MAX_CONTROL_PAYLOAD))
+    else:
+        payload = data.draw(payload_of_size(opcode))
+    frame = sc.encode_frame(opcode, payload, mask_key=key)
+    assert len(frame) == len(payload) + (2 if len(payload) < 126 else 4 if len(payload) < 65536
+                                         else 10) + (4 if key else 0)
+    assert feed_chunks([frame], expect_masked=key is not None) == ([(opcode, payload)], None)
+
+
+@fuzz_settings
+@given(data=st.binary(max_size=1000), key=mask_keys)
+def test_mask_is_a_cyclic_xor_and_its_own_inverse(data, key):
+    masked = sc.mask(data, key)
+    assert masked == bytes(b ^ key[i % 4] for i, b in enumerate(data))
+    assert sc.mask(masked, key) == data
+
+
+def test_giant_declared_length_fails_at_the_header_without_allocating():
+    parser = sc.FrameParser(max_message_size=1 << 20)
+    header = struct.pack("!BBQ", 0x81, 0xFF, (1 << 63) - 1)
+    with pytest.raises(sc.ProtocolError) as e:
+        parser.feed(header[:10])              # the mask key has not even arrived yet
+    assert e.value.code == sc.CLOSE_TOO_BIG
+    with pytest.raises(sc.ProtocolError) as e:
+        sc.FrameParser().feed(struct.pack("!BBQ", 0x81, 0xFF, 1 << 63))
+    assert e.value.code == sc.CLOSE_PROTOCOL_ERROR
+
+
+# ---------------------------------------------------------------------------
+# Property tests: close frames, handshakes, chat JSON
+# ---------------------------------------------------------------------------
+
+@fuzz_settings
+@given(payload=st.one_of(st.binary(max_size=sc.MAX_CONTROL_PAYLOAD), close_payloads))
+def test_parse_close_accepts_valid_bodies_and_refuses_the_rest(payload):
+    check_close_payload(payload)
+
+
+@fuzz_settings
+@given(code=st.sampled_from(sorted(sc.VALID_CLOSE_CODES)), reason=st.text(max_size=200))
+@example(code=1008, reason="é" * 100)
+def test_encode_close_always_makes_a_valid_close_frame(code, reason):
+    (opcode, payload), = feed_chunks([sc.encode_close(code, reason)], expect_masked=False)[0]
+    parsed_code, parsed_reason = sc.parse_close(payload)
+    assert parsed_code == code and reason.startswith(parsed_reason)
+
+
+@fuzz_settings
+@given(head=st.binary(max_size=600))
+def test_arbitrary_request_heads_raise_only_handshake_errors(head):
+    check_request_head(head)
+
+
+@fuzz_settings
+@given(head=request_heads())
+@example(head=b"GET //[ HTTP/1.1\r\nHost: x")
+def test_hostile_request_targets_raise_only_handshake_errors(head):
+    check_request_head(head)
+
+
+@fuzz_settings
+@given(key=st.binary(min_size=16, max_size=16), resource=st.sampled_from(["/ws", "/ws/r?name=a&since=3"]))
+def test_client_handshake_is_accepted_with_the_right_key(key, resource):
+    b64 = base64.b64encode(key).decode()
+    head = sc.client_handshake_request("127.0.0.1:8080", resource, b64, origin="http://x")
+    request = sc.parse_request_head(head[:-4])
+    assert sc.check_upgrade(request) == sc.accept_key(b64)
+    assert sc.accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="   # RFC 6455 1.3
+
+
+@fuzz_settings
+@given(payload=st.one_of(st.binary(max_size=300), chat_objects.map(json.dumps).map(str.encode),
+                         json_values.map(json.dumps).map(str.encode)),
+       max_size=st.integers(1, 64))
+def test_chat_payloads_raise_only_chat_errors(payload, max_size):
+    check_chat_payload(payload, max_size)
+
+
+@pytest.mark.parametrize("payload, code", [
+    (b"[" * 300_000, "bad_json"),
+    (b'{"text":' * 100_000, "bad_json"),
+    (b'{"text":"x","a":' + b"[" * 100_000, "bad_json"),
+    (b"[1, 2, 3]", "bad_message"), (b'"hello"', "bad_message"), (b"42", "bad_message"),
+    (b"null", "bad_message"), (b"true", "bad_message"),
+    (b'{"text":"' + b"9" * 5000 + b'"}', None),
+    (b'{"message_id":' + b"9" * 5000 + b',"text":"x"}', "bad_json"),
+    (b'{"text":"\\ud800"}', "bad_message"),
+])
+def test_nesting_bombs_and_non_objects_are_refused_quickly(payload, code):
+    t0 = time.perf_counter()
+    if code is None:
+        assert sc.parse_chat_message(payload, 65536)[1] == "9" * 5000
+    else:
+        with pytest.raises(sc.ChatError) as e:
+            sc.parse_chat_message(payload, 65536)
+        assert e.value.code == code
+    assert time.perf_counter() - t0 < 0.5
+
+
+# ---------------------------------------------------------------------------
+# Real-socket helpers
+# ---------------------------------------------------------------------------
+
+class RawClient:
+    """A WebSocket client on a plain blocking socket, built from the protocol core."""
+
+    def __init__(self, port: int, resource: str = "/ws", origin: str | None = None,
+                 source: str = "127.0.0.1", rcvbuf: int = 0, timeout: float = 5.0):
+        self.sock = socket.socket()
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.bind((source, 0))
+        self.sock.connect(("127.0.0.1", port))
+        key = sc.new_key()
+        self.sock.sendall(sc.client_handshake_request(f"127.0.0.1:{port}", resource, key, origin))
+        self.parser = sc.FrameParser(expect_masked=False, max_message_size=1 << 24)
+        self.frames: list = []
+        buf = b""
+        try:
+            while (end := sc.parse_handshake_response(buf, key)) is None:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise sc.HandshakeError(0, "closed during the handshake")
+                buf += data
+        except BaseException:
+            self.sock.close()
+            raise
+        self.frames.extend(self.parser.feed(buf[end:]))
+        self.welcome = self.next_json()
+        self.name = self.welcome.get("name")
+
+    def send_frame(self, opcode: int, payload: bytes) -> None:
+        """Send one masked frame."""
+        self.sock.sendall(sc.encode_frame(opcode, payload, mask_key=sc.new_mask_key()))
+
+    def send_json(self, obj) -> None:
+        """Send obj as one text frame."""
+        self.send_frame(sc.OP_TEXT, json.dumps(obj).encode())
+
+    def next_frame(self) -> tuple:
+        """The next (opcode, payload) from the server; ConnectionError at EOF."""
+        while not self.frames:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("server closed the connection")
+            self.frames.extend(self.parser.feed(data))
+        return self.frames.pop(0)
+
+    def next_json(self) -> dict:
+        """The next text frame as JSON, skipping member counts and answering pings."""
+        while True:
+            opcode, payload = self.next_frame()
+            if opcode == sc.OP_TEXT:
+                obj = json.loads(payload)
+                if obj.get("type") != "members":    # sent on a timer, between any two frames
+                    return obj
+            if opcode == sc.OP_CLOSE:
+                raise ConnectionError(f"closed with {sc.parse_close(payload)}")
+            if opcode == sc.OP_PING:
+                self.send_frame(sc.OP_PONG, payload)
+
+    def next_message(self) -> dict:
+        """The next chat message, skipping welcome and member counts."""
+        while (obj := self.next_json())["type"] != "message":
+            pass
+        return obj
+
+    def read_until_close(self) -> tuple[list, int | None]:
+        """(JSON objects received, close code) up to the server's Close frame or EOF; echoes the Close."""
+        objects = []
+        try:
+            while True:
+                opcode, payload = self.next_frame()
+                if opcode == sc.OP_TEXT:
+                    objects.append(json.loads(payload))
+                elif opcode == sc.OP_CLOSE:
+                    self.send_frame(sc.OP_CLOSE, payload[:2])
+                    return objects, sc.parse_close(payload)[0]
+        except (ConnectionError, OSError):
+            return objects, None
+        finally:
+            self.sock.close()
+
+    def close(self) -> None:
+        """Close the socket without a closing handshake."""
+        self.sock.close()
+
+
+def handshake_status(port: int, **client_options) -> int:
+    """The HTTP status the server answers an upgrade with (101 when it accepts)."""
+    try:
+        RawClient(port, **client_options).close()
+    except sc.HandshakeError as e:
+        return e.status
+    return 101
+
+
+def refused(samples: dict, reason: str) -> float:
+    """scalechat_refused_total for one reason."""
+    return samples[("scalechat_refused_total", (("reason", reason),))]
+
+
+def protocol_errors(samples: dict, code: int) -> float:
+    """scalechat_protocol_errors_total for one close code (0 when never sent)."""
+    return samples.get(("scalechat_protocol_errors_total", (("code", str(code)),)), 0.0)
+
+
+def dropped(samples: dict, reason: str) -> float:
+    """scalechat_dropped_clients_total for one reason."""
+    return samples[("scalechat_dropped_clients_total", (("reason", reason),))]
+
+
+def gauge(samples: dict, name: str) -> float:
+    """A sample without labels."""
+    return samples[(name, ())]
+
+
+def peak_rss_kib(pid: int) -> int:
+    """VmHWM (peak resident set size) of a process, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def servers_for(scope_name: str):
+    """A fixture of that scope: start servers with extra flags (quiet logs), stop them after."""
+    @pytest.fixture(scope=scope_name)
+    def fixture():
+        servers = []
+
+        def start(*args: str, env: dict | None = None):
+            servers.append(start_server("--log-level", "WARNING", *args, env=env))
+            return servers[-1]
+        yield start
+        for server in servers:
+            server.stop()
+    return fixture
+
+
+serve = servers_for("function")
+serve_shared = servers_for("module")      # for tests that only read: one server for many
+
+
+@pytest.fixture(scope="module")
+def shared_server(serve_shared):
+    """A server with default settings, shared by the tests that refuse before the upgrade."""
+    return serve_shared()
+
+
+# ---------------------------------------------------------------------------
+# Cross-site WebSocket hijacking: the Origin check
+# ---------------------------------------------------------------------------
+
+def test_wrong_origin_is_refused_with_403_before_the_upgrade(serve):
+    server = serve()
+    status, headers, body = http_exchange(server.port, sc.client_handshake_request(
+        f"127.0.0.1:{server.port}", "/ws", sc.new_key(), origin="https://evil.example"))
+    assert status == 403 and b"origin" in body
+    assert "sec-websocket-accept" not in headers and "upgrade" not in headers
+    assert handshake_status(server.port, origin="null") == 403
+    metrics = read_metrics(server)
+    assert refused(metrics, "origin") == 2
+    assert gauge(metrics, "scalechat_connections_accepted_total") == 0
+
+
+def test_own_host_is_an_allowed_origin(serve):
+    server = serve()
+    for origin in (f"http://127.0.0.1:{server.port}", f"https://127.0.0.1:{server.port}/",
+                   f"HTTP://127.0.0.1:{server.port}"):
+        assert handshake_status(server.port, origin=origin) == 101, origin
+    assert handshake_status(server.port, origin=f"http://127.0.0.1:{server.port + 1}") == 403
+    assert handshake_status(server.port, origin="http://127.0.0.1") == 403
+
+
+def test_allowed_origins_list(serve):
+    server = serve("--allowed-origins", "https://chat.example.com, http://other.example:8000")
+    for origin in ("https://chat.example.com", "http://other.example:8000", "https://Chat.Example.com/"):
+        assert handshake_status(server.port, origin=origin) == 101, origin
+    for origin in ("http://chat.example.com", "https://chat.example.com.evil.example",
+                   "https://evil.example", "http://other.example"):
+        assert handshake_status(server.port, origin=origin) == 403, origin
+    assert handshake_status(server.port, origin=f"http://127.0.0.1:{server.port}") == 101
+
+
+def test_no_origin_is_allowed_by_default_and_refused_when_disabled(serve):
+    assert handshake_status(serve().port) == 101
+    assert handshake_status(serve("--allow-no-origin", "false").port) == 403
+    strict = serve(env={"SCALECHAT_ALLOW_NO_ORIGIN": "false"})
+    assert handshake_status(strict.port) == 403
+    assert refused(read_metrics(strict), "origin") == 1
+
+
+# ---------------------------------------------------------------------------
+# Rate limit
+# ---------------------------------------------------------------------------
+
+def flood_once(port: int, room: str, count: int) -> tuple[int, int, int | None]:
+    """Send count messages at once; (accepted, rate_limit errors, close code)."""
+    client = RawClient(port, f"/ws/{room}")
+    client.sock.sendall(b"".join(sc.encode_frame(sc.OP_TEXT, b'{"text":"flood %d"}' % i,
+                                                 mask_key=sc.new_mask_key()) for i in range(count)))
+    objects, code = client.read_until_close()
+    accepted = sum(o["type"] == "message" for o in objects)
+    errors = sum(o["type"] == "error" and o["code"] == "rate_limit" for o in objects)
+    return accepted, errors, code
+
+
+def test_flooder_gets_error_frames_then_1008(serve):
+    server = serve("--rate-limit", "5", "--rate-burst", "5")
+    accepted, errors, code = flood_once(server.port, "flood", 40)
+    assert 5 <= accepted <= 6 and errors == 5 and code == sc.CLOSE_POLICY
+    metrics = read_metrics(server)
+    assert refused(metrics, "rate_limit") == 6
+    assert protocol_errors(metrics, sc.CLOSE_POLICY) == 1
+
+
+def test_client_within_the_rate_is_never_refused(serve):
+    server = serve("--rate-limit", "20", "--rate-burst", "2")
+    client = RawClient(server.port, "/ws/calm")
+    for i in range(20):
+        client.send_json({"message_id": i, "text": f"calm {i}"})
+        assert client.next_message()["message_id"] == i
+        time.sleep(0.1)
+    assert refused(read_metrics(server), "rate_limit") == 0
+    client.close()
+
+
+# ---------------------------------------------------------------------------
+# Connection caps
+# ---------------------------------------------------------------------------
+
+def test_per_ip_cap_answers_503_and_counts_per_address(serve):
+    server = serve("--max-per-ip", "2")
+    first, second = RawClient(server.port), RawClient(server.port)
+    status, headers, body = http_exchange(server.port, sc.client_handshake_request(
+        f"127.0.0.1:{server.port}", "/ws", sc.new_key()))
+    assert status == 503 and headers.get("retry-after") == "1"
+    assert handshake_status(server.port, source="127.0.0.2") == 101     # another address
+    first.close()
+    deadline = time.monotonic() + 5
+    while handshake_status(server.port) != 101:                          # its slot frees up
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    second.close()
+    assert refused(read_metrics(server), "max_connections") >= 1
+
+
+def test_global_cap_answers_503(serve):
+    server = serve("--max-connections", "3")
+    clients = [RawClient(server.port, source=f"127.0.0.{i}") for i in (1, 2, 3)]
+    assert handshake_status(server.port, source="127.0.0.4") == 503
+    metrics = read_metrics(server)
+    assert refused(metrics, "max_connections") == 1 and gauge(metrics, "scalechat_connections") == 3
+    for client in clients:
+        client.close()
+
+
+def test_per_ip_cap_also_bounds_sockets_still_in_the_handshake(serve):
+    server = serve("--max-per-ip", "4", "--handshake-timeout", "30")
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(12)]
+    time.sleep(1.0)
+    answered = select.select(idle, [], [], 0)[0]          # a 503 or a close is readable
+    for s in idle:
+        s.close()
+    assert len(answered) >= 8
+
+
+# ---------------------------------------------------------------------------
+# Static files: no escapes, right types, CSP on the page
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def static_server(serve_shared, tmp_path_factory):
+    """A server on a static folder that holds symlinks pointing outside it."""
+    tmp_path = tmp_path_factory.mktemp("static_root")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET\n")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "inner.txt").write_text("TOP-SECRET inner\n")
+    static = tmp_path / "static"
+    static.mkdir()
+    (static / "index.html").write_text("<!doctype html><title>t</title>")
+    (static / "app.js").write_text("export {};\n")
+    (static / "style.css").write_text("body{}\n")
+    (static / "logo.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
+    (static / "data.json").write_text("{}")
+    (static / "link.txt").symlink_to(secret)
+    (static / "linkdir").symlink_to(tmp_path / "outside")
+    server = serve_shared("--static-dir", str(static))
+    server.static_dir = static
+    server.secret = str(secret)
+    return server
+
+
+@pytest.mark.parametrize("target", [
+    "/static/../secret.txt", "/static/%2e%2e/secret.txt", "/static/%2E%2E%2Fsecret.txt",
+    "/static/..%2fsecret.txt", "/static/..%5csecret.txt", "/static/.%2e/.%2e/secret.txt",
+    "/static//etc/passwd", "/static/%2fetc%2fpasswd", "/static/SECRET", "/static/app.js%00.html",
+    "/static/app.js\x00", "/static/link.txt", "/static/linkdir/inner.txt", "/static/",
+    "/static", "/../secret.txt", "/%2e%2e/secret.txt", "/static/./app.js", "/static/app.js/.",
+])
+def test_static_paths_never_escape_the_folder(static_server, target):
+    status, headers, body = get(static_server.port, target.replace("SECRET", static_server.secret))
+    assert status == 404 and b"SECRET" not in body
+    assert headers["content-type"].startswith("text/plain")
+
+
+def test_static_map_is_fixed_at_start(static_server):
+    assert get(static_server.port, "/static/app.js")[0] == 200
+    (static_server.static_dir / "late.js").write_text("1;\n")
+    assert get(static_server.port, "/static/late.js")[0] == 404
+
+
+@pytest.mark.parametrize("target, content_type", [
+    ("/", "text/html; charset=utf-8"), ("/index.html", "text/html; charset=utf-8"),
+    ("/static/app.js", "text/javascript; charset=utf-8"), ("/static/style.css", "text/css; charset=utf-8"),
+    ("/static/logo.svg", "image/svg+xml"), ("/static/data.json", "application/json"),
+])
+def test_static_content_types_and_nosniff(static_server, target, content_type):
+    status, headers, body = get(static_server.port, target)
+    assert status == 200 and headers["content-type"] == content_type
+    assert headers["x-content-type-options"] == "nosniff"
+    name = "index.html" if target in ("/", "/index.html") else target.rsplit("/", 1)[1]
+    assert body == (static_server.static_dir / name).read_bytes()
+
+
+def test_demo_page_has_a_strict_content_security_policy(shared_server):
+    status, headers, body = get(shared_server.port, "/")
+    assert status == 200 and headers["x-content-type-options"] == "nosniff"
+    policy = dict(d.strip().split(" ", 1) for d in headers["content-security-policy"].split(";"))
+    assert policy["default-src"] == "'self'" and policy["script-src"] == "'self'"
+    assert policy["frame-ancestors"] == "'none'"
+    assert "unsafe-inline" not in headers["content-security-policy"]
+    assert "unsafe-eval" not in headers["content-security-policy"]
+    # Nothing inline that the policy would block: scripts come from files, no on* handlers.
+    assert not re.search(rb"<script(?![^>]*\bsrc=)[^>]*>", body, re.I)
+    assert not re.search(rb"\son[a-z]+\s*=", body, re.I)
+
+
+# ---------------------------------------------------------------------------
+# Size limits: header, message, room, name
+# ---------------------------------------------------------------------------
+
+def test_oversized_request_head_gets_431(serve):
+    server = serve()
+    assert http_exchange(server.port, b"GET / HTTP/1.1\r\nX-Pad: " + b"a" * 9000)[0] == 431
+    assert http_exchange(server.port, b"GET / HTTP/1.1\r\nX-Pad: " + b"a" * 9000 + b"\r\n\r\n")[0] == 431
+    assert get(server.port, "/healthz")[0] == 200
+    assert refused(read_metrics(server), "header_too_large") == 2
+
+
+def test_text_of_exactly_the_maximum_passes_and_one_byte_more_is_refused(serve):
+    server = serve("--max-message-size", "1000")
+    client = RawClient(server.port)
+    client.send_json({"message_id": 1, "text": "é" * 500})
+    assert client.next_message()["text"] == "é" * 500
+    client.send_json({"message_id": 2, "text": "x" * 1001})
+    error = client.next_json()
+    assert (error["type"], error["code"], error["message_id"]) == ("error", "too_big", 2)
+    client.send_json({"message_id": 3, "text": "still open"})
+    assert client.next_message()["message_id"] == 3
+    assert refused(read_metrics(server), "too_big") == 1
+
+
+@pytest.mark.parametrize("resource", [
+    "/ws/" + "r" * 65, "/ws/a%2fb", "/ws/a/b", "/ws/a b", "/ws/", "/ws/caf%C3%A9",
+    "/ws?name=" + "n" * 33, "/ws?name=%0a", "/ws?name=%20%20", "/ws?since=-1", "/ws?since=1e3",
+    "/ws?since=" + "9" * 20,
+])
+def test_bad_room_name_or_since_gets_400_before_the_upgrade(shared_server, resource):
+    assert handshake_status(shared_server.port, resource=resource) == 400
+    assert gauge(read_metrics(shared_server), "scalechat_connections_accepted_total") == 0
+
+
+@pytest.mark.parametrize("target, status", [("//[", 404), ("/ws?since=%C2%B2", 400)])
+def test_hostile_request_target_gets_4xx_and_the_server_lives(serve, target, status):
+    server = serve()
+    answer = handshake_status(server.port, resource=target)
+    assert server.proc.poll() is None, "the server process died"
+    assert answer == status and get(server.port, "/healthz")[0] == 200
+
+
+# ---------------------------------------------------------------------------
+# Broken frames: each gets its close code, before any payload is read
+# ---------------------------------------------------------------------------
+
+GARBAGE = [                   # (bytes sent after the upgrade, close code expected)
+    (b"\xff" * 16, sc.CLOSE_PROTOCOL_ERROR),                                   # reserved bits
+    (sc.encode_frame(sc.OP_TEXT, b'{"text":"x"}'), sc.CLOSE_PROTOCOL_ERROR),   # unmasked
+    (sc.encode_frame(0x3, b"", mask_key=b"abcd"), sc.CLOSE_PROTOCOL_ERROR),    # reserved opcode
+    (sc.encode_frame(sc.OP_CONTINUATION, b"x", mask_key=b"abcd"), sc.CLOSE_PROTOCOL_ERROR),
+    (sc.encode_frame(sc.OP_PING, b"p" * 126, mask_key=b"abcd"), sc.CLOSE_PROTOCOL_ERROR),
+    (sc.encode_frame(sc.OP_CLOSE, b"\x03\xe7", mask_key=b"abcd"), sc.CLOSE_PROTOCOL_ERROR),
+    (sc.encode_frame(sc.OP_BINARY, b"\x00\x01", mask_key=b"abcd"), sc.CLOSE_UNSUPPORTED_DATA),
+    (sc.encode_frame(sc.OP_TEXT, b"\xc3\x28", mask_key=b"abcd"), sc.CLOSE_INVALID_DATA),
+    (struct.pack("!BBQ", 0x81, 0xFF, 1 << 62) + b"abcd", sc.CLOSE_TOO_BIG),   # giant 64-bit length
+    (struct.pack("!BBQ", 0x81, 0xFF, (1 << 64) - 1) + b"abcd", sc.CLOSE_PROTOCOL_ERROR),
+    (struct.pack("!BBQ", 0x81, 0xFF, 500_000) + b"abcd", sc.CLOSE_TOO_BIG),  # past the frame cap
+]
+
+def garbage_sender(port: int) -> list:
+    """Send each kind of broken frame on its own connection; [(close code expected, got)]."""
+    results = []
+    for data, code in GARBAGE:
+        client = RawClient(port, "/ws/garbage")
+        client.sock.sendall(data)
+        results.append((code, client.read_until_close()[1]))
+    return results
+
+
+def test_each_broken_frame_gets_its_close_code(serve):
+    server = serve()
+    results = garbage_sender(server.port)
+    assert [got for _, got in results] == [code for _, code in GARBAGE]
+    assert get(server.port, "/healthz")[0] == 200
+
+
+def test_declared_length_past_the_cap_is_refused_before_the_payload(serve):
+    server = serve("--max-message-size", "1000")
+    client = RawClient(server.port)
+    client.sock.sendall(struct.pack("!BBH", 0x81, 0xFE, 60_000) + b"abcd")    # no payload follows
+    assert client.read_until_close()[1] == sc.CLOSE_TOO_BIG
+
+
+def send_what_fits(sock: socket.socket, data: bytes) -> int:
+    """Send as much of data as the socket takes without blocking; the bytes sent."""
+    sock.setblocking(False)
+    sent = 0
+    try:
+        while sent < len(data):
+            sent += sock.send(data[sent:sent + 65536])
+    except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+        pass
+    sock.settimeout(5.0)
+    return sent
+
+
+def test_client_still_sending_when_refused_still_reads_the_1009(serve):
+    server = serve()
+    for _ in range(3):
+        client = RawClient(server.port)
+        send_what_fits(client.sock, struct.pack("!BBQ", 0x81, 0xFF, 4_000_000) + b"abcd" + bytes(4_000_000))
+        time.sleep(0.3)                          # all the server sends arrives before we read
+        assert client.read_until_close()[1] == sc.CLOSE_TOO_BIG
+
+
+def test_a_violation_is_counted_once_when_the_peer_answers_the_close(serve):
+    server = serve()
+    garbage_sender(server.port)                 # echoes each Close, as RFC 6455 asks
+    time.sleep(0.2)
+    metrics = read_metrics(server)
+    for code in PARSER_CLOSE_CODES:
+        assert protocol_errors(metrics, code) == sum(c == code for _, c in GARBAGE), code
+
+
+# ---------------------------------------------------------------------------
+# Time limits: handshake, ping/pong, write
+# ---------------------------------------------------------------------------
+
+def test_slowloris_handshake_is_dropped_without_an_answer(serve):
+    server = serve("--handshake-timeout", "0.5")
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    t0 = time.monotonic()
+    received = b""
+    try:
+        for byte in b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000:
+            s.send(bytes((byte,)))
+            if select.select([s], [], [], 0.05)[0]:
+                received = s.recv(4096)
+                break
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    elapsed = time.monotonic() - t0
+    s.close()
+    assert received == b"" and 0.4 < elapsed < 2.0
+    assert refused(read_metrics(server), "handshake_timeout") == 1
+
+
+def test_client_that_never_answers_pings_is_dropped(serve):
+    server = serve("--ping-interval", "0.3", "--pong-timeout", "0.3")
+    mute, polite = RawClient(server.port), RawClient(server.port)
+    deadline = time.monotonic() + 5
+    polite_pings = 0
+    while dropped(read_metrics(server), "ping_timeout") < 1:
+        assert time.monotonic() < deadline
+        polite.sock.settimeout(0.2)
+        try:
+            opcode, payload = polite.next_frame()       # read, and answer pings: stays
+        except socket.timeout:
+            continue
+        if opcode == sc.OP_PING:
+            polite.send_frame(sc.OP_PONG, payload)
+            polite_pings += 1
+    assert polite_pings >= 1
+    assert gauge(read_metrics(server), "scalechat_connections") == 1
+    assert mute.sock.recv(65536)                      # the pings it ignored
+    mute.close()
+    polite.close()
+
+
+def post_without_reading(client: RawClient, seconds: float) -> tuple[bool, int]:
+    """Post 64 KiB messages within the rate limit, never reading the echoes, for at most
+    seconds; (whether the server cut the client off, messages sent). Closes the client."""
+    frame_text = b'{"text":"' + b"x" * 65536 + b'"}'
+    deadline, sent = time.monotonic() + seconds, 0
+    try:
+        while time.monotonic() < deadline:
+            client.send_frame(sc.OP_TEXT, frame_text)
+            sent += 1
+            time.sleep(0.075)         # 13 messages a second: under every rate limit used here
+    except OSError:                   # reset or broken pipe: the server has cut it off
+        return True, sent
+    finally:
+        client.close()
+    return False, sent
+
+
+def test_client_whose_buffer_never_drains_hits_the_write_timeout(serve):
+    server = serve("--write-timeout", "1", "--max-buffer", str(256 << 20), "--close-timeout", "1")
+    assert post_without_reading(RawClient(server.port, rcvbuf=4096, timeout=10), 15)[0]
+    metrics = read_metrics(server)
+    assert dropped(metrics, "write_timeout") == 1 and dropped(metrics, "slow_consumer") == 0
+    assert gauge(metrics, "scalechat_connections") == 0
+
+
+def test_client_that_never_reads_is_cut_off_at_the_buffer_cap(serve):
+    server = serve("--max-buffer", "65536", "--write-timeout", "30", "--close-timeout", "1")
+    assert post_without_reading(RawClient(server.port, rcvbuf=4096, timeout=10), 15)[0]
+    metrics = read_metrics(server)
+    assert dropped(metrics, "slow_consumer") == 1 and dropped(metrics, "write_timeout") == 0
+    assert peak_rss_kib(server.proc.pid) < 200_000
+
+
+def test_ping_flood_is_rate_limited_like_messages(serve):
+    server = serve("--rate-limit", "20", "--rate-burst", "20")
+    client = RawClient(server.port, timeout=2)
+    client.sock.sendall(sc.encode_frame(sc.OP_PING, b"p", mask_key=b"abcd") * 5000)
+    pongs = 0
+    try:
+        while (frame := client.next_frame())[0] != sc.OP_CLOSE:
+            pongs += frame[0] == sc.OP_PONG
+    except (OSError, ConnectionError):
+        frame = (None, b"")
+    client.close()
+    assert pongs <= 25 and frame[0] == sc.OP_CLOSE and sc.parse_close(frame[1])[0] == sc.CLOSE_POLICY
+
+
+def test_filling_the_history_of_many_rooms_does_not_grow_memory_without_bound(serve):
+    server = serve()
+    rss_start = peak_rss_kib(server.proc.pid)
+    text = "x" * 65536
+    for r in range(48):                           # 192 MiB of text, 64 messages a room
+        client = RawClient(server.port, f"/ws/hoard{r}")
+        for i in range(64):                       # within the default burst: never rate limited
+            client.send_json({"message_id": i, "text": text})
+            client.next_message()
+        client.close()
+    growth = peak_rss_kib(server.proc.pid) - rss_start
+    print(f"\nserver peak RSS grew by {growth / 1024:.0f} MiB for 192 MiB of history sent")
+    assert growth < 128 * 1024
+
+
+# ---------------------------------------------------------------------------
+# All attackers at once, while two normal clients chat
+# ---------------------------------------------------------------------------
+
+ABUSE_FLAGS = ("--handshake-timeout", "2", "--rate-limit", "20", "--rate-burst", "20",
+               "--max-buffer", "65536", "--close-timeout", "1")
+RATE_BURST = 20
+CHAT_INTERVAL = 0.05          # 20 messages a second between the two normal clients
+QUIET_MESSAGES = 100
+ATTACK_MESSAGES = 200         # about 10 s
+BAD_PAYLOADS = [              # (text frame payload, error code expected; the connection stays)
+    (b"[" * 300_000, "bad_json"), (b'{"text":' * 40_000, "bad_json"),
+    (b"[1,2,3]", "bad_message"), (b"42", "bad_message"), (b'"text"', "bad_message"),
+    (b"null", "bad_message"), (b"{not json", "bad_json"),
+]
+
+
+def percentile(values: list, q: float) -> float:
+    """The q-quantile (0..1) of values, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def chat_pair(port: int, room: str, count: int, interval: float) -> list:
+    """Two clients take turns sending count messages into room; return every delivery latency.
+
+    Asserts that both receive every message intact, once, in seq order 1..count.
+    Runs in its own process so that attackers in the test process cannot skew it.
+    """
+    alice, bob = RawClient(port, f"/ws/{room}?name=alice"), RawClient(port, f"/ws/{room}?name=bob")
+    latencies, seqs = [], {"alice": [], "bob": []}
+    start = time.perf_counter()
+    for i in range(count):
+        sender = (alice, bob)[i % 2]
+        text = f"message {i} " + "x" * (i % 64)
+        t0 = time.perf_counter()
+        sender.send_json({"message_id": i, "text": text, "sent_at": sc.utc_now_rfc3339()})
+        for client in (alice, bob):
+            message = client.next_message()
+            latencies.append(time.perf_counter() - t0)
+            assert (message["message_id"], message["text"], message["sender"]) == (i, text, sender.name)
+            seqs[client.name].append(message["seq"])
+        time.sleep(max(0.0, start + (i + 1) * interval - time.perf_counter()))
+    assert seqs["alice"] == seqs["bob"] == list(range(1, count + 1))
+    alice.close()
+    bob.close()
+    return latencies
+
+
+def attack_until(deadline: float, attempt, limit: int = 200, pause: float = 0.0) -> list:
+    """Repeat attempt() until deadline (at most limit times, pause apart); return its results."""
+    results = []
+    while time.monotonic() < deadline and len(results) < limit:
+        results.append(attempt())
+        time.sleep(pause)
+    return results
+
+
+def slowloris_wave(port: int, sockets: int = 10) -> list:
+    """Open sockets that dribble a request head a byte at a time; seconds until each was dropped.
+
+    None marks a socket that got an answer instead of being dropped.
+    """
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(sockets)]
+    t0 = time.monotonic()
+    open_socks, result = {s: 0 for s in socks}, []
+    head = b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 4000
+    while open_socks and time.monotonic() - t0 < 10:
+        for s in list(open_socks):
+            try:
+                s.send(head[open_socks[s]:open_socks[s] + 1])
+                open_socks[s] += 1
+            except OSError:
+                pass
+        for s in select.select(list(open_socks), [], [], 0.25)[0]:
+            try:
+                answer = s.recv(4096)
+            except OSError:
+                answer = b""
+            result.append(time.monotonic() - t0 if answer == b"" else None)
+            del open_socks[s]
+            s.close()
+    for s in open_socks:
+        result.append(None)
+        s.close()
+    return result
+
+
+def never_reader(port: int) -> tuple[bool, int]:
+    """A client in its own room that never reads what it gets: (cut off, messages sent)."""
+    return post_without_reading(RawClient(port, "/ws/sink", rcvbuf=4096, timeout=10), 15)
+
+
+def bad_payload_sender(port: int) -> list:
+    """Send nesting bombs and non-object payloads on one connection; [(code expected, got)]."""
+    client = RawClient(port, "/ws/bombs")
+    results = []
+    for payload, code in BAD_PAYLOADS:
+        client.send_frame(sc.OP_TEXT, payload)
+        results.append((code, client.next_json().get("code")))
+        time.sleep(1.5 / RATE_BURST)              # under the rate limit: only the payload is wrong
+    client.send_json({"text": "still here"})
+    results.append(("message", client.next_json()["type"]))
+    client.close()
+    return results
+
+
+def test_attackers_at_once_leave_normal_clients_untouched(serve):
+    server = serve(*ABUSE_FLAGS)
+    rss_start = peak_rss_kib(server.proc.pid)
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as chat:
+        quiet = chat.submit(chat_pair, server.port, "quiet", QUIET_MESSAGES, CHAT_INTERVAL).result()
+        deadline = time.monotonic() + ATTACK_MESSAGES * CHAT_INTERVAL
+        port = server.port
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            attacks = {
+                "flood": pool.submit(attack_until, deadline, lambda: flood_once(port, "flood", 300), 100, 0.1),
+                "slowloris": pool.submit(attack_until, deadline, lambda: slowloris_wave(port)),
+                "never_reader": pool.submit(attack_until, deadline, lambda: never_reader(port), 5),
+                "garbage": pool.submit(attack_until, deadline, lambda: garbage_sender(port)),
+                "origin": pool.submit(attack_until, deadline, lambda: handshake_status(
+                    port, origin="https://evil.example"), 500, 0.01),
+                "big_header": pool.submit(attack_until, deadline, lambda: http_exchange(
+                    port, b"GET /ws HTTP/1.1\r\nX-Pad: " + b"a" * 20000)[0], 500, 0.01),
+                "bad_payload": pool.submit(attack_until, deadline, lambda: bad_payload_sender(port)),
+            }
+            under_attack = chat.submit(chat_pair, port, "safe", ATTACK_MESSAGES, CHAT_INTERVAL).result()
+            results = {name: future.result() for name, future in attacks.items()}
+    metrics = read_metrics(server)
+    rss_peak = peak_rss_kib(server.proc.pid)
+    quiet_p50, attack_p50 = percentile(quiet, 0.5), percentile(under_attack, 0.5)
+    quiet_p99, attack_p99 = percentile(quiet, 0.99), percentile(under_attack, 0.99)
+    print(f"\nlatency p50/p99 quiet {quiet_p50 * 1e3:.2f}/{quiet_p99 * 1e3:.2f} ms, "
+          f"under attack {attack_p50 * 1e3:.2f}/{attack_p99 * 1e3:.2f} ms; "
+          f"server peak RSS {rss_start / 1024:.1f} MiB at start, {rss_peak / 1024:.1f} MiB peak; "
+          f"attempts {({name: len(r) for name, r in results.items()})}")
+
+    # Every attacker got the documented answer, every time.
+    assert results["flood"] and all(errors == RATE_BURST and code == sc.CLOSE_POLICY
+                                    for _, errors, code in results["flood"]), results["flood"]
+    waves = [t for wave in results["slowloris"] for t in wave]
+    assert waves and all(t is not None and t < 2 + 1.5 for t in waves), waves
+    assert results["never_reader"] and all(cut for cut, _ in results["never_reader"])
+    assert all(expected == got for run in results["garbage"] for expected, got in run), results["garbage"]
+    assert results["origin"] and set(results["origin"]) == {403}
+    assert results["big_header"] and set(results["big_header"]) == {431}
+    assert all(expected == got for run in results["bad_payload"] for expected, got in run)
+
+    # The normal clients lost nothing (chat_pair asserts it) and stayed fast: within a few
+    # times the quiet latency, plus, for the tail, an allowance for the scheduler noise of a
+    # 2-core machine that also runs every attacker.
+    assert attack_p50 <= 5 * quiet_p50 + 0.001, (quiet_p50, attack_p50)
+    assert attack_p99 <= 5 * quiet_p99 + 0.05, (quiet_p99, attack_p99)
+    # The attacks did not make the server hoard memory.
+    assert rss_peak < rss_start + 96 * 1024
+
+    # An operator sees each attack by reason.
+    floods = len(results["flood"])
+    assert refused(metrics, "rate_limit") == floods * (RATE_BURST + 1)
+    assert protocol_errors(metrics, sc.CLOSE_POLICY) == floods
+    assert refused(metrics, "handshake_timeout") == len(waves)
+    assert refused(metrics, "origin") == len(results["origin"])
+    assert refused(metrics, "header_too_large") == len(results["big_header"])
+    assert refused(metrics, "bad_message") == len(results["bad_payload"]) * len(BAD_PAYLOADS)
+    assert dropped(metrics, "slow_consumer") == len(results["never_reader"])
+    for code in PARSER_CLOSE_CODES:            # exact counts: see the test just above
+        sent = sum(expected == code for run in results["garbage"] for expected, _ in run)
+        assert protocol_errors(metrics, code) >= sent, code
+    known = (QUIET_MESSAGES + ATTACK_MESSAGES + sum(accepted for accepted, _, _ in results["flood"])
+             + len(results["bad_payload"]))
+    sunk = sum(sent for _, sent in results["never_reader"])     # some arrive after the cut
+    assert known <= gauge(metrics, "scalechat_messages_received_total") <= known + sunk
