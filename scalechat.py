@@ -562,6 +562,7 @@ def message_parts(room: str, sender: str, message_id, text: str, sent_at) -> tup
             b"," + rest[1:].encode())
 
 
+MESSAGE_ID = re.compile(rb'"message_id"\s*:\s*(-?\d{1,19})\b')
 RESEND_TRUE = re.compile(rb'"resend"\s*:\s*true')   # outside a string: quotes in text are escaped
 
 
@@ -1782,7 +1783,7 @@ class Server(EventLoop):
 
     def _on_frame(self, conn: Connection, opcode: int, payload: bytes) -> None:
         if opcode == OP_TEXT:
-            if not self._take_token(conn):
+            if not self._take_token(conn, payload):
                 return
             err = self.chat.receive(conn, payload, self.now)
             if err is not None:
@@ -1800,7 +1801,7 @@ class Server(EventLoop):
         elif opcode == OP_BINARY:          # unreachable: the parser refuses binary frames
             self._fail(conn, CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted")
 
-    def _take_token(self, conn: Connection) -> bool:
+    def _take_token(self, conn: Connection, payload: bytes = b"") -> bool:
         """Token bucket per connection: rate limit client messages."""
         rate = self.config.rate_limit
         if rate <= 0:
@@ -1817,7 +1818,9 @@ class Server(EventLoop):
         if conn.strikes > burst:
             self._fail(conn, CLOSE_POLICY, "rate limit exceeded repeatedly")
         else:
-            self.send(conn, error_frame("rate_limit", f"more than {rate:g} messages per second"))
+            found = MESSAGE_ID.search(payload)     # cheap: a flood is not worth a JSON parse
+            self.send(conn, error_frame("rate_limit", f"more than {rate:g} messages per second",
+                                        int(found.group(1)) if found else None))
         return False
 
     # -- HTTP ---------------------------------------------------------------

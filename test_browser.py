@@ -1,0 +1,388 @@
+"""Browser tests of the demo client (static/): Debian's Chromium driven by
+Playwright against real scalechat.py processes on loopback.
+
+Run: python -m pytest -q test_browser.py
+Needs: pip install playwright (no browser download: /usr/bin/chromium is used).
+
+The client's state is read from the DOM hooks it keeps for this purpose:
+#status[data-state], #members[data-count], #messages li.msg[data-seq].
+Every test also fails on an uncaught page error or a Content-Security-Policy
+violation (the server sends a strict CSP with the page).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+import pytest
+import websocket
+from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
+
+from conftest import HERE, ServerProc, start_server
+
+pytestmark = pytest.mark.timeout(120)
+expect.set_options(timeout=15_000)
+
+# ---------------------------------------------------------------------------
+# Browser and pages
+# ---------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+
+def launch_chromium(playwright: Playwright) -> Browser:
+    """Debian's Chromium, headless; Playwright never downloads a browser here."""
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+@dataclass
+class Chat:
+    """One person's page in a room, with what it logged and the sockets it opened."""
+    page: Page
+    name: str
+    sockets: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def send(self, text: str) -> None:
+        """Type text into the composer and press Enter, as a person would."""
+        self.page.fill("#text", text)
+        self.page.press("#text", "Enter")
+        expect(self.page.locator("#text")).to_have_value("")
+
+    def texts(self) -> list[str]:
+        """The text of every message shown, in order."""
+        return self.page.locator("#messages li[data-seq] .text").all_text_contents()
+
+    def seqs(self) -> list[int]:
+        """The seq of every message shown, in order."""
+        return [int(s) for s in self.page.eval_on_selector_all(
+            "#messages li[data-seq]", "items => items.map(li => li.dataset.seq)")]
+
+    def message(self, text: str):
+        """The list item of the room's message with exactly this text (confirmed, with a seq)."""
+        return self.page.locator("#messages li[data-seq]").filter(
+            has=self.page.locator(".text", has_text=re.compile(f"^{re.escape(text)}$")))
+
+    def expect_state(self, state: str) -> None:
+        """Wait until the page shows this connection state."""
+        expect(self.page.locator("#status")).to_have_attribute("data-state", state)
+
+    def expect_members(self, count: int) -> None:
+        """Wait until the page shows this member count."""
+        expect(self.page.locator("#members")).to_have_attribute("data-count", str(count))
+
+    def expect_message_count(self, count: int, timeout: float = 15_000) -> None:
+        """Wait until the page shows exactly this many of the room's messages."""
+        expect(self.page.locator("#messages li[data-seq]")).to_have_count(count, timeout=timeout)
+
+
+def is_csp_violation(text: str) -> bool:
+    """Whether a console message is Chromium refusing something under the page's CSP."""
+    return "Content Security Policy" in text or "Content-Security-Policy" in text
+
+
+def join(browser: Browser, base_url: str, name: str, room: str, **context_options) -> Chat:
+    """Open the client in a fresh browser profile, pick name and room, wait until online."""
+    page = browser.new_context(**context_options).new_page()
+    chat = Chat(page, name)
+    page.on("pageerror", lambda exc: chat.errors.append(f"page error: {exc}"))
+    page.on("console", lambda msg: chat.errors.append(f"console: {msg.text}")
+            if msg.type == "error" and is_csp_violation(msg.text) else None)
+    page.on("websocket", lambda ws: chat.sockets.append(ws.url))
+    page.goto(f"{base_url}/#{room}")
+    page.fill("#join-name", name)
+    page.click("#join-submit")
+    chat.expect_state("online")
+    return chat
+
+
+# ---------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module; each person gets a fresh context (profile)."""
+    with sync_playwright() as playwright:
+        chromium = launch_chromium(playwright)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def people(browser):
+    """join(base_url, name, room) -> Chat; at the end, no page may have failed or broken the CSP."""
+    chats: list[Chat] = []
+
+    def open_chat(base_url: str, name: str, room: str) -> Chat:
+        chat = join(browser, base_url, name, room)
+        chats.append(chat)
+        return chat
+
+    yield open_chat
+    errors = [f"{c.name}: {e}" for c in chats for e in c.errors]
+    for chat in chats:
+        chat.page.context.close()
+    assert errors == []
+
+
+@pytest.fixture
+def servers():
+    """start(*args, port=None) -> ServerProc; every server started is stopped at the end."""
+    started: list[ServerProc] = []
+
+    def start(*args: str, port: int | None = None) -> ServerProc:
+        started.append(start_server(*args, port=port))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def metric(server: ServerProc, name: str) -> float:
+    """One sample's value from the server's /metrics (0 when absent)."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+# ---------------------------------------------------------------------------
+# Talking
+# ---------------------------------------------------------------------------
+
+def test_two_pages_exchange_messages_both_ways(server, people):
+    alice = people(server.http, "alice", "pair")
+    bob = people(server.http, "bob", "pair")
+    hello, reply = "hello bob", "hi alice, line one\nand line two"
+    alice.send(hello)
+    bob.message(hello).wait_for()
+    bob.send(reply)
+    alice.message(reply).wait_for()
+
+    for chat, mine, theirs, other_name in ((alice, hello, reply, "bob"), (bob, reply, hello, "alice")):
+        chat.expect_message_count(2)
+        assert chat.texts() == [hello, reply]
+        assert chat.seqs() == [1, 2]
+        own, other = chat.message(mine), chat.message(theirs)
+        expect(own).to_have_class(re.compile(r"\bown\b"))
+        expect(other).not_to_have_class(re.compile(r"\bown\b"))
+        expect(other.locator(".sender")).to_have_text(other_name)
+        expect(own.locator("time")).to_have_attribute("datetime", re.compile(r"^\d{4}-\d\d-\d\dT"))
+        # One's own message is on the right, the other's on the left.
+        own_box = own.locator(".bubble").bounding_box()
+        other_box = other.locator(".bubble").bounding_box()
+        list_box = chat.page.locator("#messages").bounding_box()
+        assert own_box["x"] + own_box["width"] == pytest.approx(list_box["x"] + list_box["width"], abs=2)
+        assert other_box["x"] > list_box["x"] and own_box["x"] > other_box["x"] + 50
+
+
+def test_message_html_is_shown_as_text(server, people):
+    alice = people(server.http, "alice", "html")
+    bob = people(server.http, "bob", "html")
+    dialogs: list[str] = []
+    bob.page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    payload = ('<img src="x" onerror="alert(1)"><b>bold</b>'
+               '<script>document.title="owned"</script>&amp; <a href="javascript:alert(2)">x</a>')
+    alice.send(payload)
+    shown = bob.message(payload)
+    shown.wait_for()
+    assert shown.locator(".text").text_content() == payload
+    assert shown.locator(".text").evaluate("p => p.childElementCount") == 0
+    assert bob.page.locator("#messages img, #messages b, #messages script, #messages a").count() == 0
+    bob.page.wait_for_timeout(300)     # give a stray onerror handler the chance to run
+    assert dialogs == []
+    assert bob.page.title() != "owned"
+
+
+def test_member_count_follows_joins_and_leaves(server, people):
+    alice = people(server.http, "alice", "count")
+    alice.expect_members(1)
+    bob = people(server.http, "bob", "count")
+    bob.expect_members(2)
+    alice.expect_members(2)
+    expect(alice.page.locator("#members")).to_have_text("2 online")
+    bob.page.close()
+    alice.expect_members(1)
+
+
+def test_name_is_remembered_and_the_hash_picks_the_room(server, people):
+    alice = people(server.http, "alice", "first")
+    bob = people(server.http, "bob", "second")
+    carol = people(server.http, "carol", "first")
+
+    alice.page.reload()                          # the name comes back from localStorage
+    expect(alice.page.locator("#join")).not_to_be_visible()
+    alice.expect_state("online")
+    expect(alice.page.locator("#me-name")).to_have_text("alice")
+
+    alice.page.goto(f"{server.http}/#second")    # switching room is just the URL
+    expect(alice.page.locator("#room")).to_have_text("second")
+    alice.expect_state("online")
+    assert alice.sockets[-1].startswith(f"ws://127.0.0.1:{server.port}/ws/second?")
+    alice.send("moved over")
+    bob.message("moved over").wait_for()
+    carol.send("still in first")
+    carol.message("still in first").wait_for()
+    alice.expect_message_count(1)
+    assert alice.texts() == ["moved over"]
+
+
+# ---------------------------------------------------------------------------
+# Falling behind, flooding, restarts
+# ---------------------------------------------------------------------------
+
+def flood(server: ServerProc, room: str, count: int, size: int) -> None:
+    """Another member posts count messages of size bytes at once, discarding its echoes unread."""
+    ws = websocket.create_connection(f"{server.url}/{room}?name=bot", timeout=10)
+    assert json.loads(ws.recv())["type"] == "welcome"
+
+    def discard_echoes() -> None:
+        while ws.sock.recv(1 << 20):     # raw bytes: the bot must never be the slow consumer
+            pass
+
+    drain = threading.Thread(target=discard_echoes, daemon=True)
+    drain.start()
+    for i in range(count):
+        ws.send(json.dumps({"message_id": i + 1, "text": f"log {i + 1:04d} " + "." * size}))
+        time.sleep(0)                    # let the drain thread have the GIL between sends
+    ws.sock.shutdown(socket.SHUT_WR)     # the server reads every frame, then sees EOF
+    drain.join(20)
+    ws.shutdown()
+
+
+def test_slow_reader_cut_off_with_1013_catches_up_without_gap_or_duplicate(servers, people):
+    # A small per-connection buffer and no rate limit: a page that stops reading
+    # while another member posts ~9 MB falls behind and the server cuts it off.
+    server = servers("--max-buffer", "262144", "--rate-limit", "0")
+    reader = people(server.http, "reader", "busy")
+    writer = people(server.http, "writer", "busy")
+    count = 300
+    # Keep the reader's main thread busy for 3 s: the browser stops draining its socket.
+    reader.page.evaluate("() => { setTimeout(() => { const end = Date.now() + 3000;"
+                         " while (Date.now() < end) {} }, 0); }")
+    with reader.page.expect_websocket(timeout=30_000):    # the reconnect after the cut
+        flood(server, "busy", count, 30_000)
+        writer.send("written while you were cut off")
+
+    for chat in (reader, writer):       # the writer may have been cut off too: same rule
+        chat.message("written while you were cut off").wait_for(timeout=30_000)
+        chat.expect_message_count(count + 1)
+        assert chat.seqs() == list(range(1, count + 2))
+    resumed = [int(re.search(r"since=(\d+)", url).group(1)) for url in reader.sockets[1:]]
+    assert resumed and all(0 < since <= count for since in resumed)
+    assert metric(server, 'scalechat_dropped_clients_total{reason="slow_consumer"}') >= 1
+    reader.expect_state("online")
+
+
+def test_flooding_page_is_told_why_and_stays_disconnected(servers, people):
+    server = servers("--rate-limit", "0.1", "--rate-burst", "2")
+    alice = people(server.http, "alice", "flood")
+    for i in range(2):
+        alice.send(f"fine {i}")
+    alice.expect_message_count(2)
+    alice.send("one too many")
+    expect(alice.page.locator("#notice")).to_contain_text("Message not sent")
+    expect(alice.page.locator("#messages li.failed .text")).to_have_text(["one too many"])
+    for i in range(2):                         # strikes 2 and 3: past the burst, closed
+        alice.send(f"still flooding {i}")
+    alice.expect_state("offline")
+    expect(alice.page.locator("#status")).to_contain_text("rate limit")
+    sockets = len(alice.sockets)
+    alice.page.wait_for_timeout(2500)          # longer than the first backoff steps
+    assert len(alice.sockets) == sockets       # refused by policy: no automatic reconnect
+    alice.expect_state("offline")
+
+    alice.page.click("#retry")                 # the person decides to come back
+    alice.expect_state("online")
+    assert "since=1" in alice.sockets[-1]      # seq 2 seen; one message of overlap to check it
+    # The message the server closed on (neither echoed nor refused) goes out again.
+    alice.message("still flooding 1").wait_for()
+    assert alice.seqs() == [1, 2, 3]
+    expect(alice.page.locator("#messages li.failed .text")).to_have_text(["one too many", "still flooding 0"])
+    expect(alice.page.locator("#messages li.pending")).to_have_count(0)
+
+
+def test_server_restart_pages_come_back_and_talk_again(servers, people):
+    first = servers()
+    alice = people(first.http, "alice", "restart")
+    bob = people(first.http, "bob", "restart")
+    alice.send("before the restart")
+    bob.message("before the restart").wait_for()
+
+    first.stop(signal.SIGTERM)
+    for chat in (alice, bob):
+        chat.expect_state("reconnecting")
+        expect(chat.page.locator("#status-text")).to_contain_text("Reconnecting")
+    bob.send("written while the server was down")   # waits in bob's outbox
+    expect(bob.page.locator("#messages li[data-pending] .text")).to_have_text(
+        ["written while the server was down"])
+    second = servers(port=first.port)           # same address, empty in-memory history
+
+    for chat in (alice, bob):
+        chat.expect_state("online")
+        chat.expect_members(2)
+        expect(chat.page.locator("#messages li.system")).to_contain_text("restarted")
+    alice.message("written while the server was down").wait_for()
+    alice.send("and back")
+    bob.message("and back").wait_for()
+    for chat in (alice, bob):
+        assert chat.texts() == ["before the restart", "written while the server was down", "and back"]
+        assert chat.seqs() == [1, 1, 2]         # the new server counts from 1 again
+    expect(bob.page.locator("#messages li.pending")).to_have_count(0)
+    assert metric(second, "scalechat_messages_received_total") == 2
+
+
+def test_page_that_missed_a_restart_takes_the_new_history_whole(servers, people):
+    # Alice's network is down while the server restarts and bob already writes
+    # seq 1-3 of the new history: her `since` looks valid but points into another history.
+    first = servers()
+    alice = people(first.http, "alice", "epoch")
+    bob = people(first.http, "bob", "epoch")
+    alice.send("old one")
+    bob.send("old two")
+    alice.expect_message_count(2)
+
+    alice.page.context.set_offline(True)
+    first.stop(signal.SIGTERM)
+    servers(port=first.port)
+    bob.expect_state("online")
+    for text in ("new one", "new two", "new three"):
+        bob.send(text)
+    bob.message("new three").wait_for()
+    alice.expect_state("reconnecting")
+
+    alice.page.context.set_offline(False)     # the browser's "online" event: no backoff wait
+    alice.message("new three").wait_for()
+    assert alice.texts() == ["old one", "old two", "new one", "new two", "new three"]
+    assert alice.seqs() == [1, 2, 1, 2, 3]
+    expect(alice.page.locator("#messages li.system")).to_contain_text("restarted")
+
+
+# ---------------------------------------------------------------------------
+# The picture in the README
+# ---------------------------------------------------------------------------
+
+def test_screenshot_script_draws_the_conversation(tmp_path):
+    out = tmp_path / "browser-client.png"
+    subprocess.run([sys.executable, os.path.join(HERE, "docs", "make_screenshot.py"), "--out", str(out)],
+                   check=True, timeout=90)
+    png = out.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    assert (width, height) == (1920, 1320)     # 960x660 at device scale 2
