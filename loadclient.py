@@ -1,0 +1,1553 @@
+#!/usr/bin/env python3
+"""loadclient.py: the scale-chat terminal client and load generator.
+
+    python loadclient.py [--server-url ws://host:8080/ws] [--name N] [--room R]
+        A terminal chat client: prints what arrives, sends each line typed.
+    python loadclient.py --load-test --rooms 25 --room-size 4 --rate 1 --duration 30
+        Simulated clients in rooms, an open-model send schedule, one CSV of
+        message events per scenario (see docs/loadclient.md).
+
+Framing, masking and the handshake come from the protocol core in
+scalechat.py; this file adds only the client side's sockets and bookkeeping.
+Standard library only.
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import gzip
+import heapq
+import ipaddress
+import json
+import math
+import multiprocessing
+import os
+import random
+import re
+import resource
+import selectors
+import shutil
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from urllib.parse import quote, urlencode, urlsplit
+
+from scalechat import (
+    CLOSE_ABNORMAL,
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_NORMAL,
+    CLOSE_TRY_AGAIN_LATER,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameParser,
+    HandshakeError,
+    ProtocolError,
+    client_handshake_request,
+    encode_close,
+    encode_frame,
+    new_key,
+    new_mask_key,
+    parse_close,
+    parse_handshake_response,
+)
+
+__version__ = "1.0.0"
+
+CSV_HEADER = b"message_id,sender_id,client_id,type,timestamp_us,room,seq,intended_us\n"
+DEFAULT_URL = "ws://127.0.0.1:8080/ws"
+# Close codes after which a client comes back with since=<last seq>: the server
+# went away, cut a slow reader, or the connection broke.
+RECONNECT_CODES = frozenset({CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER, CLOSE_ABNORMAL,
+                             CLOSE_INTERNAL_ERROR})
+# One source address holds about 28k connections to one destination (ports
+# 32768-60999); above this many clients of a loopback target, bind to
+# 127.0.0.2, 127.0.0.3, ... as well.
+CLIENTS_PER_SOURCE_ADDRESS = 25_000
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+# Below glibc's 128 KiB mmap threshold: a 256 KiB recv buffer is mapped and
+# unmapped on every call, which cost ~12 us per recv here (six times the rest).
+RECV_SIZE = 1 << 16
+MAX_MESSAGE_SIZE = 1 << 24
+
+
+class SettingsError(Exception):
+    """A bad command line or an unreachable server: one line to stderr, exit code 2."""
+
+
+def now_us() -> int:
+    """Wall clock in integer microseconds since the epoch (the CSV's clock)."""
+    return time.time_ns() // 1000
+
+
+def iso_time(us: int) -> str:
+    """RFC 3339 UTC time with microseconds for an epoch-microsecond stamp."""
+    return datetime.fromtimestamp(us / 1e6, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# ---------------------------------------------------------------------------
+# Target: the server URL, split into what a connection needs
+# ---------------------------------------------------------------------------
+
+ROOM_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A ws:// server URL resolved once: address to connect to, Host header, base path, room."""
+    url: str
+    host_header: str
+    address: tuple
+    family: int
+    base_path: str
+    room: str | None
+
+    @property
+    def loopback(self) -> bool:
+        return ipaddress.ip_address(self.address[0]).is_loopback
+
+    def resource(self, room: str | None, name: str | None = None, since: int | None = None) -> str:
+        """The request target for a room, with name and since as query parameters."""
+        path = f"{self.base_path}/{quote(room)}" if room else self.base_path
+        query = {k: v for k, v in (("name", name), ("since", since)) if v is not None}
+        return f"{path}?{urlencode(query)}" if query else path
+
+
+def parse_server_url(url: str) -> Target:
+    """Validate and resolve a ws:// URL; a room in the path (/ws/<room>) becomes the default room."""
+    parts = urlsplit(url)
+    if parts.scheme == "wss":
+        raise SettingsError(f"--server-url {url}: wss:// is not supported; use ws:// (TLS ends in front)")
+    if parts.scheme != "ws" or not parts.hostname:
+        raise SettingsError(f"--server-url {url}: expected ws://host[:port]/ws[/room]")
+    try:
+        port = parts.port or 80
+    except ValueError:
+        raise SettingsError(f"--server-url {url}: bad port") from None
+    try:
+        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise SettingsError(f"--server-url {url}: cannot resolve {parts.hostname}: {exc.strerror}") from None
+    family, _, _, _, address = infos[0]
+    path = parts.path.rstrip("/") or "/ws"
+    base_path, room = path, None
+    head, _, tail = path.rpartition("/")
+    if head.endswith("/ws") and ROOM_RE.match(tail):
+        base_path, room = head, tail
+    host_header = parts.netloc.rpartition("@")[2]
+    return Target(url, host_header, address[:2], family, base_path, room)
+
+
+# ---------------------------------------------------------------------------
+# Event loop: one selectors loop with a timer heap per process
+# ---------------------------------------------------------------------------
+
+class Loop:
+    """A selectors loop and a heap of timers: everything one process does runs on it."""
+
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.timers: list = []
+        self._tiebreak = 0
+
+    def call_later(self, delay: float, fn, *args) -> None:
+        """Run fn(*args) after delay seconds; callbacks check their own state instead of being cancelled."""
+        self._tiebreak += 1
+        heapq.heappush(self.timers, (time.monotonic() + delay, self._tiebreak, fn, args))
+
+    def run_once(self, max_wait: float) -> None:
+        """Wait for sockets up to max_wait (or the next timer), dispatch them, then run due timers."""
+        timers = self.timers
+        wait = max_wait
+        if timers:
+            wait = max(0.0, min(wait, timers[0][0] - time.monotonic()))
+        for key, mask in self.selector.select(wait):
+            key.data(mask)
+        now = time.monotonic()
+        while timers and timers[0][0] <= now:
+            _, _, fn, args = heapq.heappop(timers)
+            fn(*args)
+
+
+# ---------------------------------------------------------------------------
+# Client connection: connect, handshake, frames, close (non-blocking)
+# ---------------------------------------------------------------------------
+
+IDLE, CONNECTING, HANDSHAKE, OPEN, CLOSING = range(5)
+
+
+class ClientConnection:
+    """One non-blocking WebSocket client connection on a Loop; subclasses handle text frames and endings."""
+
+    __slots__ = ("attempt", "close_code", "close_reason", "close_sent", "closed_by_us", "inbuf",
+                 "key", "loop", "name", "outbuf", "parser", "room", "sock", "source", "started",
+                 "state", "target", "timeout", "writing")
+
+    def __init__(self, loop: Loop, target: Target, room: str | None, name: str | None,
+                 source: str | None = None, timeout: float = 10.0) -> None:
+        self.loop, self.target, self.room, self.name = loop, target, room, name
+        self.source, self.timeout = source, timeout
+        self.sock = self.parser = None
+        self.state = IDLE
+        self.attempt = 0
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.writing = self.close_sent = self.closed_by_us = False
+        self.close_code, self.close_reason, self.key, self.started = CLOSE_ABNORMAL, "", "", 0.0
+
+    # -- hooks for subclasses ------------------------------------------------
+    def on_frames(self, frames: list) -> None:
+        """Handle a batch of (opcode, payload) frames from one read (text frames at least)."""
+        raise NotImplementedError
+
+    def on_ended(self, code: int, reason: str, by_us: bool) -> None:
+        """The connection is gone (or never came up): code 1006 for a lost or failed connection."""
+
+    # -- connecting ------------------------------------------------------------
+    def connect(self, since: int | None = None) -> None:
+        """Start a non-blocking connect and handshake; since asks the server to replay what was missed."""
+        self.attempt += 1
+        self.state, self.close_sent, self.closed_by_us, self.writing = CONNECTING, False, False, False
+        self.close_code, self.close_reason = CLOSE_ABNORMAL, ""
+        self.inbuf.clear()
+        self.outbuf.clear()
+        self.started = time.monotonic()
+        try:
+            sock = socket.socket(self.target.family, socket.SOCK_STREAM)
+        except OSError as exc:
+            self.state = IDLE
+            self.on_ended(CLOSE_ABNORMAL, f"socket: {exc.strerror}", False)
+            return
+        self.sock = sock
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            if self.source:
+                # Defer the port choice to connect(), so the 4-tuple, not the
+                # source address alone, has to be unique.
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((self.source, 0))
+            err = sock.connect_ex(self.target.address)
+        except OSError as exc:
+            self._fail(f"connect: {exc.strerror}")
+            return
+        if err not in (0, 115):  # 115: EINPROGRESS
+            self._fail(f"connect: {os.strerror(err)}")
+            return
+        self.key = new_key()
+        resource_ = self.target.resource(self.room, self.name, since)
+        self.outbuf += client_handshake_request(self.target.host_header, resource_, self.key)
+        self.loop.selector.register(sock, selectors.EVENT_WRITE, self._on_event)
+        self.writing = True
+        self.loop.call_later(self.timeout, self._check_open_in_time, self.attempt)
+
+    def _check_open_in_time(self, attempt: int) -> None:
+        if attempt == self.attempt and self.state in (CONNECTING, HANDSHAKE):
+            self._fail("timeout: no TCP connect" if self.state == CONNECTING
+                       else "timeout: no handshake answer")
+
+    def _fail(self, reason: str) -> None:
+        self._drop(CLOSE_ABNORMAL, reason, False)
+
+    # -- events ----------------------------------------------------------------
+    def _on_event(self, mask: int) -> None:
+        if mask & selectors.EVENT_READ:
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError as exc:
+                self._drop(CLOSE_ABNORMAL, f"lost: {exc.strerror}", False)
+                return
+            if data == b"":
+                if self.close_sent:
+                    self._drop(self.close_code, self.close_reason, self.closed_by_us)
+                else:
+                    self._drop(CLOSE_ABNORMAL, "lost: connection closed", False)
+                return
+            if data:
+                self._on_data(data)
+        if mask & selectors.EVENT_WRITE and self.sock is not None:
+            if self.state == CONNECTING:
+                err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    self._fail(f"connect: {os.strerror(err)}")
+                    return
+                self.state = HANDSHAKE
+            self._flush()
+
+    def _on_data(self, data: bytes) -> None:
+        if self.state == HANDSHAKE:
+            self.inbuf += data
+            try:
+                used = parse_handshake_response(self.inbuf, self.key)
+            except HandshakeError as exc:
+                self._fail(f"handshake: {exc.status} {exc.reason}".rstrip())
+                return
+            if used is None:
+                return
+            data = bytes(self.inbuf[used:])
+            self.inbuf.clear()
+            self.parser = FrameParser(expect_masked=False, max_message_size=MAX_MESSAGE_SIZE)
+            self.state = OPEN
+            if not data:
+                return
+        try:
+            frames = self.parser.feed(data)
+        except ProtocolError as exc:
+            self.close(exc.code, exc.reason)
+            self._drop(exc.code, f"protocol: {exc.reason}", False)
+            return
+        if frames:
+            self.on_frames(frames)
+
+    def on_control(self, opcode: int, payload: bytes) -> None:
+        """Answer pings, complete closing handshakes."""
+        if opcode == OP_PING:
+            self.send(encode_frame(OP_PONG, payload, mask_key=new_mask_key()))
+        elif opcode == OP_CLOSE:
+            try:
+                code, reason = parse_close(payload)
+            except ProtocolError as exc:
+                code, reason = exc.code, exc.reason
+            if not self.close_sent:
+                self.close_code, self.close_reason = code, reason
+                self._send_close(CLOSE_NORMAL if code in (1005, 1006) else code, "")
+            # The server closes TCP first (RFC 6455 7.1.1); wait for its FIN so
+            # TIME_WAIT stays on its side, or give up after the timeout.
+            self.state = CLOSING
+
+    # -- sending ---------------------------------------------------------------
+    def send(self, data: bytes) -> None:
+        """Queue bytes; write at once when nothing is waiting, else when the socket is writable."""
+        if self.sock is None:
+            return
+        if self.outbuf or self.state not in (OPEN, CLOSING):
+            self.outbuf += data
+            return
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._drop(CLOSE_ABNORMAL, f"lost: {exc.strerror}", False)
+            return
+        if sent < len(data):
+            self.outbuf += data[sent:]
+            self._want_write(True)
+
+    def _flush(self) -> None:
+        try:
+            sent = self.sock.send(self.outbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._drop(CLOSE_ABNORMAL, f"lost: {exc.strerror}", False)
+            return
+        del self.outbuf[:sent]
+        self._want_write(bool(self.outbuf))
+
+    def _want_write(self, on: bool) -> None:
+        if on != self.writing:
+            self.writing = on
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
+            self.loop.selector.modify(self.sock, events, self._on_event)
+
+    def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        """Start the closing handshake (or drop a connection that is not open yet)."""
+        if self.state in (CONNECTING, HANDSHAKE):
+            self._drop(code, reason, True)
+            return
+        if self.sock is None or self.close_sent:
+            return
+        self.close_code, self.close_reason, self.closed_by_us = code, reason, True
+        self._send_close(code, reason)
+
+    def _send_close(self, code: int, reason: str) -> None:
+        self.close_sent = True
+        self.send(encode_close(code, reason, mask_key=new_mask_key()))
+        self.state = CLOSING
+        self.loop.call_later(min(self.timeout, 2.0), self._force_close, self.attempt)
+
+    def _force_close(self, attempt: int) -> None:
+        if attempt == self.attempt and self.sock is not None:
+            self._drop(self.close_code, self.close_reason or "timeout: closing handshake",
+                       self.closed_by_us)
+
+    def _drop(self, code: int, reason: str, by_us: bool) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            try:
+                self.loop.selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass  # the connect failed before the socket was registered
+            sock.close()
+        self.state = IDLE
+        self.attempt += 1  # stale timers of this attempt now do nothing
+        self.on_ended(code, reason, by_us)
+
+
+# ---------------------------------------------------------------------------
+# Receive path: the fields of a chat message without json.loads
+# ---------------------------------------------------------------------------
+
+# The server encodes every message with the same field order and no spaces,
+# so splitting at the first 19 quotes puts seq, sender and message_id at fixed
+# places, and the two send stamps the load client wrote at the start of its
+# text right after them: far cheaper than json.loads or a regex. The key
+# names are checked; anything else (another type or field order, a quote
+# escaped inside a name, someone else's text) takes the json.loads path.
+STAMP_DIGITS = 16  # epoch microseconds until the year 2286; senders zero-pad to it
+STAMPS_END = 2 * STAMP_DIGITS + 1
+
+
+def split_message(payload: bytes) -> tuple | None:
+    """(seq, sender, message_id, sent_us, intended_us) as bytes from a server message frame, or None."""
+    parts = payload.split(b'"', 19)
+    if len(parts) < 20 or parts[3] != b"message" or parts[15] != b"message_id" or parts[17] != b"text":
+        return None
+    if b"\\" in parts[13]:  # an escape in the name: only json.loads reads it right
+        return None
+    text = parts[19]
+    sent, intended = text[:STAMP_DIGITS], text[STAMP_DIGITS + 1:STAMPS_END]
+    if not (sent.isdigit() and intended.isdigit() and text[STAMPS_END:STAMPS_END + 1] in (b" ", b'"')):
+        return None
+    return parts[10].strip(b": ,"), parts[13], parts[16].strip(b": ,"), sent, intended
+
+
+STAMPS_RE = re.compile(rf"(\d{{{STAMP_DIGITS}}}) (\d{{{STAMP_DIGITS}}})(?: |$)")
+
+
+def message_fields(event: dict) -> tuple | None:
+    """split_message's fields from a decoded message (the slow path), or None if it is not ours."""
+    stamps = STAMPS_RE.match(event.get("text", ""))
+    if stamps is None or not isinstance(event.get("seq"), int):
+        return None
+    return (b"%d" % event["seq"], str(event.get("sender", "")).encode(),
+            b"%d" % event.get("message_id", 0), stamps[1].encode(), stamps[2].encode())
+
+
+# ---------------------------------------------------------------------------
+# Latency histogram
+# ---------------------------------------------------------------------------
+
+def _bucket_bounds() -> list:
+    bounds = list(range(1, 101))
+    while bounds[-1] < 3_600_000_000:
+        bounds.append(max(bounds[-1] + 1, int(bounds[-1] * 1.01)))
+    return bounds
+
+
+class LatencyHistogram:
+    """Microsecond values in buckets 1% wide (exact below 100 us); merges exactly across processes."""
+
+    BOUNDS = _bucket_bounds()  # bucket b holds BOUNDS[b-1] <= v < BOUNDS[b]
+    __slots__ = ("count", "counts", "max", "total")
+
+    def __init__(self, state: dict | None = None) -> None:
+        state = state or {}
+        self.counts = dict(state.get("counts", {}))
+        self.count, self.total, self.max = state.get("count", 0), state.get("total", 0), state.get("max", 0)
+
+    def add_sorted(self, values: list) -> None:
+        """Add a sorted list of values: one bisect per occupied bucket, not one per value."""
+        if not values:
+            return
+        bounds, counts, n, i = self.BOUNDS, self.counts, len(values), 0
+        last = len(bounds)
+        while i < n:
+            b = bisect.bisect_right(bounds, values[i])
+            j = n if b >= last else bisect.bisect_left(values, bounds[b], i)
+            counts[b] = counts.get(b, 0) + j - i
+            i = j
+        self.count += n
+        self.total += sum(values)
+        self.max = max(self.max, values[-1])
+
+    def merge(self, other: LatencyHistogram) -> None:
+        """Add another histogram's counts to this one."""
+        for b, c in other.counts.items():
+            self.counts[b] = self.counts.get(b, 0) + c
+        self.count += other.count
+        self.total += other.total
+        self.max = max(self.max, other.max)
+
+    def percentile(self, q: float) -> float:
+        """The q-th percentile (0-100) in microseconds; 0 when empty."""
+        if not self.count:
+            return 0.0
+        rank = max(1, math.ceil(self.count * q / 100))
+        seen = 0
+        for b in sorted(self.counts):
+            seen += self.counts[b]
+            if seen >= rank:
+                low = self.BOUNDS[b - 1] if b > 0 else 0
+                high = self.BOUNDS[b] - 1 if b < len(self.BOUNDS) else low
+                return float(min(self.max, (low + high) / 2 if b > 100 else low))
+        return float(self.max)
+
+    def summary_ms(self) -> dict:
+        """p50/p90/p99/p99.9/max/mean in milliseconds, and the count."""
+        out = {f"p{q:g}": round(self.percentile(q) / 1000, 3) for q in (50, 90, 99, 99.9)}
+        out["max"] = round(self.max / 1000, 3)
+        out["mean"] = round(self.total / self.count / 1000, 3) if self.count else 0.0
+        out["count"] = self.count
+        return out
+
+    def state(self) -> dict:
+        """A picklable copy (for the pipe to the parent process)."""
+        return {"counts": self.counts, "count": self.count, "total": self.total, "max": self.max}
+
+
+# ---------------------------------------------------------------------------
+# CSV part file of one worker process
+# ---------------------------------------------------------------------------
+
+class CsvSink:
+    """Rows appended to a bytearray and streamed to a part file, never all in memory.
+
+    bytearray += is the cheapest way to collect small rows here: several times
+    cheaper than a list of rows (or of pieces) joined at flush time.
+    """
+
+    FLUSH_BYTES = 1 << 22
+
+    def __init__(self, path: str, compress: bool) -> None:
+        self.path = path
+        # Open for the whole run, closed by close(): no with-block can span it.
+        self.file = gzip.open(path, "wb", compresslevel=1) if compress else open(path, "wb")  # noqa: SIM115
+        self.buf = bytearray()
+
+    def flush(self) -> None:
+        """Write the buffered rows."""
+        if self.buf:
+            self.file.write(self.buf)
+            self.buf.clear()
+
+    def close(self) -> None:
+        """Flush and close the part file."""
+        self.flush()
+        self.file.close()
+
+
+def merge_parts(parts: list, path: str) -> None:
+    """Concatenate worker part files under one header into path (gzip members concatenate too)."""
+    with open(path, "wb") as out:
+        out.write(gzip.compress(CSV_HEADER, 1) if path.endswith(".gz") else CSV_HEADER)
+        for part in parts:
+            if os.path.exists(part):
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+                os.remove(part)
+
+
+# ---------------------------------------------------------------------------
+# Load test: simulated clients and the worker process that runs them
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ScenarioPlan:
+    """Everything a worker process needs to run its share of one scenario."""
+    scenario: str
+    rooms: int
+    room_size: int
+    procs: int
+    target: Target
+    room_prefix: str
+    interval_us: int
+    msg_size: int
+    jitter: float
+    seed: int
+    ramp: float
+    record_fraction: float
+    connect_timeout: float
+    part_template: str
+    spread_sources: bool
+
+    @property
+    def clients(self) -> int:
+        return self.rooms * self.room_size
+
+    def records(self, index: int) -> bool:
+        """Whether client index records latencies and Received rows (a seeded, stable sample)."""
+        if self.record_fraction >= 1:
+            return True
+        return random.Random(self.seed * 1_000_003 + index).random() < self.record_fraction
+
+    def source_address(self, index: int) -> str | None:
+        """127.0.0.{2,3,...} for every further block of clients of a loopback target, else None."""
+        block = index // CLIENTS_PER_SOURCE_ADDRESS
+        return f"127.0.0.{1 + block}" if self.spread_sources and block else None
+
+
+class LoadClient(ClientConnection):
+    """One simulated chat client: sends on its schedule, counts and records what arrives."""
+
+    __slots__ = ("backlog", "ever_welcomed", "failures", "finished", "index", "last_seq",
+                 "message_id", "name_b", "phase_us", "recording", "replay_until", "room_b",
+                 "scheduled", "settled", "welcomed", "worker")
+
+    def __init__(self, worker: LoadWorker, index: int) -> None:
+        plan = worker.plan
+        room = f"{plan.room_prefix}{index % plan.rooms}"
+        name = f"c{index}"
+        super().__init__(worker.loop, plan.target, room, name, plan.source_address(index),
+                         plan.connect_timeout)
+        self.worker, self.index = worker, index
+        self.name_b, self.room_b = name.encode(), room.encode()
+        self.recording = plan.records(index)
+        self.last_seq = self.replay_until = self.message_id = self.scheduled = self.failures = 0
+        self.phase_us = 0
+        self.backlog: list = []
+        self.welcomed = self.ever_welcomed = self.finished = self.settled = False
+
+    def start(self) -> None:
+        """Connect, with since=<last seq> after the first time so nothing is missed."""
+        self.connect(self.last_seq if self.ever_welcomed else None)
+
+    # -- receiving (the hot path) -------------------------------------------
+    def on_frames(self, frames: list) -> None:
+        ts = time.time_ns() // 1000
+        worker = self.worker
+        last_seq, replay_until = self.last_seq, self.replay_until
+        received = late = 0
+        recording = self.recording
+        if recording:
+            buf = worker.sink.buf
+            lat_append, ilat_append = worker.latencies.append, worker.intended_latencies.append
+            tail = b",%s,Received,%d,%s," % (self.name_b, ts, self.room_b)
+        for opcode, payload in frames:
+            if opcode != OP_TEXT:
+                self.on_control(opcode, payload)
+                continue
+            fields = split_message(payload)
+            if fields is None:
+                self.last_seq = last_seq
+                fields = self.on_other_text(payload)
+                last_seq, replay_until = self.last_seq, self.replay_until
+                if fields is None:
+                    continue
+            seq_b, sender, mid, sent, intended = fields
+            seq = int(seq_b)
+            if seq != last_seq + 1:
+                if seq <= last_seq:
+                    worker.duplicates += 1
+                    continue
+                worker.count_error("seq gap (messages missing)", seq - last_seq - 1)
+            last_seq = seq
+            received += 1
+            if seq <= replay_until:
+                late += 1
+            if recording:
+                buf += b"%s,%s%s%s,\n" % (mid, sender, tail, seq_b)
+                lat_append(ts - int(sent))
+                ilat_append(ts - int(intended))
+        self.last_seq = last_seq
+        worker.received += received
+        worker.late += late
+
+    def on_other_text(self, payload: bytes) -> tuple | None:
+        """The json.loads path: welcome, members, error, and messages the regex did not match."""
+        try:
+            event = json.loads(payload)
+            kind = event.get("type")
+        except (ValueError, AttributeError):
+            self.worker.count_error("bad frame from server")
+            return None
+        if kind == "message":
+            fields = message_fields(event)
+            if fields is None:  # someone else's message in our room: keep seq, count nothing
+                self.last_seq = max(self.last_seq, event.get("seq", 0))
+                self.worker.foreign += 1
+            return fields
+        if kind == "welcome":
+            self.on_welcome(event)
+        elif kind == "error":
+            self.worker.count_error(f"error {event.get('code', '?')}")
+        return None
+
+    def on_welcome(self, event: dict) -> None:
+        """Joined: start counting, or after a reconnect mark the replayed range as late."""
+        worker = self.worker
+        room_seq = int(event.get("seq", 0))
+        if self.ever_welcomed:
+            worker.reconnects += 1
+            if room_seq < self.last_seq:  # the server restarted: its history is gone
+                worker.count_error("room reset (server restarted)")
+                self.last_seq = room_seq
+            self.replay_until = room_seq
+        else:
+            self.last_seq = room_seq
+            worker.connect_times.append(int((time.monotonic() - self.started) * 1e6))
+        if event.get("name") not in (None, self.name):
+            worker.count_error("server renamed client")
+        self.welcomed = self.ever_welcomed = True
+        self.failures = 0
+        self.settle()
+        worker.connected += 1
+        backlog, self.backlog = self.backlog, []
+        for intended in backlog:
+            self.send_message(intended)
+
+    # -- sending ---------------------------------------------------------------
+    def send_message(self, intended: int) -> None:
+        """Send one scheduled message now (or hold it until the connection is back)."""
+        if not self.welcomed or self.state != OPEN:
+            self.backlog.append(intended)
+            return
+        worker = self.worker
+        ts = time.time_ns() // 1000
+        self.message_id += 1
+        payload = b'{"message_id": %d, "text": "%016d %016d%s", "sent_at": "%s"}' % (
+            self.message_id, ts, intended, worker.text_tail, worker.rfc3339(ts))
+        self.send(encode_frame(OP_TEXT, payload, mask_key=new_mask_key()))
+        worker.sink.buf += b"%d,%s,%s,Sent,%d,%s,,%d\n" % (
+            self.message_id, self.name_b, self.name_b, ts, self.room_b, intended)
+        worker.sent += 1
+
+    # -- endings ----------------------------------------------------------------
+    def on_ended(self, code: int, reason: str, by_us: bool) -> None:
+        worker = self.worker
+        if self.welcomed:
+            self.welcomed = False
+            worker.connected -= 1
+        if by_us and code == CLOSE_NORMAL:
+            self.finish()
+            return
+        worker.count_error(reason if code == CLOSE_ABNORMAL else f"close {code}")
+        self.settle()
+        comes_back = code in RECONNECT_CODES or not self.ever_welcomed  # first connects retry too
+        if worker.closing or not comes_back:
+            self.finish()
+            return
+        self.failures += 1
+        delay = min(5.0, 0.1 * 2 ** min(self.failures - 1, 6)) * worker.rng.uniform(0.5, 1.5)
+        worker.loop.call_later(delay, self.retry)
+
+    def retry(self) -> None:
+        """Reconnect after a backoff, unless the run is closing meanwhile."""
+        if self.worker.closing:
+            self.finish()
+        elif self.state == IDLE:
+            self.start()
+
+    # The worker counts instead of scanning thousands of clients every loop turn.
+    def settle(self) -> None:
+        """The first attempt has ended (joined or failed): the ramp need not wait for this client."""
+        if not self.settled:
+            self.settled = True
+            self.worker.unsettled -= 1
+
+    def finish(self) -> None:
+        """Closed for good: the close phase need not wait for this client."""
+        if not self.finished:
+            self.finished = True
+            self.worker.unfinished -= 1
+
+
+RAMP, READY, SEND, DRAIN, CLOSE, DONE = "ramp", "ready", "send", "drain", "close", "done"
+
+
+class LoadWorker:
+    """The clients of one process in one selectors loop; talks to the parent over a pipe."""
+
+    def __init__(self, plan: ScenarioPlan, index: int, channel) -> None:
+        self.plan, self.index, self.channel = plan, index, channel
+        self.loop = Loop()
+        self.rng = random.Random(f"{plan.seed}:{index}")
+        self.sink = CsvSink(plan.part_template.format(index=index), plan.part_template.endswith(".gz"))
+        self.clients = [LoadClient(self, i) for i in range(index, plan.clients, plan.procs)]
+        self.unsettled = self.unfinished = len(self.clients)
+        # The text is the two stamps, then " xxx..." up to msg_size bytes.
+        self.text_tail = b" " + b"x" * (plan.msg_size - STAMPS_END - 1) if plan.msg_size > STAMPS_END else b""
+        self.phase, self.closing = RAMP, False
+        self.connected = self.sent = self.received = self.late = self.duplicates = 0
+        self.reconnects = self.foreign = 0
+        self.errors: dict = {}
+        self.latencies: list = []
+        self.intended_latencies: list = []
+        self.connect_times: list = []
+        self.hist_actual, self.hist_intended = LatencyHistogram(), LatencyHistogram()
+        self.schedule: list = []
+        self.t0 = self.end_us = 0
+        self.ramped = 0
+        self.ramp_started = time.monotonic()
+        self.next_report = math.floor(self.ramp_started) + 1.0
+        self._second, self._stamp_prefix = -1, b""
+
+    def count_error(self, kind: str, n: int = 1) -> None:
+        """Count an error by kind (a short phrase: the summary prints them as they are)."""
+        self.errors[kind] = self.errors.get(kind, 0) + n
+
+    def rfc3339(self, us: int) -> bytes:
+        """sent_at for a stamp; the date part is formatted once a second."""
+        second = us // 1_000_000
+        if second != self._second:
+            self._second = second
+            self._stamp_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
+        return b"%s.%06dZ" % (self._stamp_prefix, us % 1_000_000)
+
+    # -- the loop --------------------------------------------------------------
+    def run(self) -> None:
+        """Ramp up, send on schedule, drain, close; report to the parent all along."""
+        self.loop.selector.register(self.channel, selectors.EVENT_READ, self._on_channel)
+        try:
+            while self.phase != DONE:
+                wait = 0.05
+                if self.schedule:
+                    wait = min(wait, max(0.0, (self.schedule[0][0] - now_us()) / 1e6))
+                self.loop.run_once(wait)
+                if self.phase == RAMP:
+                    self._ramp()
+                elif self.phase == SEND:
+                    self._send_due()
+                elif self.phase == CLOSE and not self.unfinished:
+                    self.phase = DONE
+                if len(self.sink.buf) > CsvSink.FLUSH_BYTES:
+                    self.sink.flush()
+                if time.monotonic() >= self.next_report:
+                    self.report()
+        finally:
+            self.sink.close()
+        unsent = sum(len(c.backlog) for c in self.clients)
+        if unsent:
+            self.count_error("not sent (disconnected at the end)", unsent)
+        self.report(final=True)
+
+    def _ramp(self) -> None:
+        due = min(len(self.clients),
+                  int((time.monotonic() - self.ramp_started) * self.plan.ramp / self.plan.procs) + 1)
+        while self.ramped < due:
+            self.clients[self.ramped].start()
+            self.ramped += 1
+        if self.ramped == len(self.clients) and not self.unsettled:
+            self.phase = READY
+            self.report()
+
+    def _send_due(self) -> None:
+        schedule, clients, now = self.schedule, self.clients, now_us()
+        interval, jitter = self.plan.interval_us, self.plan.jitter * self.plan.interval_us
+        while schedule and schedule[0][0] <= now:
+            intended, i = schedule[0]
+            if intended >= self.end_us:
+                schedule.clear()
+                break
+            client = clients[i]
+            client.send_message(intended)
+            client.scheduled += 1
+            base = self.t0 + client.phase_us + client.scheduled * interval
+            heapq.heapreplace(schedule, (base + int(self.rng.uniform(-jitter, jitter) / 2), i))
+        if not schedule:
+            self._drain()
+
+    def _drain(self) -> None:
+        self.schedule.clear()
+        self.phase = DRAIN
+        self.report()
+
+    # -- the parent's commands -------------------------------------------------
+    def _on_channel(self, mask: int) -> None:
+        try:
+            while self.channel.poll():
+                self._command(*self.channel.recv())
+        except EOFError:  # the parent is gone: end as after a second Ctrl-C
+            self.loop.selector.unregister(self.channel)
+            self._command("close")
+
+    def _command(self, name: str, arg=None) -> None:
+        if name == "go" and self.phase in (RAMP, READY):
+            self.t0, self.end_us = arg
+            self.phase = SEND
+            for i, client in enumerate(self.clients):
+                client.phase_us = int(self.rng.random() * self.plan.interval_us)
+                self.schedule.append((self.t0 + client.phase_us, i))
+            heapq.heapify(self.schedule)
+        elif name == "stop" and self.phase in (RAMP, READY, SEND):
+            self._drain()
+        elif name == "close" and not self.closing:
+            self.closing = True
+            self.phase = CLOSE
+            self.schedule.clear()
+            for client in self.clients:
+                if client.state == IDLE:
+                    client.finish()
+                else:
+                    client.close(CLOSE_NORMAL)
+
+    # -- reports -----------------------------------------------------------------
+    def report(self, final: bool = False) -> None:
+        """Fold this second's latencies into the histograms and send totals to the parent."""
+        # Whole seconds of the system-wide monotonic clock: every worker reports
+        # at the same moments, just before the parent prints its progress line.
+        now = time.monotonic()
+        self.next_report = now + 0.2 if self.phase in (DRAIN, CLOSE) else math.floor(now) + 1.0
+        window = LatencyHistogram()
+        window.add_sorted(sorted(self.intended_latencies))
+        self.hist_intended.merge(window)
+        self.hist_actual.add_sorted(sorted(self.latencies))
+        self.latencies, self.intended_latencies = [], []
+        self.sink.flush()
+        totals = {"phase": self.phase, "time": time.monotonic(), "connected": self.connected,
+                  "sent": self.sent, "received": self.received, "late": self.late,
+                  "duplicates": self.duplicates, "reconnects": self.reconnects, "foreign": self.foreign,
+                  "errors": dict(self.errors), "window": window.state()}
+        if final:
+            connect = LatencyHistogram()
+            connect.add_sorted(sorted(self.connect_times))
+            totals.update(hist_intended=self.hist_intended.state(), hist_actual=self.hist_actual.state(),
+                          hist_connect=connect.state(),
+                          recorded_clients=sum(c.recording for c in self.clients))
+        try:
+            self.channel.send(("final" if final else "tick", totals))
+        except OSError:
+            pass  # the parent is gone; the CSV part is complete all the same
+
+
+def worker_main(plan: ScenarioPlan, index: int, channel) -> None:
+    """Entry point of a worker process: the parent handles Ctrl-C and tells it what to do."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    LoadWorker(plan, index, channel).run()
+
+
+# ---------------------------------------------------------------------------
+# Load test: the parent process (phases, progress line, results)
+# ---------------------------------------------------------------------------
+
+class Interrupts:
+    """SIGINT/SIGTERM handler that counts: the first stops sending, the second skips the grace period."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, signum, frame) -> None:
+        self.count += 1
+
+
+def sum_totals(reports: list) -> dict:
+    """Add up the workers' counters and error counts."""
+    out = {"connected": 0, "sent": 0, "received": 0, "late": 0, "duplicates": 0, "reconnects": 0,
+           "foreign": 0, "errors": {}}
+    for report in reports:
+        for key in out:
+            if key == "errors":
+                for kind, n in report["errors"].items():
+                    out["errors"][kind] = out["errors"].get(kind, 0) + n
+            else:
+                out[key] += report[key]
+    return out
+
+
+def merged_histogram(reports: list, key: str) -> LatencyHistogram:
+    """One histogram from the same histogram of every worker report."""
+    hist = LatencyHistogram()
+    for report in reports:
+        hist.merge(LatencyHistogram(report[key]))
+    return hist
+
+
+class ScenarioRun:
+    """The parent's side of one scenario: start workers, pace the phases, show progress, build the result."""
+
+    WINDOW_S = 5.0
+
+    def __init__(self, settings: argparse.Namespace, plan: ScenarioPlan, run_dir: str,
+                 interrupts: Interrupts) -> None:
+        self.settings, self.plan, self.run_dir, self.interrupts = settings, plan, run_dir, interrupts
+        self.latest: list = [None] * plan.procs
+        self.finals: list = [None] * plan.procs
+        self.windows: list = []
+        self.phase = RAMP
+        self.t0 = self.send_end = 0
+        self.drain_deadline = 0.0
+        self.started_us = now_us()
+        self.tty = sys.stderr.isatty()
+        self.shown: list = [None] * plan.procs  # each worker's report at the last progress line
+        self.rates = [(0.0, 0.0)] * plan.procs
+
+    def run(self) -> dict:
+        """Run the scenario to its end and return its result (also written as <scenario>.meta.json)."""
+        ctx = multiprocessing.get_context("fork")
+        self.conns, procs = {}, []
+        for i in range(self.plan.procs):
+            parent_end, child_end = ctx.Pipe()
+            proc = ctx.Process(target=worker_main, args=(self.plan, i, child_end),
+                               name=f"loadclient-worker-{i}", daemon=True)
+            proc.start()
+            child_end.close()
+            self.conns[parent_end] = i
+            procs.append(proc)
+        ramp_s = self.plan.clients / self.plan.ramp
+        self.ramp_deadline = time.monotonic() + ramp_s + self.plan.connect_timeout + 2
+        self.close_deadline = math.inf
+        next_progress = math.floor(time.monotonic()) + 1.15  # just after the workers' reports
+        while self.conns:
+            for conn in multiprocessing.connection.wait(list(self.conns), 0.1):
+                self._receive(conn)
+            self._advance()
+            if time.monotonic() >= next_progress:
+                next_progress = math.floor(time.monotonic()) + 1.15
+                self._progress()
+            if time.monotonic() > self.close_deadline:
+                break
+        for proc in procs:
+            proc.join(1.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        if self.tty:
+            sys.stderr.write("\n")
+        return self._result()
+
+    def _receive(self, conn) -> None:
+        index = self.conns[conn]
+        try:
+            while conn.poll():
+                kind, report = conn.recv()
+                self.latest[index] = report
+                if kind == "final":
+                    self.finals[index] = report
+                else:
+                    self.windows.append((time.monotonic(), LatencyHistogram(report["window"])))
+        except (EOFError, OSError):
+            del self.conns[conn]
+            if self.finals[index] is None:
+                print(f"loadclient: worker {index} ended without its report", file=sys.stderr)
+
+    def _broadcast(self, *command) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(command)
+            except OSError:
+                pass  # that worker is gone; _receive notices
+
+    def _phases(self) -> set:
+        return {report["phase"] if report else RAMP for report in self.latest}
+
+    def _advance(self) -> None:
+        ctrl_c, now = self.interrupts.count, time.monotonic()
+        if self.phase == RAMP:
+            if ctrl_c:
+                self._close()
+            elif self._phases() == {READY} or now > self.ramp_deadline:
+                self.t0 = now_us() + 100_000  # every worker has the command before its first send
+                duration = self.settings.duration
+                end = self.t0 + int(duration * 1e6) if duration else 1 << 62
+                self._broadcast("go", (self.t0, end))
+                self.phase = SEND
+        elif self.phase == SEND:
+            if ctrl_c:
+                self._broadcast("stop")
+            if ctrl_c or self._phases() == {DRAIN}:
+                self.phase, self.send_end = DRAIN, now_us()
+                self.drain_deadline = now + self.settings.grace
+        elif self.phase == DRAIN:
+            totals = sum_totals([r for r in self.latest if r])
+            drained = self._phases() == {DRAIN} and totals["received"] >= totals["sent"] * self.plan.room_size
+            if drained or ctrl_c >= 2 or now > self.drain_deadline:
+                self._close()
+
+    def _close(self) -> None:
+        self._broadcast("close")
+        self.phase = CLOSE
+        self.close_deadline = time.monotonic() + self.plan.connect_timeout + 5
+
+    def _progress(self) -> None:
+        reports = [r for r in self.latest if r]
+        if not reports:
+            return
+        totals = sum_totals(reports)
+        for i, (report, shown) in enumerate(zip(self.latest, self.shown)):
+            # Rates from each worker's own report times, so a report that lands
+            # just before or after this line does not skew them.
+            if report and shown and report["time"] > shown["time"]:
+                dt = report["time"] - shown["time"]
+                self.rates[i] = ((report["sent"] - shown["sent"]) / dt,
+                                 (report["received"] - shown["received"]) / dt)
+        self.shown = list(self.latest)
+        send_rate, receive_rate = (sum(r[k] for r in self.rates) for k in (0, 1))
+        now = time.monotonic()
+        self.windows = [(t, h) for t, h in self.windows if t > now - self.WINDOW_S]
+        window = LatencyHistogram()
+        for _, hist in self.windows:
+            window.merge(hist)
+        elapsed = (now_us() - (self.t0 or self.started_us)) / 1e6
+        line = (f"{self.plan.scenario} {self.phase:5} {elapsed:5.0f}s  "
+                f"conn {totals['connected']}/{self.plan.clients}  "
+                f"send/s {send_rate:.0f}  recv/s {receive_rate:.0f}  "
+                f"p50 {window.percentile(50) / 1000:.1f}ms p99 {window.percentile(99) / 1000:.1f}ms  "
+                f"late {totals['late']}  err {sum(totals['errors'].values())}  "
+                f"reconn {totals['reconnects']}")
+        sys.stderr.write(f"\r{line}\x1b[K" if self.tty else line + "\n")
+        sys.stderr.flush()
+
+    def _result(self) -> dict:
+        plan, settings = self.plan, self.settings
+        reports = [f or l for f, l in zip(self.finals, self.latest) if f or l]
+        totals = sum_totals(reports)
+        missing = sum(f is None for f in self.finals)
+        if missing:
+            totals["errors"]["worker without final report"] = missing
+        finals = [f for f in self.finals if f]
+        end = now_us()
+        send_end = self.send_end or end
+        duration_s = max(0.0, (send_end - self.t0) / 1e6) if self.t0 else 0.0
+        expected = totals["sent"] * plan.room_size
+        received = totals["received"]
+        ext = ".csv.gz" if settings.gzip else ".csv"
+        csv_path = os.path.join(self.run_dir, plan.scenario + ext)
+        merge_parts([plan.part_template.format(index=i) for i in range(plan.procs)], csv_path)
+        result = {
+            "scenario": plan.scenario, "rooms": plan.rooms, "room_size": plan.room_size,
+            "clients": plan.clients, "procs": plan.procs,
+            "connect_ms": merged_histogram(finals, "hist_connect").summary_ms(),
+            "sent": totals["sent"], "expected": expected, "received": received,
+            "late": totals["late"], "lost": max(0, expected - received),
+            "duplicates": totals["duplicates"], "foreign": totals["foreign"],
+            "delivery_ratio": round(received / expected, 6) if expected else None,
+            "duration_s": round(duration_s, 3),
+            "deliveries_per_s": round(received / duration_s, 1) if duration_s else 0.0,
+            "latency_ms": merged_histogram(finals, "hist_intended").summary_ms(),
+            "latency_actual_ms": merged_histogram(finals, "hist_actual").summary_ms(),
+            "recorded_clients": sum(f["recorded_clients"] for f in finals),
+            "reconnects": totals["reconnects"], "errors": totals["errors"],
+            "interrupted": self.interrupts.count > 0, "csv": csv_path,
+        }
+        meta = {
+            "scenario": plan.scenario, "rooms": plan.rooms, "room_size": plan.room_size,
+            "clients": plan.clients, "msg_interval_ms": plan.interval_us / 1000,
+            "msg_size": plan.msg_size, "duration_s": result["duration_s"], "ramp": plan.ramp,
+            "start_time": iso_time(self.t0 or self.started_us), "end_time": iso_time(end),
+            "start_us": self.t0 or self.started_us, "end_us": end, "server_url": plan.target.url,
+            "tool": "loadclient.py", "version": __version__, "seed": plan.seed,
+            "settings": {k: v for k, v in vars(settings).items() if k not in ("target", "scenarios")},
+            "sent": totals["sent"], "received": received, "errors": totals["errors"],
+            "record_receivers": plan.record_fraction, "room_prefix": plan.room_prefix,
+            "summary": result,
+        }
+        result["meta"] = os.path.join(self.run_dir, plan.scenario + ".meta.json")
+        with open(result["meta"], "w") as f:
+            json.dump(meta, f, indent=2)
+            f.write("\n")
+        return result
+
+
+# ---------------------------------------------------------------------------
+# Load test: summary, thresholds, the whole run
+# ---------------------------------------------------------------------------
+
+def format_summary(r: dict) -> str:
+    """The human-readable summary of one scenario."""
+    def lat(d: dict) -> str:
+        return "  ".join(f"{k} {d[k]:.2f}" for k in ("p50", "p90", "p99", "p99.9", "max")) + " ms"
+    ratio = "n/a" if r["delivery_ratio"] is None else f"{r['delivery_ratio']:.6f}"
+    errors = ", ".join(f"{k}: {n}" for k, n in sorted(r["errors"].items())) or "none"
+    c = r["connect_ms"]
+    return "\n".join([
+        (f"== scenario {r['scenario']}: {r['clients']} clients, {r['rooms']} rooms of {r['room_size']},"
+         f" {r['procs']} process(es), {r['duration_s']:.1f} s of sending"
+         + (" (interrupted)" if r["interrupted"] else "")),
+        (f"  connected      {c['count']}/{r['clients']}   connect p50 {c['p50']:.1f} ms"
+         f"  p99 {c['p99']:.1f} ms  max {c['max']:.1f} ms"),
+        f"  sent           {r['sent']}",
+        f"  expected       {r['expected']} deliveries",
+        (f"  received       {r['received']}   delivery ratio {ratio}"
+         f"   {r['deliveries_per_s']:.0f} deliveries/s"),
+        f"  late           {r['late']}   (replayed after a reconnect with since)",
+        f"  lost           {r['lost']}   duplicates {r['duplicates']}",
+        (f"  latency        {lat(r['latency_ms'])}   (from the intended send time,"
+         f" {r['recorded_clients']} recording clients)"),
+        f"  latency/actual {lat(r['latency_actual_ms'])}",
+        f"  reconnects     {r['reconnects']}",
+        f"  errors         {errors}",
+        f"  files          {r['csv']}  {r['meta']}",
+    ])
+
+
+def missed_thresholds(results: list, settings: argparse.Namespace) -> list:
+    """One line per threshold a scenario missed (--max-p99 on intended-time latency, --min-delivery)."""
+    missed = []
+    for r in results:
+        p99, ratio = r["latency_ms"]["p99"], r["delivery_ratio"]
+        if settings.max_p99 is not None:
+            if not r["latency_ms"]["count"]:
+                missed.append(f"{r['scenario']}: no latency measured for --max-p99 {settings.max_p99} ms")
+            elif p99 > settings.max_p99:
+                missed.append(f"{r['scenario']}: p99 {p99:.2f} ms > --max-p99 {settings.max_p99} ms")
+        if settings.min_delivery is not None and (ratio is None or ratio < settings.min_delivery):
+            missed.append(f"{r['scenario']}: delivery ratio {ratio} < --min-delivery {settings.min_delivery}")
+    return missed
+
+
+def probe(target: Target, room: str, timeout: float) -> None:
+    """Open and close one WebSocket (blocking), so a wrong or unreachable server fails in one line."""
+    try:
+        with socket.create_connection(target.address, timeout=timeout) as sock:
+            key = new_key()
+            sock.sendall(client_handshake_request(target.host_header, target.resource(room, "probe"), key))
+            buf = bytearray()
+            while parse_handshake_response(buf, key) is None:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise ConnectionError(0, "connection closed during the handshake")
+                buf += chunk
+            sock.sendall(encode_close(CLOSE_NORMAL, mask_key=new_mask_key()))
+    except HandshakeError as exc:
+        raise SettingsError(f"{target.url}: no WebSocket there: {exc.status} {exc.reason}") from None
+    except OSError as exc:
+        raise SettingsError(f"cannot connect to {target.url}: {exc.strerror or exc}") from None
+
+
+def run_load_test(settings: argparse.Namespace) -> int:
+    """Run every scenario, print summaries, write --summary-json; exit code 1 when a threshold is missed."""
+    token = os.urandom(3).hex()
+    probe(settings.target, f"lt{token}-probe", settings.connect_timeout)
+    run_dir = settings.out or os.path.join("results", datetime.now().strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(run_dir, exist_ok=True)
+    interrupts = Interrupts()
+    # SIGTERM (a container or CI stopping the run) ends it like Ctrl-C: results still complete.
+    previous = {sig: signal.signal(sig, interrupts) for sig in (signal.SIGINT, signal.SIGTERM)}
+    spread = settings.target.loopback and settings.target.family == socket.AF_INET
+    interval_us = int(settings.msg_frequency * 1000)
+    ext = ".csv.gz" if settings.gzip else ".csv"
+    results = []
+    try:
+        for k, (rooms, room_size) in enumerate(settings.scenarios):
+            if interrupts.count:
+                break
+            if k:
+                pause_until = time.monotonic() + settings.pause
+                while time.monotonic() < pause_until and not interrupts.count:
+                    time.sleep(0.1)
+            scenario = f"{rooms}x{room_size}"
+            plan = ScenarioPlan(
+                scenario, rooms, room_size, min(settings.procs, rooms * room_size), settings.target,
+                f"lt{token}-{scenario}-", interval_us, settings.msg_size, settings.jitter,
+                settings.seed, settings.ramp, settings.record_receivers, settings.connect_timeout,
+                os.path.join(run_dir, f"{scenario}.part{{index}}{ext}"),
+                spread and rooms * room_size > CLIENTS_PER_SOURCE_ADDRESS)
+            results.append(ScenarioRun(settings, plan, run_dir, interrupts).run())
+            print(format_summary(results[-1]), flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    missed = missed_thresholds(results, settings)
+    if settings.summary_json:
+        with open(settings.summary_json, "w") as f:
+            json.dump({"tool": "loadclient.py", "version": __version__, "server_url": settings.target.url,
+                       "run_dir": run_dir, "seed": settings.seed, "scenarios": results,
+                       "thresholds_missed": missed, "passed": not missed}, f, indent=2)
+            f.write("\n")
+    for line in missed:
+        print(f"loadclient: threshold missed: {line}", file=sys.stderr)
+    return 1 if missed else 0
+
+
+# ---------------------------------------------------------------------------
+# Terminal chat
+# ---------------------------------------------------------------------------
+
+class ChatClient(ClientConnection):
+    """The terminal client's connection: prints the room, reconnects with since after a drop."""
+
+    __slots__ = ("exit_code", "failures", "fatal", "last_seq", "message_id", "out", "pending",
+                 "quitting", "was_open")
+
+    def __init__(self, loop: Loop, target: Target, room: str | None, name: str | None, out) -> None:
+        super().__init__(loop, target, room, name)
+        self.out = out
+        self.last_seq: int | None = None
+        self.message_id = self.failures = 0
+        self.pending: list = []
+        self.quitting = self.was_open = False
+        self.exit_code: int | None = None
+        self.fatal = ""
+
+    def say(self, line: str) -> None:
+        """Print one line to the terminal."""
+        self.out.write(line + "\n")
+        self.out.flush()
+
+    def on_frames(self, frames: list) -> None:
+        for opcode, payload in frames:
+            if opcode != OP_TEXT:
+                self.on_control(opcode, payload)
+                continue
+            try:
+                event = json.loads(payload)
+                kind = event["type"]
+            except (ValueError, KeyError, TypeError):
+                self.say(f"! unreadable frame from the server: {payload[:80]!r}")
+                continue
+            if kind == "message":
+                self.last_seq = event.get("seq", self.last_seq)
+                stamp = time.strftime("%H:%M:%S")
+                self.say(f"{stamp} {event.get('sender', '?')}: {event.get('text', '')}")
+            elif kind == "welcome":
+                self.on_welcome(event)
+            elif kind == "members":
+                self.say(f"* members in {event.get('room')}: {event.get('count')}")
+            elif kind == "error":
+                self.say(f"! {event.get('code')}: {event.get('reason')}")
+
+    def on_welcome(self, event: dict) -> None:
+        """Joined (again): say so, then send what was typed while disconnected."""
+        again = self.was_open
+        self.was_open, self.failures = True, 0
+        if again and self.last_seq is not None and event.get("seq", 0) < self.last_seq:
+            self.say("* the server restarted: its history starts over")
+        self.last_seq = event.get("seq", 0) if self.last_seq is None or not again else self.last_seq
+        verb = "reconnected to" if again else "joined"
+        self.say(f"* {verb} {event.get('room')} as {event.get('name')}"
+                 f" ({event.get('members', '?')} here); type /quit to leave")
+        pending, self.pending = self.pending, []
+        for text in pending:
+            self.send_text(text)
+
+    def send_text(self, text: str) -> None:
+        """Send a typed line, or keep it until the connection is back."""
+        if self.state != OPEN or not self.was_open:
+            self.pending.append(text)
+            self.say("* not connected: will send after reconnecting")
+            return
+        self.message_id += 1
+        body = {"message_id": self.message_id, "text": text, "sent_at": iso_time(now_us())}
+        self.send(encode_frame(OP_TEXT, json.dumps(body).encode(), mask_key=new_mask_key()))
+
+    def quit(self) -> None:
+        """Close with 1000 (or stop reconnecting) and let the loop end."""
+        self.quitting = True
+        if self.state == IDLE:
+            self.exit_code = 0
+        else:
+            self.close(CLOSE_NORMAL)
+
+    def on_ended(self, code: int, reason: str, by_us: bool) -> None:
+        if self.quitting:
+            self.say(f"* closed ({code})")
+            self.exit_code = 0
+            return
+        if not self.was_open and self.failures == 0:
+            self.fatal = f"cannot connect to {self.target.url}: {reason}"
+            self.exit_code = 2
+            return
+        self.failures += 1
+        delay = min(10.0, 0.5 * 2 ** min(self.failures - 1, 5))
+        why = reason if code == CLOSE_ABNORMAL else f"closed by the server: {code} {reason}".rstrip()
+        self.say(f"* {why}; reconnecting in {delay:.1f} s")
+        self.loop.call_later(delay, self.reconnect)
+
+    def reconnect(self) -> None:
+        """Try again, asking for the messages missed meanwhile."""
+        if not self.quitting and self.state == IDLE:
+            self.connect(self.last_seq if self.was_open else None)
+
+
+def ask(prompt: str, default: str) -> str:
+    """Read one answer from the terminal, the default on an empty line."""
+    answer = input(f"{prompt} [{default}]: " if default else f"{prompt}: ").strip()
+    return answer or default
+
+
+def run_terminal(settings: argparse.Namespace) -> int:
+    """The interactive chat: stdin and the socket in one selectors loop."""
+    interactive = sys.stdin.isatty()
+    url, name, room = settings.server_url, settings.name, settings.room
+    try:
+        if url is None and interactive:
+            url = ask("server", DEFAULT_URL)
+        if name is None and interactive:
+            name = ask("name (empty: the server picks one)", "") or None
+        target = parse_server_url(url or DEFAULT_URL)
+        if room is None and interactive and target.room is None:
+            room = ask("room", "lobby")
+    except EOFError:
+        return 0
+    room = room or target.room
+    if room is not None and not ROOM_RE.match(room):
+        raise SettingsError(f"--room {room!r}: 1-64 characters of A-Z a-z 0-9 _ . -")
+    loop = Loop()
+    client = ChatClient(loop, target, room, name, sys.stdout)
+    lines = LineReader(sys.stdin.fileno(), client)
+    loop.selector.register(sys.stdin.fileno(), selectors.EVENT_READ, lines.on_readable)
+    client.connect()
+    while client.exit_code is None:
+        try:
+            loop.run_once(0.5)
+        except KeyboardInterrupt:
+            client.quit()
+    if client.fatal:
+        raise SettingsError(client.fatal)
+    return client.exit_code
+
+
+class LineReader:
+    """Typed lines from stdin (a terminal or a pipe), fed to the chat client."""
+
+    def __init__(self, fd: int, client: ChatClient) -> None:
+        self.fd, self.client, self.buf = fd, client, b""
+
+    def on_readable(self, mask: int) -> None:
+        """Read what is there; each full line is a message, /quit or end of input leaves."""
+        data = os.read(self.fd, 65536)
+        if not data:
+            self.client.loop.selector.unregister(self.fd)
+            self.client.quit()
+            return
+        self.buf += data
+        *lines, self.buf = self.buf.split(b"\n")
+        for raw in lines:
+            text = raw.decode("utf-8", "replace").rstrip("\r")
+            if text.strip() == "/quit":
+                self.client.quit()
+                return
+            if text.strip():
+                self.client.send_text(text)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad setting as one line (SettingsError), not usage plus error."""
+
+    def error(self, message: str) -> None:
+        raise SettingsError(message)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows a default only where there is one to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+EXAMPLES = """examples:
+  python loadclient.py --server-url ws://127.0.0.1:8080/ws --name alice --room tea
+  python loadclient.py --load-test --rooms 25 --room-size 4 --rate 1 --duration 30
+  python loadclient.py --load-test --sweep 25x2,25x4,50x8 --duration 20 --max-p99 250 --min-delivery 0.999
+  python loadclient.py --load-test --rooms 1000 --room-size 20 --procs 4 --record-receivers 0.1 --gzip
+"""
+
+
+def build_parser() -> ArgumentParser:
+    """The command line of both modes."""
+    p = ArgumentParser(prog="loadclient.py", description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+                       formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--server-url",
+                   help=f"ws:// URL of the server (default {DEFAULT_URL}; asked when interactive)")
+    chat = p.add_argument_group("terminal chat")
+    chat.add_argument("--name", help="display name (asked when interactive; empty: the server picks one)")
+    chat.add_argument("--room", help="room to join (asked when interactive; default lobby)")
+    load = p.add_argument_group("load test")
+    add = load.add_argument
+    add("--load-test", action="store_true", help="simulate many clients instead of chatting")
+    add("--rooms", type=int, default=10, help="rooms in the scenario")
+    add("--room-size", type=int, default=10, help="clients per room")
+    add("--sweep", help="scenarios ROOMSxSIZE,... to run one after another (e.g. 25x2,25x4,50x8)")
+    rate = load.add_mutually_exclusive_group()
+    rate.add_argument("--msg-frequency", type=float, metavar="MS",
+                      help="each client sends one message every MS ms (default 1000)")
+    rate.add_argument("--rate", type=float, metavar="PER_S", help="each client sends PER_S messages per second")
+    add("--msg-size", type=int, default=100, help="bytes of text per message (the first 33 carry send stamps)")
+    add("--duration", type=float, metavar="S", help="seconds of sending per scenario (default: until Ctrl-C)")
+    add("--ramp", type=float, default=1000.0, help="connections opened per second")
+    add("--procs", type=int, default=1, help="processes that share the clients")
+    add("--out", help="results folder (default results/<YYYYmmdd-HHMMSS>)")
+    add("--gzip", action="store_true", help="write <scenario>.csv.gz")
+    add("--grace", type=float, default=5.0, help="seconds to wait for messages in flight after sending stops")
+    add("--pause", type=float, default=5.0, help="seconds between the scenarios of a sweep")
+    add("--seed", type=int, help="seed of the schedule's phases and jitter (default: random, in the metadata)")
+    add("--jitter", type=float, default=0.1, help="send-time jitter as a fraction of the interval (0 <= J < 1)")
+    add("--record-receivers", type=float, default=1.0, metavar="FRACTION",
+        help="fraction of clients that record latencies and Received rows (all are counted)")
+    add("--connect-timeout", type=float, default=10.0, help="seconds for a connect and handshake")
+    add("--summary-json", metavar="FILE", help="also write the summary as JSON")
+    add("--max-p99", type=float, metavar="MS", help="exit 1 when a scenario's p99 latency exceeds MS")
+    add("--min-delivery", type=float, metavar="RATIO", help="exit 1 when a scenario's delivery ratio < RATIO")
+    return p
+
+
+def parse_sweep(text: str) -> list:
+    """'25x2,25x4' -> [(25, 2), (25, 4)]."""
+    scenarios = []
+    for item in text.split(","):
+        rooms, _, size = item.strip().lower().partition("x")
+        if not (rooms.isdigit() and size.isdigit()):
+            raise SettingsError(f"--sweep {text}: expected ROOMSxSIZE,... (e.g. 25x2,50x8), got {item!r}")
+        scenarios.append((int(rooms), int(size)))
+    return scenarios
+
+
+def parse_settings(argv: list | None = None) -> argparse.Namespace:
+    """Parse and validate the command line; every problem is a SettingsError."""
+    parser = build_parser()
+    s = parser.parse_args(argv)
+    if not s.load_test:
+        defaults = vars(parser.parse_args([]))
+        chat_only = {"server_url", "name", "room", "load_test"}
+        stray = [k for k, v in vars(s).items() if k not in chat_only and v != defaults[k]]
+        if stray:
+            raise SettingsError(f"--{stray[0].replace('_', '-')} needs --load-test")
+        return s
+    if s.rate is not None:
+        if not s.rate > 0:
+            raise SettingsError(f"--rate {s.rate}: must be > 0 messages per second")
+        s.msg_frequency = 1000.0 / s.rate
+    elif s.msg_frequency is None:
+        s.msg_frequency = 1000.0
+    s.scenarios = parse_sweep(s.sweep) if s.sweep else [(s.rooms, s.room_size)]
+    checks = [
+        (all(r >= 1 for r, _ in s.scenarios), "--rooms: must be >= 1"),
+        (all(n >= 1 for _, n in s.scenarios), "--room-size: must be >= 1"),
+        (s.msg_frequency > 0, "--msg-frequency: must be > 0 ms"),
+        (0 <= s.msg_size <= MAX_MESSAGE_SIZE, f"--msg-size: must be 0..{MAX_MESSAGE_SIZE}"),
+        (s.duration is None or s.duration > 0, "--duration: must be > 0 seconds"),
+        (s.ramp > 0, "--ramp: must be > 0 connections per second"),
+        (s.procs >= 1, "--procs: must be >= 1"),
+        (s.grace >= 0 and s.pause >= 0, "--grace and --pause: must be >= 0"),
+        (0 <= s.jitter < 1, "--jitter: must be in [0, 1)"),
+        (0 <= s.record_receivers <= 1, "--record-receivers: must be in [0, 1]"),
+        (s.connect_timeout > 0, "--connect-timeout: must be > 0"),
+        (s.max_p99 is None or s.max_p99 > 0, "--max-p99: must be > 0 ms"),
+        (s.min_delivery is None or 0 <= s.min_delivery <= 1, "--min-delivery: must be in [0, 1]"),
+        (s.max_p99 is None or s.record_receivers > 0, "--max-p99 needs --record-receivers > 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SettingsError(message)
+    largest = max(r * n for r, n in s.scenarios)
+    per_proc = math.ceil(largest / min(s.procs, largest))
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 64
+    if per_proc > files:
+        raise SettingsError(f"{largest} clients need {per_proc} sockets per process, over the open-file"
+                            f" limit ({files}); use --procs {math.ceil(largest / files)} or more")
+    if s.seed is None:
+        s.seed = random.SystemRandom().randrange(1 << 31)
+    s.target = parse_server_url(s.server_url or DEFAULT_URL)
+    return s
+
+
+def main(argv: list | None = None) -> int:
+    """Entry point: terminal chat, or --load-test; exit code 2 for bad settings."""
+    try:
+        settings = parse_settings(argv)
+        return run_load_test(settings) if settings.load_test else run_terminal(settings)
+    except SettingsError as exc:
+        print(f"loadclient: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

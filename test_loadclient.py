@@ -1,0 +1,436 @@
+"""Tests of loadclient.py against real scalechat.py servers: load tests, reconnects, the terminal client."""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import pty
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import websocket
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import loadclient
+from conftest import HERE, free_port, start_server
+from scalechat import CLOSE_TRY_AGAIN_LATER, FrameParser, encode_close, encode_frame
+
+LOADCLIENT = os.path.join(HERE, "loadclient.py")
+HEADER = ["message_id", "sender_id", "client_id", "type", "timestamp_us", "room", "seq", "intended_us"]
+META_KEYS = {"scenario", "rooms", "room_size", "clients", "msg_interval_ms", "msg_size", "duration_s",
+             "ramp", "start_time", "end_time", "start_us", "end_us", "server_url", "tool", "version",
+             "seed", "settings", "sent", "received", "errors"}
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+def load_json(path) -> dict:
+    """A JSON file's content."""
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_load(url: str, out, *args: str, timeout: float = 60) -> tuple:
+    """Run a load test to its end; (exit code, summary JSON or None, stderr)."""
+    summary = os.path.join(out, "summary.json")
+    proc = subprocess.run([sys.executable, LOADCLIENT, "--load-test", "--server-url", url,
+                           "--out", str(out), "--summary-json", summary, *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=HERE, check=False)
+    data = load_json(summary) if os.path.exists(summary) else None
+    return proc.returncode, data, proc.stderr
+
+
+def read_rows(path: str) -> list:
+    """CSV rows as dicts, after checking the header row."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", newline="") as f:
+        reader = csv.reader(f)
+        assert next(reader) == HEADER
+        return [dict(zip(HEADER, row, strict=True)) for row in reader]
+
+
+def check_complete(result: dict) -> list:
+    """Assert that the scenario's CSV and metadata are complete and consistent; return the rows."""
+    rows = read_rows(result["csv"])
+    meta = load_json(result["meta"])
+    assert META_KEYS <= set(meta)
+    assert meta["tool"] == "loadclient.py" and meta["scenario"] == result["scenario"]
+    sent = [r for r in rows if r["type"] == "Sent"]
+    received = [r for r in rows if r["type"] == "Received"]
+    assert len(sent) + len(received) == len(rows)
+    assert len(sent) == meta["sent"] == result["sent"] > 0
+    assert len(received) == meta["received"] == result["received"]
+    room_of = {}
+    for r in sent:
+        assert r["sender_id"] == r["client_id"] and r["seq"] == ""
+        assert int(r["intended_us"]) <= int(r["timestamp_us"])
+        assert meta["start_us"] <= int(r["intended_us"]) and int(r["timestamp_us"]) <= meta["end_us"]
+        room_of[(r["sender_id"], r["message_id"])] = r["room"]
+    assert len(room_of) == len(sent)
+    members = {}
+    for r in received:
+        assert r["intended_us"] == "" and int(r["seq"]) > 0
+        assert room_of[(r["sender_id"], r["message_id"])] == r["room"]
+        members.setdefault(r["room"], set()).add(r["client_id"])
+    # Every member of a room saw every message of that room exactly once, in seq order.
+    seen: dict = {}
+    for r in received:
+        seen.setdefault(r["client_id"], []).append((int(r["seq"]), r["sender_id"], r["message_id"]))
+    for client, events in seen.items():
+        room = next(r["room"] for r in received if r["client_id"] == client)
+        expected = {k for k, v in room_of.items() if v == room}
+        assert {(s, m) for _, s, m in events} == expected
+        seqs = [seq for seq, _, _ in events]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Load tests against a real server
+# ---------------------------------------------------------------------------
+
+def test_light_load_delivers_everything_with_complete_csv_and_metadata(server, tmp_path):
+    code, summary, err = run_load(server.url, tmp_path, "--rooms", "3", "--room-size", "3",
+                                  "--rate", "10", "--duration", "2", "--procs", "2", "--seed", "7")
+    assert code == 0, err
+    (result,) = summary["scenarios"]
+    assert result["clients"] == 9 and result["connect_ms"]["count"] == 9
+    assert result["expected"] == 3 * result["sent"] and result["sent"] >= 150
+    assert result["delivery_ratio"] == 1.0 and result["lost"] == 0 and result["duplicates"] == 0
+    assert result["errors"] == {} and result["reconnects"] == 0
+    assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p99"] <= result["latency_ms"]["max"]
+    assert result["latency_ms"]["count"] == result["received"]
+    rows = check_complete(result)
+    meta = load_json(result["meta"])
+    assert meta["seed"] == 7 and meta["settings"]["procs"] == 2 and meta["clients"] == 9
+    assert meta["msg_interval_ms"] == 100 and meta["server_url"] == server.url
+    assert {r["client_id"] for r in rows if r["type"] == "Received"} == {f"c{i}" for i in range(9)}
+    assert "conn 9/9" in err  # the progress line
+    assert not [f for f in os.listdir(tmp_path) if ".part" in f]
+
+
+def test_thresholds_change_the_exit_code(server, tmp_path):
+    args = ("--rooms", "2", "--room-size", "2", "--rate", "10", "--duration", "1")
+    code, summary, err = run_load(server.url, tmp_path / "a", *args, "--max-p99", "0.001")
+    assert code == 1 and summary["passed"] is False
+    assert "threshold missed" in err and "--max-p99" in err
+    code, summary, err = run_load(server.url, tmp_path / "b", *args, "--max-p99", "5000",
+                                  "--min-delivery", "0.999")
+    assert code == 0 and summary["passed"] is True, err
+
+
+def test_ctrl_c_stops_sending_and_leaves_a_complete_csv(server, tmp_path):
+    summary = tmp_path / "summary.json"
+    proc = subprocess.Popen([sys.executable, LOADCLIENT, "--load-test", "--server-url", server.url,
+                             "--rooms", "4", "--room-size", "3", "--rate", "20", "--procs", "2",
+                             "--out", str(tmp_path), "--summary-json", str(summary)],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=HERE)
+    lines = []
+    while sum(" send " in line for line in lines) < 2:  # two progress lines while sending
+        line = proc.stderr.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "(interrupted)" in out
+    (result,) = load_json(summary)["scenarios"]
+    assert result["interrupted"] and result["lost"] == 0 and result["delivery_ratio"] == 1.0
+    check_complete(result)
+
+
+def test_sweep_gzip_and_sampled_receivers(server, tmp_path):
+    code, summary, err = run_load(server.url, tmp_path, "--sweep", "2x2,1x6", "--pause", "0.2",
+                                  "--rate", "10", "--duration", "1", "--gzip",
+                                  "--record-receivers", "0.5", "--seed", "3")
+    assert code == 0, err
+    assert [r["scenario"] for r in summary["scenarios"]] == ["2x2", "1x6"]
+    for result in summary["scenarios"]:
+        assert result["csv"].endswith(".csv.gz") and os.path.exists(result["meta"])
+        # All deliveries are counted, latencies and rows come from the sample only.
+        assert result["delivery_ratio"] == 1.0
+        rows = read_rows(result["csv"])
+        room_of = {r["client_id"]: r["room"] for r in rows if r["type"] == "Received"}
+        assert 0 < len(room_of) == result["recorded_clients"] < result["clients"]
+        sent_in = {}
+        for r in rows:
+            if r["type"] == "Sent":
+                sent_in[r["room"]] = sent_in.get(r["room"], 0) + 1
+        assert result["sent"] == sum(sent_in.values())
+        recorded = sum(sent_in[room] for room in room_of.values())
+        assert len(rows) - result["sent"] == recorded == result["latency_ms"]["count"]
+
+
+class CuttingProxy:
+    """A TCP proxy in front of the server that can cut a client off the way a network or server does.
+
+    Server-to-client bytes are forwarded frame by frame, so a cut lands between
+    frames; client-to-server bytes are always forwarded to the end, so a cut
+    loses nothing the client wrote, only what the server had sent it.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"ws://127.0.0.1:{self.listener.getsockname()[1]}/ws"
+        self.links: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            link = {"client": client, "server": socket.create_connection(self.upstream),
+                    "cut": None, "done": threading.Event()}
+            self.links.append(link)
+            threading.Thread(target=self._up, args=(link,), daemon=True).start()
+            threading.Thread(target=self._down, args=(link,), daemon=True).start()
+
+    def _up(self, link: dict) -> None:
+        try:
+            while data := link["client"].recv(65536):
+                link["server"].sendall(data)
+        except OSError:
+            pass
+        link["server"].close()
+
+    def _down(self, link: dict) -> None:
+        client, buf, parser = link["client"], b"", None
+        try:
+            while data := link["server"].recv(65536):
+                if parser is None:  # the HTTP head goes through as it is
+                    buf += data
+                    if b"\r\n\r\n" not in buf:
+                        continue
+                    head, _, data = buf.partition(b"\r\n\r\n")
+                    client.sendall(head + b"\r\n\r\n")
+                    parser = FrameParser(expect_masked=False)
+                for opcode, payload in parser.feed(data):
+                    if link["cut"] is not None:
+                        if link["cut"] != "drop":
+                            client.sendall(encode_close(link["cut"], "cut by the test"))
+                        client.shutdown(socket.SHUT_WR)
+                        link["done"].set()
+                        return
+                    client.sendall(encode_frame(opcode, payload))
+        except OSError:
+            pass
+
+    def cut(self, index: int, how) -> None:
+        """Cut link index at the next frame: 'drop' (EOF) or a close code sent first."""
+        link = self.links[index]
+        link["cut"] = how
+        assert link["done"].wait(5), "no frame arrived to cut at"
+
+
+def test_reconnect_with_since_loses_nothing(server, tmp_path):
+    proxy = CuttingProxy(server.port)
+    summary = tmp_path / "summary.json"
+    proc = subprocess.Popen([sys.executable, LOADCLIENT, "--load-test", "--server-url", proxy.url,
+                             "--rooms", "1", "--room-size", "4", "--rate", "20", "--duration", "3",
+                             "--seed", "1", "--out", str(tmp_path), "--summary-json", str(summary)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    while " send " not in (line := proc.stderr.readline()):  # a second into sending
+        assert line, "the load test ended early"
+    # links[0] was the probe connection; the frame a cut lands on is never forwarded, so
+    # each cut client must get at least that one message again through since.
+    proxy.cut(1, "drop")                    # connection loss
+    proxy.cut(2, CLOSE_TRY_AGAIN_LATER)     # the server's slow-consumer cut
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    (result,) = load_json(summary)["scenarios"]
+    assert result["reconnects"] == 2
+    assert result["errors"] == {"close 1013": 1, "lost: connection closed": 1}
+    assert result["late"] >= 2, "each cut client should have got replayed messages"
+    assert result["lost"] == 0 and result["duplicates"] == 0 and result["delivery_ratio"] == 1.0
+    assert "late" in out and "lost           0" in out
+    check_complete(result)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rooms", "0"], "--rooms"),
+    (["--rate", "-5"], "--rate"),
+    (["--room-size", "x"], "--room-size"),
+    (["--sweep", "25x2,oops"], "--sweep"),
+    (["--record-receivers", "2"], "--record-receivers"),
+    (["--server-url", "http://127.0.0.1:8080/ws"], "ws://"),
+    (["--server-url", "ws://127.0.0.1:{dead}/ws"], "cannot connect"),
+    (["--server-url", "ws://{http}/nothing-here"], "no WebSocket"),
+])
+def test_bad_settings_get_one_error_line_and_exit_2(server, args, message):
+    args = [a.format(dead=free_port(), http=f"127.0.0.1:{server.port}") for a in args]
+    if not any(a.startswith("--server-url") for a in args):
+        args += ["--server-url", server.url]
+    proc = subprocess.run([sys.executable, LOADCLIENT, "--load-test", *args],
+                          capture_output=True, text=True, timeout=30, cwd=HERE, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("loadclient: error: ")
+    assert message in proc.stderr and proc.stdout == ""
+
+
+def test_load_test_flags_without_load_test_are_refused():
+    with pytest.raises(loadclient.SettingsError, match="--rooms needs --load-test"):
+        loadclient.parse_settings(["--rooms", "3"])
+
+
+# ---------------------------------------------------------------------------
+# The terminal client, in a real pseudo-terminal
+# ---------------------------------------------------------------------------
+
+class Terminal:
+    """loadclient.py running in a pty: type into it, wait for what it prints."""
+
+    def __init__(self, *args: str) -> None:
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: a session leader whose controlling terminal is the pty
+            os.chdir(HERE)
+            os.execv(sys.executable, [sys.executable, LOADCLIENT, *args])
+        self.screen = ""
+
+    def type(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def wait_for(self, text: str, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.screen:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"{text!r} did not appear in:\n{self.screen}"
+            if select.select([self.fd], [], [], remaining)[0]:
+                try:
+                    self.screen += os.read(self.fd, 4096).decode(errors="replace")
+                except OSError:  # the child has gone and the pty closed
+                    assert text in self.screen, f"{text!r} did not appear in:\n{self.screen}"
+
+    def exit_code(self, timeout: float = 10) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.05)
+        os.kill(self.pid, signal.SIGKILL)
+        raise AssertionError(f"still running:\n{self.screen}")
+
+
+def test_terminal_chat_asks_prints_sends_and_quits(server):
+    term = Terminal()
+    term.wait_for("server [ws://127.0.0.1:8080/ws]: ")
+    term.type(server.url + "\r")
+    term.wait_for("name (empty: the server picks one): ")
+    term.type("alice\r")
+    term.wait_for("room [lobby]: ")
+    term.type("tea\r")
+    term.wait_for("joined tea as alice")
+    bob = websocket.create_connection(server.url + "/tea?name=bob", timeout=5)
+    bob.recv()  # welcome
+    bob.send(json.dumps({"message_id": 1, "text": "hi alice"}))
+    term.wait_for("bob: hi alice")
+    term.type("hello bob\r")
+    while (event := json.loads(bob.recv()))["type"] != "message" or event["sender"] != "alice":
+        pass
+    assert event["text"] == "hello bob" and event["message_id"] == 1
+    term.type("/quit\r")
+    term.wait_for("closed (1000)")
+    assert term.exit_code() == 0
+    bob.close()
+
+
+def test_terminal_reconnects_after_a_server_restart_and_ctrl_c_closes():
+    first = start_server()
+    try:
+        term = Terminal("--server-url", first.url + "/den", "--name", "carol")
+        term.wait_for("joined den as carol")
+        first.stop()  # SIGTERM: the server drains with 1001
+        term.wait_for("closed by the server: 1001")
+        term.wait_for("reconnecting in")
+    finally:
+        first.stop()
+    second = start_server(port=first.port)
+    try:
+        term.wait_for("reconnected to den as carol")
+        term.type("back again\r")
+        term.wait_for("carol: back again")
+        term.type("\x03")  # Ctrl-C, through the terminal's line discipline
+        term.wait_for("closed (1000)")
+        assert term.exit_code() == 0
+    finally:
+        second.stop()
+
+
+def test_terminal_cannot_connect_exits_2():
+    term = Terminal("--server-url", f"ws://127.0.0.1:{free_port()}/ws", "--name", "x", "--room", "y")
+    term.wait_for("loadclient: error: cannot connect")
+    assert term.exit_code() == 2
+
+
+# ---------------------------------------------------------------------------
+# Units: the receive path's field extraction, the histogram, URLs
+# ---------------------------------------------------------------------------
+
+def server_frame_payload(seq: int, sender: str, message_id: int, text: str) -> bytes:
+    """A message payload encoded exactly as the server encodes it."""
+    return json.dumps({"type": "message", "room": "r-1", "seq": seq, "sender": sender,
+                       "message_id": message_id, "text": text, "sent_at": "2026-01-01T00:00:00.000000Z"},
+                      separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(seq=st.integers(1, 2**53), sender=st.text(min_size=1, max_size=32),
+       message_id=st.integers(0, 2**53), sent=st.integers(10**15, 10**16 - 1),
+       intended=st.integers(10**15, 10**16 - 1), tail=st.sampled_from(["", " xxxx", ' "quoted"']))
+def test_fast_field_extraction_agrees_with_json(seq, sender, message_id, sent, intended, tail):
+    payload = server_frame_payload(seq, sender, message_id, f"{sent:016d} {intended:016d}{tail}")
+    slow = loadclient.message_fields(json.loads(payload))
+    fast = loadclient.split_message(payload)
+    assert slow == (b"%d" % seq, sender.encode(), b"%d" % message_id, b"%016d" % sent, b"%016d" % intended)
+    assert fast is None or fast == slow  # None (an escape in the name): the json path takes over
+    if "\\" not in json.dumps(sender, ensure_ascii=False):
+        assert fast == slow
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"type":"welcome","room":"r","name":"c1","seq":3,"members":2,"oldest":1}',
+    server_frame_payload(1, "c1", 1, "hello there, not a load-test message"),
+    server_frame_payload(1, "c1", 1, "1234567890123456 123"),
+    b'{"room":"r","type":"message","seq":1,"sender":"c1","message_id":1,"text":"x","sent_at":null}',
+])
+def test_fast_field_extraction_declines_what_it_does_not_know(payload):
+    assert loadclient.split_message(payload) is None
+
+
+def test_latency_histogram_percentiles_are_within_two_percent():
+    import random
+    rng = random.Random(5)
+    values = sorted(int(rng.lognormvariate(7, 1.5)) for _ in range(50_000))
+    halves = loadclient.LatencyHistogram(), loadclient.LatencyHistogram()
+    halves[0].add_sorted(sorted(values[::2]))
+    halves[1].add_sorted(sorted(values[1::2]))
+    merged = loadclient.LatencyHistogram(halves[0].state())
+    merged.merge(halves[1])
+    assert merged.count == len(values) and merged.max == values[-1]
+    for q in (50, 90, 99, 99.9):
+        exact = values[max(0, int(len(values) * q / 100 + 0.5) - 1)]
+        assert abs(merged.percentile(q) - exact) <= max(1, 0.02 * exact), q
+
+
+def test_server_url_parsing():
+    t = loadclient.parse_server_url("ws://localhost:9000/ws/kitchen")
+    assert t.room == "kitchen" and t.base_path == "/ws" and t.host_header == "localhost:9000"
+    assert t.loopback and t.resource("r1", "c1", 5) == "/ws/r1?name=c1&since=5"
+    assert loadclient.parse_server_url("ws://127.0.0.1").resource(None) == "/ws"
+    for bad in ("wss://127.0.0.1/ws", "http://127.0.0.1/ws", "ws:///ws"):
+        with pytest.raises(loadclient.SettingsError):
+            loadclient.parse_server_url(bad)
