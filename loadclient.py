@@ -590,7 +590,7 @@ class LoadClient(ClientConnection):
 
     __slots__ = ("backlog", "ever_welcomed", "failures", "finished", "index", "last_seq",
                  "message_id", "name_b", "phase_us", "recording", "replay_until", "room_b",
-                 "scheduled", "settled", "welcomed", "worker")
+                 "scheduled", "settled", "unconfirmed", "resend_due", "welcomed", "worker")
 
     def __init__(self, worker: LoadWorker, index: int) -> None:
         plan = worker.plan
@@ -604,7 +604,9 @@ class LoadClient(ClientConnection):
         self.last_seq = self.replay_until = self.message_id = self.scheduled = self.failures = 0
         self.phase_us = 0
         self.backlog: list = []
+        self.unconfirmed: dict = {}     # message_id (bytes) -> payload, until it comes back
         self.welcomed = self.ever_welcomed = self.finished = self.settled = False
+        self.resend_due = False
 
     def start(self) -> None:
         """Connect, with since=<last seq> after the first time so nothing is missed."""
@@ -633,6 +635,8 @@ class LoadClient(ClientConnection):
                 if fields is None:
                     continue
             seq_b, sender, mid, sent, intended = fields
+            if sender == self.name_b:
+                self.unconfirmed.pop(mid, None)
             seq = int(seq_b)
             if seq != last_seq + 1:
                 if seq <= last_seq:
@@ -650,6 +654,19 @@ class LoadClient(ClientConnection):
         self.last_seq = last_seq
         worker.received += received
         worker.late += late
+        if self.resend_due and last_seq >= replay_until:
+            self.resend_unconfirmed()
+
+    def resend_unconfirmed(self) -> None:
+        """After a reconnect's replay: send again what never came back, marked as a resend.
+
+        The server drops a resend it already holds, so a message in flight when
+        the connection broke is delivered exactly once (see docs/protocol.md).
+        """
+        self.resend_due = False
+        for payload in self.unconfirmed.values():
+            self.send(encode_frame(OP_TEXT, payload[:-1] + b', "resend": true}', mask_key=new_mask_key()))
+            self.worker.resent += 1
 
     def on_other_text(self, payload: bytes) -> tuple | None:
         """The json.loads path: welcome, members, error, and messages the regex did not match."""
@@ -690,6 +707,10 @@ class LoadClient(ClientConnection):
         self.failures = 0
         self.settle()
         worker.connected += 1
+        if self.unconfirmed:
+            self.resend_due = True
+            if self.last_seq >= self.replay_until:
+                self.resend_unconfirmed()
         backlog, self.backlog = self.backlog, []
         for intended in backlog:
             self.send_message(intended)
@@ -706,6 +727,7 @@ class LoadClient(ClientConnection):
         payload = b'{"message_id": %d, "text": "%016d %016d%s", "sent_at": "%s"}' % (
             self.message_id, ts, intended, worker.text_tail, worker.rfc3339(ts))
         self.send(encode_frame(OP_TEXT, payload, mask_key=new_mask_key()))
+        self.unconfirmed[b"%d" % self.message_id] = payload
         worker.sink.buf += b"%d,%s,%s,Sent,%d,%s,,%d\n" % (
             self.message_id, self.name_b, self.name_b, ts, self.room_b, intended)
         worker.sent += 1
@@ -766,7 +788,7 @@ class LoadWorker:
         # The text is the two stamps, then " xxx..." up to msg_size bytes.
         self.text_tail = b" " + b"x" * (plan.msg_size - STAMPS_END - 1) if plan.msg_size > STAMPS_END else b""
         self.phase, self.closing = RAMP, False
-        self.connected = self.sent = self.received = self.late = self.duplicates = 0
+        self.connected = self.sent = self.received = self.late = self.duplicates = self.resent = 0
         self.reconnects = self.foreign = 0
         self.errors: dict = {}
         self.latencies: list = []
@@ -895,6 +917,7 @@ class LoadWorker:
         totals = {"phase": self.phase, "time": time.monotonic(), "connected": self.connected,
                   "sent": self.sent, "received": self.received, "late": self.late,
                   "duplicates": self.duplicates, "reconnects": self.reconnects, "foreign": self.foreign,
+                  "resent": self.resent,
                   "errors": dict(self.errors), "window": window.state()}
         if final:
             connect = LatencyHistogram()
@@ -934,7 +957,7 @@ class Interrupts:
 def sum_totals(reports: list) -> dict:
     """Add up the workers' counters and error counts."""
     out = {"connected": 0, "sent": 0, "received": 0, "late": 0, "duplicates": 0, "reconnects": 0,
-           "foreign": 0, "errors": {}}
+           "foreign": 0, "resent": 0, "errors": {}}
     for report in reports:
         for key in out:
             if key == "errors":
@@ -1109,7 +1132,7 @@ class ScenarioRun:
             "clients": plan.clients, "procs": plan.procs,
             "connect_ms": merged_histogram(finals, "hist_connect").summary_ms(),
             "sent": totals["sent"], "expected": expected, "received": received,
-            "late": totals["late"], "lost": max(0, expected - received),
+            "late": totals["late"], "resent": totals["resent"], "lost": max(0, expected - received),
             "duplicates": totals["duplicates"], "foreign": totals["foreign"],
             "delivery_ratio": round(received / expected, 6) if expected else None,
             "duration_s": round(duration_s, 3),
@@ -1161,6 +1184,7 @@ def format_summary(r: dict) -> str:
         (f"  received       {r['received']}   delivery ratio {ratio}"
          f"   {r['deliveries_per_s']:.0f} deliveries/s"),
         f"  late           {r['late']}   (replayed after a reconnect with since)",
+        f"  resent         {r['resent']}   (sent again after a reconnect, never seen back)",
         f"  lost           {r['lost']}   duplicates {r['duplicates']}",
         (f"  latency        {lat(r['latency_ms'])}   (from the intended send time,"
          f" {r['recorded_clients']} recording clients)"),

@@ -694,6 +694,28 @@ async def test_load_client_run_survives_a_redis_restart(durable_redis, tmp_path)
 
 
 @run_async
+async def test_load_client_run_survives_a_worker_sigkill(tmp_path):
+    """A loadclient.py run while a worker is killed: its clients resume and resend, ratio 1.0."""
+    sup = start_server("--workers", "2", *SERVER_ARGS)
+    try:
+        summary = tmp_path / "summary.json"
+        run = await asyncio.create_subprocess_exec(
+            sys.executable, LOADCLIENT, "--load-test", "--server-url", sup.url, "--rooms", "10",
+            "--room-size", "6", "--rate", "10", "--duration", "5", "--grace", "5", "--seed", "7",
+            "--out", str(tmp_path / "run"), "--summary-json", str(summary),
+            stdout=subprocess.DEVNULL, cwd=str(tmp_path))
+        await asyncio.sleep(2.5)
+        victim = worker_pids(sup)[0]
+        os.kill(victim, signal.SIGKILL)
+        assert await asyncio.wait_for(run.wait(), 40) == 0
+        (result,) = json.loads(summary.read_text())["scenarios"]
+        assert result["reconnects"] > 0, "nobody was on the killed worker"
+        assert (result["delivery_ratio"], result["duplicates"], result["lost"]) == (1.0, 0, 0), result
+    finally:
+        sup.stop()
+
+
+@run_async
 async def test_instance_restarted_its_clients_resume_on_the_other(redis, redis_pair):
     """A node drains and restarts: its clients resume on the other node with since, missing nothing."""
     a, b = redis_pair
