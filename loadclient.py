@@ -45,6 +45,7 @@ from scalechat import (
     OP_PING,
     OP_PONG,
     OP_TEXT,
+    ROOM_NAME,
     FrameParser,
     HandshakeError,
     ProtocolError,
@@ -1231,8 +1232,8 @@ def probe(target: Target, room: str, timeout: float) -> None:
 
 def run_load_test(settings: argparse.Namespace) -> int:
     """Run every scenario, print summaries, write --summary-json; exit code 1 when a threshold is missed."""
-    token = os.urandom(3).hex()
-    probe(settings.target, f"lt{token}-probe", settings.connect_timeout)
+    prefix = settings.room_prefix or f"lt{os.urandom(3).hex()}-"
+    probe(settings.target, f"{prefix}probe", settings.connect_timeout)
     run_dir = settings.out or os.path.join("results", datetime.now().strftime("%Y%m%d-%H%M%S"))
     os.makedirs(run_dir, exist_ok=True)
     interrupts = Interrupts()
@@ -1253,7 +1254,7 @@ def run_load_test(settings: argparse.Namespace) -> int:
             scenario = f"{rooms}x{room_size}"
             plan = ScenarioPlan(
                 scenario, rooms, room_size, min(settings.procs, rooms * room_size), settings.target,
-                f"lt{token}-{scenario}-", interval_us, settings.msg_size, settings.jitter,
+                f"{prefix}{scenario}-", interval_us, settings.msg_size, settings.jitter,
                 settings.seed, settings.ramp, settings.record_receivers, settings.connect_timeout,
                 os.path.join(run_dir, f"{scenario}.part{{index}}{ext}"),
                 spread and rooms * room_size > CLIENTS_PER_SOURCE_ADDRESS)
@@ -1492,6 +1493,9 @@ def build_parser() -> ArgumentParser:
     add("--gzip", action="store_true", help="write <scenario>.csv.gz")
     add("--grace", type=float, default=5.0, help="seconds to wait for messages in flight after sending stops")
     add("--pause", type=float, default=5.0, help="seconds between the scenarios of a sweep")
+    add("--room-prefix", metavar="PREFIX",
+        help="rooms are named PREFIX<scenario>-<n>, e.g. to watch one in the browser "
+             "(default: lt<random hex>-, fresh rooms every run)")
     add("--seed", type=int, help="seed of the schedule's phases and jitter (default: random, in the metadata)")
     add("--jitter", type=float, default=0.1, help="send-time jitter as a fraction of the interval (0 <= J < 1)")
     add("--record-receivers", type=float, default=1.0, metavar="FRACTION",
@@ -1542,6 +1546,8 @@ def parse_settings(argv: list | None = None) -> argparse.Namespace:
         (s.procs >= 1, "--procs: must be >= 1"),
         (s.grace >= 0 and s.pause >= 0, "--grace and --pause: must be >= 0"),
         (0 <= s.jitter < 1, "--jitter: must be in [0, 1)"),
+        (s.room_prefix is None or ROOM_NAME.match(s.room_prefix + "0x0-0") is not None,
+         "--room-prefix: must be up to 50 characters of A-Z a-z 0-9 _ . -"),
         (0 <= s.record_receivers <= 1, "--record-receivers: must be in [0, 1]"),
         (s.connect_timeout > 0, "--connect-timeout: must be > 0"),
         (s.max_p99 is None or s.max_p99 > 0, "--max-p99: must be > 0 ms"),

@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""A client that stops reading: what it costs the server, with and without a buffer cap.
+
+One room of --room-size load clients (loadclient.py) sends --msg-size texts at
+--rate each; one more member joins the room and never reads. The server's
+queue for that member grows until --max-buffer cuts it off with 1013. The
+script runs the same load twice, with the default cap and with the cap
+effectively off, samples the server's RSS every second, and writes
+bench/results/slow_consumer.md and .json.
+
+    python bench/bench_slow_consumer.py [--duration 20]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from conftest import free_port, wait_http  # noqa: E402
+from scalechat import client_handshake_request, new_key, parse_handshake_response  # noqa: E402
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of a process in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def silent_member(port: int, room: str) -> socket.socket:
+    """Join room over a raw socket, then never read again."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    key = new_key()
+    sock.sendall(client_handshake_request("127.0.0.1", f"/ws/{room}?name=silent", key))
+    buf = b""
+    while parse_handshake_response(buf, key) is None:
+        buf += sock.recv(4096)
+    return sock
+
+
+def metric(port: int, name: str) -> float:
+    """One sample from the server's metrics (summed over labels)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def run(max_buffer: int, args) -> dict:
+    """One run: the server with this cap, the load, the silent member; samples and summary."""
+    port, mport = free_port(), free_port()
+    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "scalechat.py"), "--host", "127.0.0.1",
+                               "--port", str(port), "--metrics-port", str(mport), "--rate-limit", "0",
+                               "--max-buffer", str(max_buffer), "--write-timeout", "3600",
+                               "--history", str(args.history),
+                               "--log-level", "WARNING"])
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        rss0 = rss_kib(server.pid)
+        silent = silent_member(port, "slow1x%d-0" % args.room_size)
+        out = tempfile.mkdtemp(prefix="slow-consumer-")
+        summary = os.path.join(out, "summary.json")
+        load = subprocess.Popen([sys.executable, os.path.join(ROOT, "loadclient.py"), "--load-test",
+                                 "--server-url", f"ws://127.0.0.1:{port}/ws", "--rooms", "1", "--room-prefix", "slow",
+                                 "--room-size", str(args.room_size), "--rate", str(args.rate),
+                                 "--msg-size", str(args.msg_size), "--duration", str(args.duration),
+                                 "--grace", "3", "--seed", "1", "--out", out, "--summary-json", summary],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        samples, peak = [], rss0
+        stop = threading.Event()
+
+        def sample():
+            start = time.monotonic()
+            while not stop.wait(1.0):
+                kib = rss_kib(server.pid)
+                samples.append((round(time.monotonic() - start), kib - rss0))
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        load.wait(args.duration + 120)
+        stop.set()
+        sampler.join()
+        with open(f"/proc/{server.pid}/status") as f:
+            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        (result,) = json.load(open(summary))["scenarios"]
+        cut = metric(mport, 'scalechat_dropped_clients_total{reason="slow_consumer"}')
+        silent.close()
+        return {"max_buffer": max_buffer, "rss_growth_kib": samples, "peak_rss_growth_kib": peak - rss0,
+                "cut_off": cut, "delivery_ratio": result["delivery_ratio"],
+                "p50_ms": result["latency_ms"]["p50"], "p99_ms": result["latency_ms"]["p99"],
+                "deliveries_per_s": result["deliveries_per_s"]}
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def main() -> int:
+    """Run both settings and write the results."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--duration", type=float, default=20)
+    ap.add_argument("--room-size", type=int, default=10)
+    ap.add_argument("--rate", type=float, default=5)
+    ap.add_argument("--msg-size", type=int, default=16384)
+    ap.add_argument("--history", type=int, default=100,
+                    help="the server's --history: queued frames are shared with history, so a "
+                         "queue only costs memory beyond what history holds")
+    args = ap.parse_args()
+    runs = [run(1 << 20, args), run(1 << 40, args)]
+    results = {"command": "python bench/bench_slow_consumer.py " + " ".join(sys.argv[1:]),
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "machine": f"{os.cpu_count()} cores, Python {platform.python_version()}",
+               "settings": vars(args), "runs": runs}
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    with open(os.path.join(HERE, "results", "slow_consumer.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    lines = ["# A member that never reads; server --history {args.history}", "",
+             f"- command: `{results['command']}`", f"- date: {results['date']}",
+             f"- machine: {results['machine']}",
+             f"- load: one room of {args.room_size} load clients, {args.rate} msg/s each, "
+             f"{args.msg_size} B texts, {args.duration:g} s, plus one member that never reads; server --history {args.history}", "",
+             "| --max-buffer | silent member cut off (1013) | server RSS growth, peak | others' delivery ratio | others' p50 / p99 ms |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for r in runs:
+        cap = "1 MiB (default)" if r["max_buffer"] == 1 << 20 else "1 TiB (no cap)"
+        lines.append(f"| {cap} | {int(r['cut_off'])} | {r['peak_rss_growth_kib'] / 1024:.1f} MiB | "
+                     f"{r['delivery_ratio']:.4f} | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} |")
+    lines += ["", "RSS growth over time (MiB, one sample a second):", ""]
+    for r in runs:
+        cap = "capped" if r["max_buffer"] == 1 << 20 else "no cap"
+        lines.append(f"- {cap}: " + " ".join(f"{kib / 1024:.0f}" for _, kib in r["rss_growth_kib"]))
+    with open(os.path.join(HERE, "results", "slow_consumer.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
