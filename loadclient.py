@@ -590,8 +590,8 @@ class LoadClient(ClientConnection):
     """One simulated chat client: sends on its schedule, counts and records what arrives."""
 
     __slots__ = ("backlog", "ever_welcomed", "failures", "finished", "index", "last_seq",
-                 "message_id", "name_b", "phase_us", "recording", "replay_until", "room_b",
-                 "scheduled", "settled", "unconfirmed", "resend_due", "welcomed", "worker")
+                 "message_id", "name_b", "phase_us", "recording", "replay_until", "resend_due",
+                 "room_b", "scheduled", "settled", "unconfirmed", "welcomed", "worker")
 
     def __init__(self, worker: LoadWorker, index: int) -> None:
         plan = worker.plan
@@ -865,7 +865,9 @@ class LoadWorker:
             client.scheduled += 1
             base = self.t0 + client.phase_us + client.scheduled * interval
             heapq.heapreplace(schedule, (base + int(self.rng.uniform(-jitter, jitter) / 2), i))
-        if not schedule:
+        # Past the window nothing more may be sent, even if no send came due in it
+        # (an interval longer than --duration).
+        if not schedule or now >= self.end_us:
             self._drain()
 
     def _drain(self) -> None:
@@ -878,7 +880,8 @@ class LoadWorker:
         try:
             while self.channel.poll():
                 self._command(*self.channel.recv())
-        except EOFError:  # the parent is gone: end as after a second Ctrl-C
+        # The parent is gone (ECONNRESET if it died with reports unread): end as after a second Ctrl-C.
+        except (EOFError, OSError):
             self.loop.selector.unregister(self.channel)
             self._command("close")
 
@@ -932,8 +935,13 @@ class LoadWorker:
             pass  # the parent is gone; the CSV part is complete all the same
 
 
-def worker_main(plan: ScenarioPlan, index: int, channel) -> None:
+def worker_main(plan: ScenarioPlan, index: int, channel, parent_ends: list) -> None:
     """Entry point of a worker process: the parent handles Ctrl-C and tells it what to do."""
+    # A forked worker holds copies of the parent's pipe ends (its own and the
+    # earlier workers'); while they are open, no worker sees EOF when the parent
+    # dies without a word (SIGKILL, OOM), and would run on forever.
+    for conn in parent_ends:
+        conn.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -1002,7 +1010,9 @@ class ScenarioRun:
         self.conns, procs = {}, []
         for i in range(self.plan.procs):
             parent_end, child_end = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(self.plan, i, child_end),
+            # The worker closes its copies of the parent's ends: its own and the earlier ones.
+            proc = ctx.Process(target=worker_main,
+                               args=(self.plan, i, child_end, [parent_end, *self.conns]),
                                name=f"loadclient-worker-{i}", daemon=True)
             proc.start()
             child_end.close()

@@ -1454,6 +1454,7 @@ class EventLoop:
     def __init__(self):
         self.sel = selectors.DefaultSelector()
         self.timers: list = []              # [due, interval (0: once), fn]
+        self.next_due = 0.0
         self.links: list = []
         self.now = time.monotonic()
         self.running = True
@@ -1465,40 +1466,37 @@ class EventLoop:
 
     def every(self, interval: float, fn) -> list:
         """Call fn every interval seconds."""
-        timer = [self.now + interval, interval, fn]
-        self.timers.append(timer)
-        return timer
+        return self._add_timer([self.now + interval, interval, fn])
 
     def call_later(self, delay: float, fn) -> list:
         """Call fn once, delay seconds from now."""
-        timer = [self.now + delay, 0, fn]
+        return self._add_timer([self.now + delay, 0, fn])
+
+    def _add_timer(self, timer: list) -> list:
         self.timers.append(timer)
+        self.next_due = min(self.next_due, timer[0])
         return timer
 
-    def run_timers(self) -> float:
-        """Run due timers; return when the next one is due."""
+    def run_timers(self) -> None:
+        """Run due timers and note when the next one is due."""
         now = self.now
-        next_due = now + 1.0
-        for timer in list(self.timers):
-            due, interval, fn = timer
-            if due <= now:
-                if interval:
-                    timer[0] = max(due + interval, now)
-                else:
-                    self.timers.remove(timer)
-                fn()
-            if timer[0] < next_due and (interval or due > now):
-                next_due = timer[0]
-        return next_due
+        for timer in [t for t in self.timers if t[0] <= now]:
+            if timer[1]:
+                timer[0] = max(timer[0] + timer[1], now)
+            else:
+                self.timers.remove(timer)
+            timer[2]()
+        self.next_due = min((t[0] for t in self.timers), default=now + 1.0)
 
     def run(self) -> None:
         """Turn the loop until ``running`` is false."""
         select, monotonic = self.sel.select, time.monotonic
         while self.running:
             self.now = monotonic()
-            next_due = self.run_timers()
-            self.end_turn()
-            for key, events in select(max(0.0, next_due - monotonic())):
+            if self.now >= self.next_due:   # most turns have no timer due: skip the list
+                self.run_timers()
+                self.end_turn()
+            for key, events in select(max(0.0, self.next_due - monotonic())):
                 handler = key.data
                 self.now = monotonic()
                 if handler.__class__ is Connection:

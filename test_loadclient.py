@@ -259,6 +259,84 @@ def test_reconnect_with_since_loses_nothing(server, tmp_path):
     check_complete(result)
 
 
+def test_idle_run_ends_when_its_duration_is_up(server, tmp_path):
+    # No send falls due inside the 2 s window: the run must still end on time, not at the first send.
+    summary = tmp_path / "summary.json"
+    proc = subprocess.Popen([sys.executable, LOADCLIENT, "--load-test", "--server-url", server.url,
+                             "--rooms", "2", "--room-size", "2", "--msg-frequency", "60000",
+                             "--duration", "2", "--procs", "2", "--seed", "1", "--out", str(tmp_path),
+                             "--summary-json", str(summary)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the workers too: they share the session
+            proc.communicate()
+    assert proc.returncode == 0, err
+    (result,) = load_json(summary)["scenarios"]
+    assert not result["interrupted"] and result["duration_s"] < 4
+    rows = read_rows(result["csv"])
+    meta = load_json(result["meta"])
+    assert META_KEYS <= set(meta) and meta["clients"] == 4
+    assert sum(r["type"] == "Sent" for r in rows) == meta["sent"] == result["sent"]
+    assert len(rows) - result["sent"] == meta["received"] == result["received"] and result["lost"] == 0
+    assert not [f for f in os.listdir(tmp_path) if ".part" in f]
+
+
+def children(pid: int) -> set:
+    """The pids of a process's children, from /proc (empty once it is gone)."""
+    found = set()
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found.update(int(c) for c in f.read().split())
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether pid is a live process (a zombie waiting for its reaper counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_workers_end_when_the_parent_is_killed(server, tmp_path):
+    proc = subprocess.Popen([sys.executable, LOADCLIENT, "--load-test", "--server-url", server.url,
+                             "--rooms", "2", "--room-size", "2", "--rate", "10", "--procs", "2",
+                             "--out", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
+    workers: set = set()
+    try:
+        deadline = time.monotonic() + 15
+        while len(workers) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "no two worker processes"
+            workers = children(proc.pid)
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 8
+        while any(running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in workers if running(pid)], "workers outlived the parent"
+    finally:
+        proc.kill()
+        proc.wait()
+        for pid in workers:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--rooms", "0"], "--rooms"),
     (["--rate", "-5"], "--rate"),
