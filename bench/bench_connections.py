@@ -8,6 +8,11 @@ and appends a section to bench/results/connections.md (and .json).
 
     python bench/bench_connections.py --workers 3 --clients 45000
     python bench/bench_connections.py --workers 6 --clients 100000 --procs 6
+    python bench/bench_connections.py --instances 2 --redis --workers 3 --clients 60000 --procs 2
+
+With --instances K the clients are split over K server instances (each with
+--workers N), sharing a private redis-server when --redis is given; each
+instance gets its own load client.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 from conftest import free_port, wait_http  # noqa: E402
+from test_scaleout import RedisServer  # noqa: E402
 
 
 def tree(pid: int) -> list[int]:
@@ -89,62 +95,99 @@ def refusals(port: int) -> dict:
     return out
 
 
+def combine(results: list) -> dict:
+    """One summary from the load clients' summaries (latency: the worst of them)."""
+    out = {key: sum(r[key] for r in results) for key in ("sent", "expected", "received", "lost",
+                                                       "duplicates", "reconnects")}
+    out["connected"] = sum(r["connect_ms"]["count"] for r in results)
+    out["delivery_ratio"] = out["received"] / out["expected"] if out["expected"] else 0.0
+    out["latency_ms"] = {q: max(r["latency_ms"][q] for r in results) for q in ("p50", "p99", "max")}
+    out["errors"] = {}
+    for r in results:
+        for kind, n in r["errors"].items():
+            out["errors"][kind] = out["errors"].get(kind, 0) + n
+    return out
+
+
 def main() -> int:
     """Run one setting and record it."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=3)
+    ap.add_argument("--instances", type=int, default=1)
+    ap.add_argument("--redis", action="store_true", help="instances share a private redis-server")
     ap.add_argument("--clients", type=int, default=45000)
     ap.add_argument("--room-size", type=int, default=10)
     ap.add_argument("--msg-frequency", type=int, default=30000, help="ms between a client's messages")
     ap.add_argument("--duration", type=float, default=40)
-    ap.add_argument("--ramp", type=float, default=3000)
-    ap.add_argument("--procs", type=int, default=3)
+    ap.add_argument("--ramp", type=float, default=3000, help="connections per second, per instance")
+    ap.add_argument("--procs", type=int, default=3, help="load-client processes per instance")
     ap.add_argument("--record-receivers", type=float, default=0.05)
     args = ap.parse_args()
-    port, mport = free_port(), free_port()
-    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "scalechat.py"), "--host", "127.0.0.1",
-                               "--port", str(port), "--metrics-port", str(mport),
-                               "--workers", str(args.workers), "--log-level", "WARNING"])
+    work = tempfile.mkdtemp(prefix="connections-")
+    redis = RedisServer(work).start() if args.redis else None
+    ports = [(free_port(), free_port()) for _ in range(args.instances)]
+    servers = [subprocess.Popen([sys.executable, os.path.join(ROOT, "scalechat.py"), "--host", "127.0.0.1",
+                                 "--port", str(port), "--metrics-port", str(mport),
+                                 "--workers", str(args.workers), "--log-level", "WARNING",
+                                 *(("--redis", redis.url) if redis else ())])
+               for port, mport in ports]
     samples: list = []
+    per_instance = args.clients // args.instances
     try:
-        wait_http(f"http://127.0.0.1:{port}/healthz")
+        for port, _ in ports:
+            wait_http(f"http://127.0.0.1:{port}/healthz")
         time.sleep(1.0)
-        pids = tree(server.pid)
-        rss0, cpu0 = rss_kib(pids), cpu_seconds(pids)
-        out = tempfile.mkdtemp(prefix="connections-")
-        summary = os.path.join(out, "summary.json")
-        load = subprocess.Popen(
+
+        def server_pids():
+            return [pid for server in servers for pid in tree(server.pid)]
+        rss0, cpu0 = rss_kib(server_pids()), cpu_seconds(server_pids())
+        summaries = [os.path.join(work, f"summary{k}.json") for k in range(args.instances)]
+        loads = [subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "loadclient.py"), "--load-test",
-             "--server-url", f"ws://127.0.0.1:{port}/ws", "--rooms", str(args.clients // args.room_size),
+             "--server-url", f"ws://127.0.0.1:{port}/ws", "--rooms", str(per_instance // args.room_size),
              "--room-size", str(args.room_size), "--msg-frequency", str(args.msg_frequency),
              "--duration", str(args.duration), "--ramp", str(args.ramp), "--procs", str(args.procs),
-             "--record-receivers", str(args.record_receivers), "--grace", "10", "--seed", "1",
-             "--connect-timeout", "60", "--out", out, "--summary-json", summary],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "--record-receivers", str(args.record_receivers), "--grace", "10", "--seed", str(k + 1),
+             "--room-prefix", f"i{k}-", "--connect-timeout", "60", "--out", os.path.join(work, f"run{k}"),
+             "--summary-json", summaries[k]],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for k, (port, _) in enumerate(ports)]
         stop = threading.Event()
 
         def sample():
             start = time.monotonic()
             while not stop.wait(1.0):
                 try:
-                    m = scrape(mport)
+                    metrics = [scrape(mport) for _, mport in ports]
                 except OSError:
                     continue
-                samples.append({"t": round(time.monotonic() - start), "connections": m.get("scalechat_connections", 0),
-                                "rss_mib": round(rss_kib(tree(server.pid)) / 1024, 1),
-                                "deliveries": m.get("scalechat_deliveries_total", 0)})
+                samples.append({"t": round(time.monotonic() - start),
+                                "connections": sum(m.get("scalechat_connections", 0) for m in metrics),
+                                "rss_mib": round(rss_kib(server_pids()) / 1024, 1),
+                                "deliveries": sum(m.get("scalechat_deliveries_total", 0) for m in metrics)})
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        code = load.wait(args.duration + 600)
+        code = max(load.wait(args.duration + 600) for load in loads)
         stop.set()
         sampler.join()
-        cpu = cpu_seconds(tree(server.pid)) - cpu0
+        cpu = cpu_seconds(server_pids()) - cpu0
         time.sleep(1.5)                     # workers report their counters every second
-        server_refusals = refusals(mport)
-        (result,) = json.load(open(summary))["scenarios"]
+        server_refusals: dict = {}
+        for _, mport in ports:
+            for key, n in refusals(mport).items():
+                server_refusals[key] = server_refusals.get(key, 0) + n
+        scenarios = []
+        for path in summaries:
+            with open(path) as f:
+                scenarios.append(json.load(f)["scenarios"][0])
+        result = combine(scenarios)
     finally:
-        server.terminate()
-        server.wait(60)
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.wait(60)
+        if redis is not None:
+            redis.proc.terminate()
+            redis.proc.wait(30)
     peak = max(samples, key=lambda s: s["connections"])
     row = {"command": "python bench/bench_connections.py " + " ".join(sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -152,24 +195,25 @@ def main() -> int:
            "settings": vars(args), "loadclient_exit": code,
            "peak_connections": int(peak["connections"]), "server_rss_mib_at_peak": peak["rss_mib"],
            "server_rss_kib_per_connection": round((peak["rss_mib"] * 1024 - rss0) / max(1, peak["connections"]), 2),
-           "server_cpu_s": round(cpu, 1), "connected": result["connect_ms"]["count"],
-           "sent": result["sent"], "expected": result["expected"], "received": result["received"],
-           "delivery_ratio": result["delivery_ratio"], "lost": result["lost"],
-           "duplicates": result["duplicates"], "reconnects": result["reconnects"],
-           "errors": result["errors"], "server_refusals": server_refusals,
-           "latency_ms": result["latency_ms"],
-           "connect_ms": result["connect_ms"], "samples": samples}
+           "server_cpu_s": round(cpu, 1), **result, "server_refusals": server_refusals, "samples": samples}
     path = os.path.join(HERE, "results", "connections.json")
-    rows = json.load(open(path)) if os.path.exists(path) else []
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = json.load(f)
     rows.append(row)
     with open(path, "w") as f:
         json.dump(rows, f, indent=1)
     lat = row["latency_ms"]
-    section = [f"## {args.clients:,} clients, --workers {args.workers}", "",
+    setup = f"--workers {args.workers}" + (f" x {args.instances} instances" if args.instances > 1 else "") + \
+        (" + Redis" if args.redis else "")
+    section = [f"## {args.clients:,} clients, {setup}", "",
                f"- command: `{row['command']}`", f"- date: {row['date']}; machine: {row['machine']}",
                f"- load: rooms of {args.room_size}, one message per client every {args.msg_frequency / 1000:g} s "
-               f"(every room broadcasting), {args.duration:g} s of sending, loadclient.py --procs {args.procs}, "
-               f"{args.record_receivers:.0%} of receivers recording latency", "",
+               f"(every room broadcasting), {args.duration:g} s of sending, loadclient.py --procs {args.procs}"
+               f"{' per instance' if args.instances > 1 else ''}, "
+               f"{args.record_receivers:.0%} of receivers recording latency"
+               + ("; latency: the worst of the instances' load clients" if args.instances > 1 else ""), "",
                "| connected | peak server connections | delivery ratio | lost | duplicates | reconnects "
                "| p50 / p99 / max ms | server RSS at peak | per connection | server CPU s |",
                "| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
