@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import parse_qs, urlsplit
 
 __version__ = "1.0.0"
@@ -194,8 +194,18 @@ class FrameParser:
     failed parser stays failed (RFC 6455 7.1.7: no more data is processed).
     """
 
-    __slots__ = ("expect_masked", "max_message_size", "accept_binary", "error",
-                 "_buf", "_frame", "_msg_op", "_parts", "_size", "_decoder")
+    __slots__ = (
+        "_buf",
+        "_decoder",
+        "_frame",
+        "_msg_op",
+        "_parts",
+        "_size",
+        "accept_binary",
+        "error",
+        "expect_masked",
+        "max_message_size",
+    )
 
     def __init__(self, expect_masked: bool = True, max_message_size: int = 1 << 20,
                  accept_binary: bool = True):
@@ -345,7 +355,7 @@ class FrameParser:
 class Request:
     """A parsed HTTP/1.1 request head."""
 
-    __slots__ = ("method", "target", "path", "query", "version", "headers")
+    __slots__ = ("headers", "method", "path", "query", "target", "version")
 
     def __init__(self, method: str, target: str, version: str, headers: dict):
         self.method, self.target, self.version, self.headers = method, target, version, headers
@@ -498,7 +508,7 @@ def valid_name(name: str) -> bool:
 
 def utc_now_rfc3339() -> str:
     """The current UTC time, RFC 3339 with microseconds."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class ChatError(Exception):
@@ -585,8 +595,17 @@ class Room:
     messages that arrive while ``syncing`` wait in ``early``.
     """
 
-    __slots__ = ("name", "members", "seq", "history", "count_dirty", "ready", "syncing",
-                 "early", "waiting")
+    __slots__ = (
+        "count_dirty",
+        "early",
+        "history",
+        "members",
+        "name",
+        "ready",
+        "seq",
+        "syncing",
+        "waiting",
+    )
 
     def __init__(self, name: str, history: int, ready: bool):
         self.name = name
@@ -624,7 +643,7 @@ class Chat:
     to it directly).
     """
 
-    def __init__(self, config, stats: "Stats", send, dirty: list):
+    def __init__(self, config, stats: Stats, send, dirty: list):
         self.config = config
         self.stats = stats
         self.send = send
@@ -823,7 +842,7 @@ class LocalBus:
                 resend: bool = False):
         """Assign the room's next seq and deliver the message to every member."""
         if resend and room.holds(resend_key(suffix)):
-            return None
+            return
         seq = room.seq + 1
         self.chat.deliver(room, seq, encode_frame(OP_TEXT, prefix + str(seq).encode() + suffix), t0)
 
@@ -840,7 +859,7 @@ class LocalBus:
 class Link:
     """A non-blocking stream socket on the loop: buffered writes flushed once a turn."""
 
-    def __init__(self, loop: "EventLoop", sock: socket.socket, on_data, on_close, connecting: bool = False):
+    def __init__(self, loop: EventLoop, sock: socket.socket, on_data, on_close, connecting: bool = False):
         self.loop, self.sock, self.on_data, self.on_close = loop, sock, on_data, on_close
         self.out: list = []
         self.connecting = connecting
@@ -852,7 +871,7 @@ class Link:
         loop.links.append(self)
 
     @classmethod
-    def connect(cls, loop: "EventLoop", host: str, port: int, on_data, on_close, on_connect) -> "Link":
+    def connect(cls, loop: EventLoop, host: str, port: int, on_data, on_close, on_connect) -> Link:
         """Start a non-blocking TCP connect; on_connect() runs once it succeeds."""
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -968,7 +987,7 @@ class RemoteBus:
 
     local = False
 
-    def __init__(self, loop: "Server", chat: Chat):
+    def __init__(self, loop: Server, chat: Chat):
         self.loop, self.chat, self.config = loop, chat, loop.config
         self.held: deque = deque()          # (room, prefix, suffix, t0, conn, message_id, since)
         self.up = False
@@ -1011,7 +1030,7 @@ class RemoteBus:
 class HubBus(RemoteBus):
     """A worker's side of the supervisor link: publish, subscribe, receive in order."""
 
-    def __init__(self, loop: "Server", chat: Chat, sock: socket.socket):
+    def __init__(self, loop: Server, chat: Chat, sock: socket.socket):
         super().__init__(loop, chat)
         self.reader = RecordReader()
         self.link = Link(loop, sock, self._on_data, self._on_closed)
@@ -1036,7 +1055,7 @@ class HubBus(RemoteBus):
         """The supervisor link is ordered; a gap cannot happen, so this only logs."""
         log.error("room %s: gap on the supervisor link", room.name)
 
-    def send_stats(self, stats: "Stats") -> None:
+    def send_stats(self, stats: Stats) -> None:
         """Report this worker's counters to the supervisor."""
         self.link.write(record(REC_STATS, json.dumps(stats.to_dict()).encode()))
 
@@ -1193,7 +1212,7 @@ def parse_redis_url(url: str) -> tuple[str, int, int, str | None]:
 class RedisBus(RemoteBus):
     """Rooms shared by every node on one Redis: per-room channels, seq and history in Redis."""
 
-    def __init__(self, loop: "Server", chat: Chat, url: str):
+    def __init__(self, loop: Server, chat: Chat, url: str):
         super().__init__(loop, chat)
         self.host, self.port, self.db, self.password = parse_redis_url(url)
         self.prefix = "scalechat:"
@@ -1379,7 +1398,7 @@ ACCEPT_BATCH = 128
 class Histogram:
     """A Prometheus-style histogram kept as plain numbers (cheap to observe)."""
 
-    __slots__ = ("bounds", "counts", "total", "count")
+    __slots__ = ("bounds", "count", "counts", "total")
 
     def __init__(self, bounds: tuple):
         self.bounds = bounds
@@ -1515,7 +1534,7 @@ class EventLoop:
     def after_turn(self) -> None:
         """Hook: decide whether to keep running."""
 
-    def on_connection_event(self, conn: "Connection", events: int) -> None:
+    def on_connection_event(self, conn: Connection, events: int) -> None:
         raise NotImplementedError
 
     def wake(self) -> None:
@@ -1553,9 +1572,27 @@ class EventLoop:
 class Connection:
     """One client socket: HTTP until upgraded, then a WebSocket member of a room."""
 
-    __slots__ = ("sock", "fd", "state", "inbuf", "parser", "out", "out_bytes", "writing",
-                 "close_after_flush", "room", "name", "last_seen", "ping_sent", "deadline",
-                 "tokens", "token_time", "strikes", "peer", "linger")
+    __slots__ = (
+        "close_after_flush",
+        "deadline",
+        "fd",
+        "inbuf",
+        "last_seen",
+        "linger",
+        "name",
+        "out",
+        "out_bytes",
+        "parser",
+        "peer",
+        "ping_sent",
+        "room",
+        "sock",
+        "state",
+        "strikes",
+        "token_time",
+        "tokens",
+        "writing",
+    )
 
     def __init__(self, sock: socket.socket, peer: str, now: float):
         self.sock = sock
@@ -1682,7 +1719,7 @@ class Server(EventLoop):
         if self.draining and (not self.conns or self.now > self.drain_deadline):
             self.running = False
 
-    def on_connection_event(self, conn: "Connection", events: int) -> None:
+    def on_connection_event(self, conn: Connection, events: int) -> None:
         """Selector callback for a client socket."""
         if events & selectors.EVENT_WRITE:
             self._flush(conn)
@@ -2157,7 +2194,7 @@ def make_listener(host: str, port: int, reuse_port: bool = False, listen: bool =
 class HubRoom:
     """The supervisor's view of a room: the seq, history, and subscribed workers."""
 
-    __slots__ = ("seq", "history", "subs")
+    __slots__ = ("history", "seq", "subs")
 
     def __init__(self, history: int):
         self.seq = 0
@@ -2320,8 +2357,11 @@ class StatsCollector:
 
     def collect(self):
         """Yield the metric families (called from the metrics thread)."""
-        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                            HistogramMetricFamily)
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
         s = self.get_stats()
         for name, doc, value in (
                 ("scalechat_connections", "Open WebSocket connections", s.connections),

@@ -33,8 +33,9 @@ from hypothesis import strategies as st
 
 import scalechat as sc
 from conftest import start_server
-from test_scalechat import get, metrics as read_metrics
+from test_scalechat import get
 from test_scalechat import http as http_exchange
+from test_scalechat import metrics as read_metrics
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -508,7 +509,7 @@ def gauge(samples: dict, name: str) -> float:
 def peak_rss_kib(pid: int) -> int:
     """VmHWM (peak resident set size) of a process, in KiB."""
     with open(f"/proc/{pid}/status") as f:
-        return int(re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.M).group(1))
+        return int(re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
 
 
 def servers_for(scope_name: str):
@@ -722,8 +723,8 @@ def test_demo_page_has_a_strict_content_security_policy(shared_server):
     assert "unsafe-inline" not in headers["content-security-policy"]
     assert "unsafe-eval" not in headers["content-security-policy"]
     # Nothing inline that the policy would block: scripts come from files, no on* handlers.
-    assert not re.search(rb"<script(?![^>]*\bsrc=)[^>]*>", body, re.I)
-    assert not re.search(rb"\son[a-z]+\s*=", body, re.I)
+    assert not re.search(rb"<script(?![^>]*\bsrc=)[^>]*>", body, re.IGNORECASE)
+    assert not re.search(rb"\son[a-z]+\s*=", body, re.IGNORECASE)
 
 
 # ---------------------------------------------------------------------------
@@ -875,7 +876,7 @@ def test_client_that_never_answers_pings_is_dropped(serve):
         polite.sock.settimeout(0.2)
         try:
             opcode, payload = polite.next_frame()       # read, and answer pings: stays
-        except socket.timeout:
+        except TimeoutError:
             continue
         if opcode == sc.OP_PING:
             polite.send_frame(sc.OP_PONG, payload)

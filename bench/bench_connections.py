@@ -31,8 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from conftest import free_port, wait_http  # noqa: E402
-from test_scaleout import RedisServer  # noqa: E402
+from conftest import free_port, wait_http
+from test_scaleout import RedisServer
 
 
 def tree(pid: int) -> list[int]:

@@ -127,9 +127,8 @@ def write_dictionary(name: str, path: str) -> bool:
     if not tokens:
         return False
     with open(path, "w") as f:
-        for token in tokens:
-            f.write('"' + "".join(chr(b) if 32 <= b < 127 and b not in b'"\\' else f"\\x{b:02x}"
-                                  for b in token) + '"\n')
+        f.writelines('"' + "".join(chr(b) if 32 <= b < 127 and b not in b'"\\' else f"\\x{b:02x}"
+                                  for b in token) + '"\n' for token in tokens)
     return True
 
 
@@ -162,9 +161,9 @@ def run_atheris(name: str, seconds: int, workdir: str) -> dict:
                            "--seconds", str(seconds), "--workdir", workdir],
                           capture_output=True, text=True, errors="replace")
     log = proc.stdout + proc.stderr
-    runs = [int(n) for n in re.findall(r"^#(\d+)\s|number_of_executed_units:\s*(\d+)", log, re.M)
+    runs = [int(n) for n in re.findall(r"^#(\d+)\s|number_of_executed_units:\s*(\d+)", log, re.MULTILINE)
             for n in n if n]
-    found = re.search(r"=== (Uncaught Python exception: ===\n.*?)\n\n|ERROR: libFuzzer: (\w+)", log, re.S)
+    found = re.search(r"=== (Uncaught Python exception: ===\n.*?)\n\n|ERROR: libFuzzer: (\w+)", log, re.DOTALL)
     reproducer = re.search(r"Test unit written to (\S+)", log)
     result = "no failure" if proc.returncode == 0 else \
         (found.group(1) or found.group(2)).strip().splitlines()[-1] if found else f"exit {proc.returncode}"
@@ -219,7 +218,7 @@ def write_report(path: str, engine: str, command: str, rows: list) -> None:
     lines = [] if os.path.exists(path) else [
         "# Fuzzing the protocol core", "",
         "Written by `bench/fuzz_protocol.py`, one section per run, newest last.", ""]
-    lines += [f"## Run of {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}", "",
+    lines += [f"## Run of {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}", "",
              f"- command: `{command}`",
              f"- machine: {machine()}",
              f"- engine: {engine}", "",

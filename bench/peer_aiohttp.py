@@ -9,7 +9,6 @@ for scalechat.py, not a product:
 from __future__ import annotations
 
 from aiohttp import WSMsgType, web
-
 from peer_rooms import Chat, error_text, join, parse_args
 
 chat = Chat()

@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import asyncio
 
-from picows import WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server
-
 from peer_rooms import Chat, Session, error_text, parse_args
+from picows import (
+    WSFrame,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    WSUpgradeRequest,
+    ws_create_server,
+)
 
 chat = Chat()
 

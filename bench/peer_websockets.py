@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 from http import HTTPStatus
 
+from peer_rooms import Chat, error_text, join, parse_args, room_of
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.http11 import Request, Response
-
-from peer_rooms import Chat, error_text, join, parse_args, room_of
 
 chat = Chat()
 
