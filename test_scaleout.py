@@ -668,17 +668,23 @@ async def test_redis_killed_and_restarted_while_clients_talk(tmp_path, durable):
 LOADCLIENT = os.path.join(HERE, "loadclient.py")
 
 
+async def start_load_client(url: str, tmp_path, rooms: int, room_size: int, seconds: int):
+    """loadclient.py --load-test at 10 msg/s per client; returns (process, summary path)."""
+    summary = tmp_path / "summary.json"
+    run = await asyncio.create_subprocess_exec(
+        sys.executable, LOADCLIENT, "--load-test", "--server-url", url, "--rooms", str(rooms),
+        "--room-size", str(room_size), "--rate", "10", "--duration", str(seconds),
+        "--grace", str(seconds), "--seed", "7", "--out", str(tmp_path / "run"),
+        "--summary-json", str(summary), stdout=subprocess.DEVNULL, cwd=str(tmp_path))
+    return run, summary
+
+
 @run_async
 async def test_load_client_run_survives_a_redis_restart(durable_redis, tmp_path):
     """A loadclient.py run through a Redis stall, kill and restart: delivery ratio 1.0."""
     node = start_server("--redis", durable_redis.url, *SERVER_ARGS)
     try:
-        summary = tmp_path / "summary.json"
-        run = await asyncio.create_subprocess_exec(
-            sys.executable, LOADCLIENT, "--load-test", "--server-url", node.url, "--rooms", "3",
-            "--room-size", "4", "--rate", "10", "--duration", "4", "--grace", "4", "--seed", "7",
-            "--out", str(tmp_path / "run"), "--summary-json", str(summary),
-            stdout=subprocess.DEVNULL, cwd=str(tmp_path))
+        run, summary = await start_load_client(node.url, tmp_path, 3, 4, 4)
         await asyncio.sleep(1.5)
         await asyncio.to_thread(durable_redis.stall_and_kill, 0.3)
         await asyncio.sleep(0.7)
@@ -698,12 +704,7 @@ async def test_load_client_run_survives_a_worker_sigkill(tmp_path):
     """A loadclient.py run while a worker is killed: its clients resume and resend, ratio 1.0."""
     sup = start_server("--workers", "2", *SERVER_ARGS)
     try:
-        summary = tmp_path / "summary.json"
-        run = await asyncio.create_subprocess_exec(
-            sys.executable, LOADCLIENT, "--load-test", "--server-url", sup.url, "--rooms", "10",
-            "--room-size", "6", "--rate", "10", "--duration", "5", "--grace", "5", "--seed", "7",
-            "--out", str(tmp_path / "run"), "--summary-json", str(summary),
-            stdout=subprocess.DEVNULL, cwd=str(tmp_path))
+        run, summary = await start_load_client(sup.url, tmp_path, 10, 6, 5)
         await asyncio.sleep(2.5)
         victim = worker_pids(sup)[0]
         os.kill(victim, signal.SIGKILL)
