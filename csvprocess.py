@@ -27,6 +27,7 @@ import gzip
 import json
 import math
 import re
+import signal
 import sys
 import zlib
 from array import array
@@ -725,4 +726,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # `| head` ends quietly, like other tools
     sys.exit(main())

@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -336,4 +337,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # `| head` ends quietly, like other tools
     sys.exit(main())
