@@ -330,7 +330,7 @@ def test_parse_close_accepts_valid_bodies_and_refuses_the_rest(payload):
 @given(code=st.sampled_from(sorted(sc.VALID_CLOSE_CODES)), reason=st.text(max_size=200))
 @example(code=1008, reason="é" * 100)
 def test_encode_close_always_makes_a_valid_close_frame(code, reason):
-    (opcode, payload), = feed_chunks([sc.encode_close(code, reason)], expect_masked=False)[0]
+    (_opcode, payload), = feed_chunks([sc.encode_close(code, reason)], expect_masked=False)[0]
     parsed_code, parsed_reason = sc.parse_close(payload)
     assert parsed_code == code and reason.startswith(parsed_reason)
 
@@ -622,7 +622,7 @@ def test_client_within_the_rate_is_never_refused(serve):
 def test_per_ip_cap_answers_503_and_counts_per_address(serve):
     server = serve("--max-per-ip", "2")
     first, second = RawClient(server.port), RawClient(server.port)
-    status, headers, body = http_exchange(server.port, sc.client_handshake_request(
+    status, headers, _body = http_exchange(server.port, sc.client_handshake_request(
         f"127.0.0.1:{server.port}", "/ws", sc.new_key()))
     assert status == 503 and headers.get("retry-after") == "1"
     assert handshake_status(server.port, source="127.0.0.2") == 101     # another address

@@ -71,7 +71,7 @@ def run(max_buffer: int, args) -> dict:
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz")
         rss0 = rss_kib(server.pid)
-        silent = silent_member(port, "slow1x%d-0" % args.room_size)
+        silent = silent_member(port, f"slow1x{args.room_size}-0")
         out = tempfile.mkdtemp(prefix="slow-consumer-")
         summary = os.path.join(out, "summary.json")
         load = subprocess.Popen([sys.executable, os.path.join(ROOT, "loadclient.py"), "--load-test",
@@ -95,7 +95,8 @@ def run(max_buffer: int, args) -> dict:
         sampler.join()
         with open(f"/proc/{server.pid}/status") as f:
             peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-        (result,) = json.load(open(summary))["scenarios"]
+        with open(summary) as f:
+            (result,) = json.load(f)["scenarios"]
         cut = metric(mport, 'scalechat_dropped_clients_total{reason="slow_consumer"}')
         silent.close()
         return {"max_buffer": max_buffer, "rss_growth_kib": samples, "peak_rss_growth_kib": peak - rss0,
