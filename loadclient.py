@@ -25,6 +25,7 @@ import os
 import random
 import re
 import resource
+import select
 import selectors
 import shutil
 import signal
@@ -155,6 +156,12 @@ class Loop:
         self.selector = selectors.DefaultSelector()
         self.timers: list = []
         self._tiebreak = 0
+        self.ready_us = 0           # wall clock (µs) when the last select() returned
+        # epoll waits in whole milliseconds, rounded up, so a timer due in 0.2 ms would
+        # fire up to 0.8 ms late; select() on the epoll descriptor itself waits to the
+        # microsecond (it only takes descriptors below FD_SETSIZE, 1024).
+        fd = self.selector.fileno() if isinstance(self.selector, selectors.EpollSelector) else -1
+        self.fine_wait_fd = fd if 0 <= fd < 1024 else None
 
     def call_later(self, delay: float, fn, *args) -> None:
         """Run fn(*args) after delay seconds; callbacks check their own state instead of being cancelled."""
@@ -167,7 +174,12 @@ class Loop:
         wait = max_wait
         if timers:
             wait = max(0.0, min(wait, timers[0][0] - time.monotonic()))
-        for key, mask in self.selector.select(wait):
+        if 0.0 < wait < 0.005 and self.fine_wait_fd is not None:
+            select.select((self.fine_wait_fd,), (), (), wait)
+            wait = 0.0
+        events = self.selector.select(wait)
+        self.ready_us = time.time_ns() // 1000
+        for key, mask in events:
             key.data(mask)
         now = time.monotonic()
         while timers and timers[0][0] <= now:
@@ -615,7 +627,7 @@ class LoadClient(ClientConnection):
 
     # -- receiving (the hot path) -------------------------------------------
     def on_frames(self, frames: list) -> None:
-        ts = time.time_ns() // 1000
+        ts = self.loop.ready_us
         worker = self.worker
         last_seq, replay_until = self.last_seq, self.replay_until
         received = late = 0

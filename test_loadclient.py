@@ -512,3 +512,26 @@ def test_server_url_parsing():
     for bad in ("wss://127.0.0.1/ws", "http://127.0.0.1/ws", "ws:///ws"):
         with pytest.raises(loadclient.SettingsError):
             loadclient.parse_server_url(bad)
+
+
+def test_loop_short_wait_still_wakes_for_sockets_and_stamps_arrival():
+    """A wait shorter than epoll's millisecond goes through select() on the epoll descriptor:
+    a socket that turns readable during it is still dispatched in the same turn, and
+    ready_us is the moment select() returned, taken before any callback runs."""
+    loop = loadclient.Loop()
+    assert loop.fine_wait_fd is not None
+    a, b = socket.socketpair()
+    seen, fired = [], []
+    loop.selector.register(a, loadclient.selectors.EVENT_READ,
+                           lambda mask: seen.append((a.recv(10), loop.ready_us, time.time_ns() // 1000)))
+    loop.call_later(0.004, lambda: fired.append(True))
+    threading.Timer(0.001, b.send, (b"x",)).start()
+    before = time.time_ns() // 1000
+    loop.run_once(1.0)
+    assert seen and seen[0][0] == b"x"
+    _, ready, handled = seen[0]
+    assert before <= ready <= handled
+    while not fired:
+        loop.run_once(1.0)
+    a.close(), b.close()
+    loop.selector.close()
