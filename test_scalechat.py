@@ -13,6 +13,7 @@ by the code under test.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import json
 import os
@@ -33,8 +34,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
 from websockets.sync.client import connect
 
-from conftest import start_server
+from conftest import free_port, start_server
 from scalechat import (
+    Connection,
+    Histogram,
+    Server,
     OP_BINARY,
     OP_CLOSE,
     OP_CONTINUATION,
@@ -57,6 +61,7 @@ from scalechat import (
     new_key,
     new_mask_key,
     parse_chat_message,
+    parse_args,
     parse_close,
     parse_handshake_response,
     parse_request_head,
@@ -1012,3 +1017,90 @@ def test_websocket_client_library_fragments_ping_and_close(chat_server):
     json.loads(bad.recv())
     bad.send(b'{"text": "\xff"}', opcode=websocket.ABNF.OPCODE_TEXT)
     assert websocket_client_close_code(bad) == 1007
+
+
+# ---------------------------------------------------------------------------
+# 6. The garbage collector: no reference cycles, pauses measured, survivors frozen
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def in_process_server():
+    """A Server on a thread of this process, so its objects can be inspected."""
+    port = free_port()
+    server = Server(parse_args(["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+                                "--log-level", "ERROR", "--handshake-timeout", "0.5",
+                                "--close-timeout", "0.5"]))
+    server.port = port
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.request_stop()
+    server.request_stop()
+    thread.join(10)
+    assert not thread.is_alive()
+    gc.unfreeze()
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    """Poll until predicate() is true; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_released_connections_form_no_reference_cycles(in_process_server):
+    """Connections that end in every way the server knows are freed by reference counting
+    alone: none of their objects is left for the cyclic collector. --gc-freeze relies on it,
+    since a frozen object in a cycle would never be freed."""
+    server = in_process_server
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        clients = [join(server, f"t-cycles-{k % 3}", f"name=u{k}") for k in range(12)]
+        for k, c in enumerate(clients):
+            chat(c, f"hello {k}", 1)
+        for c in clients:
+            seqs_of(c, 1)
+        clients[0].send(frame(OP_TEXT, b"not json"))           # refused with an error frame
+        while clients[0].recv_json()["type"] != "error":       # past the room's other messages
+            pass
+        assert get(server.port, "/ws", "Upgrade: websocket\r\n")[0] == 426      # no version
+        for c in clients[:4]:                                   # a clean closing handshake
+            c.send(close_frame(1000))
+            assert c.closed_by_server()
+        for c in clients[4:7]:                                  # protocol errors
+            c.send(frame(OP_BINARY, b"\x00"))
+            assert c.recv_close_code() == 1003
+        for c in clients[7:]:                                   # vanished peers
+            c.sock.close()
+        idle = socket.create_connection(("127.0.0.1", server.port))     # never sends a request
+        assert get(server.port, "/nope")[0] == 404
+        assert get(server.port, "/")[0] == 200
+        wait_for(lambda: not server.conns and not server.handshaking and not server.closing)
+        idle.close()
+        gc.collect()
+        ours = (Connection, FrameParser, Room, Histogram)
+        leaked = [type(o).__name__ for o in gc.garbage if isinstance(o, ours)]
+        assert leaked == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+
+
+def test_full_collection_is_timed_and_its_survivors_frozen(in_process_server):
+    """Each collection's pause is observed by generation; after a full one, the loop freezes
+    what survived (and says how much) on its next turn."""
+    server = in_process_server
+    a = join(server, "t-freeze")
+    before = server.stats.gc2.count
+    gc.collect()
+    assert server.stats.gc2.count == before + 1
+    assert server.stats.gc2.total > 0
+    chat(a, "wake the loop", 1)                               # a turn runs after the collection
+    seqs_of(a, 1)
+    wait_for(lambda: server.stats.gc_frozen > 0)
+    assert gc.get_freeze_count() > 0
+    assert not server.gc_watch.freeze_due
+    chat(a, "still serving", 2)
+    assert seqs_of(a, 1) == [2]

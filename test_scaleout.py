@@ -455,7 +455,11 @@ async def test_workers_metrics_are_one_scrape_with_single_process_names(two_work
                     and delta["scalechat_connections_accepted_total"] == 16)
         # Workers report every second; the sums must match what both workers did.
         await until(summed, 5, "the scrape to add up both workers' counters")
-        assert scrape(two_workers)["scalechat_bus_up"] == 1
+        now = scrape(two_workers)
+        assert now["scalechat_bus_up"] == 1
+        # Garbage-collector pauses of every process, by generation, in one histogram.
+        young = now['scalechat_gc_pause_seconds_count{generation="0"}']
+        assert young > 0 and now['scalechat_gc_pause_seconds_bucket{generation="0",le="+Inf"}'] == young
 
 
 @run_async

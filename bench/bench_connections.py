@@ -27,6 +27,8 @@ import threading
 import time
 import urllib.request
 
+from prometheus_client.parser import text_string_to_metric_families
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
@@ -95,6 +97,34 @@ def refusals(port: int) -> dict:
     return out
 
 
+def gc_pauses(port: int) -> dict:
+    """Per generation: collections, seconds paused in all, and the bucket bound of the longest."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "scalechat_gc_pause_seconds":
+            continue
+        for sample in family.samples:
+            gen = out.setdefault(sample.labels["generation"], {"count": 0, "seconds": 0.0, "buckets": []})
+            if sample.name.endswith("_count"):
+                gen["count"] = int(sample.value)
+            elif sample.name.endswith("_sum"):
+                gen["seconds"] = round(sample.value, 4)
+            elif sample.name.endswith("_bucket"):
+                gen["buckets"].append((float(sample.labels["le"]), sample.value))
+    for gen in out.values():
+        longest = [le for le, n in sorted(gen.pop("buckets")) if n >= gen["count"]]
+        gen["longest_le_s"] = longest[0] if gen["count"] else 0.0
+    return out
+
+
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because a listen queue was full (all sockets)."""
+    with open("/proc/net/netstat") as f:
+        head, values = [line.split() for line in f if line.startswith("TcpExt:")][:2]
+    return int(values[head.index("ListenOverflows")])
+
+
 def combine(results: list) -> dict:
     """One summary from the load clients' summaries (latency: the worst of them)."""
     out = {key: sum(r[key] for r in results) for key in ("sent", "expected", "received", "lost",
@@ -122,6 +152,7 @@ def main() -> int:
     ap.add_argument("--ramp", type=float, default=3000, help="connections per second, per instance")
     ap.add_argument("--procs", type=int, default=3, help="load-client processes per instance")
     ap.add_argument("--record-receivers", type=float, default=0.05)
+    ap.add_argument("--server-args", default="", help="more scalechat.py flags, e.g. '--gc-freeze false'")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="connections-")
     redis = RedisServer(work).start() if args.redis else None
@@ -129,6 +160,7 @@ def main() -> int:
     servers = [subprocess.Popen([sys.executable, os.path.join(ROOT, "scalechat.py"), "--host", "127.0.0.1",
                                  "--port", str(port), "--metrics-port", str(mport),
                                  "--workers", str(args.workers), "--log-level", "WARNING",
+                                 *args.server_args.split(),
                                  *(("--redis", redis.url) if redis else ())])
                for port, mport in ports]
     samples: list = []
@@ -141,6 +173,7 @@ def main() -> int:
         def server_pids():
             return [pid for server in servers for pid in tree(server.pid)]
         rss0, cpu0 = rss_kib(server_pids()), cpu_seconds(server_pids())
+        overflows0 = listen_overflows()
         summaries = [os.path.join(work, f"summary{k}.json") for k in range(args.instances)]
         loads = [subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "loadclient.py"), "--load-test",
@@ -170,11 +203,18 @@ def main() -> int:
         stop.set()
         sampler.join()
         cpu = cpu_seconds(server_pids()) - cpu0
+        overflows = listen_overflows() - overflows0
         time.sleep(1.5)                     # workers report their counters every second
         server_refusals: dict = {}
+        gc: dict = {}
         for _, mport in ports:
             for key, n in refusals(mport).items():
                 server_refusals[key] = server_refusals.get(key, 0) + n
+            for generation, g in gc_pauses(mport).items():
+                total = gc.setdefault(generation, {"count": 0, "seconds": 0.0, "longest_le_s": 0.0})
+                total["count"] += g["count"]
+                total["seconds"] = round(total["seconds"] + g["seconds"], 4)
+                total["longest_le_s"] = max(total["longest_le_s"], g["longest_le_s"])
         scenarios = []
         for path in summaries:
             with open(path) as f:
@@ -195,7 +235,8 @@ def main() -> int:
            "settings": vars(args), "loadclient_exit": code,
            "peak_connections": int(peak["connections"]), "server_rss_mib_at_peak": peak["rss_mib"],
            "server_rss_kib_per_connection": round((peak["rss_mib"] * 1024 - rss0) / max(1, peak["connections"]), 2),
-           "server_cpu_s": round(cpu, 1), **result, "server_refusals": server_refusals, "samples": samples}
+           "server_cpu_s": round(cpu, 1), **result, "server_refusals": server_refusals,
+           "listen_overflows": overflows, "gc_pauses": gc, "samples": samples}
     path = os.path.join(HERE, "results", "connections.json")
     rows = []
     if os.path.exists(path):
@@ -205,6 +246,7 @@ def main() -> int:
     with open(path, "w") as f:
         json.dump(rows, f, indent=1)
     lat = row["latency_ms"]
+    full = gc.get("2", {"count": 0, "longest_le_s": 0.0})
     setup = f"--workers {args.workers}" + (f" x {args.instances} instances" if args.instances > 1 else "") + \
         (" + Redis" if args.redis else "")
     section = [f"## {args.clients:,} clients, {setup}", "",
@@ -215,12 +257,14 @@ def main() -> int:
                f"{args.record_receivers:.0%} of receivers recording latency"
                + ("; latency: the worst of the instances' load clients" if args.instances > 1 else ""), "",
                "| connected | peak server connections | delivery ratio | lost | duplicates | reconnects "
-               "| p50 / p99 / max ms | server RSS at peak | per connection | server CPU s |",
-               "| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+               "| p50 / p99 / max ms | server RSS at peak | per connection | server CPU s "
+               "| full GCs: count, longest | listen-queue overflows |",
+               "| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
                f"| {row['connected']:,} | {row['peak_connections']:,} | {row['delivery_ratio']:.6f} | {row['lost']} "
                f"| {row['duplicates']} | {row['reconnects']} | {lat['p50']:.1f} / {lat['p99']:.1f} / {lat['max']:.1f} "
                f"| {row['server_rss_mib_at_peak']:.0f} MiB | {row['server_rss_kib_per_connection']:.2f} KiB "
-               f"| {row['server_cpu_s']} |", ""]
+               f"| {row['server_cpu_s']} | {full['count']}, <= {full['longest_le_s'] * 1000:g} ms "
+               f"| {overflows:,} |", ""]
     if row["errors"] or server_refusals:
         section += [f"Load client errors: {row['errors']}; server drops and refusals: {server_refusals}", ""]
     md = os.path.join(HERE, "results", "connections.md")

@@ -3,7 +3,8 @@
 
 Builds N scalechat.Connection objects (with their frame parsers) in rooms of
 10, as a worker holds them, and times gc.collect(): the pause every member of
-that worker would see when Python's cyclic collector runs a full collection.
+that worker would see when Python's cyclic collector runs a full collection;
+then the same once they are frozen, as --gc-freeze does after a full collection.
 
     python bench/bench_gc.py [--connections 17000]
 """
@@ -41,13 +42,16 @@ def main() -> int:
         conn.room = room
         conns.append(conn)
     gc.collect()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        gc.collect()
-        times.append((time.perf_counter() - start) * 1000)
-    print(f"{args.connections} connections, {len(gc.get_objects())} tracked objects: "
-          f"full collection {min(times):.1f} / {sorted(times)[1]:.1f} / {max(times):.1f} ms (min/median/max)")
+    tracked = len(gc.get_objects())
+    for label in ("as is", "after gc.freeze() (--gc-freeze)"):
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            gc.collect()
+            times.append((time.perf_counter() - start) * 1000)
+        print(f"{args.connections} connections, {tracked} tracked objects, {label}: full collection "
+              f"{min(times):.2f} / {sorted(times)[1]:.2f} / {max(times):.2f} ms (min/median/max)")
+        gc.freeze()
     return 0
 
 
