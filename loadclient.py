@@ -755,7 +755,8 @@ class LoadClient(ClientConnection):
             self.finish()
             return
         worker.count_error(reason if code == CLOSE_ABNORMAL else f"close {code}")
-        self.settle()
+        # A first connect that failed retries and stays unsettled: the send phase waits for
+        # it (up to the ramp's deadline), as its room's messages would otherwise count lost.
         comes_back = code in RECONNECT_CODES or not self.ever_welcomed  # first connects retry too
         if worker.closing or not comes_back:
             self.finish()
@@ -773,19 +774,24 @@ class LoadClient(ClientConnection):
 
     # The worker counts instead of scanning thousands of clients every loop turn.
     def settle(self) -> None:
-        """The first attempt has ended (joined or failed): the ramp need not wait for this client."""
+        """Joined for the first time, or given up: the ramp need not wait for this client."""
         if not self.settled:
             self.settled = True
             self.worker.unsettled -= 1
 
     def finish(self) -> None:
-        """Closed for good: the close phase need not wait for this client."""
+        """Closed for good: neither the ramp nor the close phase need wait for this client."""
+        self.settle()
         if not self.finished:
             self.finished = True
             self.worker.unfinished -= 1
 
 
 RAMP, READY, SEND, DRAIN, CLOSE, DONE = "ramp", "ready", "send", "drain", "close", "done"
+# Connections one process keeps in their TCP and HTTP handshake at once. Past the
+# machine's pace, a ramp that opened every due connection at once left the requests of
+# thousands unsent while the server's --handshake-timeout ran (SCALING.md, section 4).
+HANDSHAKES_IN_FLIGHT = 1024
 
 
 class LoadWorker:
@@ -857,6 +863,9 @@ class LoadWorker:
     def _ramp(self) -> None:
         due = min(len(self.clients),
                   int((time.monotonic() - self.ramp_started) * self.plan.ramp / self.plan.procs) + 1)
+        # Started and not yet joined: beyond HANDSHAKES_IN_FLIGHT, wait for some to finish.
+        in_flight = self.ramped - (len(self.clients) - self.unsettled)
+        due = min(due, self.ramped + max(0, HANDSHAKES_IN_FLIGHT - in_flight))
         while self.ramped < due:
             self.clients[self.ramped].start()
             self.ramped += 1

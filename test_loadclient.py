@@ -179,11 +179,12 @@ class CuttingProxy:
     loses nothing the client wrote, only what the server had sent it.
     """
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, refuse: tuple = ()) -> None:
         self.upstream = ("127.0.0.1", upstream_port)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"ws://127.0.0.1:{self.listener.getsockname()[1]}/ws"
         self.links: list = []
+        self.refuse, self.accepted = refuse, 0    # accepts (0: the first) closed before any byte
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -192,6 +193,10 @@ class CuttingProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            self.accepted += 1
+            if self.accepted - 1 in self.refuse:
+                client.close()
+                continue
             link = {"client": client, "server": socket.create_connection(self.upstream),
                     "cut": None, "done": threading.Event()}
             self.links.append(link)
@@ -257,6 +262,19 @@ def test_reconnect_with_since_loses_nothing(server, tmp_path):
     assert result["lost"] == 0 and result["duplicates"] == 0 and result["delivery_ratio"] == 1.0
     assert "late" in out and "lost           0" in out
     check_complete(result)
+
+
+def test_sending_waits_for_first_connects_that_retry(server, tmp_path):
+    # Accepts 1-3 (0 is the probe) are closed at once: three clients retry after a backoff.
+    # Sending must wait until they are in the room, or their room's first messages are lost.
+    proxy = CuttingProxy(server.port, refuse=(1, 2, 3))
+    code, result, err = run_load(proxy.url, tmp_path, "--rooms", "1", "--room-size", "4", "--rate", "20",
+                                 "--duration", "1", "--seed", "1")
+    assert code == 0, err
+    (result,) = result["scenarios"]
+    assert sum(result["errors"].values()) == 3 and all(e.startswith("lost: ") for e in result["errors"])
+    assert result["connect_ms"]["count"] == 4 and result["reconnects"] == 0
+    assert result["sent"] >= 60 and result["lost"] == 0 and result["delivery_ratio"] == 1.0
 
 
 def test_idle_run_ends_when_its_duration_is_up(server, tmp_path):
