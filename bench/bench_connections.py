@@ -74,14 +74,19 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+FULL_GCS = 'scalechat_gc_pause_seconds_count{generation="2"}'
+
+
 def scrape(port: int) -> dict:
-    """The supervisor's metrics as {name: value} (labels dropped, values summed)."""
+    """The supervisor's metrics as {name: value} (labels dropped, values summed; full GCs apart)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     out: dict = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
             name = line.split("{")[0].split()[0]
             out[name] = out.get(name, 0.0) + float(line.split()[-1])
+            if line.startswith(FULL_GCS):
+                out[FULL_GCS] = float(line.split()[-1])
     return out
 
 
@@ -196,7 +201,8 @@ def main() -> int:
                 samples.append({"t": round(time.monotonic() - start),
                                 "connections": sum(m.get("scalechat_connections", 0) for m in metrics),
                                 "rss_mib": round(rss_kib(server_pids()) / 1024, 1),
-                                "deliveries": sum(m.get("scalechat_deliveries_total", 0) for m in metrics)})
+                                "deliveries": sum(m.get("scalechat_deliveries_total", 0) for m in metrics),
+                                "full_gcs": int(sum(m.get(FULL_GCS, 0) for m in metrics))})
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         code = max(load.wait(args.duration + 600) for load in loads)
