@@ -94,9 +94,42 @@ def is_csp_violation(text: str) -> bool:
     return "Content Security Policy" in text or "Content-Security-Policy" in text
 
 
-def join(browser: Browser, base_url: str, name: str, room: str, **context_options) -> Chat:
+class Network:
+    """One person's network for WebSockets, which can be cut and brought back.
+
+    Chromium's offline emulation does not reliably reach WebSockets already open
+    (it may hold their frames, or not), so each socket goes through a Playwright
+    route instead: passed through to the server while the network is up; closed,
+    and new ones refused, while it is cut.
+    """
+
+    def __init__(self) -> None:
+        self.up = True
+        self.open: list = []
+
+    def route(self, ws) -> None:
+        """route_web_socket handler: connect through, or refuse while cut."""
+        if not self.up:
+            ws.close()
+            return
+        ws.connect_to_server()
+        self.open.append(ws)
+
+    def cut(self) -> None:
+        """Close every socket the page has open, and refuse new ones until ``up`` again."""
+        self.up = False
+        for ws in self.open:
+            ws.close()
+        self.open.clear()
+
+
+def join(browser: Browser, base_url: str, name: str, room: str, network: Network | None = None,
+         **context_options) -> Chat:
     """Open the client in a fresh browser profile, pick name and room, wait until online."""
-    page = browser.new_context(**context_options).new_page()
+    context = browser.new_context(**context_options)
+    if network is not None:
+        context.route_web_socket(re.compile(".*"), network.route)
+    page = context.new_page()
     chat = Chat(page, name)
     page.on("pageerror", lambda exc: chat.errors.append(f"page error: {exc}"))
     page.on("console", lambda msg: chat.errors.append(f"console: {msg.text}")
@@ -127,8 +160,8 @@ def people(browser):
     """join(base_url, name, room) -> Chat; at the end, no page may have failed or broken the CSP."""
     chats: list[Chat] = []
 
-    def open_chat(base_url: str, name: str, room: str) -> Chat:
-        chat = join(browser, base_url, name, room)
+    def open_chat(base_url: str, name: str, room: str, network: Network | None = None) -> Chat:
+        chat = join(browser, base_url, name, room, network)
         chats.append(chat)
         return chat
 
@@ -352,13 +385,15 @@ def test_page_that_missed_a_restart_takes_the_new_history_whole(servers, people)
     # Alice's network is down while the server restarts and bob already writes
     # seq 1-3 of the new history: her `since` looks valid but points into another history.
     first = servers()
-    alice = people(first.http, "alice", "epoch")
+    network = Network()
+    alice = people(first.http, "alice", "epoch", network=network)
     bob = people(first.http, "bob", "epoch")
     alice.send("old one")
     bob.send("old two")
     alice.expect_message_count(2)
 
-    alice.page.context.set_offline(True)
+    network.cut()
+    alice.page.context.set_offline(True)      # and the browser's "offline" event
     first.stop(signal.SIGTERM)
     servers(port=first.port)
     bob.expect_state("online")
@@ -367,6 +402,7 @@ def test_page_that_missed_a_restart_takes_the_new_history_whole(servers, people)
     bob.message("new three").wait_for()
     alice.expect_state("reconnecting")
 
+    network.up = True
     alice.page.context.set_offline(False)     # the browser's "online" event: no backoff wait
     alice.message("new three").wait_for()
     assert alice.texts() == ["old one", "old two", "new one", "new two", "new three"]
