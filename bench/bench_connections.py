@@ -75,6 +75,9 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 FULL_GCS = 'scalechat_gc_pause_seconds_count{generation="2"}'
+# Young collections (generations 0 and 1) in all, and those done within 100 ms.
+YOUNG = tuple(f'scalechat_gc_pause_seconds_{kind}{{generation="{g}"{le}}}'
+              for g in "01" for kind, le in (("count", ""), ("bucket", ',le="0.1"')))
 
 
 def scrape(port: int) -> dict:
@@ -85,8 +88,8 @@ def scrape(port: int) -> dict:
         if line and not line.startswith("#"):
             name = line.split("{")[0].split()[0]
             out[name] = out.get(name, 0.0) + float(line.split()[-1])
-            if line.startswith(FULL_GCS):
-                out[FULL_GCS] = float(line.split()[-1])
+            if line.startswith(FULL_GCS) or line.startswith(YOUNG):
+                out[line.split()[0]] = float(line.split()[-1])
     return out
 
 
@@ -202,7 +205,10 @@ def main() -> int:
                                 "connections": sum(m.get("scalechat_connections", 0) for m in metrics),
                                 "rss_mib": round(rss_kib(server_pids()) / 1024, 1),
                                 "deliveries": sum(m.get("scalechat_deliveries_total", 0) for m in metrics),
-                                "full_gcs": int(sum(m.get(FULL_GCS, 0) for m in metrics))})
+                                "full_gcs": int(sum(m.get(FULL_GCS, 0) for m in metrics)),
+                                "slow_young_gcs": int(sum(m.get(YOUNG[0], 0) - m.get(YOUNG[1], 0)
+                                                          + m.get(YOUNG[2], 0) - m.get(YOUNG[3], 0)
+                                                          for m in metrics))})
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         code = max(load.wait(args.duration + 600) for load in loads)
