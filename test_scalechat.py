@@ -36,9 +36,6 @@ from websockets.sync.client import connect
 
 from conftest import free_port, start_server
 from scalechat import (
-    Connection,
-    Histogram,
-    Server,
     OP_BINARY,
     OP_CLOSE,
     OP_CONTINUATION,
@@ -46,10 +43,13 @@ from scalechat import (
     OP_PONG,
     OP_TEXT,
     ChatError,
+    Connection,
     FrameParser,
     HandshakeError,
+    Histogram,
     ProtocolError,
     Room,
+    Server,
     accept_key,
     check_upgrade,
     client_handshake_request,
@@ -60,8 +60,8 @@ from scalechat import (
     max_frame_size,
     new_key,
     new_mask_key,
-    parse_chat_message,
     parse_args,
+    parse_chat_message,
     parse_close,
     parse_handshake_response,
     parse_request_head,
