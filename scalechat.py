@@ -1473,8 +1473,8 @@ class GcWatch:
     """Times each pause of the cyclic garbage collector, by generation, into Stats.
 
     A full (generation 2) collection walks every tracked object, and a process
-    holding many connections holds many: 10 ms at 17k connections, 68 ms at
-    100k (bench/bench_gc.py), a pause every member of the process feels. With
+    holding many connections holds many: about 15 ms at 17k connections, 66 ms
+    at 100k (bench/bench_gc.py), a pause every member of the process feels. With
     freeze, what survives a full collection is moved out of the collector's
     sight (gc.freeze()) on the loop's next turn, so the next full collection
     walks only what was allocated since. That is safe because the server's
@@ -2464,7 +2464,7 @@ class StatsCollector:
             pauses.add_metric([str(generation)], histogram_buckets(hist), sum_value=hist.total)
         yield pauses
         yield GaugeMetricFamily("scalechat_gc_frozen_objects",
-                                "Objects moved out of the collector's sight by --gc-freeze", value=s.gc_frozen)
+                                "Objects frozen by --gc-freeze, counted at the last freeze", value=s.gc_frozen)
 
 
 def histogram_buckets(hist: Histogram) -> list:
