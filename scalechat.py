@@ -1674,8 +1674,8 @@ STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; char
                 ".json": "application/json", ".png": "image/png", ".ico": "image/x-icon",
                 ".txt": "text/plain; charset=utf-8"}
 PAGE_HEADERS = (("Content-Security-Policy",
-                 "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
-                 "style-src 'self'; script-src 'self'; frame-ancestors 'none'"),
+                 ("default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+                 "style-src 'self'; script-src 'self'; frame-ancestors 'none'")),
                 ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
                 ("Cache-Control", "no-cache"))
 
@@ -2527,8 +2527,8 @@ SETTINGS = (
     ("max-message-size", int, 65536, "largest message text in UTF-8 bytes"),
     ("max-header-size", int, 8192, "largest HTTP request head in bytes (431 past it)"),
     ("history", int, 1000, "messages kept per room for since=<seq> resume"),
-    ("history-bytes", int, 64 << 20, "bytes of history one process keeps across all rooms; past it "
-     "the least recently active rooms lose their oldest messages"),
+    ("history-bytes", int, 64 << 20, ("bytes of history one process keeps across all rooms; past it "
+     "the least recently active rooms lose their oldest messages")),
     ("max-connections", int, 0, "WebSocket connections per process at most (0: what the open-file limit allows)"),
     ("max-per-ip", int, 0, "WebSocket connections per client address at most (0: no cap)"),
     ("max-buffer", int, 1 << 20, "bytes queued for one client before it is cut off with 1013"),
@@ -2545,8 +2545,8 @@ SETTINGS = (
     ("bus-hold-count", int, 10000, "messages held while the bus is down, at most"),
     ("bus-hold-seconds", float, 30.0, "seconds a held message waits for the bus before it is refused"),
     ("bus-timeout", float, 5.0, "seconds without a Redis reply before the link counts as lost"),
-    ("gc-freeze", "bool", True, "after each full garbage collection, freeze the survivors so the "
-     "next one does not walk every connection again"),
+    ("gc-freeze", "bool", True, ("after each full garbage collection, freeze the survivors so the "
+     "next one does not walk every connection again")),
     ("log-level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
 )
 

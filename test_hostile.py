@@ -210,8 +210,8 @@ def request_heads(draw) -> bytes:
                "Sec-WebSocket-Key": key,
                "Sec-WebSocket-Version": draw(st.sampled_from(["13", "8", "", "13, 8"]))}
     dropped = draw(st.sets(st.sampled_from(sorted(headers))))
-    lines = [f"{draw(st.sampled_from(['GET', 'POST', 'HEAD', 'G(T', '']))} {draw(hostile_targets)} "
-             f"{draw(st.sampled_from(['HTTP/1.1', 'HTTP/1.0', 'HTTP/2', 'http/1.1']))}"]
+    lines = [(f"{draw(st.sampled_from(['GET', 'POST', 'HEAD', 'G(T', '']))} {draw(hostile_targets)} "
+             f"{draw(st.sampled_from(['HTTP/1.1', 'HTTP/1.0', 'HTTP/2', 'http/1.1']))}")]
     lines += [f"{k}: {v}" for k, v in headers.items() if k not in dropped]
     lines += draw(st.lists(st.text(max_size=20), max_size=3))
     return "\r\n".join(lines).encode("utf-8", "surrogatepass")

@@ -268,15 +268,15 @@ def main() -> int:
                f"{' per instance' if args.instances > 1 else ''}, "
                f"{args.record_receivers:.0%} of receivers recording latency"
                + ("; latency: the worst of the instances' load clients" if args.instances > 1 else ""), "",
-               "| connected | peak server connections | delivery ratio | lost | duplicates | reconnects "
+               ("| connected | peak server connections | delivery ratio | lost | duplicates | reconnects "
                "| p50 / p99 / max ms | server RSS at peak | per connection | server CPU s "
-               "| full GCs: count, longest | listen-queue overflows |",
+               "| full GCs: count, longest | listen-queue overflows |"),
                "| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
-               f"| {row['connected']:,} | {row['peak_connections']:,} | {row['delivery_ratio']:.6f} | {row['lost']} "
+               (f"| {row['connected']:,} | {row['peak_connections']:,} | {row['delivery_ratio']:.6f} | {row['lost']} "
                f"| {row['duplicates']} | {row['reconnects']} | {lat['p50']:.1f} / {lat['p99']:.1f} / {lat['max']:.1f} "
                f"| {row['server_rss_mib_at_peak']:.0f} MiB | {row['server_rss_kib_per_connection']:.2f} KiB "
                f"| {row['server_cpu_s']} | {full['count']}, <= {full['longest_le_s'] * 1000:g} ms "
-               f"| {overflows:,} |", ""]
+               f"| {overflows:,} |"), ""]
     if row["errors"] or server_refusals:
         section += [f"Load client errors: {row['errors']}; server drops and refusals: {server_refusals}", ""]
     md = os.path.join(HERE, "results", "connections.md")

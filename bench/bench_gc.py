@@ -17,7 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import scalechat  # noqa: E402
+import scalechat
 
 
 class FakeSocket:

@@ -130,8 +130,8 @@ def main() -> int:
     lines = ["# A member that never reads; server --history {args.history}", "",
              f"- command: `{results['command']}`", f"- date: {results['date']}",
              f"- machine: {results['machine']}",
-             f"- load: one room of {args.room_size} load clients, {args.rate} msg/s each, "
-             f"{args.msg_size} B texts, {args.duration:g} s, plus one member that never reads; server --history {args.history}", "",
+             (f"- load: one room of {args.room_size} load clients, {args.rate} msg/s each, "
+             f"{args.msg_size} B texts, {args.duration:g} s, plus one member that never reads; server --history {args.history}"), "",
              "| --max-buffer | silent member cut off (1013) | server RSS growth, peak | others' delivery ratio | others' p50 / p99 ms |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for r in runs:
