@@ -1476,7 +1476,8 @@ class GcWatch:
     holding many connections holds many: about 15 ms at 17k connections, 66 ms
     at 100k (bench/bench_gc.py), a pause every member of the process feels. With
     freeze, what survives a full collection is moved out of the collector's
-    sight (gc.freeze()) on the loop's next turn, so the next full collection
+    sight (gc.freeze()) by the loop's next quarter-second timer (not inside the
+    collection, which may run on the metrics thread), so the next full collection
     walks only what was allocated since. That is safe because the server's
     objects form no reference cycles once released (test_scalechat.py checks
     this): frozen objects are still freed by reference counting.
@@ -1499,11 +1500,12 @@ class GcWatch:
         if generation == 2 and self.freeze:
             self.freeze_due = True
 
-    def freeze_survivors(self) -> None:
-        """After a full collection (not inside it): freeze what survived."""
-        self.freeze_due = False
-        gc.freeze()
-        self.stats.gc_frozen = gc.get_freeze_count()
+    def freeze_if_due(self) -> None:
+        """Loop timer: after a full collection, freeze what survived it."""
+        if self.freeze_due:
+            self.freeze_due = False
+            gc.freeze()
+            self.stats.gc_frozen = gc.get_freeze_count()
 
     def close(self) -> None:
         """Stop watching (a process may run more than one loop in its life, e.g. tests)."""
@@ -1579,13 +1581,8 @@ class EventLoop:
             if link.out:
                 link.flush()
 
-    gc_watch: GcWatch | None = None
-
     def after_turn(self) -> None:
-        """Between turns: freeze what a full collection left, if asked (subclasses decide
-        here whether to keep running)."""
-        if self.gc_watch is not None and self.gc_watch.freeze_due:
-            self.gc_watch.freeze_survivors()
+        """Hook: decide whether to keep running."""
 
     def on_connection_event(self, conn: Connection, events: int) -> None:
         raise NotImplementedError
@@ -1736,6 +1733,7 @@ class Server(EventLoop):
         if self.hub is not None:
             self.every(1.0, lambda: self.hub.send_stats(self.stats))
         self.every(0.25, self._tick_lag)
+        self.every(0.25, self.gc_watch.freeze_if_due)
         self.every(0.25, self._check_deadlines)
         self.every(min(1.0, config.ping_interval / 4), self._sweep)
         self.every(1.0, self._send_member_counts)
@@ -1771,7 +1769,6 @@ class Server(EventLoop):
 
     def after_turn(self) -> None:
         """Stop once draining is done."""
-        super().after_turn()
         if self.draining and (not self.conns or self.now > self.drain_deadline):
             self.running = False
 
@@ -2287,6 +2284,7 @@ class Supervisor(EventLoop):
         self.own = Stats()                   # the supervisor's own garbage-collector pauses
         self.own.bus_up = 0
         self.gc_watch = GcWatch(self.own, config.gc_freeze)
+        self.every(0.25, self.gc_watch.freeze_if_due)
         self.draining = False
         self.drain_deadline = 0.0
         self.backoff: dict[int, float] = {}

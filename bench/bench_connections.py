@@ -82,7 +82,7 @@ YOUNG = tuple(f'scalechat_gc_pause_seconds_{kind}{{generation="{g}"{le}}}'
 
 def scrape(port: int) -> dict:
     """The supervisor's metrics as {name: value} (labels dropped, values summed; full GCs apart)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    text = metrics_text(port)
     out: dict = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
@@ -93,9 +93,13 @@ def scrape(port: int) -> dict:
     return out
 
 
-def refusals(port: int) -> dict:
+def metrics_text(port: int) -> str:
+    """One scrape of the supervisor's metrics, as text."""
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def refusals(text: str) -> dict:
     """Non-zero labelled drop and refusal counters, e.g. {'dropped_clients{reason="ping_timeout"}': 3}."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     out = {}
     for line in text.splitlines():
         for family in ("scalechat_dropped_clients_total{", "scalechat_refused_total{",
@@ -105,9 +109,8 @@ def refusals(port: int) -> dict:
     return out
 
 
-def gc_pauses(port: int) -> dict:
+def gc_pauses(text: str) -> dict:
     """Per generation: collections, seconds paused in all, and the bucket bound of the longest."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     out: dict = {}
     for family in text_string_to_metric_families(text):
         if family.name != "scalechat_gc_pause_seconds":
@@ -220,9 +223,10 @@ def main() -> int:
         server_refusals: dict = {}
         gc: dict = {}
         for _, mport in ports:
-            for key, n in refusals(mport).items():
+            text = metrics_text(mport)
+            for key, n in refusals(text).items():
                 server_refusals[key] = server_refusals.get(key, 0) + n
-            for generation, g in gc_pauses(mport).items():
+            for generation, g in gc_pauses(text).items():
                 total = gc.setdefault(generation, {"count": 0, "seconds": 0.0, "longest_le_s": 0.0})
                 total["count"] += g["count"]
                 total["seconds"] = round(total["seconds"] + g["seconds"], 4)

@@ -122,8 +122,8 @@ def process_tree(pid: int) -> list:
     return pids
 
 
-def cpu_seconds(pids: list, system_only: bool = False) -> dict:
-    """utime + stime (or stime alone) of each process that still exists, in seconds."""
+def cpu_seconds(pids: list) -> dict:
+    """(utime + stime, stime) of each process that still exists, in seconds."""
     seconds = {}
     for pid in pids:
         try:
@@ -133,7 +133,7 @@ def cpu_seconds(pids: list, system_only: bool = False) -> dict:
             continue
         fields = stat[stat.rindex(")") + 2:].split()   # the name may hold spaces
         utime, stime = int(fields[11]), int(fields[12])        # fields 14 and 15 of proc(5)
-        seconds[pid] = (stime if system_only else utime + stime) / CLK_TCK
+        seconds[pid] = ((utime + stime) / CLK_TCK, stime / CLK_TCK)
     return seconds
 
 
@@ -182,9 +182,10 @@ class Watch:
     def sample(self) -> None:
         """Take one sample now."""
         server = process_tree(self.server_pid)
-        self.server_seen.update(cpu_seconds(server))
-        self.server_sys_seen.update(cpu_seconds(server, system_only=True))
-        self.client_seen.update(cpu_seconds(process_tree(self.client_pid)))
+        for pid, (total, system) in cpu_seconds(server).items():
+            self.server_seen[pid], self.server_sys_seen[pid] = total, system
+        self.client_seen.update((pid, total) for pid, (total, _) in
+                                cpu_seconds(process_tree(self.client_pid)).items())
         self.samples.append((time.time(), sum(self.server_seen.values()),
                              sum(self.client_seen.values()), memory_kib(server),
                              sum(self.server_sys_seen.values()), *cores_busy()))
