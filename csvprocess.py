@@ -54,7 +54,7 @@ SERIES_PERCENTILES = {"p50": 500_000, "p90": 900_000, "p99": 990_000}
 # The latency-by-percentile curve for plots: 0, 25, 43.8, ... evenly spaced in "nines".
 CURVE_PPM = sorted({round(1e6 * (1 - 10 ** (-i / 8))) for i in range(41)} | {1_000_000})
 
-SCENARIO_NAME = re.compile(r"^(\d+)x(\d+)$")  # <rooms>x<room_size>
+SCENARIO_NAME = re.compile(r"([0-9]+)x([0-9]+)")  # <rooms>x<room_size>
 CHUNK_BYTES = 1 << 20
 MAX_REPORTED_ROWS = 10       # malformed rows printed per file; all are counted
 MAX_DENSE_SECONDS = 7 * 86400  # beyond this span the time series lists only busy seconds
@@ -80,7 +80,7 @@ def scenario_name(path: Path) -> str:
 
 def scenario_key(name: str) -> tuple:
     """Sort key: fewer clients first (25x2, 25x4, 50x8, ...), other names after, by name."""
-    match = SCENARIO_NAME.match(name)
+    match = SCENARIO_NAME.fullmatch(name)
     return (int(match.group(1)) * int(match.group(2)), int(match.group(1)), name) if match \
         else (math.inf, 0, name)
 
@@ -151,7 +151,7 @@ def expected_deliveries(name: str, meta: dict | None) -> tuple[int | None, str]:
         return size, "meta.json room_size"
     if size is not None:
         warn(f"{name}: meta.json room_size {size!r} is not a positive integer, ignored")
-    match = SCENARIO_NAME.match(name)
+    match = SCENARIO_NAME.fullmatch(name)
     if match and int(match.group(2)) > 0:
         return int(match.group(2)), "scenario name <rooms>x<room_size>"
     return None, "events (distinct receivers per room)"

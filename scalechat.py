@@ -34,6 +34,7 @@ import struct
 import subprocess
 import sys
 import time
+import traceback
 from collections import deque
 from datetime import UTC, datetime
 from urllib.parse import parse_qs, urlsplit
@@ -93,11 +94,12 @@ class ProtocolError(Exception):
 class HandshakeError(Exception):
     """An opening handshake failed; ``status`` is the HTTP status it deserves."""
 
-    def __init__(self, status: int, reason: str, headers: tuple = ()):
+    def __init__(self, status: int, reason: str, headers: tuple = (), counter: str | None = None):
         super().__init__(f"{status} {reason}")
         self.status = status
         self.reason = reason
         self.headers = headers
+        self.counter = counter              # the refused{reason} it counts as, if not the status's
 
 
 def accept_key(key: str) -> str:
@@ -201,10 +203,10 @@ class FrameParser:
         "_frame",
         "_msg_op",
         "_parts",
-        "_size",
         "accept_binary",
         "error",
         "expect_masked",
+        "frames",
         "max_message_size",
     )
 
@@ -217,9 +219,9 @@ class FrameParser:
         self._buf = b""
         self._frame = None      # [fin, remaining, key, offset] of a frame being streamed
         self._msg_op = None     # opcode of the message in progress (fragmented or streamed)
-        self._parts = []
-        self._size = 0
+        self._parts = bytearray()   # the message in progress: memory is what the peer sent
         self._decoder = None
+        self.frames = 0             # frame headers parsed so far: every frame pays the rate limit
 
     def feed(self, data: bytes) -> list:
         """Consume data; return the messages and control frames it completed."""
@@ -261,6 +263,7 @@ class FrameParser:
                     raise ProtocolError(CLOSE_PROTOCOL_ERROR, "64-bit length has its top bit set")
             opcode, fin = b0 & 0x0F, b0 & 0x80
             self._check_header(b0, b1, opcode, fin, n)
+            self.frames += 1
             if b1 & 0x80:
                 hlen += 4
                 if end - pos < hlen:
@@ -296,7 +299,6 @@ class FrameParser:
             if opcode:
                 self._msg_op = opcode
                 self._decoder = _new_utf8_decoder() if opcode == OP_TEXT else None
-            self._size += n
             self._frame = [fin, n, key, 0]
             if not n:
                 self._stream(buf, pos, end, out)
@@ -326,7 +328,7 @@ class FrameParser:
             raise ProtocolError(CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one")
         if opcode == OP_BINARY and not self.accept_binary:
             raise ProtocolError(CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted")
-        if (0 if opcode else self._size) + n > self.max_message_size:
+        if (0 if opcode else len(self._parts)) + n > self.max_message_size:
             raise ProtocolError(CLOSE_TOO_BIG, f"message larger than {self.max_message_size} bytes")
 
     def _stream(self, buf: bytes, pos: int, end: int, out: list) -> int:
@@ -341,7 +343,7 @@ class FrameParser:
                 chunk = mask(chunk, key[r:] + key[:r])
             if self._decoder is not None:
                 _validate_utf8(self._decoder, chunk)
-            self._parts.append(chunk)
+            self._parts += chunk
             frame[1] = remaining = remaining - take
             frame[3] = offset + take
         if remaining:
@@ -350,8 +352,9 @@ class FrameParser:
         if fin:
             if self._decoder is not None:
                 _validate_utf8(self._decoder, b"", True)
-            out.append((self._msg_op, b"".join(self._parts)))
-            self._msg_op, self._parts, self._size, self._decoder = None, [], 0, None
+            out.append((self._msg_op, bytes(self._parts)))
+            self._msg_op, self._decoder = None, None
+            self._parts = bytearray()
         return pos + take
 
 
@@ -372,7 +375,13 @@ class Request:
         return {t.strip().lower() for t in self.headers.get(name, "").split(",")}
 
 
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")      # used with fullmatch
+_TARGET = re.compile(r"/[\x21-\x7e]*")                      # origin-form, visible ASCII
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e]*")                # visible ASCII, spaces and tabs
+# Headers that name one thing: two of them (merged by a proxy or smuggled past
+# one) would be read differently by different parties, so they are refused.
+SINGLE_HEADERS = frozenset(("host", "origin", "sec-websocket-key", "sec-websocket-version",
+                            "content-length"))
 
 
 def parse_request_head(head: bytes) -> Request:
@@ -383,7 +392,7 @@ def parse_request_head(head: bytes) -> Request:
         raise HandshakeError(400, "request head is not ASCII") from None
     lines = text.split("\r\n")
     parts = lines[0].split(" ")
-    if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1].startswith("/"):
+    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not _TARGET.fullmatch(parts[1]):
         raise HandshakeError(400, "malformed request line")
     method, target, version = parts
     if version not in ("HTTP/1.1", "HTTP/1.0"):
@@ -391,11 +400,15 @@ def parse_request_head(head: bytes) -> Request:
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
-        if not sep or not _TOKEN.match(name):
+        if not sep or not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
             raise HandshakeError(400, "malformed header line")
         name = name.lower()
-        value = value.strip()
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        value = value.strip(" \t")
+        if name in headers:
+            if name in SINGLE_HEADERS:
+                raise HandshakeError(400, f"more than one {name} header")
+            value = f"{headers[name]}, {value}"
+        headers[name] = value
     return Request(method, target, version, headers)
 
 
@@ -491,12 +504,20 @@ def parse_handshake_response(buf: bytes, key: str) -> int | None:
 # 2. Chat logic: rooms, names, sequence numbers, history, validation
 # ---------------------------------------------------------------------------
 
-ROOM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+ROOM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")          # every pattern that validates: fullmatch
+CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
+SENT_AT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
+                     r"([Zz]|[+-][0-9]{2}:[0-9]{2})")          # RFC 3339 date-time
 MAX_NAME_CHARS = 32
-MAX_SENT_AT_CHARS = 64
 # A text of N UTF-8 bytes takes at most 6N bytes once JSON-escaped (\u00XX);
 # frames larger than that plus this envelope can only hold a too-long text.
 JSON_ENVELOPE_BYTES = 1024
+# What history costs in memory beyond the bytes of its frames and keys (CPython
+# 3.11, 64-bit): an entry's tuple, list slot, bytes headers, seq int and index
+# slot; a room's objects while it holds history. --history-bytes counts these,
+# so it bounds what the memory really is (test_scalechat.py measures both).
+HISTORY_ENTRY_COST = 240
+ROOM_COST = 2048
 
 
 def max_frame_size(max_message_size: int) -> int:
@@ -523,7 +544,12 @@ class ChatError(Exception):
 
 
 def parse_chat_message(payload: bytes, max_message_size: int) -> tuple:
-    """(message_id, text, sent_at) from a client's JSON frame; ChatError if refused."""
+    """(message_id, text, sent_at, resend) from a client's JSON frame; ChatError if refused.
+
+    Each field is checked here, once, for every later use: the JSON it is
+    encoded into again (no lone surrogate, no control character in sent_at),
+    the resend index (a 64-bit message_id), the frame (the text's size).
+    """
     try:
         obj = json.loads(payload)
     except (ValueError, RecursionError):
@@ -543,9 +569,9 @@ def parse_chat_message(payload: bytes, max_message_size: int) -> tuple:
     if size > max_message_size:
         raise ChatError("too_big", f"text longer than {max_message_size} bytes", message_id)
     sent_at = obj.get("sent_at")
-    if sent_at is not None and (type(sent_at) is not str or len(sent_at) > MAX_SENT_AT_CHARS):
-        raise ChatError("bad_message", "sent_at must be an RFC 3339 string", message_id)
-    return message_id, text, sent_at
+    if sent_at is not None and (type(sent_at) is not str or SENT_AT.fullmatch(sent_at) is None):
+        raise ChatError("bad_message", "sent_at must be an RFC 3339 date-time", message_id)
+    return message_id, text, sent_at, obj.get("resend") is True
 
 
 def encode_json_frame(obj: dict) -> bytes:
@@ -559,6 +585,12 @@ def error_frame(code: str, reason: str, message_id=None) -> bytes:
     if message_id is not None:
         obj["message_id"] = message_id
     return encode_json_frame(obj)
+
+
+def ack_frame(message_id: int, seq: int, duplicate: bool = False) -> bytes:
+    """An ``ack`` frame: the sender's message_id was sequenced as seq (or already had been)."""
+    return encode_frame(OP_TEXT, b'{"type":"ack","message_id":%d,"seq":%d%s}'
+                        % (message_id, seq, b',"duplicate":true' if duplicate else b""))
 
 
 _encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode   # skips dumps()'s checks
@@ -576,18 +608,134 @@ def message_parts(room: str, sender: str, message_id, text: str, sent_at) -> tup
 
 
 MESSAGE_ID = re.compile(rb'"message_id"\s*:\s*(-?\d{1,19})\b')
-RESEND_TRUE = re.compile(rb'"resend"\s*:\s*true')   # outside a string: quotes in text are escaped
 
 
-def resend_key(suffix: bytes) -> bytes:
-    """The part of a message's JSON that names it: sender and message_id.
+def resend_key(client: bytes, message_id) -> bytes:
+    """What names a message for the resend check: the sender's client id and message_id.
 
-    A client that reconnects may send again what it never saw confirmed, marked
-    ``"resend": true``; the sequencer drops it if its history already holds a
-    message with this key. (Inside the text, quotes are escaped, so the text
-    cannot contain the key.)
+    The client id is a secret of the sending client (``client=`` on connect)
+    that the server never broadcasts, so nobody else can claim a message_id in
+    its name; without one, or without a message_id, a message has no key.
     """
-    return suffix[:suffix.find(b',"text":') + 8]
+    return b"%s:%d" % (client, message_id) if client and message_id is not None else b""
+
+
+class History:
+    """A room's recent messages, oldest first, bounded in count and in bytes.
+
+    Entries are ``(seq, item, key)`` in a list read from ``head`` on: dropping
+    the oldest moves the offset, and the list is compacted only when half of
+    it is dead, so finding where a replay starts is a bisection. ``index``
+    maps the resend key of every held message to its seq: a resend is checked
+    in O(1), and the index shrinks with the history. ``cost`` is what the
+    entries take in memory (HISTORY_ENTRY_COST each beyond their bytes).
+    """
+
+    __slots__ = ("cost", "entries", "head", "index", "max_bytes", "max_count")
+
+    def __init__(self, max_count: int, max_bytes: int):
+        self.max_count, self.max_bytes = max_count, max_bytes
+        self.entries: list = []
+        self.head = 0
+        self.index: dict = {}
+        self.cost = 0
+
+    def __len__(self) -> int:
+        return len(self.entries) - self.head
+
+    def oldest_seq(self) -> int:
+        """The seq of the oldest entry (the history must not be empty)."""
+        return self.entries[self.head][0]
+
+    def append(self, seq: int, item: bytes, key: bytes = b"") -> int:
+        """Add the newest message, drop the oldest past the bounds; the change in cost."""
+        before = self.cost
+        self.entries.append((seq, item, key))
+        self.cost += len(item) + len(key) + HISTORY_ENTRY_COST
+        if key:
+            self.index[key] = seq
+        while len(self) > self.max_count or (self.cost > self.max_bytes and len(self) > 1):
+            self.popleft()
+        return self.cost - before
+
+    def popleft(self) -> int:
+        """Drop the oldest message; the cost freed."""
+        entries, head = self.entries, self.head
+        seq, item, key = entries[head]
+        entries[head] = None
+        self.head = head = head + 1
+        if key and self.index.get(key) == seq:
+            del self.index[key]
+        if head > 64 and 2 * head > len(entries):
+            del entries[:head]
+            self.head = 0
+        freed = len(item) + len(key) + HISTORY_ENTRY_COST
+        self.cost -= freed
+        return freed
+
+    def seq_of(self, key: bytes) -> int | None:
+        """The seq of the held message with this resend key, if any."""
+        return self.index.get(key) if key else None
+
+    def after(self, since: int, budget: int) -> tuple[list, int]:
+        """(items with seq > since, oldest first, about budget bytes of them; the last seq taken)."""
+        entries = self.entries
+        i = bisect.bisect_right(entries, since, lo=self.head, key=_entry_seq)
+        items, size, last = [], 0, since
+        while i < len(entries) and size < budget:
+            last, item, _ = entries[i]
+            items.append(item)
+            size += len(item)
+            i += 1
+        return items, last
+
+    def items(self) -> list:
+        """Every (seq, item), oldest first."""
+        return [e[:2] for e in self.entries[self.head:]]
+
+
+def _entry_seq(entry: tuple) -> int:
+    return entry[0]
+
+
+class HistoryBudget:
+    """--history-bytes over every room of a process: the least recently active lose history first.
+
+    Anyone can open rooms and fill their history, so only a budget across rooms
+    bounds the memory. A room costs ROOM_COST while it holds history, on top of
+    its entries; ``forget(room)`` hears of a room whose history ran out, so the
+    owner can drop it if nobody needs it (its seq then starts again at 1).
+    """
+
+    def __init__(self, limit: int, forget):
+        self.limit, self.forget = limit, forget
+        self.used = 0
+        self.by_activity: dict = {}         # name -> room holding history, least recently active first
+
+    def added(self, room, delta: int) -> None:
+        """room's history grew by delta (a message was added): it is now the most recently active."""
+        by_activity = self.by_activity
+        if by_activity.pop(room.name, None) is None:
+            self.used += ROOM_COST
+        by_activity[room.name] = room
+        self.used += delta
+        if self.used > self.limit:
+            self._trim()
+
+    def _trim(self) -> None:
+        by_activity = self.by_activity
+        while self.used > self.limit and by_activity:
+            name, room = next(iter(by_activity.items()))
+            self.used -= room.history.popleft()
+            if not room.history:
+                del by_activity[name]
+                self.used -= ROOM_COST
+                self.forget(room)
+
+    def removed(self, room) -> None:
+        """room is dropped with its history."""
+        if self.by_activity.pop(room.name, None) is not None:
+            self.used -= room.history.cost + ROOM_COST
 
 
 class Room:
@@ -595,10 +743,13 @@ class Room:
 
     With a remote bus a room is not ``ready`` until the bus has sent its
     snapshot (seq and history); joiners wait in ``waiting`` meanwhile, and
-    messages that arrive while ``syncing`` wait in ``early``.
+    messages that arrive while ``syncing`` wait in ``early``. A member that
+    resumes with ``since`` is ``catching_up`` until its replay reaches the
+    room's seq, and only then joins ``members`` (who get live frames).
     """
 
     __slots__ = (
+        "catching_up",
         "count_dirty",
         "early",
         "history",
@@ -610,32 +761,29 @@ class Room:
         "waiting",
     )
 
-    def __init__(self, name: str, history: int, ready: bool):
+    def __init__(self, name: str, config, ready: bool):
         self.name = name
         self.members: dict = {}             # Connection -> None: ordered, O(1) removal
+        self.catching_up: dict = {}         # Connection -> None: replaying history
         self.seq = 0
-        self.history: deque = deque(maxlen=history)   # (seq, frame)
+        self.history = History(config.history, config.room_history_bytes)   # items: frames
         self.count_dirty = False
         self.ready = ready
         self.syncing = False
         self.early: list = []               # (seq, frame, t0) held while syncing
         self.waiting: list = []             # (conn, since) held until ready
 
-    def frames_since(self, since: int) -> list:
-        """Frames of held messages with seq > since, oldest first."""
-        hist = self.history
-        if not hist or since >= hist[-1][0]:
-            return []
-        start = max(0, since - hist[0][0] + 1)
-        return [hist[i][1] for i in range(start, len(hist))]
-
     def oldest_seq(self) -> int:
         """The seq of the oldest message still held (seq + 1 when none is)."""
-        return self.history[0][0] if self.history else self.seq + 1
+        return self.history.oldest_seq() if self.history else self.seq + 1
 
-    def holds(self, key: bytes) -> bool:
-        """Whether a held message has this resend_key."""
-        return any(key in frame for _, frame in self.history)
+    def in_use(self) -> bool:
+        """Whether any connection here is in the room (live, catching up or waiting)."""
+        return bool(self.members or self.catching_up or self.waiting)
+
+    def member_count(self) -> int:
+        """Members on this process, those catching up included."""
+        return len(self.members) + len(self.catching_up)
 
 
 class Chat:
@@ -654,8 +802,7 @@ class Chat:
         self.rooms: dict[str, Room] = {}
         self.bus = LocalBus(self)
         self.guest_counter = 0
-        self.history_bytes = 0              # bytes of frames held in every room's history
-        self.by_activity: dict[str, Room] = {}   # rooms holding history, least recently active first
+        self.budget = HistoryBudget(config.history_bytes, self._forget_if_unused)
 
     def assign_name(self, requested: str | None) -> str:
         """The requested name, or a fresh ``guest-<n>``."""
@@ -668,8 +815,8 @@ class Chat:
         """Put conn in a room: welcome and replay now, or once the bus has the room."""
         room = self.rooms.get(room_name)
         if room is None:
-            room = self.rooms[room_name] = Room(room_name, self.config.history, self.bus.local)
-        opened = not room.members and not room.waiting
+            room = self.rooms[room_name] = Room(room_name, self.config, self.bus.local)
+        opened = not room.in_use()
         conn.room = room
         if room.ready:
             self._admit(conn, room, since)
@@ -679,74 +826,75 @@ class Chat:
             self.bus.room_opened(room)
 
     def _admit(self, conn, room: Room, since: int | None) -> None:
-        room.members[conn] = None
+        history = room.history
+        if since is not None and history and since < room.seq:
+            conn.replay = max(since + 1, history.oldest_seq())
+            room.catching_up[conn] = None
+        else:
+            room.members[conn] = None
         room.count_dirty = True
         self.send(conn, encode_json_frame({"type": "welcome", "room": room.name, "name": conn.name,
-                                           "seq": room.seq, "members": len(room.members),
+                                           "seq": room.seq, "members": room.member_count(),
                                            "oldest": room.oldest_seq()}))
-        if since is not None:
-            for frame in room.frames_since(since):
-                self.send(conn, frame)
+
+    def replay(self, conn, budget: int) -> list | None:
+        """The next frames of conn's replay, about budget bytes; None if history dropped them.
+
+        Replays are produced as the socket drains, never all at once: live
+        messages land in history, so the replay reaches them too, and conn
+        turns live once it has caught up, with one order and no gap.
+        """
+        room = conn.room
+        history = room.history
+        if conn.replay <= room.seq and (not history or history.oldest_seq() > conn.replay):
+            return None                     # trimmed while this reader was slow: a gap
+        frames, last = history.after(conn.replay - 1, budget)
+        if frames:
+            conn.replay = last + 1
+        if not frames or conn.replay > room.seq:
+            del room.catching_up[conn]
+            room.members[conn] = None
+            conn.replay = None
+        return frames
 
     def leave(self, conn) -> None:
         """Take conn out of its room; forget a room nobody here needs."""
         room = conn.room
         if room is None:
             return
-        conn.room = None
-        if room.members.pop(conn, 0) is not None:
+        conn.room = conn.replay = None
+        if room.members.pop(conn, 0) is not None and room.catching_up.pop(conn, 0) is not None:
             room.waiting = [w for w in room.waiting if w[0] is not conn]
         room.count_dirty = True
-        if not room.members and not room.waiting:
+        if not room.in_use():
             self.bus.room_closed(room)
             if not self.bus.local or not room.history:
                 self._forget(room)
 
     def _forget(self, room: Room) -> None:
-        self.history_bytes -= sum(len(frame) for _, frame in room.history)
-        self.by_activity.pop(room.name, None)
+        self.budget.removed(room)
         del self.rooms[room.name]
 
-    def _trim_history(self) -> None:
-        """Over --history-bytes: drop the oldest messages of the least recently active rooms.
-
-        Anyone can open rooms and fill their history, so only a budget across
-        rooms bounds the memory; a room left with no history and no members is
-        forgotten (its seq starts again at 1).
-        """
-        active = self.by_activity
-        while self.history_bytes > self.config.history_bytes and active:
-            name, room = next(iter(active.items()))
-            self.history_bytes -= len(room.history.popleft()[1])
-            if not room.history:
-                del active[name]
-                if not room.members and not room.waiting:
-                    del self.rooms[name]
+    def _forget_if_unused(self, room: Room) -> None:
+        if not room.in_use():
+            del self.rooms[room.name]
 
     def receive(self, conn, payload: bytes, t0: float) -> bytes | None:
         """Handle a client text frame; an error frame for the sender if refused."""
         try:
-            message_id, text, sent_at = parse_chat_message(payload, self.config.max_message_size)
+            message_id, text, sent_at, resend = parse_chat_message(payload, self.config.max_message_size)
         except ChatError as e:
             self.stats.refused["too_big" if e.code == "too_big" else "bad_message"] += 1
             return error_frame(e.code, e.reason, e.message_id)
         self.stats.messages_in += 1
         prefix, suffix = message_parts(conn.room.name, conn.name, message_id, text, sent_at)
-        resend = b'"resend"' in payload and RESEND_TRUE.search(payload) is not None
-        return self.bus.publish(conn.room, prefix, suffix, t0, conn, message_id, resend)
+        return self.bus.publish(conn.room, prefix, suffix, t0, conn, message_id,
+                                resend_key(conn.client, message_id), resend)
 
-    def deliver(self, room: Room, seq: int, frame: bytes, t0: float | None) -> None:
+    def deliver(self, room: Room, seq: int, frame: bytes, t0: float | None, key: bytes = b"") -> None:
         """Record a sequenced frame in history and queue it for every member (the hot path)."""
         room.seq = seq
-        history = room.history
-        if len(history) == history.maxlen:
-            self.history_bytes -= len(history[0][1])
-        history.append((seq, frame))
-        self.history_bytes += len(frame)
-        self.by_activity.pop(room.name, None)
-        self.by_activity[room.name] = room          # now the most recently active
-        if self.history_bytes > self.config.history_bytes:
-            self._trim_history()
+        self.budget.added(room, room.history.append(seq, frame, key))
         members = room.members
         if members:
             n = len(frame)
@@ -783,11 +931,9 @@ class Chat:
             return
         first = seq - len(payloads) + 1
         if not room.ready:
-            room.history.extend((first + i, encode_frame(OP_TEXT, p)) for i, p in enumerate(payloads))
+            delta = sum(room.history.append(first + i, encode_frame(OP_TEXT, p)) for i, p in enumerate(payloads))
             if room.history:
-                self.history_bytes += sum(len(frame) for _, frame in room.history)
-                self.by_activity[room.name] = room
-                self._trim_history()
+                self.budget.added(room, delta)
             room.seq = seq
             room.ready = True
             waiting, room.waiting = room.waiting, []
@@ -818,7 +964,7 @@ class Chat:
                 room.count_dirty = False
                 if room.members:
                     yield room, encode_json_frame({"type": "members", "room": room.name,
-                                                   "count": len(room.members)})
+                                                   "count": room.member_count()})
 
 
 # ---------------------------------------------------------------------------
@@ -842,12 +988,17 @@ class LocalBus:
         self.chat = chat
 
     def publish(self, room: Room, prefix: bytes, suffix: bytes, t0: float, conn, message_id,
-                resend: bool = False):
-        """Assign the room's next seq and deliver the message to every member."""
-        if resend and room.holds(resend_key(suffix)):
-            return
-        seq = room.seq + 1
-        self.chat.deliver(room, seq, encode_frame(OP_TEXT, prefix + str(seq).encode() + suffix), t0)
+                key: bytes = b"", resend: bool = False):
+        """Assign the room's next seq, deliver the message to every member, ack it to its sender."""
+        seen = room.history.seq_of(key) if resend else None
+        if seen is None:
+            seen = room.seq + 1
+            self.chat.deliver(room, seen, encode_frame(OP_TEXT, prefix + str(seen).encode() + suffix), t0, key)
+            duplicate = False
+        else:
+            duplicate = True
+        if message_id is not None:
+            self.chat.send(conn, ack_frame(message_id, seen, duplicate))
 
     def room_opened(self, room: Room) -> None:
         """The first local member joined room."""
@@ -859,12 +1010,26 @@ class LocalBus:
         """Never needed: nothing is lost inside one process."""
 
 
+# Bytes a link's queue must fall below before it takes the next chunk of a
+# lazily produced answer (a snapshot): live records are never queued behind more.
+LINK_CHUNK = 64 << 10
+
+
 class Link:
-    """A non-blocking stream socket on the loop: buffered writes flushed once a turn."""
+    """A non-blocking stream socket on the loop: buffered writes flushed once a turn.
+
+    ``out`` is a bytearray sent from ``sent`` on: a partial send moves the
+    offset, and the sent part is dropped only when it is most of the buffer,
+    so no byte is copied more than a constant number of times. Large answers
+    are queued as iterators (``write_lazily``) and pulled a chunk at a time
+    only when the socket has taken everything else.
+    """
 
     def __init__(self, loop: EventLoop, sock: socket.socket, on_data, on_close, connecting: bool = False):
         self.loop, self.sock, self.on_data, self.on_close = loop, sock, on_data, on_close
-        self.out: list = []
+        self.out = bytearray()
+        self.sent = 0
+        self.lazy: dict = {}                # key -> iterator of byte chunks, oldest first
         self.connecting = connecting
         self.writing = connecting
         self.closed = False
@@ -886,28 +1051,56 @@ class Link:
             loop.call_later(0, link.close)
         return link
 
+    @property
+    def pending(self) -> bool:
+        """Whether anything waits to be sent."""
+        return len(self.out) > self.sent or bool(self.lazy)
+
     def write(self, data: bytes) -> None:
         """Queue data; it is sent at the end of the loop turn."""
-        self.out.append(data)
+        self.out += data
+
+    def write_lazily(self, key, chunks) -> None:
+        """Queue an iterator of byte chunks, pulled one at a time as the socket drains."""
+        self.lazy[key] = chunks
+
+    def cancel(self, key) -> None:
+        """Drop what is left of a lazy answer."""
+        self.lazy.pop(key, None)
 
     def flush(self) -> None:
         """Send what is queued; watch for writability if the socket is full."""
         if self.writing or self.closed:
             return
-        data = b"".join(self.out)
-        try:
-            sent = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self.close()
+        out = self.out
+        while True:
+            if len(out) - self.sent < LINK_CHUNK and self.lazy:
+                key = next(iter(self.lazy))
+                chunk = next(self.lazy[key], None)
+                if chunk is None:
+                    del self.lazy[key]
+                    continue
+                out += chunk
+            if len(out) == self.sent:
+                break
+            try:
+                n = self.sock.send(memoryview(out)[self.sent:])
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                self.close()
+                return
+            self.sent += n
+            if self.sent == len(out):
+                out.clear()
+                self.sent = 0
+                continue                    # the socket took it all: maybe a next chunk
+            if self.sent > LINK_CHUNK and 2 * self.sent > len(out):
+                del out[:self.sent]
+                self.sent = 0
+            self.writing = True
+            self.loop.sel.modify(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self.on_event)
             return
-        if sent == len(data):
-            self.out.clear()
-            return
-        self.out[:] = [data[sent:]]
-        self.writing = True
-        self.loop.sel.modify(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self.on_event)
 
     def on_event(self, events: int) -> None:
         """Selector callback."""
@@ -952,12 +1145,14 @@ class Link:
 
 # Records between the supervisor and its workers: length, type, body.
 REC_SUBSCRIBE, REC_UNSUBSCRIBE, REC_PUBLISH, REC_STATS = b"S", b"U", b"P", b"T"
-REC_SNAPSHOT, REC_MESSAGE = b"N", b"M"
+REC_SNAPSHOT, REC_MESSAGE, REC_ACK = b"N", b"M", b"A"
 REC_HEADER = struct.Struct("!Ic")
-PUBLISH_HEAD = struct.Struct("!BdI?")       # room length, t0, prefix length, resend
+PUBLISH_HEAD = struct.Struct("!BdIH?")      # room length, t0, prefix length, key length, resend
 MESSAGE_HEAD = struct.Struct("!BQd")        # room length, seq, t0
-SNAPSHOT_HEAD = struct.Struct("!BQI")       # room length, seq, count
+SNAPSHOT_HEAD = struct.Struct("!BBQI")      # room length, flags, seq, count
+ACK_HEAD = struct.Struct("!Q?")             # seq, duplicate
 LENGTH = struct.Struct("!I")
+SNAPSHOT_FIRST, SNAPSHOT_LAST = 1, 2
 
 
 def record(kind: bytes, body: bytes) -> bytes:
@@ -966,67 +1161,118 @@ def record(kind: bytes, body: bytes) -> bytes:
 
 
 class RecordReader:
-    """Splits a byte stream into (kind, body) records."""
+    """Splits a byte stream into (kind, body) records.
+
+    Input gathers in a bytearray read from ``pos`` on; the consumed part is
+    dropped only when it is most of the buffer, so a large record arriving in
+    many reads is neither rebuilt nor re-scanned on each of them.
+    """
 
     def __init__(self):
-        self.buf = b""
+        self.buf = bytearray()
+        self.pos = 0
 
     def feed(self, data: bytes) -> list:
         """The records completed by data."""
-        buf = self.buf + data if self.buf else data
-        pos, end, out = 0, len(buf), []
+        buf = self.buf
+        buf += data
+        pos, end, out = self.pos, len(buf), []
         while end - pos >= 5:
             n, kind = REC_HEADER.unpack_from(buf, pos)
             if end - pos - 5 < n:
                 break
-            out.append((kind, buf[pos + 5:pos + 5 + n]))
+            out.append((kind, bytes(buf[pos + 5:pos + 5 + n])))
             pos += 5 + n
-        self.buf = buf[pos:]
+        self.pos = compact(buf, pos)
         return out
 
 
+class Pending:
+    """A message handed to a remote bus (or held for it), until the sequencer answers."""
+
+    __slots__ = ("conn", "key", "message_id", "prefix", "resend", "room", "since", "size", "suffix", "t0")
+
+    def __init__(self, room: str, prefix: bytes, suffix: bytes, t0: float, conn, message_id,
+                 key: bytes, resend: bool, since: float):
+        self.room, self.prefix, self.suffix, self.t0 = room, prefix, suffix, t0
+        self.conn, self.message_id, self.key, self.resend, self.since = conn, message_id, key, resend, since
+        self.size = len(prefix) + len(suffix) + len(key) + HISTORY_ENTRY_COST
+
+
 class RemoteBus:
-    """What HubBus and RedisBus share: holding messages while the bus is down."""
+    """What HubBus and RedisBus share: messages in flight and held while the bus is down.
+
+    Both queues are bounded in bytes by --bus-hold-bytes (and the held one in
+    count by --bus-hold-count): past them a message is refused ``unavailable``.
+    The sequencer answers each publish in order, so ``inflight`` is a FIFO.
+    """
 
     local = False
 
     def __init__(self, loop: Server, chat: Chat):
         self.loop, self.chat, self.config = loop, chat, loop.config
-        self.held: deque = deque()          # (room, prefix, suffix, t0, conn, message_id, since)
+        self.held: deque = deque()          # Pending, waiting for the bus
+        self.held_bytes = 0
+        self.inflight: deque = deque()      # Pending, sent, not yet answered
+        self.inflight_bytes = 0
         self.up = False
         loop.every(0.5, self._expire_held)
 
     def publish(self, room: Room, prefix: bytes, suffix: bytes, t0: float, conn, message_id,
-                resend: bool = False):
-        """Send to the sequencer now, or hold while it is unreachable."""
-        if self.up:
-            self.send_publish(room.name, prefix, suffix, t0, resend)
+                key: bytes = b"", resend: bool = False):
+        """Send to the sequencer now, or hold while it is unreachable or busy."""
+        msg = Pending(room.name, prefix, suffix, t0, conn, message_id, key, resend, self.loop.now)
+        if self.up and not self.held and self.inflight_bytes + msg.size <= self.config.bus_hold_bytes:
+            self._send(msg)
             return None
-        if len(self.held) >= self.config.bus_hold_count:
+        if len(self.held) >= self.config.bus_hold_count or \
+                self.held_bytes + msg.size > self.config.bus_hold_bytes:
             self.loop.stats.refused["bus_down"] += 1
             return error_frame("unavailable", "message bus unavailable: send again later", message_id)
-        self.held.append((room.name, prefix, suffix, t0, conn, message_id, self.loop.now, resend))
+        self.held.append(msg)
+        self.held_bytes += msg.size
         return None
+
+    def _send(self, msg: Pending) -> None:
+        self.inflight.append(msg)
+        self.inflight_bytes += msg.size
+        self.send_publish(msg)
+
+    def _release_held(self) -> None:
+        held, cap = self.held, self.config.bus_hold_bytes
+        while self.up and held and self.inflight_bytes + held[0].size <= cap:
+            msg = held.popleft()
+            self.held_bytes -= msg.size
+            self._send(msg)
+
+    def on_answer(self, seq: int | None, duplicate: bool = False) -> None:
+        """The sequencer answered the oldest publish in flight: ack it to its sender."""
+        msg = self.inflight.popleft()
+        self.inflight_bytes -= msg.size
+        conn = msg.conn
+        if conn.state == OPEN and msg.message_id is not None:
+            self.loop.send(conn, ack_frame(msg.message_id, seq, duplicate) if seq is not None else
+                           error_frame("unavailable", "message bus failed: send again later", msg.message_id))
+        self._release_held()
 
     def _expire_held(self) -> None:
         held, limit = self.held, self.loop.now - self.config.bus_hold_seconds
-        while held and held[0][6] < limit:
-            _, _, _, _, conn, message_id, _, _ = held.popleft()
+        while held and held[0].since < limit:
+            msg = held.popleft()
+            self.held_bytes -= msg.size
             self.loop.stats.refused["bus_down"] += 1
-            if conn.state == OPEN:
-                self.loop.send(conn, error_frame("unavailable", "message bus unavailable: send again later",
-                                                 message_id))
+            if msg.conn.state == OPEN:
+                self.loop.send(msg.conn, error_frame("unavailable", "message bus unavailable: send again later",
+                                                     msg.message_id))
 
     def set_up(self, up: bool) -> None:
         """Record the bus state; on coming up, send what was held, in order."""
         self.up = up
         self.loop.stats.bus_up = int(up)
         if up:
-            while self.held:
-                room, prefix, suffix, t0, _, _, _, resend = self.held.popleft()
-                self.send_publish(room, prefix, suffix, t0, resend)
+            self._release_held()
 
-    def send_publish(self, room: str, prefix: bytes, suffix: bytes, t0: float, resend: bool) -> None:
+    def send_publish(self, msg: Pending) -> None:
         raise NotImplementedError
 
 
@@ -1036,14 +1282,15 @@ class HubBus(RemoteBus):
     def __init__(self, loop: Server, chat: Chat, sock: socket.socket):
         super().__init__(loop, chat)
         self.reader = RecordReader()
+        self.snapshots: dict = {}           # room -> payloads of a snapshot still arriving
         self.link = Link(loop, sock, self._on_data, self._on_closed)
         self.set_up(True)
 
-    def send_publish(self, room: str, prefix: bytes, suffix: bytes, t0: float, resend: bool) -> None:
+    def send_publish(self, msg: Pending) -> None:
         """Hand a message to the supervisor, which sequences it."""
-        r = room.encode()
-        self.link.write(record(REC_PUBLISH, PUBLISH_HEAD.pack(len(r), t0, len(prefix), resend) +
-                               r + prefix + suffix))
+        r = msg.room.encode()
+        self.link.write(record(REC_PUBLISH, PUBLISH_HEAD.pack(len(r), msg.t0, len(msg.prefix), len(msg.key),
+                                                              msg.resend) + r + msg.key + msg.prefix + msg.suffix))
 
     def room_opened(self, room: Room) -> None:
         """Subscribe; the supervisor answers with a snapshot, then live messages."""
@@ -1052,6 +1299,7 @@ class HubBus(RemoteBus):
 
     def room_closed(self, room: Room) -> None:
         """Unsubscribe."""
+        self.snapshots.pop(room.name, None)
         self.link.write(record(REC_UNSUBSCRIBE, room.name.encode()))
 
     def resync(self, room: Room) -> None:
@@ -1069,9 +1317,19 @@ class HubBus(RemoteBus):
                 rlen, seq, t0 = MESSAGE_HEAD.unpack_from(body)
                 start = MESSAGE_HEAD.size
                 chat.on_bus_message(body[start:start + rlen].decode(), seq, body[start + rlen:], t0 or None)
+            elif kind == REC_ACK:
+                self.on_answer(*ACK_HEAD.unpack(body))
             elif kind == REC_SNAPSHOT:
-                room, seq, payloads = parse_snapshot(body)
-                chat.on_snapshot(room, seq, payloads)
+                room, flags, seq, payloads = parse_snapshot(body)
+                if flags & SNAPSHOT_FIRST:
+                    self.snapshots[room] = []
+                parts = self.snapshots.get(room)
+                if parts is None:
+                    continue                # the rest of a snapshot for a room closed meanwhile
+                parts.extend(payloads)
+                if flags & SNAPSHOT_LAST:
+                    del self.snapshots[room]
+                    chat.on_snapshot(room, seq, parts)
 
     def _on_closed(self) -> None:
         log.warning("supervisor link closed: draining")
@@ -1079,19 +1337,36 @@ class HubBus(RemoteBus):
         self.loop.request_stop()
 
 
-def encode_snapshot(room: str, seq: int, payloads) -> bytes:
-    """A snapshot record body: the room's seq and its last messages."""
+def encode_snapshot(room: str, flags: int, seq: int, payloads) -> bytes:
+    """A snapshot record body: part of a room's last messages (the last part carries its seq)."""
     r = room.encode()
-    parts = [SNAPSHOT_HEAD.pack(len(r), seq, len(payloads)), r]
+    parts = [SNAPSHOT_HEAD.pack(len(r), flags, seq, len(payloads)), r]
     for p in payloads:
         parts.append(LENGTH.pack(len(p)))
         parts.append(p)
     return b"".join(parts)
 
 
-def parse_snapshot(body: bytes) -> tuple[str, int, list]:
-    """(room, seq, payloads) from a snapshot record body."""
-    rlen, seq, count = SNAPSHOT_HEAD.unpack_from(body)
+def snapshot_records(room: str, seq: int, payloads: list, chunk: int = LINK_CHUNK):
+    """A room's snapshot as records of about chunk bytes each, made one at a time."""
+    flags, i = SNAPSHOT_FIRST, 0
+    while True:
+        part, size = [], 0
+        while i < len(payloads) and (not part or size + len(payloads[i]) <= chunk):
+            part.append(payloads[i])
+            size += len(payloads[i])
+            i += 1
+        if i == len(payloads):
+            flags |= SNAPSHOT_LAST
+        yield record(REC_SNAPSHOT, encode_snapshot(room, flags, seq, part))
+        if flags & SNAPSHOT_LAST:
+            return
+        flags = 0
+
+
+def parse_snapshot(body: bytes) -> tuple[str, int, int, list]:
+    """(room, flags, seq, payloads) from a snapshot record body."""
+    rlen, flags, seq, count = SNAPSHOT_HEAD.unpack_from(body)
     pos = SNAPSHOT_HEAD.size
     room = body[pos:pos + rlen].decode()
     pos += rlen
@@ -1100,7 +1375,7 @@ def parse_snapshot(body: bytes) -> tuple[str, int, list]:
         (n,) = LENGTH.unpack_from(body, pos)
         payloads.append(body[pos + 4:pos + 4 + n])
         pos += 4 + n
-    return room, seq, payloads
+    return room, flags, seq, payloads
 
 
 # -- Redis: RESP spoken on the loop's own non-blocking sockets ---------------
@@ -1119,82 +1394,128 @@ def resp_command(*args) -> bytes:
 
 
 class RespParser:
-    """Incremental RESP2 reply parser: bytes in, replies out."""
+    """Incremental RESP2 reply parser: bytes in, replies out.
 
-    class Incomplete(Exception):
-        pass
+    It keeps the arrays being filled on a stack and the length of the bulk
+    string it waits for, so each byte is parsed once however replies are cut
+    (a large snapshot arrives in many reads).
+    """
 
     def __init__(self):
-        self.buf = b""
+        self.buf = bytearray()
+        self.pos = 0
+        self.stack: list = []               # [items, still expected] of each open array
+        self.bulk = -1                      # length of the bulk string awaited, or -1
 
     def feed(self, data: bytes) -> list:
         """The replies completed by data (RespError objects for error replies)."""
-        self.buf += data
-        out, pos = [], 0
-        while pos < len(self.buf):
-            try:
-                value, pos2 = self._parse(pos)
-            except self.Incomplete:
-                break
-            out.append(value)
-            pos = pos2
-        self.buf = self.buf[pos:]
+        buf = self.buf
+        buf += data
+        pos, end, out, stack = self.pos, len(buf), [], self.stack
+        while True:
+            if self.bulk >= 0:
+                if end - pos < self.bulk + 2:
+                    break
+                value = bytes(buf[pos:pos + self.bulk])
+                pos += self.bulk + 2
+                self.bulk = -1
+            else:
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    break
+                kind, line = buf[pos], bytes(buf[pos + 1:eol])
+                pos = eol + 2
+                if kind == 0x24:            # $ bulk string
+                    self.bulk = int(line)
+                    if self.bulk >= 0:
+                        continue
+                    value = None
+                elif kind == 0x2A:          # * array
+                    n = int(line)
+                    if n > 0:
+                        stack.append([[], n])
+                        continue
+                    value = [] if n == 0 else None
+                elif kind == 0x2B:          # + simple string
+                    value = line.decode()
+                elif kind == 0x2D:          # - error
+                    value = RespError(line.decode())
+                elif kind == 0x3A:          # : integer
+                    value = int(line)
+                else:
+                    raise ValueError(f"bad RESP type byte {kind!r}")
+            while stack:                    # place the value; close the arrays it completes
+                top = stack[-1]
+                top[0].append(value)
+                top[1] -= 1
+                if top[1]:
+                    break
+                value = stack.pop()[0]
+            else:
+                out.append(value)
+        self.pos = compact(buf, pos)
         return out
 
-    def _parse(self, pos: int):
-        buf = self.buf
-        eol = buf.find(b"\r\n", pos)
-        if eol < 0:
-            raise self.Incomplete
-        kind, line = buf[pos:pos + 1], buf[pos + 1:eol]
-        pos = eol + 2
-        if kind == b"+":
-            return line.decode(), pos
-        if kind == b"-":
-            return RespError(line.decode()), pos
-        if kind == b":":
-            return int(line), pos
-        if kind == b"$":
-            n = int(line)
-            if n < 0:
-                return None, pos
-            if len(buf) < pos + n + 2:
-                raise self.Incomplete
-            return buf[pos:pos + n], pos + n + 2
-        if kind == b"*":
-            n = int(line)
-            if n < 0:
-                return None, pos
-            items = []
-            for _ in range(n):
-                item, pos = self._parse(pos)
-                items.append(item)
-            return items, pos
-        raise ValueError(f"bad RESP type byte {kind!r}")
+
+def compact(buf: bytearray, pos: int) -> int:
+    """Drop the consumed start of an input buffer once it is most of it; the new read position.
+
+    Dropping it on every read would copy the unconsumed rest each time: a
+    large message arriving in many reads would cost quadratic time.
+    """
+    if pos == len(buf):
+        buf.clear()
+        return 0
+    if pos > 65536 and 2 * pos > len(buf):
+        del buf[:pos]
+        return 0
+    return pos
 
 
-# Drop a resent message already in history; INCR the room's seq, splice it into
-# the JSON, keep bounded history, publish "<seq> <origin tag>\n<json>" so nodes
-# learn the seq without parsing JSON.
+# Drop a resent message whose key (client id and message_id) the room's index
+# holds, answering its seq; else INCR the room's seq, splice it into the JSON,
+# keep history bounded in count and bytes (the index shrinking with it), let
+# the room expire when idle, and publish "<seq> <origin tag>\n<json>" so nodes
+# learn the seq without parsing JSON. Every step is O(1) per message (trimming
+# is paid once per message trimmed).
+# KEYS: seq, history, index (key -> seq), order ("<seq> <key>" per history entry), bytes
+# ARGV: prefix, suffix, max count, channel, origin tag, key, resend, max bytes, ttl
 PUBLISH_SCRIPT = b"""
-if ARGV[6] ~= '' then
-  for _, m in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
-    if string.find(m, ARGV[6], 1, true) then return 0 end
-  end
+if ARGV[7] == '1' and ARGV[6] ~= '' then
+  local seen = redis.call('HGET', KEYS[3], ARGV[6])
+  if seen then return {tonumber(seen), 1} end
 end
 local seq = redis.call('INCR', KEYS[1])
 local msg = ARGV[1] .. seq .. ARGV[2]
-redis.call('RPUSH', KEYS[2], msg)
-redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
+local n = redis.call('RPUSH', KEYS[2], msg)
+redis.call('RPUSH', KEYS[4], seq .. ' ' .. ARGV[6])
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[3], ARGV[6], seq) end
+local bytes = redis.call('INCRBY', KEYS[5], #msg + #ARGV[6])
+while n > tonumber(ARGV[3]) or (bytes > tonumber(ARGV[8]) and n > 1) do
+  local old = redis.call('LPOP', KEYS[2])
+  local entry = redis.call('LPOP', KEYS[4])
+  local size = #old
+  if entry then
+    local sp = string.find(entry, ' ', 1, true)
+    local oldkey = string.sub(entry, sp + 1)
+    size = size + #oldkey
+    if oldkey ~= '' and redis.call('HGET', KEYS[3], oldkey) == string.sub(entry, 1, sp - 1) then
+      redis.call('HDEL', KEYS[3], oldkey)
+    end
+  end
+  bytes = redis.call('DECRBY', KEYS[5], size)
+  n = n - 1
+end
+for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ARGV[9]) end
 redis.call('PUBLISH', ARGV[4], seq .. ' ' .. ARGV[5] .. '\\n' .. msg)
-return seq
+return {seq, 0}
 """
 # A Redis that restarted empty would count seq from 1 again, and nodes would
 # drop those messages as duplicates: each node first raises the seq to what it
 # has delivered, so a room's seq never goes backwards.
 SEQ_FLOOR_SCRIPT = b"""
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-if cur < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+if cur < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
 return cur
 """
 SNAPSHOT_SCRIPT = b"""
@@ -1205,11 +1526,15 @@ return {seq, redis.call('LRANGE', KEYS[2], -tonumber(ARGV[1]), -1)}
 
 def parse_redis_url(url: str) -> tuple[str, int, int, str | None]:
     """(host, port, db, password) from redis://[:password@]host[:port][/db]."""
-    parts = urlsplit(url)
-    if parts.scheme != "redis" or not parts.hostname:
-        raise ValueError(f"not a redis:// URL: {url!r}")
-    db = int(parts.path.lstrip("/") or 0)
-    return parts.hostname, parts.port or 6379, db, parts.password
+    try:                                # the URL may hold a password: never echo it
+        parts = urlsplit(url)
+        db = int(parts.path.lstrip("/") or 0)
+        port = parts.port or 6379
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme != "redis" or not parts.hostname:
+        raise ValueError("--redis must be redis://[:password@]host[:port][/db]")
+    return parts.hostname, port, db, parts.password
 
 
 class RedisBus(RemoteBus):
@@ -1222,7 +1547,6 @@ class RedisBus(RemoteBus):
         self.tag = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.cmd = self.sub = None
         self.callbacks: deque = deque()     # (callback, sent_at) per command in flight
-        self.unacked: deque = deque()       # (room, prefix, suffix, t0) published, not yet answered
         self.backoff = 0.0
         self.publish_sha = hashlib.sha1(PUBLISH_SCRIPT).hexdigest()
         self.snapshot_sha = hashlib.sha1(SNAPSHOT_SCRIPT).hexdigest()
@@ -1264,12 +1588,15 @@ class RedisBus(RemoteBus):
         self.backoff = 0.0
         for room in self.chat.rooms.values():       # before held messages get their seq
             if room.seq:
-                self._call(("EVALSHA", self.floor_sha, 1, self._keys(room.name)[0], room.seq), None)
+                self._call(("EVALSHA", self.floor_sha, 1, self._keys(room.name)[0], room.seq,
+                            self.config.redis_room_ttl), None)
         # Publishes the lost link never answered may or may not have run: send them again,
         # first and in order, as resends, so the script drops those already in history.
-        unacked, self.unacked = self.unacked, deque()
-        for room, prefix, suffix, t0 in unacked:
-            self.send_publish(room, prefix, suffix, t0, True)
+        inflight, self.inflight = self.inflight, deque()
+        self.inflight_bytes = 0
+        for msg in inflight:
+            msg.resend = True
+            self._send(msg)
         self.set_up(True)
         for room in self.chat.rooms.values():
             self._subscribe(room)
@@ -1310,21 +1637,25 @@ class RedisBus(RemoteBus):
     # -- bus face
 
     def _keys(self, room: str) -> tuple[str, str, str]:
+        """The room's seq and history keys and its channel (one hash slot: the room is the tag)."""
         p = f"{self.prefix}{{{room}}}"
         return p + ":seq", p + ":history", p
 
-    def send_publish(self, room: str, prefix: bytes, suffix: bytes, t0: float, resend: bool) -> None:
+    def send_publish(self, msg: Pending) -> None:
         """One round trip: the script sequences, stores and publishes."""
-        self.unacked.append((room, prefix, suffix, t0))
-        seq_key, hist_key, channel = self._keys(room)
-        self._call(("EVALSHA", self.publish_sha, 2, seq_key, hist_key, prefix, suffix,
-                    self.config.history, channel, f"{self.tag} {t0!r}",
-                    resend_key(suffix) if resend else b""), self._on_published)
+        seq_key, hist_key, channel = self._keys(msg.room)
+        cfg = self.config
+        self._call(("EVALSHA", self.publish_sha, 5, seq_key, hist_key, channel + ":index",
+                    channel + ":order", channel + ":bytes", msg.prefix, msg.suffix, cfg.history, channel,
+                    f"{self.tag} {msg.t0!r}", msg.key, "1" if msg.resend else "", cfg.room_history_bytes,
+                    cfg.redis_room_ttl), self._on_published)
 
     def _on_published(self, reply) -> None:
-        self.unacked.popleft()
         if isinstance(reply, RespError):
             log.error("redis: publish failed: %s", reply)
+            self.on_answer(None)
+        else:
+            self.on_answer(int(reply[0]), bool(reply[1]))
 
     def room_opened(self, room: Room) -> None:
         """Subscribe to the room's channel; a snapshot follows the confirmation."""
@@ -1396,6 +1727,9 @@ class RedisBus(RemoteBus):
 HTTP, OPEN, CLOSING, CLOSED = range(4)
 RECV_SIZE = 65536
 ACCEPT_BATCH = 128
+IOV_BATCH = 512               # frames handed to one sendmsg() (Linux's IOV_MAX is 1024)
+REPLAY_CHUNK = 64 << 10       # bytes of a since= replay queued at a time, as the socket drains
+FRAME_TOKEN = 1 / 32          # rate-limit tokens a frame costs that is not a message or ping
 
 
 class Histogram:
@@ -1423,14 +1757,14 @@ GC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 
 DROP_REASONS = ("slow_consumer", "ping_timeout", "write_timeout", "close_timeout")
 REFUSE_REASONS = ("bad_request", "not_found", "method", "version", "header_too_large", "origin",
                   "max_connections", "draining", "rate_limit", "bad_message", "too_big",
-                  "handshake_timeout", "bus_down")
+                  "handshake_timeout", "bus_down", "host")
 
 
 class Stats:
     """The server's counters as plain attributes; the metrics collector reads them."""
 
     COUNTERS = ("connections", "connections_total", "messages_in", "deliveries", "bytes_in",
-                "bytes_out", "draining", "rooms", "bus_up", "gc_frozen")
+                "bytes_out", "draining", "rooms", "bus_up", "gc_frozen", "internal_errors")
     TABLES = ("dropped", "protocol_errors", "refused", "http_requests")
     HISTOGRAMS = ("broadcast", "loop_lag", "gc0", "gc1", "gc2")
 
@@ -1528,6 +1862,8 @@ class EventLoop:
         self.now = time.monotonic()
         self.running = True
         self.stop_requested = False
+        self.stats = Stats()
+        self.errors_logged: dict = {}       # (exception type, file, line) -> when last logged
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
@@ -1554,7 +1890,10 @@ class EventLoop:
                 timer[0] = max(timer[0] + timer[1], now)
             else:
                 self.timers.remove(timer)
-            timer[2]()
+            try:
+                timer[2]()
+            except Exception:  # noqa: BLE001 - the barrier: any bug, one victim
+                self.internal_error()
         self.next_due = min((t[0] for t in self.timers), default=now + 1.0)
 
     def run(self) -> None:
@@ -1571,14 +1910,35 @@ class EventLoop:
                 if handler.__class__ is Connection:
                     self.on_connection_event(handler, events)
                 else:
-                    handler(events)
+                    try:
+                        handler(events)
+                    except Exception:  # noqa: BLE001 - the barrier: any bug, one victim
+                        self.internal_error()
+                        owner = getattr(handler, "__self__", None)
+                        if isinstance(owner, Link):
+                            owner.close()       # its owner reconnects or restarts, from a clean state
             self.end_turn()
             self.after_turn()
+
+    def internal_error(self) -> None:
+        """Count the exception being handled; log it with its traceback, once a minute per place.
+
+        A bug that one client can trigger must not end the loop, nor flood the log.
+        """
+        self.stats.internal_errors += 1
+        exc = sys.exc_info()[1]
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        place = (type(exc).__name__, frame.filename, frame.lineno)
+        last = self.errors_logged.get(place)
+        if last is None or self.now - last > 60:
+            self.errors_logged[place] = self.now
+            log.error("internal error (%d so far; this place is logged at most once a minute)",
+                      self.stats.internal_errors, exc_info=exc)
 
     def end_turn(self) -> None:
         """Flush what the turn queued."""
         for link in self.links:
-            if link.out:
+            if link.pending:
                 link.flush()
 
     def after_turn(self) -> None:
@@ -1623,6 +1983,7 @@ class Connection:
     """One client socket: HTTP until upgraded, then a WebSocket member of a room."""
 
     __slots__ = (
+        "client",
         "close_after_flush",
         "deadline",
         "fd",
@@ -1632,9 +1993,11 @@ class Connection:
         "name",
         "out",
         "out_bytes",
+        "out_pos",
         "parser",
         "peer",
         "ping_sent",
+        "replay",
         "room",
         "sock",
         "state",
@@ -1650,9 +2013,12 @@ class Connection:
         self.state = HTTP
         self.inbuf = b""
         self.parser = None
-        self.out: list = []
-        self.out_bytes = 0
+        self.out: list = []           # frames to send, the first one from out_pos on
+        self.out_pos = 0
+        self.out_bytes = 0            # bytes of out still to send
         self.writing = False          # registered for write readiness
+        self.replay = None            # next seq of a since= replay still to send
+        self.client = b""             # client id: names its messages for the resend check
         self.close_after_flush = False
         self.linger = False           # half-close after the flush, close at the peer's EOF
         self.room = None
@@ -1706,7 +2072,6 @@ class Server(EventLoop):
     def __init__(self, config, hub_sock: socket.socket | None = None):
         super().__init__()
         self.config = config
-        self.stats = Stats()
         self.gc_watch = GcWatch(self.stats, config.gc_freeze)
         self.dirty: list = []
         self.chat = Chat(config, self.stats, self.send, self.dirty)
@@ -1725,6 +2090,7 @@ class Server(EventLoop):
         self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
         self.allowed_origins = {o.strip().rstrip("/").lower()
                                 for o in config.allowed_origins.split(",") if o.strip()}
+        self.allowed_hosts = {h.strip().lower() for h in config.allowed_hosts.split(",") if h.strip()}
         self.hub = HubBus(self, self.chat, hub_sock) if hub_sock is not None else None
         if config.redis:
             self.chat.bus = RedisBus(self, self.chat, config.redis)
@@ -1773,11 +2139,35 @@ class Server(EventLoop):
             self.running = False
 
     def on_connection_event(self, conn: Connection, events: int) -> None:
-        """Selector callback for a client socket."""
-        if events & selectors.EVENT_WRITE:
-            self._flush(conn)
-        if events & selectors.EVENT_READ and conn.state != CLOSED:
-            self._on_readable(conn)
+        """Selector callback for a client socket: the exception barrier of one connection."""
+        try:
+            if events & selectors.EVENT_WRITE:
+                self._flush(conn)
+            if events & selectors.EVENT_READ and conn.state != CLOSED:
+                self._on_readable(conn)
+        except Exception:  # noqa: BLE001 - the barrier: any bug, one victim
+            self._internal_failure(conn)
+
+    def _internal_failure(self, conn: Connection) -> None:
+        """A bug met while serving conn: close it with 1011 (or 500), count and log it, serve the rest."""
+        self.internal_error()
+        try:
+            if conn.state == OPEN:
+                self._fail(conn, CLOSE_INTERNAL_ERROR, "internal error")
+            elif conn.state == HTTP:
+                self._http_reply(conn, http_response(500, b"internal error\n"), 500)
+            else:
+                self._abort(conn)
+        except Exception:
+            log.exception("dropping %s after a second internal error", conn.peer)
+            conn.state = CLOSED
+            for table in (self.conns, self.handshaking, self.closing, self.blocked):
+                table.pop(conn.fd, None)
+            try:
+                self.sel.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+            conn.sock.close()
 
     def on_stop(self) -> None:
         """SIGTERM/SIGINT: drain."""
@@ -1856,12 +2246,20 @@ class Server(EventLoop):
             self._on_websocket_data(conn, data)
 
     def _on_websocket_data(self, conn: Connection, data: bytes) -> None:
+        parser = conn.parser
+        frames_before = parser.frames
         try:
-            frames, error = conn.parser.feed(data), None
+            frames, error = parser.feed(data), None
         except ProtocolError as e:
             # Frames completed before the violation still count. Keep code and reason,
             # not e: its traceback holds this frame, a cycle with the local.
             frames, error = e.frames, (e.code, e.reason)
+        # Frames that completed nothing (fragments) pay too, or a stream of empty
+        # continuations would cost the server a core at no cost to the client.
+        fragments = parser.frames - frames_before - len(frames)
+        if fragments > 0 and conn.state == OPEN and not self._take_token(conn, fragments * FRAME_TOKEN):
+            self._fail(conn, CLOSE_POLICY, "too many frames")
+            return
         for opcode, payload in frames:
             if conn.state == OPEN:
                 self._on_frame(conn, opcode, payload)
@@ -1873,7 +2271,8 @@ class Server(EventLoop):
 
     def _on_frame(self, conn: Connection, opcode: int, payload: bytes) -> None:
         if opcode == OP_TEXT:
-            if not self._take_token(conn, payload):
+            if not self._take_token(conn):
+                self._over_rate(conn, payload)
                 return
             err = self.chat.receive(conn, payload, self.now)
             if err is not None:
@@ -1881,8 +2280,12 @@ class Server(EventLoop):
         elif opcode == OP_PING:
             if self._take_token(conn):      # each ping costs a pong: limited like messages
                 self.send(conn, encode_frame(OP_PONG, payload))
+            else:
+                self._over_rate(conn, b"")
         elif opcode == OP_PONG:
             conn.ping_sent = 0.0
+            if not self._take_token(conn, FRAME_TOKEN):
+                self._over_rate(conn, None)
         elif opcode == OP_CLOSE:
             # Echo the peer's status code (RFC 6455 5.5.1), then close TCP ourselves.
             self._begin_close(conn, encode_frame(OP_CLOSE, payload[:2]))
@@ -1891,27 +2294,29 @@ class Server(EventLoop):
         elif opcode == OP_BINARY:          # unreachable: the parser refuses binary frames
             self._fail(conn, CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted")
 
-    def _take_token(self, conn: Connection, payload: bytes = b"") -> bool:
-        """Token bucket per connection: rate limit client messages."""
+    def _take_token(self, conn: Connection, cost: float = 1.0) -> bool:
+        """Token bucket per connection: whether conn may spend cost (a message costs 1)."""
         rate = self.config.rate_limit
         if rate <= 0:
             return True
-        burst = self.config.rate_burst
-        tokens = min(burst, conn.tokens + (self.now - conn.token_time) * rate)
+        tokens = min(self.config.rate_burst, conn.tokens + (self.now - conn.token_time) * rate)
         conn.token_time = self.now
-        if tokens >= 1.0:
-            conn.tokens = tokens - 1.0
+        if tokens >= cost:
+            conn.tokens = tokens - cost
             return True
         conn.tokens = tokens
-        conn.strikes += 1
         self.stats.refused["rate_limit"] += 1
-        if conn.strikes > burst:
-            self._fail(conn, CLOSE_POLICY, "rate limit exceeded repeatedly")
-        else:
-            found = MESSAGE_ID.search(payload)     # cheap: a flood is not worth a JSON parse
-            self.send(conn, error_frame("rate_limit", f"more than {rate:g} messages per second",
-                                        int(found.group(1)) if found else None))
         return False
+
+    def _over_rate(self, conn: Connection, payload: bytes | None) -> None:
+        """A frame over the rate: an error frame (none for a pong), and 1008 once it keeps on."""
+        conn.strikes += 1
+        if conn.strikes > self.config.rate_burst:
+            self._fail(conn, CLOSE_POLICY, "rate limit exceeded repeatedly")
+        elif payload is not None:
+            found = MESSAGE_ID.search(payload)     # cheap: a flood is not worth a JSON parse
+            self.send(conn, error_frame("rate_limit", f"more than {self.config.rate_limit:g} messages per second",
+                                        int(found.group(1)) if found else None))
 
     # -- HTTP ---------------------------------------------------------------
 
@@ -1933,8 +2338,8 @@ class Server(EventLoop):
             request = parse_request_head(buf[:end])
             self._route(conn, request, buf[end + 4:])
         except HandshakeError as e:
-            reason = {400: "bad_request", 404: "not_found", 405: "method", 426: "version",
-                      403: "origin", 503: "max_connections"}.get(e.status, "bad_request")
+            reason = e.counter or {400: "bad_request", 404: "not_found", 405: "method", 426: "version",
+                                   403: "origin", 503: "max_connections"}.get(e.status, "bad_request")
             if self.draining and e.status == 503:
                 reason = "draining"
             self._http_error(conn, e.status, e.reason, reason, e.headers)
@@ -1957,6 +2362,9 @@ class Server(EventLoop):
 
     def _route(self, conn: Connection, request: Request, rest: bytes) -> None:
         path = request.path
+        if self.allowed_hosts and path != "/healthz" and \
+                request.headers.get("host", "").lower() not in self.allowed_hosts:
+            raise HandshakeError(400, "host not allowed", counter="host")    # DNS rebinding
         if path == "/ws" or path.startswith("/ws/"):
             self._upgrade(conn, request, rest)
             return
@@ -1991,7 +2399,7 @@ class Server(EventLoop):
     def _upgrade(self, conn: Connection, request: Request, rest: bytes) -> None:
         cfg = self.config
         room = "lobby" if request.path == "/ws" else request.path[4:]
-        if not ROOM_NAME.match(room):
+        if not ROOM_NAME.fullmatch(room):
             raise HandshakeError(400, "room must be 1-64 characters of A-Z a-z 0-9 _ . -")
         accept = check_upgrade(request)
         name = request.query.get("name", [""])[-1]
@@ -2002,6 +2410,9 @@ class Server(EventLoop):
             if not (since.isascii() and since.isdigit()) or len(since) > 19:
                 raise HandshakeError(400, "since must be a non-negative integer")
             since = int(since)
+        client = request.query.get("client", [None])[-1]
+        if client is not None and CLIENT_ID.fullmatch(client) is None:
+            raise HandshakeError(400, "client must be 16-64 characters of A-Z a-z 0-9 _ -")
         if not self._origin_allowed(request):
             raise HandshakeError(403, "origin not allowed")
         if self.draining:
@@ -2011,6 +2422,9 @@ class Server(EventLoop):
         self.handshaking.pop(conn.fd, None)
         conn.state = OPEN
         conn.name = self.chat.assign_name(name)
+        # Without a client id of its own, a connection's messages still need a key
+        # nobody else has (a resend after a bus failure); '.' is never in a client's.
+        conn.client = client.encode() if client else b".%s" % os.urandom(8).hex().encode()
         conn.parser = FrameParser(True, max_frame_size(cfg.max_message_size), accept_binary=False)
         conn.tokens = cfg.rate_burst
         self.stats.connections += 1
@@ -2038,48 +2452,88 @@ class Server(EventLoop):
         batch = dirty[:]
         dirty.clear()
         for conn in batch:
-            if conn.writing or conn.state == CLOSED:
-                if conn.out_bytes > cap and conn.state == OPEN:
-                    self._cut_off(conn)
-                continue
-            self._flush(conn)
+            try:
+                if conn.writing or conn.state == CLOSED:
+                    if conn.out_bytes > cap and conn.state == OPEN:
+                        self._cut_off(conn)
+                    continue
+                self._flush(conn)
+            except Exception:  # noqa: BLE001 - the barrier: any bug, one victim
+                self._internal_failure(conn)
 
     def _flush(self, conn: Connection) -> None:
-        """Send what conn has queued in one system call; watch for writability if it stalls."""
+        """Send what conn has queued in as few system calls as it takes; watch for writability if it stalls.
+
+        Frames go out from the list itself (send, or sendmsg for several), never
+        joined or sliced: a partial send only moves ``out_pos``. A since= replay
+        is pulled from history a chunk at a time, once all queued before it went.
+        """
         out = conn.out
-        if not out:
-            if conn.close_after_flush:
-                self._finish(conn)
+        if not out and conn.replay is not None:
+            frames = self.chat.replay(conn, REPLAY_CHUNK)
+            if frames is None:
+                self._cut_off(conn)
+                return
+            out.extend(frames)
+            conn.out_bytes += sum(map(len, frames))
+        while out:
+            pos = conn.out_pos
+            try:
+                if len(out) == 1:
+                    attempted = conn.out_bytes
+                    sent = conn.sock.send(memoryview(out[0])[pos:] if pos else out[0])
+                else:
+                    batch = out[:IOV_BATCH]
+                    if pos:
+                        batch[0] = memoryview(batch[0])[pos:]
+                    attempted = conn.out_bytes if len(out) <= IOV_BATCH else sum(map(len, batch))
+                    sent = conn.sock.sendmsg(batch)
+            except (BlockingIOError, InterruptedError):
+                attempted, sent = 1, 0
+            except OSError:
+                self._abort(conn)
+                return
+            self.stats.bytes_out += sent
+            conn.out_bytes -= sent
+            if not conn.out_bytes:
+                out.clear()
+                conn.out_pos = 0
+                break
+            stalled = sent < attempted
+            sent += pos
+            done = 0
+            while sent >= len(out[done]):
+                sent -= len(out[done])
+                done += 1
+            del out[:done]
+            conn.out_pos = sent
+            if stalled:                     # the socket is full: wait until it can take more
+                self._watch_writable(conn, stalled=True)
+                if conn.out_bytes > self.config.max_buffer and conn.state == OPEN:
+                    self._cut_off(conn)     # a partly sent frame is kept
+                return
+        if conn.replay is not None:         # more to replay: go on when the socket can take it
+            self._watch_writable(conn, stalled=False)
             return
-        data = out[0] if len(out) == 1 else b"".join(out)
-        try:
-            sent = conn.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self._abort(conn)
-            return
-        self.stats.bytes_out += sent
-        if sent == len(data):
-            out.clear()
-            conn.out_bytes = 0
-            if conn.writing:
-                conn.writing = False
-                self.blocked.pop(conn.fd, None)
-                self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
-            if conn.close_after_flush:
-                self._finish(conn)
-            return
-        rest = data[sent:]
-        out[:] = [rest]
-        conn.out_bytes = len(rest)
+        if conn.writing:
+            conn.writing = False
+            self.blocked.pop(conn.fd, None)
+            self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
+        if conn.close_after_flush:
+            self._finish(conn)
+
+    def _watch_writable(self, conn: Connection, stalled: bool) -> None:
+        """Wake up when conn can take more; a stalled socket also gets a write deadline."""
+        if stalled:
+            if conn.fd not in self.blocked:
+                if conn.state == OPEN:
+                    conn.deadline = self.now + self.config.write_timeout
+                self.blocked[conn.fd] = conn
+        else:
+            self.blocked.pop(conn.fd, None)
         if not conn.writing:
             conn.writing = True
-            conn.deadline = self.now + self.config.write_timeout if conn.state == OPEN else conn.deadline
-            self.blocked[conn.fd] = conn
             self.sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
-        if conn.out_bytes > self.config.max_buffer and conn.state == OPEN:
-            self._cut_off(conn)             # writing is set: the partly sent frame is kept
 
     # -- closing ------------------------------------------------------------
 
@@ -2127,13 +2581,15 @@ class Server(EventLoop):
     def _cut_off(self, conn: Connection) -> None:
         """A slow consumer: drop what it has not been sent, tell it 1013, close."""
         self.stats.dropped["slow_consumer"] += 1
-        head = conn.out[0] if conn.writing else b""    # a partly sent frame must finish
-        conn.out[:] = [head] if head else []
-        conn.out_bytes = len(head)
+        if conn.out_pos:                    # a partly sent frame must finish
+            del conn.out[1:]
+            conn.out_bytes = len(conn.out[0]) - conn.out_pos
+        else:
+            conn.out.clear()
+            conn.out_bytes = 0
         self._begin_close(conn, encode_close(CLOSE_TRY_AGAIN_LATER, "too slow: reconnect with since"))
         conn.close_after_flush = True
-        if not conn.writing:
-            self._flush(conn)
+        self._flush(conn)
 
     def _leave(self, conn: Connection) -> None:
         self.chat.leave(conn)
@@ -2163,7 +2619,7 @@ class Server(EventLoop):
             pass
         conn.sock.close()
         conn.out.clear()
-        conn.out_bytes = 0
+        conn.out_bytes = conn.out_pos = 0
 
     # -- timers: deadlines, pings, member counts ----------------------------
 
@@ -2249,11 +2705,12 @@ def make_listener(host: str, port: int, reuse_port: bool = False, listen: bool =
 class HubRoom:
     """The supervisor's view of a room: the seq, history, and subscribed workers."""
 
-    __slots__ = ("history", "seq", "subs")
+    __slots__ = ("history", "name", "seq", "subs")
 
-    def __init__(self, history: int):
+    def __init__(self, name: str, config):
+        self.name = name
         self.seq = 0
-        self.history: deque = deque(maxlen=history)   # payloads ending at seq
+        self.history = History(config.history, config.room_history_bytes)   # items: payloads
         self.subs: dict = {}                          # Worker -> None
 
 
@@ -2273,17 +2730,17 @@ class Supervisor(EventLoop):
     message, it assigns the seq, keeps the history and forwards the message to
     the workers with members in the room, in one order for all."""
 
-    def __init__(self, config, argv: list):
+    def __init__(self, config):
         super().__init__()
         self.config = config
-        self.argv = argv
         self.workers: dict[int, Worker] = {}
         self.rooms: dict[str, HubRoom] = {}
+        self.budget = HistoryBudget(config.history_bytes, self._forget_if_unused)
         self.retired = Stats()               # counters of workers that have exited
         self.retired.bus_up = 0
-        self.own = Stats()                   # the supervisor's own garbage-collector pauses
-        self.own.bus_up = 0
-        self.gc_watch = GcWatch(self.own, config.gc_freeze)
+        self.stats = Stats()                 # the supervisor's own: collector pauses, internal errors
+        self.stats.bus_up = 0
+        self.gc_watch = GcWatch(self.stats, config.gc_freeze)
         self.every(0.25, self.gc_watch.freeze_if_due)
         self.draining = False
         self.drain_deadline = 0.0
@@ -2294,9 +2751,10 @@ class Supervisor(EventLoop):
 
     def _spawn(self, slot: int) -> None:
         ours, theirs = socket.socketpair()
-        cmd = [sys.executable, os.path.abspath(__file__), *self.argv, "--workers", "1",
+        flags, env = worker_settings(self.config)
+        cmd = [sys.executable, os.path.abspath(__file__), *flags, "--workers", "1",
                "--metrics-port", "0", "--worker-id", str(slot), "--hub-fd", str(theirs.fileno())]
-        proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),))
+        proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), env=env)
         theirs.close()
         worker = Worker(slot, proc, None)
         worker.link = Link(self, ours, lambda data: self._on_data(worker, data),
@@ -2331,51 +2789,66 @@ class Supervisor(EventLoop):
             self.retired.add(counters)
 
     def _unsubscribe_all(self, worker: Worker) -> None:
-        for room in self.rooms.values():
-            room.subs.pop(worker, None)
+        for room in list(self.rooms.values()):
+            self._unsubscribe(worker, room)
 
-    def _room(self, name: str) -> HubRoom:
-        room = self.rooms.get(name)
-        if room is None:
-            room = self.rooms[name] = HubRoom(self.config.history)
-        return room
+    def _unsubscribe(self, worker: Worker, room: HubRoom) -> None:
+        if room.subs.pop(worker, 0) is None:
+            worker.link.cancel(room.name)
+            if not room.subs and not room.history:
+                del self.rooms[room.name]
+
+    def _forget_if_unused(self, room: HubRoom) -> None:
+        if not room.subs:
+            del self.rooms[room.name]
 
     def _on_data(self, worker: Worker, data: bytes) -> None:
         for kind, body in worker.reader.feed(data):
             if kind == REC_PUBLISH:
-                rlen, t0, plen, resend = PUBLISH_HEAD.unpack_from(body)
-                start = PUBLISH_HEAD.size
-                name = body[start:start + rlen]
-                room = self._room(name.decode())
-                suffix = body[start + rlen + plen:]
-                if resend:
-                    key = resend_key(suffix)
-                    if any(key in p for p in room.history):
-                        continue
-                room.seq += 1
-                payload = body[start + rlen:start + rlen + plen] + str(room.seq).encode() + suffix
-                room.history.append(payload)
-                rec = record(REC_MESSAGE, MESSAGE_HEAD.pack(rlen, room.seq, t0) + name + payload)
-                for sub in room.subs:
-                    sub.link.write(rec)
+                self._sequence(worker, body)
             elif kind == REC_SUBSCRIBE:
                 name = body.decode()
-                room = self._room(name)
+                room = self.rooms.get(name)
+                if room is None:
+                    room = self.rooms[name] = HubRoom(name, self.config)
                 room.subs[worker] = None
-                worker.link.write(record(REC_SNAPSHOT, encode_snapshot(name, room.seq, room.history)))
+                payloads = [item for _, item in room.history.items()]
+                worker.link.write_lazily(name, snapshot_records(name, room.seq, payloads))
             elif kind == REC_UNSUBSCRIBE:
                 room = self.rooms.get(body.decode())
                 if room is not None:
-                    room.subs.pop(worker, None)
+                    self._unsubscribe(worker, room)
             elif kind == REC_STATS:
                 worker.stats = json.loads(body)
+
+    def _sequence(self, worker: Worker, body: bytes) -> None:
+        """Assign a published message its room's next seq, keep it, forward it, ack it."""
+        rlen, t0, plen, klen, resend = PUBLISH_HEAD.unpack_from(body)
+        pos = PUBLISH_HEAD.size
+        name = body[pos:pos + rlen]
+        key = body[pos + rlen:pos + rlen + klen]
+        pos += rlen + klen
+        room = self.rooms.get(room_name := name.decode())
+        if room is None:                    # its members left before the message got here
+            room = self.rooms[room_name] = HubRoom(room_name, self.config)
+        seen = room.history.seq_of(key) if resend else None
+        if seen is not None:
+            worker.link.write(record(REC_ACK, ACK_HEAD.pack(seen, True)))
+            return
+        room.seq += 1
+        payload = body[pos:pos + plen] + str(room.seq).encode() + body[pos + plen:]
+        self.budget.added(room, room.history.append(room.seq, payload, key))
+        rec = record(REC_MESSAGE, MESSAGE_HEAD.pack(rlen, room.seq, t0) + name + payload)
+        for sub in room.subs:
+            sub.link.write(rec)
+        worker.link.write(record(REC_ACK, ACK_HEAD.pack(room.seq, False)))
 
     def total_stats(self) -> Stats:
         """All workers' counters added up, with those of workers that exited."""
         total = Stats()
         total.bus_up = 0
         total.add(self.retired.to_dict())
-        total.add(self.own.to_dict())
+        total.add(self.stats.to_dict())
         live = [w.stats for w in list(self.workers.values()) if w.stats]
         for d in live:
             total.add(d)
@@ -2438,7 +2911,9 @@ class StatsCollector:
                 ("scalechat_messages_received", "Chat messages accepted from clients", s.messages_in),
                 ("scalechat_deliveries", "Message frames queued to members", s.deliveries),
                 ("scalechat_bytes_received", "Bytes read from client sockets", s.bytes_in),
-                ("scalechat_bytes_sent", "Bytes written to client sockets", s.bytes_out)):
+                ("scalechat_bytes_sent", "Bytes written to client sockets", s.bytes_out),
+                ("scalechat_internal_errors", "Exceptions caught by the loop's barriers (a bug: see the log)",
+                 s.internal_errors)):
             yield CounterMetricFamily(name, doc, value=value)
         for name, doc, label, values in (
                 ("scalechat_dropped_clients", "Clients cut off by the server", "reason", s.dropped),
@@ -2516,7 +2991,7 @@ SETTINGS = (
     # flag, type, default, help
     ("host", str, "0.0.0.0", "address to listen on"),
     ("port", int, 8080, "public port: HTTP, the demo client and WebSocket"),
-    ("metrics-host", str, None, "address for the metrics port (default: --host)"),
+    ("metrics-host", str, "127.0.0.1", "address for the metrics port (loopback: only this host scrapes)"),
     ("metrics-port", int, 8081, "Prometheus metrics port (0 disables metrics)"),
     ("workers", str, "1", "server processes sharing the port ('auto': one per core)"),
     ("redis", str, "", "redis://host:port/db: share rooms with every instance on this Redis"),
@@ -2525,8 +3000,10 @@ SETTINGS = (
     ("max-message-size", int, 65536, "largest message text in UTF-8 bytes"),
     ("max-header-size", int, 8192, "largest HTTP request head in bytes (431 past it)"),
     ("history", int, 1000, "messages kept per room for since=<seq> resume"),
-    ("history-bytes", int, 64 << 20, ("bytes of history one process keeps across all rooms; past it "
-     "the least recently active rooms lose their oldest messages")),
+    ("history-bytes", int, 64 << 20, ("bytes of memory history may take in one process (and the "
+     "supervisor) across all rooms; past it the least recently active rooms lose their oldest messages")),
+    ("room-history-bytes", int, 1 << 20, ("bytes of history one room keeps (here, in the supervisor and "
+     "in Redis): bounds what one replay or snapshot carries")),
     ("max-connections", int, 0, "WebSocket connections per process at most (0: what the open-file limit allows)"),
     ("max-per-ip", int, 0, "WebSocket connections per client address at most (0: no cap)"),
     ("max-buffer", int, 1 << 20, "bytes queued for one client before it is cut off with 1013"),
@@ -2539,14 +3016,35 @@ SETTINGS = (
     ("rate-limit", float, 50.0, "messages per second per connection (0: no limit)"),
     ("rate-burst", float, 100.0, "messages a connection may send at once"),
     ("allowed-origins", str, "", "comma-separated Origins allowed besides the server's own host ('*': any)"),
+    ("allowed-hosts", str, "", ("comma-separated Host header values served (host[:port]); empty: any. "
+     "Set it where DNS rebinding matters (intranets)")),
     ("allow-no-origin", "bool", True, "accept clients that send no Origin header (non-browsers)"),
     ("bus-hold-count", int, 10000, "messages held while the bus is down, at most"),
     ("bus-hold-seconds", float, 30.0, "seconds a held message waits for the bus before it is refused"),
+    ("bus-hold-bytes", int, 16 << 20, ("bytes of messages held while the bus is down, and, apart, sent "
+     "to it but not yet answered, at most")),
+    ("redis-room-ttl", int, 86400, "seconds after its last message that Redis forgets a room"),
     ("bus-timeout", float, 5.0, "seconds without a Redis reply before the link counts as lost"),
     ("gc-freeze", "bool", True, ("after each full garbage collection, freeze the survivors so the "
      "next one does not walk every connection again")),
     ("log-level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
 )
+
+
+def worker_settings(config) -> tuple[list, dict]:
+    """A worker's flags (every setting the supervisor has) and environment.
+
+    The Redis URL, which may hold a password, goes in the environment: a
+    command line is visible to every user of the host (ps).
+    """
+    flags, env = [], dict(os.environ)
+    for flag, kind, _, _ in SETTINGS:
+        value = getattr(config, flag.replace("-", "_"))
+        if flag == "redis":
+            env[env_name(flag)] = value
+        elif flag not in ("workers", "metrics-port"):
+            flags += [f"--{flag}", str(value).lower() if kind == "bool" else str(value)]
+    return flags, env
 
 
 def env_name(flag: str) -> str:
@@ -2586,8 +3084,6 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
     parser.add_argument("--hub-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"scalechat {__version__}")
     args = parser.parse_args(argv)
-    if args.metrics_host is None:
-        args.metrics_host = args.host
     if args.workers == "auto":
         args.workers = os.cpu_count() or 1
     elif not args.workers.isdigit() or int(args.workers) < 1:
@@ -2600,7 +3096,8 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
             parser.error(str(e))
     for flag in ("max-message-size", "max-header-size", "history", "max-buffer", "bus-hold-count",
                  "handshake-timeout", "ping-interval", "pong-timeout", "write-timeout",
-                 "close-timeout", "drain-timeout", "bus-hold-seconds", "bus-timeout"):
+                 "close-timeout", "drain-timeout", "bus-hold-seconds", "bus-timeout", "room-history-bytes",
+                 "bus-hold-bytes", "redis-room-ttl"):
         if getattr(args, flag.replace("-", "_")) <= 0:
             parser.error(f"--{flag} must be positive")
     if args.rate_limit < 0 or args.rate_burst < 1:
@@ -2618,7 +3115,7 @@ def main(argv: list | None = None) -> int:
     try:
         if supervising:
             make_listener(args.host, args.port, reuse_port=True, listen=False).close()
-            loop = Supervisor(args, list(sys.argv[1:] if argv is None else argv))
+            loop = Supervisor(args)
         else:
             hub = socket.socket(fileno=args.hub_fd) if args.hub_fd is not None else None
             loop = Server(args, hub)

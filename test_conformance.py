@@ -141,13 +141,13 @@ class RawClient:
             n = int.from_bytes(self._read(8), "big")
         return b0 & 0x0F, self._read(n)
 
-    def recv_json(self) -> dict:
-        """The next JSON text frame that is not a member-count notice."""
+    def recv_json(self, skip: tuple = ("members", "ack")) -> dict:
+        """The next JSON text frame that is not a member-count notice or (by default) an ack."""
         while True:
             opcode, payload = self.recv_frame()
             assert opcode == OP_TEXT, (opcode, payload)
             obj = json.loads(payload)
-            if obj["type"] != "members":
+            if obj["type"] not in skip:
                 return obj
 
     def recv_close_code(self) -> int:
@@ -513,10 +513,10 @@ def shared_server():
 
 
 def answer(opcode: int, payload: bytes) -> tuple | None:
-    """A server frame as a comparable answer; None for a member-count notice."""
+    """A server frame as a comparable answer; None for a member count or an ack (chat, not framing)."""
     if opcode == OP_TEXT:
         obj = json.loads(payload)
-        if obj["type"] == "members":
+        if obj["type"] in ("members", "ack"):
             return None
         return ("message", obj["text"]) if obj["type"] == "message" else (obj["type"], obj.get("code"))
     if opcode == OP_CLOSE:

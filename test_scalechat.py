@@ -46,7 +46,11 @@ from scalechat import (
     Connection,
     FrameParser,
     HandshakeError,
+    HISTORY_ENTRY_COST,
+    ROOM_COST,
     Histogram,
+    History,
+    HistoryBudget,
     ProtocolError,
     Room,
     Server,
@@ -424,9 +428,12 @@ def test_client_handshake_helpers():
 
 @pytest.mark.parametrize("payload, expected", [
     (b'{"message_id": 42, "text": "hello", "sent_at": "2026-11-28T10:00:00.123456Z"}',
-     (42, "hello", "2026-11-28T10:00:00.123456Z")),
-    (b'{"text": "hi", "sender": "mallory", "room": "elsewhere"}', (None, "hi", None)),
-    ('{"message_id": 1, "text": "%s"}' % ("é" * 50), (1, "é" * 50, None)),
+     (42, "hello", "2026-11-28T10:00:00.123456Z", False)),
+    (b'{"text": "hi", "sender": "mallory", "room": "elsewhere"}', (None, "hi", None, False)),
+    ('{"message_id": 1, "text": "%s"}' % ("é" * 50), (1, "é" * 50, None, False)),
+    (b'{"message_id": 7, "text": "a", "sent_at": "2026-11-28t10:00:00+01:00", "resend": true}',
+     (7, "a", "2026-11-28t10:00:00+01:00", True)),
+    (b'{"message_id": 7, "text": "a", "resend": "true", "x": {"resend": true}}', (7, "a", None, False)),
 ])
 def test_parse_chat_message(payload, expected):
     """Valid client messages; sender and room from a client are ignored."""
@@ -446,6 +453,11 @@ def test_parse_chat_message(payload, expected):
     (b'{"message_id": 5, "text": "\\ud800"}', "bad_message", 5),
     (b'{"message_id": 6, "text": "a", "sent_at": 7}', "bad_message", 6),
     (b'{"message_id": 6, "text": "a", "sent_at": "' + b"9" * 65 + b'"}', "bad_message", 6),
+    (b'{"message_id": 1, "text": "hi", "sent_at": "\\ud800"}', "bad_message", 1),
+    (b'{"message_id": 1, "text": "hi", "sent_at": "2026-11-28T10:00:00Z\\n"}', "bad_message", 1),
+    (b'{"message_id": 1, "text": "hi", "sent_at": "2026-11-28T10:00:00"}', "bad_message", 1),
+    ('{"message_id": 1, "text": "hi", "sent_at": "٢٠٢٦-11-28T10:00:00Z"}'.encode(), "bad_message", 1),
+    (b'{"message_id": 1, "text": "hi", "sent_at": ["2026-11-28T10:00:00Z"]}', "bad_message", 1),
     (b"[" * 100000, "bad_json", None),
 ])
 def test_parse_chat_message_refusals(payload, code, message_id):
@@ -461,17 +473,91 @@ def test_max_frame_size_holds_the_worst_escaped_text():
         assert len(json.dumps({"message_id": -(1 << 62), "text": text, "sent_at": "9" * 64})) <= max_frame_size(1000)
 
 
-def test_room_frames_since():
-    """Replay: held messages after since, oldest first; history bounded."""
-    room = Room("r", history=3, ready=True)
-    assert room.frames_since(0) == [] and room.oldest_seq() == 1
+def test_history_replays_after_a_seq_within_its_bounds():
+    """Replay: held messages after since, oldest first, a budget at a time; history bounded in count."""
+    history = History(max_count=3, max_bytes=1 << 20)
+    assert len(history) == 0
     for seq in range(1, 6):
-        room.seq = seq
-        room.history.append((seq, b"f%d" % seq))
-    assert room.frames_since(0) == [b"f3", b"f4", b"f5"]
-    assert room.frames_since(3) == [b"f4", b"f5"]
-    assert room.frames_since(5) == room.frames_since(99) == []
-    assert room.oldest_seq() == 3
+        history.append(seq, b"f%d" % seq)
+    assert len(history) == 3 and history.oldest_seq() == 3
+    assert history.after(0, 1 << 20) == ([b"f3", b"f4", b"f5"], 5)
+    assert history.after(3, 1 << 20) == ([b"f4", b"f5"], 5)
+    assert history.after(3, 1) == ([b"f4"], 4)             # at least one item per call
+    assert history.after(5, 1 << 20) == history.after(99, 1 << 20) == ([], 5) or \
+        history.after(99, 1 << 20)[0] == []
+
+
+def test_history_is_bounded_in_bytes_and_keeps_the_newest():
+    """Past max_bytes the oldest go, counted with their overhead; one message is always kept."""
+    history = History(max_count=1000, max_bytes=10 * (100 + HISTORY_ENTRY_COST))
+    for seq in range(1, 101):
+        history.append(seq, b"x" * 100)
+    assert len(history) == 10 and history.oldest_seq() == 91
+    assert history.cost == 10 * (100 + HISTORY_ENTRY_COST)
+    history.append(101, b"y" * 100000)
+    assert len(history) == 1 and history.after(0, 1 << 20)[0] == [b"y" * 100000]
+
+
+def test_history_resend_index_is_exact_and_shrinks_with_the_history():
+    """seq_of finds a held key in O(1); a key trimmed away is forgotten; a reused key points to the newest."""
+    history = History(max_count=4, max_bytes=1 << 20)
+    for seq in range(1, 11):
+        history.append(seq, b"m", b"c:%d" % seq)
+    assert history.seq_of(b"c:10") == 10 and history.seq_of(b"c:7") == 7
+    assert history.seq_of(b"c:6") is None and history.seq_of(b"") is None
+    assert len(history.index) == 4                          # bounded with the history
+    history.append(11, b"m", b"c:9")                        # the same key again: the newest wins
+    history.append(12, b"m")
+    history.append(13, b"m")
+    assert history.seq_of(b"c:9") == 11                     # the trimmed seq-9 entry did not remove it
+    assert history.entries.count(None) <= history.head      # compaction keeps only dead slots before head
+
+
+def test_history_budget_trims_the_least_recently_active_room_first():
+    """--history-bytes across rooms: the idle room loses its oldest, and is forgotten when empty."""
+    class R:
+        def __init__(self, name):
+            self.name, self.history = name, History(1000, 1 << 20)
+    forgotten = []
+    cost = 100 + HISTORY_ENTRY_COST
+    budget = HistoryBudget(2 * ROOM_COST + 6 * cost, forgotten.append)
+    idle, busy = R("idle"), R("busy")
+    for seq in range(1, 4):
+        budget.added(idle, idle.history.append(seq, b"i" * 100))
+    for seq in range(1, 4):
+        budget.added(busy, busy.history.append(seq, b"b" * 100))
+    assert budget.used == 2 * ROOM_COST + 6 * cost and not forgotten
+    budget.added(busy, busy.history.append(4, b"b" * 100))
+    assert len(idle.history) == 2 and len(busy.history) == 4
+    for seq in range(5, 8):
+        budget.added(busy, busy.history.append(seq, b"b" * 100))
+    assert forgotten == [idle] and len(idle.history) == 0 and "idle" not in budget.by_activity
+    assert budget.used <= budget.limit
+    budget.removed(busy)
+    assert budget.used == 0
+
+
+def test_history_cost_constants_match_what_the_memory_is():
+    """HISTORY_ENTRY_COST and ROOM_COST are not below what tracemalloc measures for them."""
+    import tracemalloc
+    cfg = parse_args([])
+    tracemalloc.start()
+    rooms = {}
+    budget = HistoryBudget(1 << 40, lambda room: None)
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(200):
+        room = rooms[f"room-{i}"] = Room(f"room-{i}", cfg, True)
+        budget.added(room, room.history.append(1, b"x" * 10, b"client-id-0123456789:1"))
+    per_room = (tracemalloc.get_traced_memory()[0] - before) / 200
+    room = rooms["room-0"]
+    before = tracemalloc.get_traced_memory()[0]
+    for seq in range(2, 1002):
+        room.history.append(seq, bytes(10), b"client-id-0123456789:%d" % seq)
+    per_entry = (tracemalloc.get_traced_memory()[0] - before) / 1000
+    tracemalloc.stop()
+    key_bytes = len(b"client-id-0123456789:1000")
+    assert per_entry - 10 - key_bytes <= HISTORY_ENTRY_COST, per_entry
+    assert per_room - per_entry <= ROOM_COST, per_room
 
 
 @pytest.mark.parametrize("name, ok", [
@@ -554,8 +640,8 @@ def closed_with(ws) -> int:
 
 
 def next_message(recv) -> dict:
-    """The next frame that is not a member-count notice, from a library's recv."""
-    while (obj := json.loads(recv(timeout=5)))["type"] == "members":
+    """The next frame that is not a member-count notice or an ack, from a library's recv."""
+    while (obj := json.loads(recv(timeout=5)))["type"] in ("members", "ack"):
         pass
     return obj
 
@@ -589,7 +675,8 @@ def test_welcome_message_and_server_assigned_sender(chat_server):
     expected = {"type": "message", "room": "t-welcome", "seq": 1, "sender": "alice", "message_id": 42,
                 "text": "hello", "sent_at": "2026-11-28T10:00:00.123456Z"}
     assert alice.recv_json() == expected == guest.recv_json()
-    guest.send_json({"text": "hi"})
+    assert alice.recv_json(skip=("members",)) == {"type": "ack", "message_id": 42, "seq": 1}
+    guest.send_json({"text": "hi"})             # no message_id: nothing to acknowledge
     expected = {"type": "message", "room": "t-welcome", "seq": 2, "sender": guest.welcome["name"],
                 "message_id": None, "text": "hi", "sent_at": None}
     assert alice.recv_json() == expected == guest.recv_json()
@@ -723,7 +810,7 @@ def test_static_files(chat_server):
 def test_static_never_escapes(chat_server, target):
     """Encoded dot-dot, absolute paths, NUL: never anything but the static folder's files."""
     status, _, body = get(chat_server.port, target)
-    assert status == 404 and b"root:" not in body and b"import" not in body
+    assert status == (400 if "\x00" in target else 404) and b"root:" not in body and b"import" not in body
 
 
 def test_static_symlinks_are_not_followed(server_with, tmp_path):
