@@ -1764,7 +1764,8 @@ class Stats:
     """The server's counters as plain attributes; the metrics collector reads them."""
 
     COUNTERS = ("connections", "connections_total", "messages_in", "deliveries", "bytes_in",
-                "bytes_out", "draining", "rooms", "bus_up", "gc_frozen", "internal_errors")
+                "bytes_out", "draining", "rooms", "bus_up", "gc_frozen", "internal_errors", "history_bytes",
+                "sequenced_rooms")
     TABLES = ("dropped", "protocol_errors", "refused", "http_requests")
     HISTOGRAMS = ("broadcast", "loop_lag", "gc0", "gc1", "gc2")
 
@@ -2103,6 +2104,7 @@ class Server(EventLoop):
         self.every(0.25, self._check_deadlines)
         self.every(min(1.0, config.ping_interval / 4), self._sweep)
         self.every(1.0, self._send_member_counts)
+        self.every(1.0, self._count_history)
 
     def _tick_lag(self) -> None:
         """Measure how late the loop runs a timer due every 0.25 s."""
@@ -2659,6 +2661,11 @@ class Server(EventLoop):
                 conn.ping_sent = now
                 self.send(conn, ping)
 
+    def _count_history(self) -> None:
+        chat = self.chat
+        self.stats.history_bytes = chat.budget.used
+        self.stats.sequenced_rooms = len(chat.rooms) if chat.bus.local else 0
+
     def _send_member_counts(self) -> None:
         for room, frame in self.chat.member_count_frames():
             for conn in room.members:
@@ -2785,7 +2792,8 @@ class Supervisor(EventLoop):
 
     def _retire(self, worker: Worker) -> None:
         if worker.stats:
-            counters = dict(worker.stats, connections=0, rooms=0, draining=0, bus_up=0)
+            counters = dict(worker.stats, connections=0, rooms=0, draining=0, bus_up=0, history_bytes=0,
+                            sequenced_rooms=0)
             self.retired.add(counters)
 
     def _unsubscribe_all(self, worker: Worker) -> None:
@@ -2856,6 +2864,8 @@ class Supervisor(EventLoop):
         total.draining = int(self.draining)
         if not self.config.redis:
             total.rooms = sum(1 for r in list(self.rooms.values()) if r.subs)
+            total.history_bytes += self.budget.used
+            total.sequenced_rooms = len(self.rooms)
         return total
 
     def pids(self) -> list:
@@ -2900,7 +2910,11 @@ class StatsCollector:
                 ("scalechat_connections", "Open WebSocket connections", s.connections),
                 ("scalechat_rooms", "Rooms with members here (or history, in one process)", s.rooms),
                 ("scalechat_bus_up", "1 when the message bus is connected", s.bus_up),
-                ("scalechat_draining", "1 while the server drains", s.draining)):
+                ("scalechat_draining", "1 while the server drains", s.draining),
+                ("scalechat_history_bytes", "Memory history takes, as --history-bytes counts it (all processes)",
+                 s.history_bytes),
+                ("scalechat_sequenced_rooms", "Rooms this process or supervisor sequences (0 with --redis)",
+                 s.sequenced_rooms)):
             yield GaugeMetricFamily(name, doc, value=value)
         info = GaugeMetricFamily("scalechat_info", "Server version", labels=["version"])
         info.add_metric([__version__], 1)

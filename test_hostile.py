@@ -1123,3 +1123,207 @@ def test_attackers_at_once_leave_normal_clients_untouched(serve):
              + len(results["bad_payload"]))
     sunk = sum(sent for _, sent in results["never_reader"])     # some arrive after the cut
     assert known <= gauge(metrics, "scalechat_messages_received_total") <= known + sunk
+
+
+# ---------------------------------------------------------------------------
+# One client against everyone else: each finding of the security review, at a
+# small size (bench/bench_abuse.py measures them at full size)
+# ---------------------------------------------------------------------------
+
+CLIENT_A, CLIENT_B = "A" * 22, "B" * 22      # client ids: 16-64 of [A-Za-z0-9_-]
+BIG_TEXT = "\x01" * 65536                    # 64 KiB that JSON-escapes to 393 KB
+
+
+def children(pid: int) -> list:
+    """The child process ids of pid (the workers of a supervisor)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return sorted(int(p) for p in f.read().split())
+
+
+def rss_kib(pids: list) -> int:
+    """Summed VmRSS of processes, in KiB."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            total += int(re.search(r"^VmRSS:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
+    return total
+
+
+def echo_time(client: RawClient, message_id: int) -> float:
+    """Seconds from sending a message to receiving it back."""
+    t0 = time.monotonic()
+    client.send_json({"message_id": message_id, "text": "ping"})
+    while (m := client.next_message())["message_id"] != message_id or m["sender"] != client.name:
+        pass
+    return time.monotonic() - t0
+
+
+def fill_room(port: int, room: str, count: int, text: str = BIG_TEXT) -> None:
+    """Post count messages to room from one client (within the default burst), then leave."""
+    client = RawClient(port, f"/ws/{room}", timeout=30)
+    for i in range(count):
+        client.send_json({"message_id": i, "text": text})
+        client.next_message()
+    client.close()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_lone_surrogate_in_any_field_is_refused_and_no_process_dies(serve, workers):
+    server = serve("--workers", workers)
+    pids = children(server.proc.pid)
+    client = RawClient(server.port, "/ws/surrogates")
+    for payload in (b'{"message_id":1,"text":"hi","sent_at":"\\ud800"}',
+                    b'{"message_id":2,"text":"\\udfff"}', b'{"message_id":3,"text":"hi","sent_at":"\\ud83d"}'):
+        client.send_frame(sc.OP_TEXT, payload)
+        answer = client.next_json()
+        assert answer["type"] == "error" and answer["code"] == "bad_message", answer
+    assert echo_time(client, 4) < 5
+    assert server.proc.poll() is None and children(server.proc.pid) == pids     # no worker restarted
+    client.close()
+
+
+def test_room_names_with_a_newline_are_refused(shared_server):
+    for target in (b"/ws/lobby\n", b"/ws/lobby\r", b"/ws/lob\nby", b"/ws/lobby%0A"):
+        status, _, _ = http_exchange(shared_server.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n"
+                                     b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        assert status == 400, target
+
+
+def test_a_duplicate_host_header_is_refused(shared_server):
+    status, _, _ = http_exchange(shared_server.port, b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    assert status == 400
+
+
+def test_allowed_hosts_refuse_other_hosts_but_not_health_checks(serve):
+    server = serve("--allowed-hosts", f"chat.example,127.0.0.1:{0}".replace(":0", ""))
+    assert http_exchange(server.port, b"GET / HTTP/1.1\r\nHost: chat.example\r\n\r\n")[0] == 200
+    assert http_exchange(server.port, b"GET / HTTP/1.1\r\nHost: rebound.attacker\r\n\r\n")[0] == 400
+    assert http_exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: rebound.attacker\r\n\r\n")[0] == 200
+    assert handshake_status(server.port) == 400                 # Host: 127.0.0.1:<port> is not listed
+    assert refused(read_metrics(server), "host") == 2
+
+
+def test_resends_are_checked_by_client_id_so_nobody_else_can_suppress_them(serve):
+    """Mallory takes alice's name and her next message_id: alice's message still goes out,
+    her acks are hers alone, and her own resend is dropped as the duplicate it is."""
+    server = serve()
+    alice = RawClient(server.port, f"/ws/forgery?name=alice&client={CLIENT_A}")
+    mallory = RawClient(server.port, f"/ws/forgery?name=alice&client={CLIENT_B}")
+    mallory.send_json({"message_id": 7, "text": "forged", "resend": True})
+    assert mallory.next_json(skip=("members",)) == {"type": "message", "room": "forgery", "seq": 1,
+                                                    "sender": "alice", "message_id": 7, "text": "forged",
+                                                    "sent_at": None}
+    assert mallory.next_json(skip=("members",)) == {"type": "ack", "message_id": 7, "seq": 1}
+    assert alice.next_json(skip=("members",))["text"] == "forged"      # no ack for alice
+    alice.send_json({"message_id": 7, "text": "mine", "resend": True})
+    assert alice.next_json(skip=("members",))["text"] == "mine"
+    assert alice.next_json(skip=("members",)) == {"type": "ack", "message_id": 7, "seq": 2}
+    alice.send_json({"message_id": 7, "text": "mine", "resend": True})   # her own again: a duplicate
+    assert alice.next_json(skip=("members",)) == {"type": "ack", "message_id": 7, "seq": 2, "duplicate": True}
+    assert echo_time(mallory, 8) < 5 and alice.next_message()["seq"] == 3   # nothing came in between
+    for bad in ("short", "x" * 65, "a%0Ab" * 4, "spaces%20are%20not%20allowed"):
+        assert handshake_status(server.port, resource=f"/ws/forgery?client={bad}") == 400, bad
+    alice.close()
+    mallory.close()
+
+
+def test_a_resend_is_checked_only_against_history_and_sequenced_again_once_trimmed(serve):
+    server = serve("--history", "3")
+    client = RawClient(server.port, f"/ws/trimmed?client={CLIENT_A}")
+    for i in range(1, 6):
+        client.send_json({"message_id": i, "text": f"m{i}"})
+        assert client.next_json(skip=("members", "message")) == {"type": "ack", "message_id": i, "seq": i}
+    client.send_json({"message_id": 5, "text": "m5", "resend": True})
+    assert client.next_json(skip=("members",)) == {"type": "ack", "message_id": 5, "seq": 5, "duplicate": True}
+    client.send_json({"message_id": 1, "text": "m1", "resend": True})     # no longer held: sequenced
+    assert client.next_message()["seq"] == 6
+    client.close()
+
+
+def test_a_replay_is_produced_as_the_socket_drains(serve):
+    """20 since=0 replays of a 16 MiB room on sockets that never read: the server holds about
+    a chunk for each, not a copy of the room; a reader that does read gets everything in order."""
+    server = serve("--room-history-bytes", str(16 << 20), "--rate-burst", "100")
+    fill_room(server.port, "hoard", 40)
+    victim = RawClient(server.port, "/ws/elsewhere")
+    peak_before = peak_rss_kib(server.proc.pid)
+    hoarders = [RawClient(server.port, "/ws/hoard?since=0", rcvbuf=4096) for _ in range(20)]
+    time.sleep(1.0)
+    worst = max(echo_time(victim, i) for i in range(10))
+    growth = peak_rss_kib(server.proc.pid) - peak_before
+    print(f"\n20 stalled replays of a 15.7 MB room: server peak RSS +{growth / 1024:.1f} MiB, victim echo max "
+          f"{worst * 1e3:.1f} ms")
+    assert growth < 32 * 1024                  # before: a joined copy each, 1.2 GiB for 20
+    assert worst < 0.5
+    reader = RawClient(server.port, "/ws/hoard?since=10", timeout=30)
+    seqs = [reader.next_message()["seq"] for _ in range(30)]
+    assert seqs == list(range(11, 41))
+    for c in hoarders + [victim, reader]:
+        c.sock.close()
+
+
+def test_a_replay_that_falls_out_of_history_is_cut_off_with_1013(serve):
+    server = serve("--history", "20", "--rate-limit", "0")
+    writer = RawClient(server.port, "/ws/fast")
+    for i in range(20):
+        writer.send_json({"message_id": i, "text": "x" * 60000})
+    writer.next_message()
+    slow = RawClient(server.port, "/ws/fast?since=0", rcvbuf=4096)
+    for i in range(20, 200):                  # ten times the history while slow does not read
+        writer.send_json({"message_id": i, "text": "x" * 60000})
+    objects, code = slow.read_until_close()
+    seqs = [o["seq"] for o in objects if o["type"] == "message"]
+    assert code == sc.CLOSE_TRY_AGAIN_LATER and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    writer.close()
+
+
+def test_fragments_cost_what_they_carry_and_pay_the_rate_limit(serve):
+    """Two-byte continuation frames are held in one buffer, and a flood of frames that
+    complete nothing (continuations, pongs) is closed with 1008."""
+    server = serve("--rate-limit", "0")
+    client = RawClient(server.port, "/ws/fragments", timeout=30)
+    peak_before = peak_rss_kib(server.proc.pid)
+    frame = sc.encode_frame(sc.OP_CONTINUATION, b"ab", fin=False, mask_key=b"abcd")
+    client.sock.sendall(sc.encode_frame(sc.OP_TEXT, b'{"text": "', fin=False, mask_key=b"abcd"))
+    client.sock.sendall(frame * 150_000)       # 1.2 MB on the wire, 300 KB of payload
+    client.sock.sendall(sc.encode_frame(sc.OP_CONTINUATION, b'"}', mask_key=b"abcd"))
+    assert client.next_json()["code"] == "too_big"      # every fragment was read by now
+    growth = peak_rss_kib(server.proc.pid) - peak_before
+    print(f"\n150,000 two-byte fragments: server peak RSS +{growth} KiB")
+    assert growth < 3 * 1024                   # before: a bytes object a fragment, ~10 MiB
+    client.close()
+    limited = serve()
+    for flood in (sc.encode_frame(sc.OP_CONTINUATION, b"", fin=False, mask_key=b"abcd"),
+                  sc.encode_frame(sc.OP_PONG, b"", mask_key=b"abcd")):
+        client = RawClient(limited.port, "/ws/floods")
+        if flood[0] & 0x0F == sc.OP_CONTINUATION:
+            client.sock.sendall(sc.encode_frame(sc.OP_TEXT, b"{", fin=False, mask_key=b"abcd"))
+        try:
+            client.sock.sendall(flood * 20_000)
+        except OSError:
+            pass
+        assert client.read_until_close()[1] == sc.CLOSE_POLICY
+        client.close()
+
+
+def test_metrics_listen_on_loopback_unless_told_otherwise():
+    assert sc.parse_args([]).metrics_host == "127.0.0.1"
+    assert sc.parse_args(["--host", "0.0.0.0"]).metrics_host == "127.0.0.1"
+    assert sc.parse_args(["--metrics-host", "0.0.0.0"]).metrics_host == "0.0.0.0"
+
+
+def test_a_redis_password_is_never_on_a_command_line_or_in_an_error(serve, tmp_path):
+    url = "redis://:hunter2-secret@127.0.0.1:1/0"       # nothing listens there: the bus stays down
+    server = serve("--workers", "2", env={"SCALECHAT_REDIS": url})
+    deadline = time.monotonic() + 10
+    while len(children(server.proc.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in [server.proc.pid, *children(server.proc.pid)]:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert b"hunter2" not in f.read()
+    import subprocess
+    import sys
+    bad = subprocess.run([sys.executable, "scalechat.py", "--redis", "redis://:hunter2-secret@host:port/x"],
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert bad.returncode == 2 and "hunter2" not in bad.stderr and "--redis must be" in bad.stderr

@@ -37,6 +37,7 @@ from websockets.sync.client import connect
 from conftest import free_port, start_server
 from scalechat import (
     OP_BINARY,
+    CLOSE_INTERNAL_ERROR,
     OP_CLOSE,
     OP_CONTINUATION,
     OP_PING,
@@ -1191,3 +1192,27 @@ def test_full_collection_is_timed_and_its_survivors_frozen(in_process_server):
     assert not server.gc_watch.freeze_due
     chat(a, "still serving", 2)
     assert seqs_of(a, 1) == [2]
+
+
+def test_a_bug_met_serving_one_connection_closes_it_with_1011_and_the_loop_goes_on(in_process_server,
+                                                                                   caplog):
+    """The exception barrier: the connection that triggered an exception is closed with 1011,
+    the exception is counted and logged with its traceback, everyone else is served."""
+    server = in_process_server
+    receive = server.chat.receive
+
+    def buggy_receive(conn, payload, t0):
+        if b"boom" in payload:
+            raise KeyError("a bug")
+        return receive(conn, payload, t0)
+    server.chat.receive = buggy_receive
+    victim, bystander = join(server, "t-barrier"), join(server, "t-barrier")
+    for _ in range(2):                                  # twice: logged once, counted twice
+        victim.send(chat_frame("boom", 1))
+        assert victim.recv_close_code() == CLOSE_INTERNAL_ERROR
+        victim = join(server, "t-barrier")
+    chat(bystander, "still here", 2)
+    assert [m["text"] for m in (bystander.recv_json(), victim.recv_json())] == ["still here"] * 2
+    assert server.stats.internal_errors == 2
+    logged = [r for r in caplog.records if r.getMessage().startswith("internal error")]
+    assert len(logged) == 1 and logged[0].exc_info[0] is KeyError

@@ -807,3 +807,112 @@ async def test_redis_restarted_and_still_loading_nodes_retry_until_ready(redis):
             assert member.closes == [] and not member.errors
     finally:
         node.stop()
+
+
+# ---------------------------------------------------------------------------
+# What one client can make the sequencer (supervisor or Redis) do: bounded
+# ---------------------------------------------------------------------------
+
+def victim_echoes(port: int, seconds: float) -> list:
+    """Echo times of one member of an unrelated room, messaging for seconds."""
+    from test_hostile import RawClient, echo_time
+    victim = RawClient(port, "/ws/calm", timeout=60)
+    times, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        times.append(echo_time(victim, len(times)))
+        time.sleep(0.02)
+    victim.close()
+    return times
+
+
+@pytest.mark.parametrize("bus", ["workers", "redis"])
+def test_joins_to_a_room_of_big_messages_do_not_stall_other_rooms(bus, redis):
+    """100 messages of 64 KiB that JSON-escape to 393 KB each, then 6 plain joins: each welcome
+    comes at once, and a member of another room keeps its echo time (before: 27-31 s)."""
+    import concurrent.futures
+
+    from test_hostile import RawClient, fill_room
+    args = ("--workers", "2") if bus == "workers" else ("--redis", redis.url)
+    server = start_server(*args, *SERVER_ARGS)
+    try:
+        fill_room(server.port, "big", 100)
+        welcomes = []
+
+        def joins():
+            for _ in range(6):
+                t0 = time.monotonic()
+                client = RawClient(server.port, "/ws/big", timeout=30)
+                welcomes.append((time.monotonic() - t0, client.welcome))
+                client.close()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            joined = pool.submit(joins)
+            echoes = victim_echoes(server.port, 3.0)
+            joined.result()
+        print(f"\n{bus}: welcome in at most {max(w for w, _ in welcomes) * 1e3:.0f} ms, other room's echo "
+              f"max {max(echoes) * 1e3:.0f} ms over {len(echoes)} messages")
+        assert max(w for w, _ in welcomes) < 1.0 and max(echoes) < 0.5
+        (_, welcome) = welcomes[-1]
+        held = welcome["seq"] - welcome["oldest"] + 1           # what a snapshot may carry: 1 MiB
+        assert welcome["seq"] == 100 and 1 <= held <= 3, welcome
+    finally:
+        server.stop()
+
+
+def test_the_supervisor_forgets_rooms_nobody_uses():
+    """Joins to many rooms without a message leave nothing behind in the supervisor."""
+    from test_hostile import RawClient
+    server = start_server("--workers", "2", *SERVER_ARGS)
+    try:
+        RawClient(server.port, "/ws/kept").send_json({"message_id": 1, "text": "stays in history"})
+        for i in range(300):
+            RawClient(server.port, f"/ws/passing-{i}").close()
+        deadline = time.monotonic() + 10
+        while scrape(server).get("scalechat_sequenced_rooms") != 1:
+            assert time.monotonic() < deadline, scrape(server).get("scalechat_sequenced_rooms")
+            time.sleep(0.2)
+    finally:
+        server.stop()
+
+
+def test_redis_keeps_a_room_bounded_in_bytes_indexed_and_expiring(redis):
+    from test_hostile import CLIENT_A, RawClient
+    node = start_server("--redis", redis.url, "--room-history-bytes", "200000", "--redis-room-ttl", "100",
+                        *SERVER_ARGS)
+    try:
+        client = RawClient(node.port, f"/ws/capped?client={CLIENT_A}")
+        for i in range(1, 11):
+            client.send_json({"message_id": i, "text": "a" * 65000})
+            assert client.next_json(skip=("members", "message"))["seq"] == i       # its ack
+        keys = [f"scalechat:{{capped}}{suffix}" for suffix in (":seq", ":history", ":index", ":order", ":bytes")]
+        length = int(redis.cli("LLEN", keys[1]))
+        assert 1 <= length <= 3 and int(redis.cli("GET", keys[4])) <= 200000
+        assert int(redis.cli("HLEN", keys[2])) == length == int(redis.cli("LLEN", keys[3]))
+        assert all(0 < int(redis.cli("TTL", key)) <= 100 for key in keys)
+        client.send_json({"message_id": 10, "text": "a" * 65000, "resend": True})
+        # (with Redis an ack may come before the message itself: messages are skipped here)
+        assert client.next_json(skip=("members", "message")) == {"type": "ack", "message_id": 10, "seq": 10,
+                                                                 "duplicate": True}
+        client.send_json({"message_id": 1, "text": "trimmed long ago", "resend": True})
+        assert client.next_json(skip=("members", "message")) == {"type": "ack", "message_id": 1, "seq": 11}
+        client.close()
+    finally:
+        node.stop()
+
+
+def test_messages_held_for_a_dead_redis_are_bounded_in_bytes(redis):
+    from test_hostile import RawClient
+    node = start_server("--redis", redis.url, "--bus-hold-bytes", "300000", *SERVER_ARGS)
+    try:
+        client = RawClient(node.port, "/ws/held")
+        redis.kill()
+        deadline = time.monotonic() + 5
+        while "bus: down" not in healthz(node):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for i in range(1, 6):                   # 65 KB each: four fit in 300,000 bytes
+            client.send_json({"message_id": i, "text": "b" * 65000})
+        assert client.next_json() == {"type": "error", "code": "unavailable", "message_id": 5,
+                                      "reason": "message bus unavailable: send again later"}
+        client.close()
+    finally:
+        node.stop()
