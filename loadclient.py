@@ -25,6 +25,7 @@ import os
 import random
 import re
 import resource
+import secrets
 import select
 import selectors
 import shutil
@@ -96,9 +97,6 @@ def iso_time(us: int) -> str:
 # Target: the server URL, split into what a connection needs
 # ---------------------------------------------------------------------------
 
-ROOM_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
-
 @dataclass(frozen=True)
 class Target:
     """A ws:// server URL resolved once: address to connect to, Host header, base path, room."""
@@ -113,10 +111,11 @@ class Target:
     def loopback(self) -> bool:
         return ipaddress.ip_address(self.address[0]).is_loopback
 
-    def resource(self, room: str | None, name: str | None = None, since: int | None = None) -> str:
-        """The request target for a room, with name and since as query parameters."""
+    def resource(self, room: str | None, name: str | None = None, since: int | None = None,
+                 client: str | None = None) -> str:
+        """The request target for a room, with name, since and client id as query parameters."""
         path = f"{self.base_path}/{quote(room)}" if room else self.base_path
-        query = {k: v for k, v in (("name", name), ("since", since)) if v is not None}
+        query = {k: v for k, v in (("name", name), ("since", since), ("client", client)) if v is not None}
         return f"{path}?{urlencode(query)}" if query else path
 
 
@@ -139,7 +138,7 @@ def parse_server_url(url: str) -> Target:
     path = parts.path.rstrip("/") or "/ws"
     base_path, room = path, None
     head, _, tail = path.rpartition("/")
-    if head.endswith("/ws") and ROOM_RE.match(tail):
+    if head.endswith("/ws") and ROOM_NAME.fullmatch(tail):
         base_path, room = head, tail
     host_header = parts.netloc.rpartition("@")[2]
     return Target(url, host_header, address[:2], family, base_path, room)
@@ -194,16 +193,24 @@ class Loop:
 IDLE, CONNECTING, HANDSHAKE, OPEN, CLOSING = range(5)
 
 
+def new_client_id() -> str:
+    """A random client id: 128 bits, base64url without padding (22 characters)."""
+    return secrets.token_urlsafe(16)
+
+
 class ClientConnection:
     """One non-blocking WebSocket client connection on a Loop; subclasses handle text frames and endings."""
 
-    __slots__ = ("attempt", "close_code", "close_reason", "close_sent", "closed_by_us", "inbuf",
-                 "key", "loop", "name", "outbuf", "parser", "room", "sock", "source", "started",
+    __slots__ = ("attempt", "client_id", "close_code", "close_reason", "close_sent", "closed_by_us",
+                 "inbuf", "key", "loop", "name", "outbuf", "parser", "room", "sock", "source", "started",
                  "state", "target", "timeout", "writing")
 
     def __init__(self, loop: Loop, target: Target, room: str | None, name: str | None,
                  source: str | None = None, timeout: float = 10.0) -> None:
         self.loop, self.target, self.room, self.name = loop, target, room, name
+        # Sent as client= on every connect: the server de-duplicates our resends by it
+        # and never shows it to anyone, so no other client can claim our message_ids.
+        self.client_id = new_client_id()
         self.source, self.timeout = source, timeout
         self.sock = self.parser = None
         self.state = IDLE
@@ -253,7 +260,7 @@ class ClientConnection:
             self._fail(f"connect: {os.strerror(err)}")
             return
         self.key = new_key()
-        resource_ = self.target.resource(self.room, self.name, since)
+        resource_ = self.target.resource(self.room, self.name, since, self.client_id)
         self.outbuf += client_handshake_request(self.target.host_header, resource_, self.key)
         self.loop.selector.register(sock, selectors.EVENT_WRITE, self._on_event)
         self.writing = True
@@ -433,7 +440,13 @@ def split_message(payload: bytes) -> tuple | None:
     return parts[10].strip(b": ,"), parts[13], parts[16].strip(b": ,"), sent, intended
 
 
-STAMPS_RE = re.compile(rf"(\d{{{STAMP_DIGITS}}}) (\d{{{STAMP_DIGITS}}})(?: |$)")
+# An ack (our own message sequenced) comes to its sender alone. The server writes
+# it as compact JSON with "type" first, so a prefix test recognises it and the
+# message_id follows at a fixed place, up to the next comma.
+ACK_PREFIX = b'{"type":"ack","message_id":'
+ACK_ID_AT = len(ACK_PREFIX)
+
+STAMPS_RE = re.compile(rf"(\d{{{STAMP_DIGITS}}}) (\d{{{STAMP_DIGITS}}})(?: |\Z)")
 
 
 def message_fields(event: dict) -> tuple | None:
@@ -617,7 +630,9 @@ class LoadClient(ClientConnection):
         self.last_seq = self.replay_until = self.message_id = self.scheduled = self.failures = 0
         self.phase_us = 0
         self.backlog: list = []
-        self.unconfirmed: dict = {}     # message_id (bytes) -> payload, until it comes back
+        # message_id (bytes) -> payload, until the server acks it. Only an ack settles a
+        # message: anyone may connect with our name and post a message_id of ours.
+        self.unconfirmed: dict = {}
         self.welcomed = self.ever_welcomed = self.finished = self.settled = False
         self.resend_due = False
 
@@ -642,14 +657,15 @@ class LoadClient(ClientConnection):
                 continue
             fields = split_message(payload)
             if fields is None:
+                if payload.startswith(ACK_PREFIX):
+                    self.unconfirmed.pop(payload[ACK_ID_AT:payload.find(b",", ACK_ID_AT)], None)
+                    continue
                 self.last_seq = last_seq
                 fields = self.on_other_text(payload)
                 last_seq, replay_until = self.last_seq, self.replay_until
                 if fields is None:
                     continue
             seq_b, sender, mid, sent, intended = fields
-            if sender == self.name_b:
-                self.unconfirmed.pop(mid, None)
             seq = int(seq_b)
             if seq != last_seq + 1:
                 if seq <= last_seq:
@@ -671,10 +687,11 @@ class LoadClient(ClientConnection):
             self.resend_unconfirmed()
 
     def resend_unconfirmed(self) -> None:
-        """After a reconnect's replay: send again what never came back, marked as a resend.
+        """After a reconnect's replay: send again what was never acked, marked as a resend.
 
-        The server drops a resend it already holds, so a message in flight when
-        the connection broke is delivered exactly once (see docs/protocol.md).
+        The server drops a resend it already holds from this client id (and acks
+        it again), so a message in flight when the connection broke is delivered
+        exactly once (see docs/protocol.md).
         """
         self.resend_due = False
         for payload in self.unconfirmed.values():
@@ -1216,7 +1233,7 @@ def format_summary(r: dict) -> str:
         (f"  received       {r['received']}   delivery ratio {ratio}"
          f"   {r['deliveries_per_s']:.0f} deliveries/s"),
         f"  late           {r['late']}   (replayed after a reconnect with since)",
-        f"  resent         {r['resent']}   (sent again after a reconnect, never seen back)",
+        f"  resent         {r['resent']}   (sent again after a reconnect, never acked)",
         f"  lost           {r['lost']}   duplicates {r['duplicates']}",
         (f"  latency        {lat(r['latency_ms'])}   (from the intended send time,"
          f" {r['recorded_clients']} recording clients)"),
@@ -1427,7 +1444,7 @@ def run_terminal(settings: argparse.Namespace) -> int:
     except EOFError:
         return 0
     room = room or target.room
-    if room is not None and not ROOM_RE.match(room):
+    if room is not None and not ROOM_NAME.fullmatch(room):
         raise SettingsError(f"--room {room!r}: 1-64 characters of A-Z a-z 0-9 _ . -")
     loop = Loop()
     client = ChatClient(loop, target, room, name, sys.stdout)
@@ -1577,7 +1594,7 @@ def parse_settings(argv: list | None = None) -> argparse.Namespace:
         (s.procs >= 1, "--procs: must be >= 1"),
         (s.grace >= 0 and s.pause >= 0, "--grace and --pause: must be >= 0"),
         (0 <= s.jitter < 1, "--jitter: must be in [0, 1)"),
-        (s.room_prefix is None or ROOM_NAME.match(s.room_prefix + "0x0-0") is not None,
+        (s.room_prefix is None or ROOM_NAME.fullmatch(s.room_prefix + "0x0-0") is not None,
          "--room-prefix: must be up to 50 characters of A-Z a-z 0-9 _ . -"),
         (0 <= s.record_receivers <= 1, "--record-receivers: must be in [0, 1]"),
         (s.connect_timeout > 0, "--connect-timeout: must be > 0"),

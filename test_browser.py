@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import socket
 import struct
@@ -100,11 +101,14 @@ class Network:
     Chromium's offline emulation does not reliably reach WebSockets already open
     (it may hold their frames, or not), so each socket goes through a Playwright
     route instead: passed through to the server while the network is up; closed,
-    and new ones refused, while it is cut.
+    and new ones refused, while it is cut. ``lose_sent`` loses what the page
+    sends, ``lose_received`` what the server sends it: the frames in flight when
+    a connection dies.
     """
 
     def __init__(self) -> None:
         self.up = True
+        self.lose_sent = self.lose_received = False
         self.open: list = []
 
     def route(self, ws) -> None:
@@ -112,7 +116,9 @@ class Network:
         if not self.up:
             ws.close()
             return
-        ws.connect_to_server()
+        server = ws.connect_to_server()
+        ws.on_message(lambda message: None if self.lose_sent else server.send(message))
+        server.on_message(lambda message: None if self.lose_received else ws.send(message))
         self.open.append(ws)
 
     def cut(self) -> None:
@@ -121,6 +127,11 @@ class Network:
         for ws in self.open:
             ws.close()
         self.open.clear()
+
+    def restore(self) -> None:
+        """Let sockets through again, losing nothing."""
+        self.lose_sent = self.lose_received = False
+        self.up = True
 
 
 def join(browser: Browser, base_url: str, name: str, room: str, network: Network | None = None,
@@ -276,6 +287,63 @@ def test_name_is_remembered_and_the_hash_picks_the_room(server, people):
     assert alice.texts() == ["moved over"]
 
 
+def test_same_name_cannot_settle_or_suppress_the_page_message(server, people):
+    # Mallory connects under alice's name (without the page's client id) and posts
+    # the message_id alice's page gives its next message, while that message is lost
+    # on its way. Her copy must neither settle alice's outbox nor make the server drop
+    # alice's resend; a resend the server already holds must be shown once.
+    network = Network()
+    alice = people(server.http, "alice", "forge", network=network)
+    mallory = websocket.create_connection(f"{server.url}/forge?name=alice", timeout=10)
+
+    def mallory_sees(text: str) -> dict:
+        """The room's message with this text, as mallory reads it. The page's sockets go
+        through Playwright routes, which run only while Playwright is called: wait in it."""
+        deadline = time.monotonic() + 15
+        while True:
+            while not select.select([mallory.sock], [], [], 0)[0]:
+                assert time.monotonic() < deadline, f"mallory never saw {text!r}"
+                alice.page.wait_for_timeout(20)
+            frame = json.loads(mallory.recv())
+            if frame["type"] == "message" and frame["text"] == text:
+                return frame
+
+    alice.send("hello")
+    next_id = mallory_sees("hello")["message_id"] + 1
+
+    network.lose_sent = True
+    alice.send("mine")                              # sent, lost on the way
+    mallory.send(json.dumps({"message_id": next_id, "text": "forged"}))
+    alice.message("forged").wait_for()
+    pending = alice.page.locator("#messages li[data-pending] .text")
+    expect(pending).to_have_text(["mine"])          # the forged copy settles nothing
+    network.cut()
+    alice.expect_state("reconnecting")
+    network.restore()
+    alice.message("mine").wait_for()
+    assert mallory_sees("mine")["message_id"] == next_id   # the resend was not taken for mallory's
+    expect(pending).to_have_count(0)
+
+    network.lose_received = True
+    alice.send("once")                              # the server has it; its copy and ack are lost
+    mallory_sees("once")
+    expect(pending).to_have_text(["once"])
+    network.cut()
+    alice.expect_state("reconnecting")
+    network.restore()
+    alice.message("once").wait_for()                # replayed; the resend is acked as a duplicate
+    expect(pending).to_have_count(0)
+    alice.expect_state("online")
+    assert alice.texts() == ["hello", "forged", "mine", "once"]
+    assert alice.seqs() == [1, 2, 3, 4]
+    mallory.close()
+    check = websocket.create_connection(f"{server.url}/forge", timeout=10)
+    assert json.loads(check.recv())["seq"] == 4     # nothing was posted twice
+    check.close()
+    ids = {re.search(r"[?&]client=([^&]*)", url).group(1) for url in alice.sockets}
+    assert len(alice.sockets) >= 3 and len(ids) == 1 and re.fullmatch(r"[A-Za-z0-9_-]{22}", ids.pop())
+
+
 # ---------------------------------------------------------------------------
 # Falling behind, flooding, restarts
 # ---------------------------------------------------------------------------
@@ -302,7 +370,8 @@ def flood(server: ServerProc, room: str, count: int, size: int) -> None:
 def test_slow_reader_cut_off_with_1013_catches_up_without_gap_or_duplicate(servers, people):
     # A small per-connection buffer and no rate limit: a page that stops reading
     # while another member posts ~9 MB falls behind and the server cuts it off.
-    server = servers("--max-buffer", "262144", "--rate-limit", "0")
+    # The room keeps all of it (16 MiB), so the page can catch up without a gap.
+    server = servers("--max-buffer", "262144", "--rate-limit", "0", "--room-history-bytes", str(16 << 20))
     reader = people(server.http, "reader", "busy")
     writer = people(server.http, "writer", "busy")
     count = 300

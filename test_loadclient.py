@@ -4,8 +4,10 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import multiprocessing
 import os
 import pty
+import re
 import select
 import signal
 import socket
@@ -198,7 +200,7 @@ class CuttingProxy:
                 client.close()
                 continue
             link = {"client": client, "server": socket.create_connection(self.upstream),
-                    "cut": None, "done": threading.Event()}
+                    "cut": None, "at": b"", "done": threading.Event(), "up": bytearray()}
             self.links.append(link)
             threading.Thread(target=self._up, args=(link,), daemon=True).start()
             threading.Thread(target=self._down, args=(link,), daemon=True).start()
@@ -206,6 +208,7 @@ class CuttingProxy:
     def _up(self, link: dict) -> None:
         try:
             while data := link["client"].recv(65536):
+                link["up"] += data
                 link["server"].sendall(data)
         except OSError:
             pass
@@ -223,7 +226,7 @@ class CuttingProxy:
                     client.sendall(head + b"\r\n\r\n")
                     parser = FrameParser(expect_masked=False)
                 for opcode, payload in parser.feed(data):
-                    if link["cut"] is not None:
+                    if link["cut"] is not None and link["at"] in payload:
                         if link["cut"] != "drop":
                             client.sendall(encode_close(link["cut"], "cut by the test"))
                         client.shutdown(socket.SHUT_WR)
@@ -233,11 +236,19 @@ class CuttingProxy:
         except OSError:
             pass
 
+    def arm(self, index: int, how, at: bytes = b"") -> None:
+        """Cut link index at the next frame holding at: 'drop' (EOF) or a close code sent first."""
+        self.links[index]["at"] = at
+        self.links[index]["cut"] = how
+
     def cut(self, index: int, how) -> None:
-        """Cut link index at the next frame: 'drop' (EOF) or a close code sent first."""
-        link = self.links[index]
-        link["cut"] = how
-        assert link["done"].wait(5), "no frame arrived to cut at"
+        """Cut link index at the next frame, and wait until it is cut."""
+        self.arm(index, how)
+        assert self.links[index]["done"].wait(5), "no frame arrived to cut at"
+
+    def request_line(self, index: int) -> str:
+        """The first line the client sent on link index (its GET)."""
+        return self.links[index]["up"].split(b"\r\n", 1)[0].decode()
 
 
 def test_reconnect_with_since_loses_nothing(server, tmp_path):
@@ -262,6 +273,52 @@ def test_reconnect_with_since_loses_nothing(server, tmp_path):
     assert result["lost"] == 0 and result["duplicates"] == 0 and result["delivery_ratio"] == 1.0
     assert "late" in out and "lost           0" in out
     check_complete(result)
+
+
+def test_client_id_is_kept_across_reconnects_and_only_an_ack_settles(server, tmp_path):
+    # One simulated client in this process, through the proxy. Its first message is
+    # acked; the ack of its second is cut off (its echo came through): that one, and
+    # only that one, goes again after the reconnect, and the server, knowing the client
+    # id, acks it as a duplicate instead of posting it twice.
+    proxy = CuttingProxy(server.port)
+    plan = loadclient.ScenarioPlan(
+        scenario="ack", rooms=1, room_size=1, procs=1, target=loadclient.parse_server_url(proxy.url),
+        room_prefix="ack", interval_us=1_000_000, msg_size=100, jitter=0.0, seed=1, ramp=1000.0,
+        record_fraction=1.0, connect_timeout=5.0, part_template=str(tmp_path / "part{index}.csv"),
+        spread_sources=False)
+    parent_end, worker_end = multiprocessing.Pipe()
+    worker = loadclient.LoadWorker(plan, 0, worker_end)
+    (client,) = worker.clients
+
+    def run_until(done, what: str) -> None:
+        deadline = time.monotonic() + 10
+        while not done():
+            assert time.monotonic() < deadline, f"{what}; errors {worker.errors}"
+            worker.loop.run_once(0.05)
+
+    try:
+        client.start()
+        run_until(lambda: client.welcomed, "no welcome")
+        client.send_message(loadclient.now_us())
+        run_until(lambda: not client.unconfirmed and worker.received == 1, "first message not acked")
+        proxy.arm(0, "drop", at=b'"type":"ack"')
+        client.send_message(loadclient.now_us())
+        run_until(lambda: worker.reconnects == 1 and not client.unconfirmed, "no reconnect and ack")
+        assert worker.resent == 1 and worker.received == 2 and worker.duplicates == 0
+        assert worker.errors == {"lost: connection closed": 1}
+    finally:
+        if client.sock is not None:
+            client.sock.close()
+        worker.loop.selector.close()
+        worker.sink.close()
+        parent_end.close()
+        worker_end.close()
+    assert re.fullmatch(r"[A-Za-z0-9_-]{22}", client.client_id)
+    assert proxy.request_line(0) == f"GET /ws/ack0?name=c0&client={client.client_id} HTTP/1.1"
+    assert proxy.request_line(1) == f"GET /ws/ack0?name=c0&since=2&client={client.client_id} HTTP/1.1"
+    room = websocket.create_connection(f"{server.url}/ack0", timeout=5)
+    assert json.loads(room.recv())["seq"] == 2        # two messages, none posted twice
+    room.close()
 
 
 def test_sending_waits_for_first_connects_that_retry(server, tmp_path):
@@ -526,6 +583,7 @@ def test_server_url_parsing():
     t = loadclient.parse_server_url("ws://localhost:9000/ws/kitchen")
     assert t.room == "kitchen" and t.base_path == "/ws" and t.host_header == "localhost:9000"
     assert t.loopback and t.resource("r1", "c1", 5) == "/ws/r1?name=c1&since=5"
+    assert t.resource("r1", "c1", None, "k-_" * 8) == "/ws/r1?name=c1&client=" + "k-_" * 8
     assert loadclient.parse_server_url("ws://127.0.0.1").resource(None) == "/ws"
     for bad in ("wss://127.0.0.1/ws", "http://127.0.0.1/ws", "ws:///ws"):
         with pytest.raises(loadclient.SettingsError):

@@ -4,9 +4,12 @@
 // message of the room with its sender and time, and resumes with
 // `since=<last seq seen>` after any disconnect, so nothing is missed and
 // nothing is shown twice. One's own messages wait in an outbox until the
-// server echoes them, so a message sent just as the connection drops is sent
-// again (marked `resend`, which the server de-duplicates) after the reconnect
-// instead of being lost. A resume asks for one message it already has and
+// server acknowledges them with an `ack` frame, which it sends to this socket
+// alone: the room's copy of a message proves nothing, as anyone may connect
+// under our name and post our next message_id. A message sent just as the
+// connection drops is sent again after the reconnect, marked `resend`; the
+// server de-duplicates it by this page's random client id (`client=`), which
+// it never shows to anyone. A resume asks for one message it already has and
 // checks it is the same, which tells a restarted server (history lost, seq
 // counting from 1 again) from the same one. Message text only ever
 // reaches the page through textContent. The page runs under a strict
@@ -62,16 +65,26 @@ const state = {
   retryTimer: 0,
   countdownTimer: 0,
   retryAt: 0,
-  // Unique per connection as PROTOCOL.md asks, and across reloads of the page
-  // too: the server matches a `resend` by sender and message_id.
+  // Sent as client= on every connect, picked once per page load: the server
+  // matches a `resend` by client id and message_id, and never broadcasts the id.
+  clientId: newClientId(),
+  // Unique for this client id, which the resend check needs, and across
+  // reloads too, which keeps the restart check's key (sender, message_id) apart.
   messageId: Date.now() * 1000,
-  outbox: new Map(), // message_id -> own message not yet echoed by the server
+  outbox: new Map(), // message_id -> own message the server has not acked yet
+  acked: new Map(),  // seq -> own message acked, its pending copy shown until the room's frame comes
   noticeTimer: 0,
   stuck: true,       // the reader is at the end of the list: new messages keep it there
   followedTop: 0,    // where followEnd last scrolled to, to tell its scroll events apart
 };
 
 // ---- Small helpers ----------------------------------------------------------
+
+/** 16 random bytes as base64url without padding (22 characters): this page's client id. */
+function newClientId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return btoa(String.fromCharCode(...bytes)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
 
 /** Create an element with a class and, optionally, text (never HTML). */
 function el(tag, className, text) {
@@ -238,7 +251,6 @@ function queueMessage(text) {
   state.messageId += 1;
   const entry = {
     id: state.messageId, text, sentAt: nowRfc3339(), connection: 0, tries: 0,
-    sender: state.me || state.name,
     node: messageItem(state.me || state.name, text, new Date(), true),
   };
   entry.node.classList.add("pending");
@@ -261,7 +273,8 @@ function transmit(entry) {
 
 /**
  * After a resume replay, send what earlier sockets sent but the server never
- * echoed (the replay would have included it), and what was written offline.
+ * acked, and what was written offline. A resend the server already holds is
+ * acked again (`duplicate`), with the seq it was given the first time.
  */
 function flushOutbox() {
   state.caughtUp = true;
@@ -270,12 +283,36 @@ function flushOutbox() {
   }
 }
 
-/** The server has our message: it is shown with its seq, the pending copy goes. */
-function settle(frame) {
+/**
+ * The server acked our message with its seq: nothing to send again. The
+ * pending copy stays until the room's message at that seq is shown (an ack
+ * may come before or after it), so the message never leaves the page in between.
+ */
+function onAck(frame) {
   const entry = state.outbox.get(frame.message_id);
-  if (entry === undefined || entry.sender !== frame.sender) return;
+  if (entry === undefined || !Number.isInteger(frame.seq)) return;
   state.outbox.delete(entry.id);
-  entry.node.remove();
+  if (frame.seq <= state.lastSeq) entry.node.remove();   // shown already
+  else state.acked.set(frame.seq, entry);
+}
+
+/**
+ * The room's messages up to seq are shown: the pending copy of ours at seq
+ * goes. One acked below seq was skipped (no longer held by the server, or of
+ * a history lost in a restart): its copy stays, as sent, for it is not shown otherwise.
+ */
+function settleAcked(seq) {
+  for (const [acked, entry] of state.acked) {
+    if (acked > seq) continue;
+    state.acked.delete(acked);
+    if (acked === seq) {
+      entry.node.remove();
+    } else {
+      entry.node.classList.remove("pending");
+      delete entry.node.dataset.pending;
+      entry.node.querySelector("time").textContent = clock.format(messageTime(entry.sentAt));
+    }
+  }
 }
 
 /** The server refused our message: keep it visible, marked as not sent. */
@@ -294,13 +331,14 @@ function refuse(entry, reason) {
  * from 1 again): forget our place and fetch the room's new history from the start.
  */
 function restartHistory() {
+  settleAcked(Infinity);    // acked by the old server, their seqs mean nothing in the new history
   state.lastSeq = 0;
   state.lastKey = "";
   addSystem("The server restarted: the conversation continues from here.");
   reconnectNow();
 }
 
-/** What names a message, as the server's `resend` check sees it: sender and message_id. */
+/** What names a message in a replay, for the restart check: sender and message_id. */
 function messageKey(frame) {
   return `${frame.sender}\u0000${frame.message_id}`;
 }
@@ -338,7 +376,7 @@ function onMessage(frame) {
   }
   state.lastSeq = frame.seq;
   state.lastKey = messageKey(frame);
-  settle(frame);
+  settleAcked(frame.seq);
   addMessage(frame);
   if (!state.caughtUp && state.lastSeq >= state.replayUntil) flushOutbox();
 }
@@ -371,6 +409,7 @@ function onFrame(data) {
   switch (frame.type) {
     case "welcome": onWelcome(frame); break;
     case "message": onMessage(frame); break;
+    case "ack": onAck(frame); break;
     case "members": setMembers(frame.count); break;
     case "error": onError(frame); break;
     default: break;   // newer server, newer frame types: ignore
@@ -379,12 +418,12 @@ function onFrame(data) {
 
 // ---- Connection: connect, close, backoff -------------------------------------------
 
-/** ws(s)://<this host>/ws/<room>?name=..&since=.. */
+/** ws(s)://<this host>/ws/<room>?name=..&since=..&client=.. */
 function socketUrl() {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   // One message of overlap: onMessage checks it is the one we have.
   const since = Math.max(0, state.lastSeq - 1);
-  const query = new URLSearchParams({ name: state.name, since: String(since) });
+  const query = new URLSearchParams({ name: state.name, since: String(since), client: state.clientId });
   return `${scheme}//${location.host}/ws/${encodeURIComponent(state.room)}?${query}`;
 }
 
@@ -486,6 +525,7 @@ function enterRoom(room) {
   state.lastKey = "";
   state.attempt = 0;
   state.outbox.clear();
+  state.acked.clear();
   ui.room.textContent = room;
   document.title = `#${room} \u00b7 scale-chat`;
   clearMessages();
