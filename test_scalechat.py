@@ -46,8 +46,21 @@ from scalechat import (
     ChatError,
     Connection,
     FrameParser,
+    ACK_HEAD,
+    REC_ACK,
+    REC_MESSAGE,
+    REC_SNAPSHOT,
+    REC_STATS,
+    Chat,
     HandshakeError,
     HISTORY_ENTRY_COST,
+    RecordReader,
+    RespError,
+    RespParser,
+    Stats,
+    parse_snapshot,
+    record,
+    snapshot_records,
     ROOM_COST,
     Histogram,
     History,
@@ -568,6 +581,135 @@ def test_history_cost_constants_match_what_the_memory_is():
 def test_valid_name(name, ok):
     """Names: 1-32 printable characters, not only spaces."""
     assert valid_name(name) is ok
+
+
+# ---------------------------------------------------------------------------
+# 2b. The bus's codecs and the chat's ordering, with bytes alone
+# ---------------------------------------------------------------------------
+
+def every_split(data: bytes):
+    """data cut in two at every byte, and cut into single bytes."""
+    for i in range(len(data) + 1):
+        yield [data[:i], data[i:]]
+    yield [data[i:i + 1] for i in range(len(data))]
+
+
+RESP_REPLIES = (b"+OK\r\n-ERR wrong\r\n:42\r\n$-1\r\n*-1\r\n*0\r\n$0\r\n\r\n"
+                b"$7\r\nhas\r\n\r\n\r\n*2\r\n:17\r\n*3\r\n$1\r\na\r\n$-1\r\n*1\r\n:-3\r\n"
+                b"*3\r\n$7\r\nmessage\r\n$4\r\nroom\r\n$5\r\n1 t\nx\r\n")
+
+
+def test_resp_parser_gives_the_same_replies_however_the_bytes_are_cut():
+    """Nested arrays, nulls, errors, CR LF inside a bulk string: each byte parsed once, in any cut."""
+    expected = None
+    for chunks in every_split(RESP_REPLIES):
+        parser = RespParser()
+        replies = [r for chunk in chunks for r in parser.feed(chunk)]
+        shown = [repr(r) if isinstance(r, RespError) else r for r in replies]
+        expected = expected or shown
+        assert shown == expected
+        assert parser.stack == [] and parser.bulk == -1 and parser.pos == 0
+    assert expected == ["OK", "RespError('ERR wrong')", 42, None, None, [], b"", b"has\r\n\r\n",
+                        [17, [b"a", None, [-3]]], [b"message", b"room", b"1 t\nx"]]
+
+
+def test_resp_parser_takes_a_large_bulk_string_in_many_reads_without_rescanning():
+    """A 4 MiB reply in 4 KiB reads: the buffer grows, the parser waits on the length it knows."""
+    body = os.urandom(4 << 20)
+    data = b"*2\r\n:1\r\n$%d\r\n%s\r\n" % (len(body), body)
+    parser = RespParser()
+    replies = []
+    for i in range(0, len(data), 4096):
+        replies += parser.feed(data[i:i + 4096])
+        if not replies:
+            assert parser.bulk == len(body)     # known from the header on: no rescanning
+    assert replies == [[1, body]]
+
+
+def test_record_reader_gives_the_same_records_however_the_bytes_are_cut():
+    records = [(REC_MESSAGE, b"x" * 300), (REC_ACK, ACK_HEAD.pack(7, True)), (REC_STATS, b""),
+               (REC_SNAPSHOT, b"\x00" * 5)]
+    data = b"".join(record(kind, body) for kind, body in records)
+    for chunks in every_split(data):
+        reader = RecordReader()
+        assert [r for chunk in chunks for r in reader.feed(chunk)] == records
+        assert reader.pos == 0 and not reader.buf
+
+
+def test_snapshots_go_in_chunks_that_rebuild_the_history():
+    """A room's snapshot in records of about a chunk each: first and last flagged, seq on each."""
+    payloads = [b"p%d" % i * (i * 10) for i in range(1, 30)]
+    recs = list(snapshot_records("r", 29, payloads, chunk=1000))
+    assert len(recs) > 3
+    parts = [parse_snapshot(RecordReader().feed(rec)[0][1]) for rec in recs]
+    assert [flags for _, flags, _, _ in parts] == [1] + [0] * (len(parts) - 2) + [2]
+    assert all(room == "r" and seq == 29 for room, _, seq, _ in parts)
+    assert [p for *_, ps in parts for p in ps] == payloads
+    assert all(sum(map(len, ps)) <= 1000 or len(ps) == 1 for *_, ps in parts)
+    (only,) = snapshot_records("r", 0, [])
+    assert parse_snapshot(RecordReader().feed(only)[0][1]) == ("r", 3, 0, [])
+
+
+class RecordingBus:
+    """The bus face of a remote bus, recording what the chat asks of it."""
+
+    local, up = False, True
+
+    def __init__(self):
+        self.calls = []
+
+    def room_opened(self, room):
+        self.calls.append(("opened", room.name))
+
+    def room_closed(self, room):
+        self.calls.append(("closed", room.name))
+
+    def resync(self, room):
+        self.calls.append(("resync", room.name))
+        room.syncing = True
+
+
+class Member:
+    """What the chat layer knows of a connection (hashed by identity, like Connection)."""
+
+    def __init__(self, name: str):
+        self.out, self.out_bytes, self.name, self.room, self.replay, self.client = [], 0, name, None, None, b""
+
+
+
+def texts(conn) -> list:
+    """The JSON objects queued for conn (every frame is a small unmasked text frame)."""
+    return [json.loads(FrameParser(expect_masked=False).feed(f)[0][1]) for f in conn.out]
+
+
+def test_bus_messages_reach_members_once_in_seq_order_through_gaps_and_snapshots():
+    """Messages before the snapshot wait; a gap asks for a resync; duplicates are dropped."""
+    chat = Chat(parse_args([]), Stats(), lambda c, data: (c.out.append(data)), [])
+    chat.bus = bus = RecordingBus()
+    alice = Member("alice")
+    chat.join(alice, "r", None)
+    room = chat.rooms["r"]
+    assert bus.calls == [("opened", "r")] and not room.ready and alice.out == []
+    payload = '{{"type":"message","room":"r","seq":{},"text":"m{}"}}'.format
+    for seq in (6, 5):                                   # live, before the snapshot: held
+        chat.on_bus_message("r", seq, payload(seq, seq).encode(), None)
+    chat.on_snapshot("r", 4, [payload(s, s).encode() for s in range(1, 5)])
+    assert [o["type"] for o in texts(alice)] == ["welcome", "message", "message"]
+    assert texts(alice)[0]["seq"] == 4 and [o["seq"] for o in texts(alice)[1:]] == [5, 6]
+    chat.on_bus_message("r", 6, payload(6, 6).encode(), None)          # a duplicate
+    chat.on_bus_message("r", 9, payload(9, 9).encode(), None)          # a gap: 7 and 8 missing
+    assert bus.calls[-1] == ("resync", "r") and len(texts(alice)) == 3
+    chat.on_bus_message("r", 10, payload(10, 10).encode(), None)       # held while syncing
+    chat.on_snapshot("r", 9, [payload(s, s).encode() for s in range(5, 10)])
+    assert [o["seq"] for o in texts(alice)[1:]] == [5, 6, 7, 8, 9, 10]
+    late = Member("bob")                                 # resumes: replayed from history, then live
+    chat.join(late, "r", 7)
+    assert chat.replay(late, 1 << 20) is not None and late.replay is None
+    chat.on_bus_message("r", 11, payload(11, 11).encode(), None)
+    assert late in room.members and alice in room.members
+    chat.leave(alice)
+    chat.leave(late)
+    assert bus.calls[-1] == ("closed", "r") and "r" not in chat.rooms
 
 
 # ---------------------------------------------------------------------------
