@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """csvprocess.py: turn load-test event CSVs into latencies, delivery counts and summaries.
 
+    python csvprocess.py                                    # the newest run folder in results/
     python csvprocess.py results/20261128-100000/          # a run folder
     python csvprocess.py 25x2.csv 50x8.csv.gz --out out/    # files, plain or gzip
 
@@ -689,13 +690,25 @@ def input_notes(summary: dict) -> list[str]:
 # Command line
 # ---------------------------------------------------------------------------
 
+def newest_run(results: Path) -> Path:
+    """The run folder in results whose event files were written last."""
+    runs = [d for d in results.iterdir() if d.is_dir() and event_files(d)] if results.is_dir() else []
+    if not runs:
+        raise InputError(f"no run folder with event CSVs in {results}/: run "
+                         "`python loadclient.py --load-test` first, or name a folder")
+    return max(runs, key=lambda d: max(p.stat().st_mtime for p in event_files(d)))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command-line options."""
     parser = argparse.ArgumentParser(
         prog="csvprocess.py",
         description="Turn load-test event CSVs into latencies, sent-vs-received counts and summaries.")
-    parser.add_argument("inputs", nargs="+", metavar="PATH",
-                        help="event CSV files (.csv or .csv.gz) or run folders holding them")
+    parser.add_argument("inputs", nargs="*", metavar="PATH",
+                        help="event CSV files (.csv or .csv.gz) or run folders holding them "
+                             "(default: the newest run folder in --results)")
+    parser.add_argument("--results", type=Path, default=Path("results"),
+                        help="where runs are looked for without PATH (default: results)")
     parser.add_argument("--out", metavar="DIR",
                         help="output folder (default: processed/ in the run folder, or beside the file)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -706,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = parse_args(argv)
     try:
+        args.inputs = args.inputs or [str(newest_run(args.results))]
         summaries = process(args.inputs, args.out)
     except InputError as e:
         print(f"csvprocess: error: {e}", file=sys.stderr)

@@ -52,15 +52,6 @@ class PlotError(Exception):
 # Finding a run and its processed data
 # ---------------------------------------------------------------------------
 
-def newest_run(results: Path) -> Path:
-    """The run folder in results whose event files were written last."""
-    runs = [d for d in results.iterdir() if d.is_dir() and csvprocess.event_files(d)] if results.is_dir() else []
-    if not runs:
-        raise PlotError(f"no run folder with event CSVs in {results}/: run "
-                        "`python loadclient.py --load-test` first, or name a folder")
-    return max(runs, key=lambda d: max(p.stat().st_mtime for p in csvprocess.event_files(d)))
-
-
 def processed_folder(run: Path) -> Path:
     """The folder with summary_*.json for run, made (or remade) by csvprocess when needed."""
     if list(run.glob("summary_*.json")):  # run is itself a processed folder
@@ -320,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = parse_args(argv)
     try:
-        run = args.run or newest_run(args.results)
+        run = args.run or csvprocess.newest_run(args.results)
         if not run.is_dir():
             raise PlotError(f"{run}: no such folder")
         paths = plot_run(run, args.out, args.format, args.log)

@@ -410,6 +410,23 @@ def test_plot_picks_the_newest_run(results, tmp_path):
     assert not (second / "plots").exists()
 
 
+def test_csvprocess_without_a_path_takes_the_newest_run(tmp_path):
+    """The README's tour runs `python csvprocess.py` with no argument, like plot.py."""
+    first, second = tmp_path / "results" / "run-a", tmp_path / "results" / "run-b"
+    write_run(first, [line(e) for e in EVENTS])
+    write_run(second, [line(e) for e in EVENTS])
+    past = time.time() - 3600
+    os.utime(first / "2x2.csv", (past - 60, past - 60))     # run-b's events were written last
+    os.utime(second / "2x2.csv", (past, past))
+    result = run_cli("csvprocess.py", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (second / "processed" / "summary_2x2.json").exists() and not (first / "processed").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli("csvprocess.py", cwd=empty)
+    assert result.returncode == 2 and "no run folder with event CSVs in results/" in result.stderr
+
+
 def test_plot_scenario_without_deliveries(tmp_path):
     write_run(tmp_path, [line(EVENTS[0]), line(EVENTS[11])])  # two sends, nothing received
     paths = plot.plot_run(tmp_path, tmp_path / "plots")
