@@ -1328,17 +1328,25 @@ def run_load_test(settings: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------
 
 class ChatClient(ClientConnection):
-    """The terminal client's connection: prints the room, reconnects with since after a drop."""
+    """The terminal client's connection: prints the room, reconnects with since after a drop.
+
+    What you type stays in an outbox until the server acks it: lines typed while
+    disconnected go out once joined again, and lines sent but never acked are
+    sent again after a reconnect, marked ``resend`` (the server drops those it
+    already has). Quitting, or the end of piped input, waits for the outbox to
+    empty, at most QUIT_WAIT seconds.
+    """
 
     __slots__ = ("exit_code", "failures", "fatal", "last_seq", "message_id", "out", "pending",
-                 "quitting", "was_open")
+                 "quitting", "unacked", "was_open")
 
     def __init__(self, loop: Loop, target: Target, room: str | None, name: str | None, out) -> None:
         super().__init__(loop, target, room, name)
         self.out = out
         self.last_seq: int | None = None
         self.message_id = self.failures = 0
-        self.pending: list = []
+        self.pending: list = []             # typed while disconnected: not sent yet
+        self.unacked: dict = {}             # message_id -> text, sent and not yet acked
         self.quitting = self.was_open = False
         self.exit_code: int | None = None
         self.fatal = ""
@@ -1363,6 +1371,10 @@ class ChatClient(ClientConnection):
                 self.last_seq = event.get("seq", self.last_seq)
                 stamp = time.strftime("%H:%M:%S")
                 self.say(f"{stamp} {event.get('sender', '?')}: {event.get('text', '')}")
+            elif kind == "ack":
+                self.unacked.pop(event.get("message_id"), None)
+                if self.quitting and not self.unacked and self.state == OPEN:
+                    self.close(CLOSE_NORMAL)
             elif kind == "welcome":
                 self.on_welcome(event)
             elif kind == "members":
@@ -1380,30 +1392,48 @@ class ChatClient(ClientConnection):
         verb = "reconnected to" if again else "joined"
         self.say(f"* {verb} {event.get('room')} as {event.get('name')}"
                  f" ({event.get('members', '?')} here); type /quit to leave")
+        for message_id, text in self.unacked.items():
+            self._send_message(message_id, text, resend=True)
         pending, self.pending = self.pending, []
         for text in pending:
             self.send_text(text)
+        if self.quitting and not self.unacked:
+            self.close(CLOSE_NORMAL)
 
     def send_text(self, text: str) -> None:
         """Send a typed line, or keep it until the connection is back."""
         if self.state != OPEN or not self.was_open:
             self.pending.append(text)
-            self.say("* not connected: will send after reconnecting")
+            self.say("* not connected: will send after reconnecting" if self.was_open else
+                     "* joining: will send once joined")
             return
         self.message_id += 1
-        body = {"message_id": self.message_id, "text": text, "sent_at": iso_time(now_us())}
+        self.unacked[self.message_id] = text
+        self._send_message(self.message_id, text)
+
+    def _send_message(self, message_id: int, text: str, resend: bool = False) -> None:
+        body = {"message_id": message_id, "text": text, "sent_at": iso_time(now_us())}
+        if resend:
+            body["resend"] = True
         self.send(encode_frame(OP_TEXT, json.dumps(body).encode(), mask_key=new_mask_key()))
 
-    def quit(self) -> None:
-        """Close with 1000 (or stop reconnecting) and let the loop end."""
+    def quit(self, now: bool = False) -> None:
+        """Close with 1000 once what was typed is acked (or at once), and let the loop end."""
+        waiting = bool(self.pending or self.unacked) and not now
+        first = not self.quitting
         self.quitting = True
-        if self.state == IDLE:
+        if waiting:
+            if first:
+                self.say(f"* sending what is left ({len(self.pending) + len(self.unacked)}), "
+                         f"at most {QUIT_WAIT:g} s")
+                self.loop.call_later(QUIT_WAIT, self.quit, True)
+        elif self.state == IDLE:
             self.exit_code = 0
         else:
             self.close(CLOSE_NORMAL)
 
     def on_ended(self, code: int, reason: str, by_us: bool) -> None:
-        if self.quitting:
+        if self.quitting and (by_us or not (self.pending or self.unacked)):
             self.say(f"* closed ({code})")
             self.exit_code = 0
             return
@@ -1419,8 +1449,11 @@ class ChatClient(ClientConnection):
 
     def reconnect(self) -> None:
         """Try again, asking for the messages missed meanwhile."""
-        if not self.quitting and self.state == IDLE:
+        if self.exit_code is None and self.state == IDLE:
             self.connect(self.last_seq if self.was_open else None)
+
+
+QUIT_WAIT = 5.0               # seconds quitting waits for the server to ack what was typed
 
 
 def ask(prompt: str, default: str) -> str:
@@ -1455,7 +1488,7 @@ def run_terminal(settings: argparse.Namespace) -> int:
         try:
             loop.run_once(0.5)
         except KeyboardInterrupt:
-            client.quit()
+            client.quit(now=client.quitting)        # a second Ctrl-C does not wait
     if client.fatal:
         raise SettingsError(client.fatal)
     return client.exit_code
