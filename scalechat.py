@@ -206,6 +206,7 @@ class FrameParser:
         "accept_binary",
         "error",
         "expect_masked",
+        "frame_limit",
         "frames",
         "max_message_size",
     )
@@ -222,6 +223,7 @@ class FrameParser:
         self._parts = bytearray()   # the message in progress: memory is what the peer sent
         self._decoder = None
         self.frames = 0             # frame headers parsed so far: every frame pays the rate limit
+        self.frame_limit = 1 << 62  # past this count, fail with 1008: the owner sets what it can pay for
 
     def feed(self, data: bytes) -> list:
         """Consume data; return the messages and control frames it completed."""
@@ -264,6 +266,8 @@ class FrameParser:
             opcode, fin = b0 & 0x0F, b0 & 0x80
             self._check_header(b0, b1, opcode, fin, n)
             self.frames += 1
+            if self.frames > self.frame_limit:
+                raise ProtocolError(CLOSE_POLICY, "too many frames")
             if b1 & 0x80:
                 hlen += 4
                 if end - pos < hlen:
@@ -1730,6 +1734,7 @@ ACCEPT_BATCH = 128
 IOV_BATCH = 512               # frames handed to one sendmsg() (Linux's IOV_MAX is 1024)
 REPLAY_CHUNK = 64 << 10       # bytes of a since= replay queued at a time, as the socket drains
 FRAME_TOKEN = 1 / 32          # rate-limit tokens a frame costs that is not a message or ping
+MAX_DISCARD = 8 << 20         # bytes read and dropped after a refusal (more than a socket buffer) before closing
 
 
 class Histogram:
@@ -1987,6 +1992,7 @@ class Connection:
         "client",
         "close_after_flush",
         "deadline",
+        "discarded",
         "fd",
         "inbuf",
         "last_seen",
@@ -2030,6 +2036,7 @@ class Connection:
         self.tokens = 0.0
         self.token_time = now
         self.strikes = 0
+        self.discarded = 0            # bytes dropped since a refusal or a failure
         self.peer = peer
 
 
@@ -2244,12 +2251,20 @@ class Server(EventLoop):
         if conn.state == HTTP:
             self._on_http_data(conn, data)
             return
-        if conn.parser is not None:        # None: an HTTP reply is on its way out
+        if conn.parser is not None:
             self._on_websocket_data(conn, data)
+        else:                               # refused or failed: a reply is on its way out
+            conn.discarded += len(data)
+            if conn.discarded > MAX_DISCARD:    # a peer that keeps sending gets no more reads
+                self._abort(conn)
 
     def _on_websocket_data(self, conn: Connection, data: bytes) -> None:
         parser = conn.parser
         frames_before = parser.frames
+        rate = self.config.rate_limit
+        if rate > 0:                        # parse no more frames than the tokens could pay for
+            tokens = min(self.config.rate_burst, conn.tokens + (self.now - conn.token_time) * rate)
+            parser.frame_limit = frames_before + int(tokens / FRAME_TOKEN) + 1
         try:
             frames, error = parser.feed(data), None
         except ProtocolError as e:

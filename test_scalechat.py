@@ -1358,3 +1358,17 @@ def test_a_bug_met_serving_one_connection_closes_it_with_1011_and_the_loop_goes_
     assert server.stats.internal_errors == 2
     logged = [r for r in caplog.records if r.getMessage().startswith("internal error")]
     assert len(logged) == 1 and logged[0].exc_info[0] is KeyError
+
+
+def test_the_parser_stops_at_the_frames_its_owner_can_pay_for():
+    """frame_limit: a flood of empty fragments is refused with 1008 after that many frames,
+    not after the whole read (the server sets it from the connection's rate-limit tokens)."""
+    flood = encode_frame(OP_TEXT, b"{", fin=False, mask_key=RFC_KEY) + \
+        encode_frame(OP_CONTINUATION, b"", fin=False, mask_key=RFC_KEY) * 100_000
+    parser = FrameParser()
+    parser.frame_limit = 10
+    with pytest.raises(ProtocolError) as e:
+        parser.feed(flood)
+    assert e.value.code == 1008 and parser.frames == 11
+    unlimited = FrameParser()
+    assert unlimited.feed(flood) == [] and unlimited.frames == 100_001
