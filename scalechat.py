@@ -653,14 +653,17 @@ class History:
 
     def append(self, seq: int, item: bytes, key: bytes = b"") -> int:
         """Add the newest message, drop the oldest past the bounds; the change in cost."""
-        before = self.cost
-        self.entries.append((seq, item, key))
-        self.cost += len(item) + len(key) + HISTORY_ENTRY_COST
+        entries = self.entries
+        entries.append((seq, item, key))
+        added = len(item) + len(key) + HISTORY_ENTRY_COST
+        self.cost += added
         if key:
             self.index[key] = seq
-        while len(self) > self.max_count or (self.cost > self.max_bytes and len(self) > 1):
-            self.popleft()
-        return self.cost - before
+        held = len(entries) - self.head
+        while held > self.max_count or (self.cost > self.max_bytes and held > 1):
+            added -= self.popleft()
+            held -= 1
+        return added
 
     def popleft(self) -> int:
         """Drop the oldest message; the cost freed."""
