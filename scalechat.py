@@ -1735,6 +1735,7 @@ HTTP, OPEN, CLOSING, CLOSED = range(4)
 RECV_SIZE = 65536
 ACCEPT_BATCH = 128
 IOV_BATCH = 512               # frames handed to one sendmsg() (Linux's IOV_MAX is 1024)
+JOIN_MAX = 16 << 10           # bytes of queued frames joined into one send() rather than sendmsg()
 REPLAY_CHUNK = 64 << 10       # bytes of a since= replay queued at a time, as the socket drains
 FRAME_TOKEN = 1 / 32          # rate-limit tokens a frame costs that is not a message or ping
 MAX_DISCARD = 8 << 20         # bytes read and dropped after a refusal (more than a socket buffer) before closing
@@ -2484,8 +2485,9 @@ class Server(EventLoop):
     def _flush(self, conn: Connection) -> None:
         """Send what conn has queued in as few system calls as it takes; watch for writability if it stalls.
 
-        Frames go out from the list itself (send, or sendmsg for several), never
-        joined or sliced: a partial send only moves ``out_pos``. A since= replay
+        Frames go out from the list itself (send, or sendmsg for several; a few
+        small ones are joined once, which is cheaper), never sliced: a partial
+        send only moves ``out_pos``, so no byte is copied twice. A since= replay
         is pulled from history a chunk at a time, once all queued before it went.
         """
         out = conn.out
@@ -2502,6 +2504,10 @@ class Server(EventLoop):
                 if len(out) == 1:
                     attempted = conn.out_bytes
                     sent = conn.sock.send(memoryview(out[0])[pos:] if pos else out[0])
+                elif not pos and conn.out_bytes <= JOIN_MAX:    # a few small frames: one copy is cheaper
+                    out[:] = [b"".join(out)]
+                    attempted = conn.out_bytes
+                    sent = conn.sock.send(out[0])
                 else:
                     batch = out[:IOV_BATCH]
                     if pos:

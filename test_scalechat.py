@@ -1081,7 +1081,8 @@ def test_dead_peer_is_dropped(server_with):
 def test_slow_consumer_is_cut_off_while_others_keep_receiving(server_with):
     """A client that stops reading gets 1013 at a frame boundary, the others lose nothing, and
     since=<seq> brings the cut-off client back without loss."""
-    server = server_with("--max-buffer", str(256 << 10), "--rate-limit", "0")
+    # History must hold what the kernel buffers took past the cut, for since= to bring it back.
+    server = server_with("--max-buffer", str(256 << 10), "--rate-limit", "0", "--room-history-bytes", str(64 << 20))
     # A small receive window keeps the kernel from absorbing much for the slow client.
     slow = join(server, "t-slow", rcvbuf=64 << 10)  # never reads until it has been cut off
     sender = join(server, "t-slow")                 # reads each batch: a quarter of the cap

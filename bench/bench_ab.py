@@ -27,8 +27,9 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from conftest import free_port, wait_http  # noqa: E402
-from run_bench import machine  # noqa: E402
+from run_bench import machine
+
+from conftest import free_port, wait_http
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -105,10 +106,10 @@ def main() -> int:
     info = machine()
     lines = [f"## {stamp}: {names['a']} (A) against {names['b']} (B)", "",
              f"- command: `{command}`",
-             f"- machine: {info['cores']} cores ({info['cpu']}), Python {info['python']}, {info['os']}; "
-             f"load average {info['loadavg']} at the end",
-             "- load: 100 rooms x 10 members x 2 messages/s = 20,000 deliveries/s; server on core 0, "
-             "load client on core 1", "",
+             (f"- machine: {info['cores']} cores ({info['cpu']}), Python {info['python']}, {info['os']}; "
+              f"load average {info['loadavg']} at the end"),
+             ("- load: 100 rooms x 10 members x 2 messages/s = 20,000 deliveries/s; server on core 0, "
+              "load client on core 1"), "",
              "| round | A: server % of a core | B: server % of a core | B / A |", "| ---: | ---: | ---: | ---: |"]
     for r, (a, b) in enumerate(zip(runs["a"], runs["b"]), 1):
         lines.append(f"| {r} | {100 * a['cpu_share']:.1f} | {100 * b['cpu_share']:.1f} | "
