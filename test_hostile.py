@@ -1277,7 +1277,8 @@ def test_a_replay_that_falls_out_of_history_is_cut_off_with_1013(serve):
         writer.send_json({"message_id": i, "text": "x" * 60000})
     objects, code = slow.read_until_close()
     seqs = [o["seq"] for o in objects if o["type"] == "message"]
-    assert code == sc.CLOSE_TRY_AGAIN_LATER and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    assert code == sc.CLOSE_TRY_AGAIN_LATER             # maybe before any message: history moved first
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) if seqs else True
     writer.close()
 
 
