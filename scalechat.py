@@ -446,10 +446,11 @@ def upgrade_response(accept: str) -> bytes:
             b"Sec-WebSocket-Accept: " + accept.encode() + b"\r\n\r\n")
 
 
-HTTP_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
-                405: "Method Not Allowed", 426: "Upgrade Required",
+HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 400: "Bad Request", 403: "Forbidden",
+                404: "Not Found", 405: "Method Not Allowed", 426: "Upgrade Required",
                 431: "Request Header Fields Too Large", 500: "Internal Server Error",
                 503: "Service Unavailable"}
+HTTP_STATUSES = tuple(str(status) for status in HTTP_REASONS)      # every status the server answers
 
 
 def http_response(status: int, body: bytes = b"", content_type: str = "text/plain; charset=utf-8",
@@ -1764,6 +1765,9 @@ BROADCAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 GC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 DROP_REASONS = ("slow_consumer", "ping_timeout", "write_timeout", "close_timeout")
+# Label values, as strings (the supervisor adds up workers' counters sent as JSON).
+PROTOCOL_ERROR_CODES = tuple(str(c) for c in (CLOSE_PROTOCOL_ERROR, CLOSE_UNSUPPORTED_DATA, CLOSE_INVALID_DATA,
+                                              CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_INTERNAL_ERROR))
 REFUSE_REASONS = ("bad_request", "not_found", "method", "version", "header_too_large", "origin",
                   "max_connections", "draining", "rate_limit", "bad_message", "too_big",
                   "handshake_timeout", "bus_down", "host")
@@ -1783,9 +1787,11 @@ class Stats:
             setattr(self, name, 0)
         self.bus_up = 1
         self.dropped = dict.fromkeys(DROP_REASONS, 0)
-        self.protocol_errors: dict = {}
+        # Every label value a fixed set allows is there from the start, at 0: a series
+        # that appears mid-range loses its first increment to rate().
+        self.protocol_errors = dict.fromkeys(PROTOCOL_ERROR_CODES, 0)
         self.refused = dict.fromkeys(REFUSE_REASONS, 0)
-        self.http_requests: dict = {}
+        self.http_requests = dict.fromkeys(HTTP_STATUSES, 0)
         self.broadcast = Histogram(BROADCAST_BUCKETS)
         self.loop_lag = Histogram(LAG_BUCKETS)
         self.gc0, self.gc1, self.gc2 = (Histogram(GC_BUCKETS) for _ in range(3))
@@ -2372,7 +2378,7 @@ class Server(EventLoop):
         self._http_reply(conn, http_response(status, (reason + "\n").encode(), headers=headers), status)
 
     def _http_reply(self, conn: Connection, response: bytes, status: int) -> None:
-        self.stats.http_requests[status] = self.stats.http_requests.get(status, 0) + 1
+        self.stats.http_requests[str(status)] += 1
         self.handshaking.pop(conn.fd, None)
         conn.state = CLOSING
         conn.deadline = self.now + self.config.close_timeout
@@ -2450,7 +2456,7 @@ class Server(EventLoop):
         conn.tokens = cfg.rate_burst
         self.stats.connections += 1
         self.stats.connections_total += 1
-        self.stats.http_requests[101] = self.stats.http_requests.get(101, 0) + 1
+        self.stats.http_requests["101"] += 1
         self.send(conn, upgrade_response(accept))
         self.chat.join(conn, room, since)
         self.stats.rooms = len(self.chat.rooms)
@@ -2579,7 +2585,7 @@ class Server(EventLoop):
 
     def _fail(self, conn: Connection, code: int, reason: str) -> None:
         """Fail the connection (RFC 6455 7.1.7): send Close, then close TCP without waiting."""
-        self.stats.protocol_errors[code] = self.stats.protocol_errors.get(code, 0) + 1
+        self.stats.protocol_errors[str(code)] += 1
         log.debug("closing %s with %d: %s", conn.peer, code, reason)
         if conn.state == OPEN:
             self.close(conn, code, reason)

@@ -39,12 +39,14 @@ from scalechat import (
     ACK_HEAD,
     CLOSE_INTERNAL_ERROR,
     HISTORY_ENTRY_COST,
+    HTTP_STATUSES,
     OP_BINARY,
     OP_CLOSE,
     OP_CONTINUATION,
     OP_PING,
     OP_PONG,
     OP_TEXT,
+    PROTOCOL_ERROR_CODES,
     REC_ACK,
     REC_MESSAGE,
     REC_SNAPSHOT,
@@ -1373,3 +1375,15 @@ def test_the_parser_stops_at_the_frames_its_owner_can_pay_for():
     assert e.value.code == 1008 and parser.frames == 11
     unlimited = FrameParser()
     assert unlimited.feed(flood) == [] and unlimited.frames == 100_001
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_every_fixed_label_value_is_exported_at_zero_from_the_start(server_with, workers):
+    """A fresh server's scrape has every close code and HTTP status the server can count, at 0
+    (the dashboards' rate() would otherwise lose each series' first increment)."""
+    server = server_with("--workers", workers)
+    samples = metrics(server)
+    for family, label, values in (("scalechat_protocol_errors_total", "code", PROTOCOL_ERROR_CODES),
+                                  ("scalechat_http_requests_total", "status", HTTP_STATUSES)):
+        series = {dict(k[1])[label]: v for k, v in samples.items() if k[0] == family}
+        assert set(series) == set(values) and all(v == 0 for s, v in series.items() if s != "200"), series
