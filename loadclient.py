@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import errno
 import gzip
 import heapq
 import ipaddress
@@ -41,6 +42,7 @@ from scalechat import (
     CLOSE_ABNORMAL,
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
+    CLOSE_NO_STATUS,
     CLOSE_NORMAL,
     CLOSE_TRY_AGAIN_LATER,
     OP_CLOSE,
@@ -58,6 +60,7 @@ from scalechat import (
     new_mask_key,
     parse_close,
     parse_handshake_response,
+    raise_fd_limit,
 )
 
 __version__ = "1.0.0"
@@ -256,7 +259,7 @@ class ClientConnection:
         except OSError as exc:
             self._fail(f"connect: {exc.strerror}")
             return
-        if err not in (0, 115):  # 115: EINPROGRESS
+        if err not in (0, errno.EINPROGRESS):
             self._fail(f"connect: {os.strerror(err)}")
             return
         self.key = new_key()
@@ -337,7 +340,7 @@ class ClientConnection:
                 code, reason = exc.code, exc.reason
             if not self.close_sent:
                 self.close_code, self.close_reason = code, reason
-                self._send_close(CLOSE_NORMAL if code in (1005, 1006) else code, "")
+                self._send_close(CLOSE_NORMAL if code in (CLOSE_NO_STATUS, CLOSE_ABNORMAL) else code, "")
             # The server closes TCP first (RFC 6455 7.1.1); wait for its FIN so
             # TIME_WAIT stays on its side, or give up after the timeout.
             self.state = CLOSING
@@ -982,8 +985,7 @@ def worker_main(plan: ScenarioPlan, index: int, channel, parent_ends: list) -> N
         conn.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_fd_limit()
     LoadWorker(plan, index, channel).run()
 
 

@@ -5,9 +5,12 @@ Layers, top to bottom (see the section headers):
 
 1. Protocol core (sans-IO): RFC 6455 handshake, framing, UTF-8 and close rules.
    Bytes in, events or bytes out; no sockets. loadclient.py imports it.
-2. Chat logic: rooms, names, sequence numbers, history, client JSON validation.
-3. Bus: how a message reaches every member of its room (one process here).
-4. I/O loop: accept, read, parse, dispatch, coalesced writes, timers, signals.
+2. Chat logic: rooms, names, sequence numbers, bounded and indexed history,
+   client JSON validation.
+3. Bus: how a message reaches every member of its room: in this process, through
+   the --workers supervisor, or through Redis.
+4. I/O loop: accept, read, parse, dispatch, coalesced writes, timers, signals,
+   one exception barrier per connection; the --workers supervisor's loop.
 5. Edges: metrics, configuration, logging, main().
 
 Run ``python scalechat.py --help`` for every setting.

@@ -3,7 +3,7 @@
 1. The protocol core with bytes alone: every RFC 6455 rule with the close code it
    must produce, the parser fed whole streams and every split of them, handshakes.
 2. The chat logic as plain functions: client JSON, history, names.
-3. The server end to end over real sockets: the wire protocol of PROTOCOL.md,
+3. The server end to end over real sockets: the wire protocol of docs/protocol.md,
    HTTP answers, static files, limits, timeouts, draining, metrics.
 4. Interop with independent client libraries (websockets, websocket-client).
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A reference chat server built on aiohttp (web + WebSocketResponse), the way its docs show.
 
-One process, the part of PROTOCOL.md the load client uses. A benchmark peer
+One process, the part of docs/protocol.md the load client uses. A benchmark peer
 for scalechat.py, not a product:
 
     python bench/peer_aiohttp.py --port 8091

@@ -4,7 +4,7 @@ The peers (peer_websockets.py, peer_aiohttp.py, peer_picows.py) differ only in
 the WebSocket library; what happens per message is the same in all three and is
 what an ordinary server does: one ``json.loads`` of the client frame, one
 ``json.dumps`` of the broadcast, encoded once for every member. Fields go out in
-the order of PROTOCOL.md, which is also the order the load client reads fastest.
+the order of docs/protocol.md, which is also the order the load client reads fastest.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@
 Starts each server in turn (scalechat.py, scalechat.py --workers 2 and the
 reference peers in bench/), drives the same scenarios with loadclient.py, and
 reads the server's and the load client's CPU time (utime + stime of the whole
-process tree) and memory from /proc while they run. Scenarios (issue 8):
+process tree) and memory from /proc while they run. Scenarios:
 
   a  server CPU for 400k deliveries: 1000 clients in rooms of 10, 2 msg/s each,
      100 B, 20 s; that is also 20k deliveries/s, so its latency is scenario d

@@ -20,7 +20,7 @@
 // ---- Settings -------------------------------------------------------------
 
 const DEFAULT_ROOM = "lobby";
-const ROOM_PATTERN = /^[A-Za-z0-9_.-]{1,64}$/;   // PROTOCOL.md: anything else is 400
+const ROOM_PATTERN = /^[A-Za-z0-9_.-]{1,64}$/;   // docs/protocol.md: anything else is 400
 const NAME_MAX = 32;
 const NAME_KEY = "scalechat.name";
 const BACKOFF_BASE_MS = 500;
@@ -106,7 +106,7 @@ function initial(name) {
   return (Array.from(name.trim())[0] || "?").toUpperCase();
 }
 
-/** Now as RFC 3339 with microseconds, as PROTOCOL.md asks for sent_at. */
+/** Now as RFC 3339 with microseconds, as docs/protocol.md asks for sent_at. */
 function nowRfc3339() {
   const us = Math.round((performance.timeOrigin + performance.now()) * 1000);
   const micro = String(us % 1000).padStart(3, "0");
