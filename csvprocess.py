@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from loadclient import EVENT_COLUMNS
+
 __version__ = "1.0"
 
 # ---------------------------------------------------------------------------
@@ -43,7 +45,7 @@ __version__ = "1.0"
 # ---------------------------------------------------------------------------
 
 # Column order written by loadclient.py; the first five are the original Go tool's.
-COLUMNS = ("message_id", "sender_id", "client_id", "type", "timestamp_us", "room", "seq", "intended_us")
+COLUMNS = EVENT_COLUMNS
 REQUIRED = COLUMNS[:5]
 SENT, RECEIVED = "Sent", "Received"
 

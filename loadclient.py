@@ -65,7 +65,9 @@ from scalechat import (
 
 __version__ = "1.0.0"
 
-CSV_HEADER = b"message_id,sender_id,client_id,type,timestamp_us,room,seq,intended_us\n"
+# The event CSV's columns: csvprocess.py and the tests read them from here.
+EVENT_COLUMNS = ("message_id", "sender_id", "client_id", "type", "timestamp_us", "room", "seq", "intended_us")
+CSV_HEADER = (",".join(EVENT_COLUMNS) + "\n").encode()
 DEFAULT_URL = "ws://127.0.0.1:8080/ws"
 # Close codes after which a client comes back with since=<last seq>: the server
 # went away, cut a slow reader, or the connection broke.

@@ -22,7 +22,7 @@ sys.path.insert(0, str(HERE / "bench"))
 from bench_csvprocess import write_scenario
 
 T0 = 1_764_324_000_000_000
-HEADER = "message_id,sender_id,client_id,type,timestamp_us,room,seq,intended_us"
+HEADER = ",".join(csvprocess.COLUMNS)
 
 # ---------------------------------------------------------------------------
 # The hand-made run: scenario 2x2, rooms r1 = {a, b} and r2 = {c, d}

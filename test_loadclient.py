@@ -32,7 +32,7 @@ from scalechat import (
 )
 
 LOADCLIENT = os.path.join(HERE, "loadclient.py")
-HEADER = ["message_id", "sender_id", "client_id", "type", "timestamp_us", "room", "seq", "intended_us"]
+HEADER = list(loadclient.EVENT_COLUMNS)
 META_KEYS = {"scenario", "rooms", "room_size", "clients", "msg_interval_ms", "msg_size", "duration_s",
              "ramp", "start_time", "end_time", "start_us", "end_us", "server_url", "tool", "version",
              "seed", "settings", "sent", "received", "errors"}

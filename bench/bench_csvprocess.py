@@ -30,8 +30,11 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+import loadclient  # beside this folder
+
 CSVPROCESS = HERE.parent / "csvprocess.py"
-HEADER = "message_id,sender_id,client_id,type,timestamp_us,room,seq,intended_us\n"
+HEADER = loadclient.CSV_HEADER.decode()
 START_US = 1_764_324_000_000_000  # 2025-11-28 10:00:00 UTC
 
 # ---------------------------------------------------------------------------
