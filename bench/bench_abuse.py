@@ -51,15 +51,40 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from conftest import ServerProc, free_port, wait_http  # noqa: E402
-from run_bench import (  # noqa: E402
-    CLIENT_CPU, CORE0, SERVER_CPU, SERVER_RSS, Watch, cores_busy, cpu_seconds, machine, process_tree)
-from scalechat import (  # noqa: E402
-    OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, FrameParser, HandshakeError, ProtocolError,
-    client_handshake_request, encode_frame, new_key, new_mask_key, parse_close, parse_handshake_response,
-    resp_command, RespParser, utc_now_rfc3339)
-from test_hostile import BAD_PAYLOADS, percentile  # noqa: E402
-from test_scaleout import RedisServer  # noqa: E402
+from run_bench import (
+    CLIENT_CPU,
+    CORE0,
+    SERVER_CPU,
+    SERVER_RSS,
+    Watch,
+    cores_busy,
+    cpu_seconds,
+    machine,
+    process_tree,
+)
+
+from conftest import ServerProc, free_port, wait_http
+from scalechat import (
+    OP_CLOSE,
+    OP_CONTINUATION,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameParser,
+    HandshakeError,
+    ProtocolError,
+    RespParser,
+    client_handshake_request,
+    encode_frame,
+    new_key,
+    new_mask_key,
+    parse_close,
+    parse_handshake_response,
+    resp_command,
+    utc_now_rfc3339,
+)
+from test_hostile import BAD_PAYLOADS, percentile
+from test_scaleout import RedisServer
 
 RESULTS = HERE / "results"
 MODES = ("single", "workers", "redis")
@@ -965,7 +990,7 @@ def run_row(mode: str, row: Row, plan: Plan, server_file: Path, work: Path) -> d
             metrics=scrape(server) if alive else {})
         result["cpu_us_per_kib"] = (round(max(result["server_cpu_s"], 0) * 1e6 / (result["sent_bytes"] / 1024))
                                     if result["sent_bytes"] else None)
-    except Exception as e:          # one row failing must not lose the others
+    except Exception as e:  # noqa: BLE001 - one row failing must not lose the others
         result["error"] = f"{type(e).__name__}: {e}"
     finally:
         target.stop.set()
@@ -1137,12 +1162,12 @@ def section(run: dict) -> str:
     return "\n".join([
         f"## {run['date']} · mode {run['mode']} · {run['server']}", "",
         f"- command: `{run['command']}`",
-        f"- machine: {m['cores']} cores ({m['cpu']}), Python {m['python']}, {m['os']}; "
-        f"load average {m['loadavg']} at the start",
+        (f"- machine: {m['cores']} cores ({m['cpu']}), Python {m['python']}, {m['os']}; "
+         f"load average {m['loadavg']} at the start"),
         f"- server flags of every row: `{' '.join(run['flags'])}`, plus the row's own (notes)",
-        f"- plan: baseline {plan['baseline']:g} s, attacks of at most {plan['attack']:g} s (slowloris "
-        f"{plan['slowloris_hold']:g} s), then at most {plan['settle']:g} s for the server to go quiet; "
-        f"{run['minutes']} min in all", "",
+        (f"- plan: baseline {plan['baseline']:g} s, attacks of at most {plan['attack']:g} s (slowloris "
+         f"{plan['slowloris_hold']:g} s), then at most {plan['settle']:g} s for the server to go quiet; "
+         f"{run['minutes']} min in all"), "",
         *head, *(table_row(r, redis) for r in run["rows"]), ""])
 
 
@@ -1150,7 +1175,7 @@ def server_description(server_file: Path) -> str:
     """Which server was measured: the commit, and whether the file differs from it (the server
     may change while a run goes on)."""
     def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
     head = git("rev-parse", "--short", "HEAD")
     digest = hashlib.sha256(server_file.read_bytes()).hexdigest()[:12]
     if server_file.resolve() == (ROOT / "scalechat.py").resolve():
