@@ -37,6 +37,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Self
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -232,11 +233,11 @@ class Running:
 
     def __init__(self, server: Server, pin: bool, log_dir: Path) -> None:
         self.server, self.port = server, free_port()
-        self.log = open(log_dir / f"{server.name}-{self.port}.log", "wb")
+        self.log = open(log_dir / f"{server.name}-{self.port}.log", "wb")  # noqa: SIM115 - closed in __exit__
         self.proc = subprocess.Popen(pinned(server.cores, server.command(self.port), pin), cwd=REPO,
                                      stdout=self.log, stderr=subprocess.STDOUT)
 
-    def __enter__(self) -> Running:
+    def __enter__(self) -> Self:
         deadline = time.monotonic() + 20
         while True:
             if self.proc.poll() is not None:
