@@ -1101,14 +1101,9 @@ class Link:
             except OSError:
                 self.close()
                 return
-            self.sent += n
-            if self.sent == len(out):
-                out.clear()
-                self.sent = 0
+            self.sent = compact(out, self.sent + n)
+            if not out:
                 continue                    # the socket took it all: maybe a next chunk
-            if self.sent > LINK_CHUNK and 2 * self.sent > len(out):
-                del out[:self.sent]
-                self.sent = 0
             self.writing = True
             self.loop.sel.modify(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self.on_event)
             return
@@ -1210,6 +1205,9 @@ class Pending:
         self.size = len(prefix) + len(suffix) + len(key) + HISTORY_ENTRY_COST
 
 
+BUS_UNAVAILABLE = ("unavailable", "message bus unavailable: send again later")
+
+
 class RemoteBus:
     """What HubBus and RedisBus share: messages in flight and held while the bus is down.
 
@@ -1239,7 +1237,7 @@ class RemoteBus:
         if len(self.held) >= self.config.bus_hold_count or \
                 self.held_bytes + msg.size > self.config.bus_hold_bytes:
             self.loop.stats.refused["bus_down"] += 1
-            return error_frame("unavailable", "message bus unavailable: send again later", message_id)
+            return error_frame(*BUS_UNAVAILABLE, message_id)
         self.held.append(msg)
         self.held_bytes += msg.size
         return None
@@ -1273,8 +1271,7 @@ class RemoteBus:
             self.held_bytes -= msg.size
             self.loop.stats.refused["bus_down"] += 1
             if msg.conn.state == OPEN:
-                self.loop.send(msg.conn, error_frame("unavailable", "message bus unavailable: send again later",
-                                                     msg.message_id))
+                self.loop.send(msg.conn, error_frame(*BUS_UNAVAILABLE, msg.message_id))
 
     def set_up(self, up: bool) -> None:
         """Record the bus state; on coming up, send what was held, in order."""
@@ -1469,10 +1466,10 @@ class RespParser:
 
 
 def compact(buf: bytearray, pos: int) -> int:
-    """Drop the consumed start of an input buffer once it is most of it; the new read position.
+    """Drop the consumed (parsed or sent) start of a buffer once it is most of it; the new position.
 
-    Dropping it on every read would copy the unconsumed rest each time: a
-    large message arriving in many reads would cost quadratic time.
+    Dropping it on every read or send would copy the rest each time: a large
+    message arriving, or leaving, in many pieces would cost quadratic time.
     """
     if pos == len(buf):
         buf.clear()
@@ -2276,8 +2273,7 @@ class Server(EventLoop):
         frames_before = parser.frames
         rate = self.config.rate_limit
         if rate > 0:                        # parse no more frames than the tokens could pay for
-            tokens = min(self.config.rate_burst, conn.tokens + (self.now - conn.token_time) * rate)
-            parser.frame_limit = frames_before + int(tokens / FRAME_TOKEN) + 1
+            parser.frame_limit = frames_before + int(self._refill(conn) / FRAME_TOKEN) + 1
         try:
             frames, error = parser.feed(data), None
         except ProtocolError as e:
@@ -2324,17 +2320,20 @@ class Server(EventLoop):
         elif opcode == OP_BINARY:          # unreachable: the parser refuses binary frames
             self._fail(conn, CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted")
 
+    def _refill(self, conn: Connection) -> float:
+        """conn's tokens now: refilled at --rate-limit per second since the last look, up to --rate-burst."""
+        conn.tokens = min(self.config.rate_burst,
+                          conn.tokens + (self.now - conn.token_time) * self.config.rate_limit)
+        conn.token_time = self.now
+        return conn.tokens
+
     def _take_token(self, conn: Connection, cost: float = 1.0) -> bool:
         """Token bucket per connection: whether conn may spend cost (a message costs 1)."""
-        rate = self.config.rate_limit
-        if rate <= 0:
+        if self.config.rate_limit <= 0:
             return True
-        tokens = min(self.config.rate_burst, conn.tokens + (self.now - conn.token_time) * rate)
-        conn.token_time = self.now
-        if tokens >= cost:
-            conn.tokens = tokens - cost
+        if self._refill(conn) >= cost:
+            conn.tokens -= cost
             return True
-        conn.tokens = tokens
         self.stats.refused["rate_limit"] += 1
         return False
 
