@@ -9,8 +9,9 @@ Layers, top to bottom (see the section headers):
    client JSON validation.
 3. Bus: how a message reaches every member of its room: in this process, through
    the --workers supervisor, or through Redis.
-4. I/O loop: accept, read, parse, dispatch, coalesced writes, timers, signals,
-   one exception barrier per connection; the --workers supervisor's loop.
+4. I/O loop: the HTTP front as plain functions (a request in, an answer or an
+   upgrade out), then accept, read, parse, dispatch, coalesced writes, timers,
+   signals, one exception barrier per connection; the --workers supervisor's loop.
 5. Edges: metrics, configuration, logging, main().
 
 Run ``python scalechat.py --help`` for every setting.
@@ -40,6 +41,7 @@ import time
 import traceback
 from collections import deque
 from datetime import UTC, datetime
+from typing import NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 __version__ = "1.0.0"
@@ -94,15 +96,20 @@ class ProtocolError(Exception):
         self.frames = frames or []
 
 
+# The refused{reason} counter of each refusal status, unless the refusal names its own.
+REFUSAL_COUNTERS = {400: "bad_request", 403: "origin", 404: "not_found", 405: "method", 426: "version",
+                    431: "header_too_large", 503: "max_connections"}
+
+
 class HandshakeError(Exception):
-    """An opening handshake failed; ``status`` is the HTTP status it deserves."""
+    """A request is refused; ``status`` is the HTTP status it deserves, ``counter`` the refused{reason} it counts as."""
 
     def __init__(self, status: int, reason: str, headers: tuple = (), counter: str | None = None):
         super().__init__(f"{status} {reason}")
         self.status = status
         self.reason = reason
         self.headers = headers
-        self.counter = counter              # the refused{reason} it counts as, if not the status's
+        self.counter = counter or REFUSAL_COUNTERS.get(status, "bad_request")
 
 
 def accept_key(key: str) -> str:
@@ -2084,6 +2091,105 @@ def load_static(directory: str) -> dict:
     return files
 
 
+# -- the HTTP front: plain functions from a request to an answer ------------
+
+class Front:
+    """What requests are answered from, fixed at start: static files, allowed hosts and origins."""
+
+    __slots__ = ("allow_no_origin", "allowed_hosts", "allowed_origins", "static")
+
+    def __init__(self, static: dict, allowed_hosts: str = "", allowed_origins: str = "",
+                 allow_no_origin: bool = True):
+        self.static = static                # '/static/<rel>' -> (content type, bytes)
+        self.allowed_hosts = {h.strip().lower() for h in allowed_hosts.split(",") if h.strip()}
+        self.allowed_origins = {o.strip().rstrip("/").lower() for o in allowed_origins.split(",") if o.strip()}
+        self.allow_no_origin = allow_no_origin
+
+
+class Upgrade(NamedTuple):
+    """A WebSocket upgrade that passed every check: where to, as whom, from which seq."""
+
+    room: str
+    name: str
+    since: int | None
+    client: str | None
+    accept: str
+
+
+def route(request: Request, front: Front, draining: bool = False, full: bool = False,
+          bus_up: bool = True) -> Upgrade | tuple[int, bytes]:
+    """The answer to a request: an Upgrade, or (status, response bytes); HandshakeError if refused.
+
+    ``draining``, ``full`` and ``bus_up`` are the server's state when the request
+    arrives: no socket, no clock, so every answer can be tested with bytes.
+    """
+    path = request.path
+    if front.allowed_hosts and path != "/healthz" and \
+            request.headers.get("host", "").lower() not in front.allowed_hosts:
+        raise HandshakeError(400, "host not allowed", counter="host")    # DNS rebinding
+    if path == "/ws" or path.startswith("/ws/"):
+        upgrade = check_chat_upgrade(request, front)
+        if draining:
+            raise HandshakeError(503, "server is draining", (("Retry-After", "1"),), counter="draining")
+        if full:
+            raise HandshakeError(503, "too many connections", (("Retry-After", "1"),))
+        return upgrade
+    if request.method not in ("GET", "HEAD"):
+        raise HandshakeError(405, "only GET and HEAD", (("Allow", "GET, HEAD"),))
+    head = request.method == "HEAD"
+    if path == "/healthz":
+        status = 503 if draining else 200
+        bus = "up" if bus_up else "down (holding messages)"
+        body = f"{'draining' if draining else 'ok'}\nbus: {bus}\n".encode()
+        return status, http_response(status, body, head_only=head)
+    target = "/static/index.html" if path in ("/", "/index.html") else path
+    entry = front.static.get(target)
+    if entry is None:
+        raise HandshakeError(404, "not found")
+    ctype, body = entry
+    headers = PAGE_HEADERS if ctype.startswith("text/html") else PAGE_HEADERS[1:]
+    return 200, http_response(200, body, ctype, headers, head_only=head)
+
+
+def check_chat_upgrade(request: Request, front: Front) -> Upgrade:
+    """Validate a chat upgrade (/ws[/room]?name=&since=&client=): each field once, where it enters."""
+    room = "lobby" if request.path == "/ws" else request.path[4:]
+    if not ROOM_NAME.fullmatch(room):
+        raise HandshakeError(400, "room must be 1-64 characters of A-Z a-z 0-9 _ . -")
+    accept = check_upgrade(request)
+    name = request.query.get("name", [""])[-1]
+    if name and not valid_name(name):
+        raise HandshakeError(400, "name must be 1-32 printable characters")
+    since = request.query.get("since", [None])[-1]
+    if since is not None:
+        if not (since.isascii() and since.isdigit()) or len(since) > 19:
+            raise HandshakeError(400, "since must be a non-negative integer")
+        since = int(since)
+    client = request.query.get("client", [None])[-1]
+    if client is not None and CLIENT_ID.fullmatch(client) is None:
+        raise HandshakeError(400, "client must be 16-64 characters of A-Z a-z 0-9 _ -")
+    if not origin_allowed(request, front):
+        raise HandshakeError(403, "origin not allowed")
+    return Upgrade(room, name, since, client, accept)
+
+
+def origin_allowed(request: Request, front: Front) -> bool:
+    """Whether a browser page from the request's Origin may open a WebSocket here.
+
+    Default: the server's own host, whatever the scheme; ``--allowed-origins``
+    adds others ('*' for any); a request without Origin (not a browser) passes
+    unless ``--allow-no-origin`` is off.
+    """
+    origin = request.headers.get("origin")
+    if origin is None:
+        return front.allow_no_origin
+    origin = origin.rstrip("/").lower()
+    if "*" in front.allowed_origins or origin in front.allowed_origins:
+        return True
+    host = request.headers.get("host", "").lower()
+    return origin in (f"http://{host}", f"https://{host}")
+
+
 class Server(EventLoop):
     """One process's loop serving HTTP, WebSocket and the chat."""
 
@@ -2098,7 +2204,8 @@ class Server(EventLoop):
         self.closing: dict[int, Connection] = {}
         self.blocked: dict[int, Connection] = {}
         self.per_ip: dict[str, int] = {}
-        self.static = load_static(config.static_dir)
+        self.front = Front(load_static(config.static_dir), config.allowed_hosts, config.allowed_origins,
+                           config.allow_no_origin)
         self.draining = False
         self.drain_deadline = 0.0
         self.max_conns = config.max_connections or max(16, fd_limit() - 64)
@@ -2106,9 +2213,6 @@ class Server(EventLoop):
         self.listener = make_listener(config.host, config.port, reuse_port=hub_sock is not None)
         self.listener.setblocking(False)
         self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
-        self.allowed_origins = {o.strip().rstrip("/").lower()
-                                for o in config.allowed_origins.split(",") if o.strip()}
-        self.allowed_hosts = {h.strip().lower() for h in config.allowed_hosts.split(",") if h.strip()}
         self.hub = HubBus(self, self.chat, hub_sock) if hub_sock is not None else None
         if config.redis:
             self.chat.bus = RedisBus(self, self.chat, config.redis)
@@ -2367,11 +2471,7 @@ class Server(EventLoop):
             request = parse_request_head(buf[:end])
             self._route(conn, request, buf[end + 4:])
         except HandshakeError as e:
-            reason = e.counter or {400: "bad_request", 404: "not_found", 405: "method", 426: "version",
-                                   403: "origin", 503: "max_connections"}.get(e.status, "bad_request")
-            if self.draining and e.status == 503:
-                reason = "draining"
-            self._http_error(conn, e.status, e.reason, reason, e.headers)
+            self._http_error(conn, e.status, e.reason, e.counter, e.headers)
 
     def _http_error(self, conn: Connection, status: int, reason: str, counter: str,
                     headers: tuple = ()) -> None:
@@ -2390,77 +2490,29 @@ class Server(EventLoop):
         self._flush(conn)
 
     def _route(self, conn: Connection, request: Request, rest: bytes) -> None:
-        path = request.path
-        if self.allowed_hosts and path != "/healthz" and \
-                request.headers.get("host", "").lower() not in self.allowed_hosts:
-            raise HandshakeError(400, "host not allowed", counter="host")    # DNS rebinding
-        if path == "/ws" or path.startswith("/ws/"):
-            self._upgrade(conn, request, rest)
-            return
-        if request.method not in ("GET", "HEAD"):
-            raise HandshakeError(405, "only GET and HEAD", (("Allow", "GET, HEAD"),))
-        head = request.method == "HEAD"
-        if path == "/healthz":
-            status = 503 if self.draining else 200
-            bus = "up" if self.chat.bus.up else "down (holding messages)"
-            body = f"{'draining' if self.draining else 'ok'}\nbus: {bus}\n".encode()
-            self._http_reply(conn, http_response(status, body, head_only=head), status)
-            return
-        target = "/static/index.html" if path in ("/", "/index.html") else request.target.split("?")[0]
-        entry = self.static.get(target)
-        if entry is None:
-            raise HandshakeError(404, "not found")
-        ctype, body = entry
-        headers = PAGE_HEADERS if ctype.startswith("text/html") else PAGE_HEADERS[1:]
-        self._http_reply(conn, http_response(200, body, ctype, headers, head_only=head), 200)
+        answer = route(request, self.front, draining=self.draining, bus_up=self.chat.bus.up,
+                       full=self.stats.connections >= self.max_conns)
+        if isinstance(answer, Upgrade):
+            self._upgrade(conn, answer, rest)
+        else:
+            status, response = answer
+            self._http_reply(conn, response, status)
 
-    def _origin_allowed(self, request: Request) -> bool:
-        origin = request.headers.get("origin")
-        if origin is None:
-            return self.config.allow_no_origin
-        origin = origin.rstrip("/").lower()
-        if "*" in self.allowed_origins or origin in self.allowed_origins:
-            return True
-        # Default: the server's own host, whatever the scheme.
-        host = request.headers.get("host", "").lower()
-        return origin in (f"http://{host}", f"https://{host}")
-
-    def _upgrade(self, conn: Connection, request: Request, rest: bytes) -> None:
+    def _upgrade(self, conn: Connection, upgrade: Upgrade, rest: bytes) -> None:
         cfg = self.config
-        room = "lobby" if request.path == "/ws" else request.path[4:]
-        if not ROOM_NAME.fullmatch(room):
-            raise HandshakeError(400, "room must be 1-64 characters of A-Z a-z 0-9 _ . -")
-        accept = check_upgrade(request)
-        name = request.query.get("name", [""])[-1]
-        if name and not valid_name(name):
-            raise HandshakeError(400, "name must be 1-32 printable characters")
-        since = request.query.get("since", [None])[-1]
-        if since is not None:
-            if not (since.isascii() and since.isdigit()) or len(since) > 19:
-                raise HandshakeError(400, "since must be a non-negative integer")
-            since = int(since)
-        client = request.query.get("client", [None])[-1]
-        if client is not None and CLIENT_ID.fullmatch(client) is None:
-            raise HandshakeError(400, "client must be 16-64 characters of A-Z a-z 0-9 _ -")
-        if not self._origin_allowed(request):
-            raise HandshakeError(403, "origin not allowed")
-        if self.draining:
-            raise HandshakeError(503, "server is draining", (("Retry-After", "1"),))
-        if self.stats.connections >= self.max_conns:
-            raise HandshakeError(503, "too many connections", (("Retry-After", "1"),))
         self.handshaking.pop(conn.fd, None)
         conn.state = OPEN
-        conn.name = self.chat.assign_name(name)
+        conn.name = self.chat.assign_name(upgrade.name)
         # Without a client id of its own, a connection's messages still need a key
         # nobody else has (a resend after a bus failure); '.' is never in a client's.
-        conn.client = client.encode() if client else b".%s" % os.urandom(8).hex().encode()
+        conn.client = upgrade.client.encode() if upgrade.client else b".%s" % os.urandom(8).hex().encode()
         conn.parser = FrameParser(True, max_frame_size(cfg.max_message_size), accept_binary=False)
         conn.tokens = cfg.rate_burst
         self.stats.connections += 1
         self.stats.connections_total += 1
         self.stats.http_requests["101"] += 1
-        self.send(conn, upgrade_response(accept))
-        self.chat.join(conn, room, since)
+        self.send(conn, upgrade_response(upgrade.accept))
+        self.chat.join(conn, upgrade.room, upgrade.since)
         self.stats.rooms = len(self.chat.rooms)
         if rest:
             self._on_websocket_data(conn, rest)

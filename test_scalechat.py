@@ -56,6 +56,7 @@ from scalechat import (
     ChatError,
     Connection,
     FrameParser,
+    Front,
     HandshakeError,
     Histogram,
     History,
@@ -67,6 +68,7 @@ from scalechat import (
     Room,
     Server,
     Stats,
+    Upgrade,
     accept_key,
     check_upgrade,
     client_handshake_request,
@@ -84,6 +86,7 @@ from scalechat import (
     parse_request_head,
     parse_snapshot,
     record,
+    route,
     snapshot_records,
     upgrade_response,
     valid_name,
@@ -1387,3 +1390,95 @@ def test_every_fixed_label_value_is_exported_at_zero_from_the_start(server_with,
                                   ("scalechat_http_requests_total", "status", HTTP_STATUSES)):
         series = {dict(k[1])[label]: v for k, v in samples.items() if k[0] == family}
         assert set(series) == set(values) and all(v == 0 for s, v in series.items() if s != "200"), series
+
+
+# ---------------------------------------------------------------------------
+# The HTTP front with bytes alone: scalechat.route
+# ---------------------------------------------------------------------------
+
+def _request(target: str, method: str = "GET", **headers) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: chat.example:8080"]
+    lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+    return "\r\n".join(lines).encode()
+
+
+def _upgrade_request(target: str, **headers) -> bytes:
+    return _request(target, Upgrade="websocket", Connection="Upgrade", Sec_WebSocket_Version="13",
+                    Sec_WebSocket_Key=RFC_ACCEPT_KEY, **headers)
+
+
+RFC_ACCEPT_KEY = "dGhlIHNhbXBsZSBub25jZQ=="     # RFC 6455 1.3
+FRONT_STATIC = {"/static/index.html": ("text/html; charset=utf-8", b"<!doctype html>"),
+                "/static/app.js": ("text/javascript; charset=utf-8", b"1;")}
+
+
+def _route(head: bytes, front: Front | None = None, **state):
+    return route(parse_request_head(head), front or Front(FRONT_STATIC), **state)
+
+
+def _refusal(head: bytes, front: Front | None = None, **state) -> tuple[int, str, tuple]:
+    with pytest.raises(HandshakeError) as e:
+        _route(head, front, **state)
+    return e.value.status, e.value.counter, e.value.headers
+
+
+def test_route_serves_the_page_static_files_and_health_as_complete_responses():
+    status, response = _route(_request("/"))
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert status == 200 and body == b"<!doctype html>"
+    assert b"Content-Security-Policy: default-src 'self'" in head and b"Content-Length: 15" in head
+    status, response = _route(_request("/static/app.js?v=2", method="HEAD"))
+    assert status == 200 and response.endswith(b"\r\n\r\n") and b"Content-Length: 2" in response
+    assert b"Content-Security-Policy" not in response and b"X-Content-Type-Options: nosniff" in response
+    assert _route(_request("/healthz"))[1].endswith(b"ok\nbus: up\n")
+    assert _route(_request("/healthz"), bus_up=False)[1].endswith(b"ok\nbus: down (holding messages)\n")
+    status, response = _route(_request("/healthz"), draining=True)
+    assert status == 503 and response.endswith(b"draining\nbus: up\n")
+
+
+@pytest.mark.parametrize(("head", "status", "counter"), [
+    (_request("/static/../scalechat.py"), 404, "not_found"),
+    (_request("/static/%2e%2e/scalechat.py"), 404, "not_found"),
+    (_request("/nope"), 404, "not_found"),
+    (_request("/", method="POST"), 405, "method"),
+    (_upgrade_request("/ws/bad%20room"), 400, "bad_request"),
+    (_upgrade_request("/ws/" + "r" * 65), 400, "bad_request"),
+    (_upgrade_request("/ws?since=-1"), 400, "bad_request"),
+    (_upgrade_request("/ws?since=" + "9" * 20), 400, "bad_request"),
+    (_upgrade_request("/ws?client=short"), 400, "bad_request"),
+    (_upgrade_request("/ws?name=%0a"), 400, "bad_request"),
+    (_upgrade_request("/ws", Origin="http://evil.example"), 403, "origin"),
+    (_request("/ws"), 426, "version"),
+    (_upgrade_request("/ws", method="POST"), 405, "method"),
+])
+def test_route_refuses_with_the_status_and_counter_of_each_refusal(head, status, counter):
+    assert _refusal(head)[:2] == (status, counter)
+
+
+def test_route_upgrade_carries_each_validated_field():
+    upgrade = _route(_upgrade_request("/ws/r1?name=ann&since=7&client=" + "c" * 16,
+                                      Origin="https://chat.example:8080"))
+    assert upgrade == Upgrade("r1", "ann", 7, "c" * 16, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+    assert _route(_upgrade_request("/ws")) == Upgrade("lobby", "", None, None, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+
+
+def test_route_checks_the_request_before_the_servers_state():
+    """A malformed upgrade is a 400 even while draining or full; a good one gets 503 with Retry-After."""
+    assert _refusal(_upgrade_request("/ws/bad%20room"), draining=True)[:2] == (400, "bad_request")
+    assert _refusal(_upgrade_request("/ws"), draining=True) == (503, "draining", (("Retry-After", "1"),))
+    assert _refusal(_upgrade_request("/ws"), full=True) == (503, "max_connections", (("Retry-After", "1"),))
+    assert _route(_request("/"), full=True)[0] == 200        # pages are served when full
+
+
+def test_route_host_and_origin_allow_lists():
+    front = Front(FRONT_STATIC, allowed_hosts="chat.example:8080, other:1", allowed_origins="https://app.example/")
+    assert _route(_request("/"), front)[0] == 200
+    rebound = _request("/").replace(b"chat.example:8080", b"attacker.example")
+    assert _refusal(rebound, front)[:2] == (400, "host")
+    assert _route(rebound.replace(b"GET / ", b"GET /healthz "), front)[0] == 200   # health checks by address
+    assert isinstance(_route(_upgrade_request("/ws", Origin="HTTPS://APP.EXAMPLE"), front), Upgrade)
+    assert isinstance(_route(_upgrade_request("/ws", Origin="http://chat.example:8080"), front), Upgrade)
+    assert _refusal(_upgrade_request("/ws", Origin="https://evil.example"), front)[:2] == (403, "origin")
+    assert isinstance(_route(_upgrade_request("/ws", Origin="https://evil.example"),
+                             Front(FRONT_STATIC, allowed_origins="*")), Upgrade)
+    assert _refusal(_upgrade_request("/ws"), Front(FRONT_STATIC, allow_no_origin=False))[:2] == (403, "origin")
