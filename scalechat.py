@@ -1739,7 +1739,8 @@ class RedisBus(RemoteBus):
 # 4. I/O loop: the event loop, connections, accept, read, write, timers
 # ---------------------------------------------------------------------------
 
-HTTP, OPEN, CLOSING, CLOSED = range(4)
+# A connection's states, in the order it can pass through them (Connection says how).
+HTTP, OPEN, CLOSE_SENT, FLUSHING, REFUSING, LINGERING, CLOSED = range(7)
 RECV_SIZE = 65536
 ACCEPT_BATCH = 128
 IOV_BATCH = 512               # frames handed to one sendmsg() (Linux's IOV_MAX is 1024)
@@ -2003,17 +2004,38 @@ class EventLoop:
 
 
 class Connection:
-    """One client socket: HTTP until upgraded, then a WebSocket member of a room."""
+    """One client socket: HTTP until upgraded, then a WebSocket member of a room.
+
+    Its ``state`` moves only forward; every closing transition goes through
+    ``Server._closing`` and ends in ``Server._abort``::
+
+        HTTP ----- request answered: 200 ---------------> FLUSHING
+        HTTP ----- request refused: 4xx, 5xx -----------> REFUSING
+        HTTP ----- upgraded ----------------------------> OPEN
+        OPEN ----- close(code): draining (1001) --------> CLOSE_SENT
+        OPEN ----- the peer's Close (echoed) -----------> FLUSHING
+        OPEN ----- too slow: 1013, queue dropped -------> FLUSHING
+        OPEN ----- protocol error, rate, 1011: _fail ---> REFUSING
+        CLOSE_SENT  the peer's Close ------------------> CLOSED
+        FLUSHING    everything sent -------------------> CLOSED
+        REFUSING    everything sent: shutdown(SHUT_WR) -> LINGERING
+        LINGERING   the peer's EOF --------------------> CLOSED
+        any ------- EOF, socket error, a deadline ------> CLOSED
+
+    In CLOSE_SENT the peer's frames are still parsed, to find its Close (RFC
+    6455 7.1.2). REFUSING and LINGERING drop what the peer still sends (up to
+    MAX_DISCARD) but read it: closing a socket with unread input makes the
+    kernel send RST, and the peer's kernel then drops the answer unread.
+    Every closing state has the close deadline (--close-timeout).
+    """
 
     __slots__ = (
         "client",
-        "close_after_flush",
         "deadline",
         "discarded",
         "fd",
         "inbuf",
         "last_seen",
-        "linger",
         "name",
         "out",
         "out_bytes",
@@ -2043,8 +2065,6 @@ class Connection:
         self.writing = False          # registered for write readiness
         self.replay = None            # next seq of a since= replay still to send
         self.client = b""             # client id: names its messages for the resend check
-        self.close_after_flush = False
-        self.linger = False           # half-close after the flush, close at the peer's EOF
         self.room = None
         self.name = ""
         self.last_seen = now
@@ -2418,9 +2438,7 @@ class Server(EventLoop):
                 self._over_rate(conn, None)
         elif opcode == OP_CLOSE:
             # Echo the peer's status code (RFC 6455 5.5.1), then close TCP ourselves.
-            self._begin_close(conn, encode_frame(OP_CLOSE, payload[:2]))
-            conn.close_after_flush = True
-            self._flush(conn)
+            self._closing(conn, encode_frame(OP_CLOSE, payload[:2]), FLUSHING)
         elif opcode == OP_BINARY:          # unreachable: the parser refuses binary frames
             self._fail(conn, CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted")
 
@@ -2475,19 +2493,14 @@ class Server(EventLoop):
 
     def _http_error(self, conn: Connection, status: int, reason: str, counter: str,
                     headers: tuple = ()) -> None:
+        """Refuse a request: the client may still be sending, so let it read the answer."""
         self.stats.refused[counter] += 1
-        conn.linger = True              # the client may still be sending: let it read the answer
-        self._http_reply(conn, http_response(status, (reason + "\n").encode(), headers=headers), status)
+        self._http_reply(conn, http_response(status, (reason + "\n").encode(), headers=headers), status,
+                         REFUSING)
 
-    def _http_reply(self, conn: Connection, response: bytes, status: int) -> None:
+    def _http_reply(self, conn: Connection, response: bytes, status: int, then: int = FLUSHING) -> None:
         self.stats.http_requests[str(status)] += 1
-        self.handshaking.pop(conn.fd, None)
-        conn.state = CLOSING
-        conn.deadline = self.now + self.config.close_timeout
-        self.closing[conn.fd] = conn
-        conn.close_after_flush = True
-        self.send(conn, response)
-        self._flush(conn)
+        self._closing(conn, response, then)
 
     def _route(self, conn: Connection, request: Request, rest: bytes) -> None:
         answer = route(request, self.front, draining=self.draining, bus_up=self.chat.bus.up,
@@ -2605,8 +2618,10 @@ class Server(EventLoop):
             conn.writing = False
             self.blocked.pop(conn.fd, None)
             self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
-        if conn.close_after_flush:
-            self._finish(conn)
+        if conn.state == FLUSHING:
+            self._abort(conn)
+        elif conn.state == REFUSING:
+            self._linger(conn)
 
     def _watch_writable(self, conn: Connection, stalled: bool) -> None:
         """Wake up when conn can take more; a stalled socket also gets a write deadline."""
@@ -2623,42 +2638,42 @@ class Server(EventLoop):
 
     # -- closing ------------------------------------------------------------
 
-    def _begin_close(self, conn: Connection, frame: bytes) -> None:
+    def _closing(self, conn: Connection, last: bytes, state: int) -> None:
+        """Queue conn's last bytes and enter a closing state: CLOSE_SENT, FLUSHING or REFUSING.
+
+        The one way into them (Connection has the map): a member leaves its room
+        at once, and every closing state has the close deadline.
+        """
         if conn.state == OPEN:
             self._leave(conn)
-        conn.state = CLOSING
+        else:
+            self.handshaking.pop(conn.fd, None)
+        conn.state = state
         conn.deadline = self.now + self.config.close_timeout
         self.closing[conn.fd] = conn
-        self.send(conn, frame)
+        if state == REFUSING:
+            conn.parser = None              # out of step with the peer: drop what it still sends
+        self.send(conn, last)
+        if state != CLOSE_SENT:             # CLOSE_SENT goes out with the turn's writes (a drain sends many)
+            self._flush(conn)
 
     def close(self, conn: Connection, code: int, reason: str = "") -> None:
         """Start the closing handshake: send Close, wait for the peer's (bounded)."""
-        if conn.state != OPEN:
-            return
-        self._begin_close(conn, encode_close(code, reason))
+        if conn.state == OPEN:
+            self._closing(conn, encode_close(code, reason), CLOSE_SENT)
 
     def _fail(self, conn: Connection, code: int, reason: str) -> None:
         """Fail the connection (RFC 6455 7.1.7): send Close, then close TCP without waiting."""
         self.stats.protocol_errors[str(code)] += 1
         log.debug("closing %s with %d: %s", conn.peer, code, reason)
         if conn.state == OPEN:
-            self.close(conn, code, reason)
-            conn.parser = None          # out of step with the peer: drop what it still sends
-            conn.close_after_flush = conn.linger = True
-            self._flush(conn)
+            self._closing(conn, encode_close(code, reason), REFUSING)
         else:
             self._abort(conn)
 
-    def _finish(self, conn: Connection) -> None:
-        """Everything is sent: close, or half-close and wait (close-timeout) for the peer's EOF.
-
-        Closing a socket that still has unread input makes the kernel send RST,
-        and the peer's kernel then drops the Close frame before it is read.
-        """
-        if not conn.linger:
-            self._abort(conn)
-            return
-        conn.linger = conn.close_after_flush = False
+    def _linger(self, conn: Connection) -> None:
+        """A refusal is sent: half-close, and close at the peer's EOF (or the close deadline)."""
+        conn.state = LINGERING
         try:
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -2673,9 +2688,7 @@ class Server(EventLoop):
         else:
             conn.out.clear()
             conn.out_bytes = 0
-        self._begin_close(conn, encode_close(CLOSE_TRY_AGAIN_LATER, "too slow: reconnect with since"))
-        conn.close_after_flush = True
-        self._flush(conn)
+        self._closing(conn, encode_close(CLOSE_TRY_AGAIN_LATER, "too slow: reconnect with since"), FLUSHING)
 
     def _leave(self, conn: Connection) -> None:
         self.chat.leave(conn)

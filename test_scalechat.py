@@ -1482,3 +1482,68 @@ def test_route_host_and_origin_allow_lists():
     assert isinstance(_route(_upgrade_request("/ws", Origin="https://evil.example"),
                              Front(FRONT_STATIC, allowed_origins="*")), Upgrade)
     assert _refusal(_upgrade_request("/ws"), Front(FRONT_STATIC, allow_no_origin=False))[:2] == (403, "origin")
+
+
+def test_each_way_a_connection_ends_walks_the_documented_states(in_process_server):
+    """Connection's state map, walked for real: each ending's states in order, keyed by the
+    client's port (the loop thread records every transition as it makes it)."""
+    import scalechat as sc
+    server = in_process_server
+    walked: dict[int, list] = {}
+    ports: dict[int, int] = {}                          # id(conn) -> the client's port
+
+    def learn(conn) -> None:
+        if id(conn) not in ports:
+            ports[id(conn)] = conn.sock.getpeername()[1]
+
+    def note(conn, state: int) -> None:
+        learn(conn)
+        walked.setdefault(ports[id(conn)], []).append(state)
+
+    def closing(conn, last, state):
+        note(conn, state)
+        enter_closing(conn, last, state)
+
+    def linger(conn):
+        note(conn, sc.LINGERING)
+        enter_lingering(conn)
+
+    def abort(conn):
+        if conn.state != sc.CLOSED:
+            note(conn, sc.CLOSED)
+            del ports[id(conn)]                         # ids are reused once conn is freed
+        enter_closed(conn)
+    enter_closing, enter_lingering, enter_closed = server._closing, server._linger, server._abort
+    server._closing, server._linger, server._abort = closing, linger, abort
+
+    def last_state(port: int):
+        return walked.get(port, [None])[-1]
+
+    page = socket.create_connection(("127.0.0.1", server.port))
+    page.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    refused = socket.create_connection(("127.0.0.1", server.port))
+    refused.sendall(b"GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    polite, rude, drained = (join(server, "t-states") for _ in range(3))
+    polite.send(close_frame(1000))
+    assert polite.recv_close_code() == 1000 and polite.closed_by_server()
+    rude.send(frame(OP_BINARY, b"\x00"))
+    assert rude.recv_close_code() == 1003
+    while page.recv(65536):                             # FLUSHING: closed once sent
+        pass
+    assert refused.recv(65536).startswith(b"HTTP/1.1 404")
+    ends = [s.getsockname()[1] for s in (page, refused, polite.sock, rude.sock, drained.sock)]
+    wait_for(lambda: all(sc.LINGERING in walked.get(port, ()) for port in (ends[1], ends[3])))
+    refused.close()                                     # LINGERING ends at the peer's EOF
+    rude.sock.close()
+    server.request_stop()                               # a drain: CLOSE_SENT, then the peer's Close
+    assert drained.recv_close_code() == 1001
+    drained.send(close_frame(1001))
+    wait_for(lambda: all(last_state(port) == sc.CLOSED for port in ends))
+    assert [walked[port] for port in ends] == [
+        [sc.FLUSHING, sc.CLOSED],                       # a page: sent, closed
+        [sc.REFUSING, sc.LINGERING, sc.CLOSED],         # a 404: sent, half-closed, closed at EOF
+        [sc.FLUSHING, sc.CLOSED],                       # the peer's Close echoed, closed
+        [sc.REFUSING, sc.LINGERING, sc.CLOSED],         # a protocol error: 1003, half-closed
+        [sc.CLOSE_SENT, sc.CLOSED],                     # drained: 1001, closed at the peer's Close
+    ]
+    page.close()
