@@ -756,7 +756,36 @@ class HistoryBudget:
             self.used -= room.history.cost + ROOM_COST
 
 
-class Room:
+class Sequenced:
+    """A room as its sequencer sees it: its name, its last seq and its history.
+
+    The one sequencer of LocalBus (a Room) and of the --workers supervisor (a
+    HubRoom); the Redis bus runs the same steps in its Lua script.
+    """
+
+    __slots__ = ("history", "name", "seq")
+
+    def __init__(self, name: str, config):
+        self.name = name
+        self.seq = 0
+        self.history = History(config.history, config.room_history_bytes)
+
+    def sequence(self, prefix: bytes, suffix: bytes, key: bytes, resend: bool) -> tuple[int, bytes | None]:
+        """(the next seq, the payload with it between prefix and suffix) for a published message,
+        or (the seq it already has, None) for a resend of a message still held."""
+        seen = self.history.seq_of(key) if resend else None
+        if seen is not None:
+            return seen, None
+        seq = self.seq + 1
+        return seq, prefix + str(seq).encode() + suffix
+
+    def keep(self, budget: HistoryBudget, seq: int, item: bytes, key: bytes = b"") -> None:
+        """seq is now the room's last: keep item in history, within the process's budget."""
+        self.seq = seq
+        budget.added(self, self.history.append(seq, item, key))
+
+
+class Room(Sequenced):
     """A room on this process: members, the last seq delivered here, recent history.
 
     With a remote bus a room is not ``ready`` until the bus has sent its
@@ -770,21 +799,16 @@ class Room:
         "catching_up",
         "count_dirty",
         "early",
-        "history",
         "members",
-        "name",
         "ready",
-        "seq",
         "syncing",
         "waiting",
     )
 
     def __init__(self, name: str, config, ready: bool):
-        self.name = name
+        super().__init__(name, config)      # history items: frames
         self.members: dict = {}             # Connection -> None: ordered, O(1) removal
         self.catching_up: dict = {}         # Connection -> None: replaying history
-        self.seq = 0
-        self.history = History(config.history, config.room_history_bytes)   # items: frames
         self.count_dirty = False
         self.ready = ready
         self.syncing = False
@@ -911,8 +935,7 @@ class Chat:
 
     def deliver(self, room: Room, seq: int, frame: bytes, t0: float | None, key: bytes = b"") -> None:
         """Record a sequenced frame in history and queue it for every member (the hot path)."""
-        room.seq = seq
-        self.budget.added(room, room.history.append(seq, frame, key))
+        room.keep(self.budget, seq, frame, key)
         members = room.members
         if members:
             n = len(frame)
@@ -989,11 +1012,13 @@ class Chat:
 # 3. Bus: how a message reaches every member of its room
 #
 #    LocalBus   one process: this process assigns seq and delivers.
-#    HubBus     --workers: the supervisor process assigns seq, keeps history and
-#               forwards each message to the workers with members in its room.
+#    HubBus     --workers: the supervisor process (its loop is in section 4)
+#               assigns seq, keeps history (HubRoom) and forwards each message
+#               to the workers with members in its room.
 #    RedisBus   --redis: a Lua script assigns seq, keeps history and publishes on
 #               a per-room channel; a node subscribes only to its own rooms.
 #    Every bus has the same face: publish, room_opened, room_closed, resync.
+#    LocalBus and the supervisor share one sequencer (Sequenced, section 2).
 # ---------------------------------------------------------------------------
 
 class LocalBus:
@@ -1008,15 +1033,11 @@ class LocalBus:
     def publish(self, room: Room, prefix: bytes, suffix: bytes, t0: float, conn, message_id,
                 key: bytes = b"", resend: bool = False):
         """Assign the room's next seq, deliver the message to every member, ack it to its sender."""
-        seen = room.history.seq_of(key) if resend else None
-        if seen is None:
-            seen = room.seq + 1
-            self.chat.deliver(room, seen, encode_frame(OP_TEXT, prefix + str(seen).encode() + suffix), t0, key)
-            duplicate = False
-        else:
-            duplicate = True
+        seq, payload = room.sequence(prefix, suffix, key, resend)
+        if payload is not None:
+            self.chat.deliver(room, seq, encode_frame(OP_TEXT, payload), t0, key)
         if message_id is not None:
-            self.chat.send(conn, ack_frame(message_id, seen, duplicate))
+            self.chat.send(conn, ack_frame(message_id, seq, payload is None))
 
     def room_opened(self, room: Room) -> None:
         """The first local member joined room."""
@@ -1350,6 +1371,16 @@ class HubBus(RemoteBus):
         log.warning("supervisor link closed: draining")
         self.set_up(False)
         self.loop.request_stop()
+
+
+class HubRoom(Sequenced):
+    """A room as the --workers supervisor (section 4) sequences it: history of payloads, subscribed workers."""
+
+    __slots__ = ("subs",)
+
+    def __init__(self, name: str, config):
+        super().__init__(name, config)
+        self.subs: dict = {}                          # Worker -> None
 
 
 def encode_snapshot(room: str, flags: int, seq: int, payloads) -> bytes:
@@ -2806,18 +2837,6 @@ def make_listener(host: str, port: int, reuse_port: bool = False, listen: bool =
 
 # -- --workers N: the supervisor ---------------------------------------------
 
-class HubRoom:
-    """The supervisor's view of a room: the seq, history, and subscribed workers."""
-
-    __slots__ = ("history", "name", "seq", "subs")
-
-    def __init__(self, name: str, config):
-        self.name = name
-        self.seq = 0
-        self.history = History(config.history, config.room_history_bytes)   # items: payloads
-        self.subs: dict = {}                          # Worker -> None
-
-
 class Worker:
     """A worker process as the supervisor sees it."""
 
@@ -2936,17 +2955,15 @@ class Supervisor(EventLoop):
         room = self.rooms.get(room_name := name.decode())
         if room is None:                    # its members left before the message got here
             room = self.rooms[room_name] = HubRoom(room_name, self.config)
-        seen = room.history.seq_of(key) if resend else None
-        if seen is not None:
-            worker.link.write(record(REC_ACK, ACK_HEAD.pack(seen, True)))
+        seq, payload = room.sequence(body[pos:pos + plen], body[pos + plen:], key, resend)
+        if payload is None:
+            worker.link.write(record(REC_ACK, ACK_HEAD.pack(seq, True)))
             return
-        room.seq += 1
-        payload = body[pos:pos + plen] + str(room.seq).encode() + body[pos + plen:]
-        self.budget.added(room, room.history.append(room.seq, payload, key))
-        rec = record(REC_MESSAGE, MESSAGE_HEAD.pack(rlen, room.seq, t0) + name + payload)
+        room.keep(self.budget, seq, payload, key)
+        rec = record(REC_MESSAGE, MESSAGE_HEAD.pack(rlen, seq, t0) + name + payload)
         for sub in room.subs:
             sub.link.write(rec)
-        worker.link.write(record(REC_ACK, ACK_HEAD.pack(room.seq, False)))
+        worker.link.write(record(REC_ACK, ACK_HEAD.pack(seq, False)))
 
     def total_stats(self) -> Stats:
         """All workers' counters added up, with those of workers that exited."""

@@ -66,6 +66,7 @@ from scalechat import (
     RespError,
     RespParser,
     Room,
+    Sequenced,
     Server,
     Stats,
     Upgrade,
@@ -1547,3 +1548,20 @@ def test_each_way_a_connection_ends_walks_the_documented_states(in_process_serve
         [sc.CLOSE_SENT, sc.CLOSED],                     # drained: 1001, closed at the peer's Close
     ]
     page.close()
+
+
+def test_the_one_sequencer_numbers_keeps_and_knows_resends_while_held():
+    """Sequenced, shared by LocalBus and the supervisor: the next seq goes between the parts,
+    a resend of a held message gets its first seq back, and once history drops it, a new one."""
+    room = Sequenced("r", parse_args(["--history", "2"]))
+    budget = HistoryBudget(1 << 20, lambda _room: None)
+    assert room.sequence(b'{"seq":', b"}", b"c:1", False) == (1, b'{"seq":1}')
+    room.keep(budget, 1, b'{"seq":1}', b"c:1")
+    assert room.seq == 1 and budget.used == ROOM_COST + len(b'{"seq":1}c:1') + HISTORY_ENTRY_COST
+    assert room.sequence(b"", b"", b"c:1", True) == (1, None)          # the resend: not sequenced again
+    assert room.sequence(b"", b"", b"c:1", False)[0] == 2              # not marked a resend: a new message
+    assert room.sequence(b"", b"", b"c:2", True) == (2, b"2")          # a resend never received: new
+    for seq in (2, 3):
+        room.keep(budget, seq, b"x", b"c:%d" % seq)
+    assert room.sequence(b"", b"", b"c:1", True) == (4, b"4")          # dropped from history: new
+    assert room.sequence(b"", b"", b"c:3", True) == (3, None)
