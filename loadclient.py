@@ -852,7 +852,7 @@ class LoadWorker:
         second = us // 1_000_000
         if second != self._second:
             self._second = second
-            self._stamp_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
+            self._stamp_prefix = iso_time(second * 1_000_000)[:19].encode()     # up to the seconds
         return b"%s.%06dZ" % (self._stamp_prefix, us % 1_000_000)
 
     # -- the loop --------------------------------------------------------------

@@ -25,6 +25,7 @@ import loadclient
 from conftest import HERE, free_port, start_server
 from scalechat import (
     CLOSE_TRY_AGAIN_LATER,
+    SENT_AT,
     FrameParser,
     encode_close,
     encode_frame,
@@ -616,3 +617,13 @@ def test_loop_short_wait_still_wakes_for_sockets_and_stamps_arrival():
         loop.run_once(1.0)
     a.close(), b.close()
     loop.selector.close()
+
+
+def test_the_cached_sent_at_is_the_one_rfc3339_format_across_seconds():
+    """LoadWorker.rfc3339 formats the date once a second; every stamp still equals iso_time's
+    and is a sent_at the server accepts."""
+    worker = loadclient.LoadWorker.__new__(loadclient.LoadWorker)
+    worker._second, worker._stamp_prefix = -1, b""
+    for us in (0, 1_764_700_000_999_999, 1_764_700_001_000_000, 1_764_700_001_000_007, 1_764_700_000_123_456):
+        stamp = worker.rfc3339(us).decode()
+        assert stamp == loadclient.iso_time(us) and SENT_AT.fullmatch(stamp)
