@@ -2167,6 +2167,15 @@ class Upgrade(NamedTuple):
     accept: str
 
 
+def take_request_head(buf: bytes, limit: int) -> tuple[bytes, bytes] | None:
+    """(the request head, the bytes after its blank line) once buf holds it all, None until then;
+    HandshakeError(431) as soon as the head is longer than limit bytes."""
+    end = buf.find(b"\r\n\r\n")
+    if end > limit or (end < 0 and len(buf) > limit):
+        raise HandshakeError(431, "request head too large")
+    return None if end < 0 else (buf[:end], buf[end + 4:])
+
+
 def route(request: Request, front: Front, draining: bool = False, full: bool = False,
           bus_up: bool = True) -> Upgrade | tuple[int, bytes]:
     """The answer to a request: an Upgrade, or (status, response bytes); HandshakeError if refused.
@@ -2504,21 +2513,13 @@ class Server(EventLoop):
 
     def _on_http_data(self, conn: Connection, data: bytes) -> None:
         buf = conn.inbuf + data
-        end = buf.find(b"\r\n\r\n")
-        limit = self.config.max_header_size
-        if end < 0:
-            if len(buf) > limit:
-                self._http_error(conn, 431, "request head too large", "header_too_large")
-            else:
-                conn.inbuf = buf
-            return
-        if end > limit:
-            self._http_error(conn, 431, "request head too large", "header_too_large")
-            return
-        conn.inbuf = b""
         try:
-            request = parse_request_head(buf[:end])
-            self._route(conn, request, buf[end + 4:])
+            head = take_request_head(buf, self.config.max_header_size)
+            if head is None:
+                conn.inbuf = buf
+                return
+            conn.inbuf = b""
+            self._route(conn, parse_request_head(head[0]), head[1])
         except HandshakeError as e:
             self._http_error(conn, e.status, e.reason, e.counter, e.headers)
 

@@ -89,6 +89,7 @@ from scalechat import (
     record,
     route,
     snapshot_records,
+    take_request_head,
     upgrade_response,
     valid_name,
 )
@@ -1565,3 +1566,16 @@ def test_the_one_sequencer_numbers_keeps_and_knows_resends_while_held():
         room.keep(budget, seq, b"x", b"c:%d" % seq)
     assert room.sequence(b"", b"", b"c:1", True) == (4, b"4")          # dropped from history: new
     assert room.sequence(b"", b"", b"c:3", True) == (3, None)
+
+
+def test_take_request_head_waits_for_the_blank_line_and_refuses_past_the_limit():
+    head = b"GET / HTTP/1.1\r\nHost: h"
+    whole = head + b"\r\n\r\nrest"
+    for cut in range(len(whole) - 4):                   # every read that stops short of the blank line
+        assert take_request_head(whole[:cut], 1024) is None
+    assert take_request_head(whole, 1024) == (head, b"rest")
+    assert take_request_head(whole, len(head)) == (head, b"rest")
+    for buf in (whole, whole[:len(head)]):              # too long, with or without its end
+        with pytest.raises(HandshakeError) as e:
+            take_request_head(buf + b"x" * 8, len(head) - 1)
+        assert (e.value.status, e.value.counter) == (431, "header_too_large")
