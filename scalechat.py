@@ -42,7 +42,7 @@ import traceback
 from collections import deque
 from datetime import UTC, datetime
 from typing import NamedTuple
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 __version__ = "1.0.0"
 
@@ -1222,15 +1222,24 @@ class RecordReader:
 
 
 class Pending:
-    """A message handed to a remote bus (or held for it), until the sequencer answers."""
+    """A message handed to a remote bus (or held for it), until the sequencer answers.
 
-    __slots__ = ("conn", "key", "message_id", "prefix", "resend", "room", "since", "size", "suffix", "t0")
+    ``lane``: messages of one lane (a Redis Cluster hash slot; one lane otherwise)
+    are sent in the order they came, never overtaking each other. ``attempt``
+    counts sends, so a late reply to an earlier one is ignored; ``ask`` is the
+    node a Redis Cluster ASK redirection named; ``seq`` and ``duplicate`` keep
+    the sequencer's answer while the bus waits for replication.
+    """
+
+    __slots__ = ("ask", "attempt", "conn", "duplicate", "key", "lane", "message_id", "prefix", "resend",
+                 "room", "seq", "since", "size", "suffix", "t0")
 
     def __init__(self, room: str, prefix: bytes, suffix: bytes, t0: float, conn, message_id,
-                 key: bytes, resend: bool, since: float):
+                 key: bytes, resend: bool, since: float, lane: int = 0):
         self.room, self.prefix, self.suffix, self.t0 = room, prefix, suffix, t0
         self.conn, self.message_id, self.key, self.resend, self.since = conn, message_id, key, resend, since
         self.size = len(prefix) + len(suffix) + len(key) + HISTORY_ENTRY_COST
+        self.lane, self.attempt, self.ask, self.seq, self.duplicate = lane, 0, None, 0, False
 
 
 BUS_UNAVAILABLE = ("unavailable", "message bus unavailable: send again later")
@@ -1239,9 +1248,12 @@ BUS_UNAVAILABLE = ("unavailable", "message bus unavailable: send again later")
 class RemoteBus:
     """What HubBus and RedisBus share: messages in flight and held while the bus is down.
 
-    Both queues are bounded in bytes by --bus-hold-bytes (and the held one in
-    count by --bus-hold-count): past them a message is refused ``unavailable``.
-    The sequencer answers each publish in order, so ``inflight`` is a FIFO.
+    Both are bounded in bytes by --bus-hold-bytes (and the held ones in count by
+    --bus-hold-count): past them a message is refused ``unavailable``. A message
+    goes out at once when ``target(msg)`` names a way to its sequencer and none
+    of its lane is held; otherwise it is held, and sent in order once the way
+    opens. ``inflight`` maps each message sent and not yet answered to where
+    it went, oldest first.
     """
 
     local = False
@@ -1250,53 +1262,120 @@ class RemoteBus:
         self.loop, self.chat, self.config = loop, chat, loop.config
         self.held: deque = deque()          # Pending, waiting for the bus
         self.held_bytes = 0
-        self.inflight: deque = deque()      # Pending, sent, not yet answered
+        self.held_lanes: dict = {}          # lane -> messages of it held: newer ones wait behind them
+        self.capped = False                 # a held message waits for in-flight bytes to fall
+        self.retry: list = []               # Pending to send again, oldest first, once the turn ends
+        self.inflight: dict = {}            # Pending -> where it was sent, oldest first
         self.inflight_bytes = 0
         self.up = False
         loop.every(0.5, self._expire_held)
 
+    def lane(self, room: str) -> int:
+        """Messages of one lane keep their order (a remote bus with one way has one lane)."""
+        return 0
+
+    def target(self, msg: Pending):
+        """Where msg can be sent now, or None to hold it."""
+        return self if self.up else None
+
+    def send_publish(self, msg: Pending, target) -> None:
+        raise NotImplementedError
+
     def publish(self, room: Room, prefix: bytes, suffix: bytes, t0: float, conn, message_id,
                 key: bytes = b"", resend: bool = False):
         """Send to the sequencer now, or hold while it is unreachable or busy."""
-        msg = Pending(room.name, prefix, suffix, t0, conn, message_id, key, resend, self.loop.now)
-        if self.up and not self.held and self.inflight_bytes + msg.size <= self.config.bus_hold_bytes:
-            self._send(msg)
-            return None
+        msg = Pending(room.name, prefix, suffix, t0, conn, message_id, key, resend, self.loop.now,
+                      self.lane(room.name))
+        if not self.held_lanes.get(msg.lane):
+            if self.inflight_bytes + msg.size <= self.config.bus_hold_bytes:
+                target = self.target(msg)
+                if target is not None:
+                    self._send(msg, target)
+                    return None
+            else:
+                self.capped = True
         if len(self.held) >= self.config.bus_hold_count or \
                 self.held_bytes + msg.size > self.config.bus_hold_bytes:
             self.loop.stats.refused["bus_down"] += 1
             return error_frame(*BUS_UNAVAILABLE, message_id)
-        self.held.append(msg)
-        self.held_bytes += msg.size
+        self._hold(msg)
         return None
 
-    def _send(self, msg: Pending) -> None:
-        self.inflight.append(msg)
+    def _hold(self, msg: Pending) -> None:
+        self.held.append(msg)
+        self.held_bytes += msg.size
+        self.held_lanes[msg.lane] = self.held_lanes.get(msg.lane, 0) + 1
+
+    def _unhold(self, msg: Pending) -> None:
+        self.held_bytes -= msg.size
+        n = self.held_lanes[msg.lane] - 1
+        if n:
+            self.held_lanes[msg.lane] = n
+        else:
+            del self.held_lanes[msg.lane]
+
+    def _send(self, msg: Pending, target) -> None:
+        self.inflight[msg] = target
         self.inflight_bytes += msg.size
-        self.send_publish(msg)
+        msg.attempt += 1
+        self.send_publish(msg, target)
 
     def _release_held(self) -> None:
-        held, cap = self.held, self.config.bus_hold_bytes
-        while self.up and held and self.inflight_bytes + held[0].size <= cap:
-            msg = held.popleft()
-            self.held_bytes -= msg.size
-            self._send(msg)
+        """Send the held messages whose way is open, oldest first; a lane never overtakes itself."""
+        self.capped = False
+        if not self.held:
+            return
+        cap, keep, blocked = self.config.bus_hold_bytes, deque(), set()
+        for msg in self.held:
+            target = None
+            if msg.lane not in blocked:
+                if self.inflight_bytes + msg.size > cap:
+                    self.capped = True
+                else:
+                    target = self.target(msg)
+            if target is None:
+                blocked.add(msg.lane)
+                keep.append(msg)
+            else:
+                self._unhold(msg)
+                self._send(msg, target)
+        self.held = keep
 
-    def on_answer(self, seq: int | None, duplicate: bool = False) -> None:
-        """The sequencer answered the oldest publish in flight: ack it to its sender."""
-        msg = self.inflight.popleft()
+    def send_again(self, msg: Pending, delay: float = 0.0) -> None:
+        """msg went unanswered (its way was lost or redirected): send it again, as a resend, before
+        its lane's newer messages. Messages given here keep their order."""
+        if self.inflight.pop(msg, None) is None:
+            return
+        self.inflight_bytes -= msg.size
+        msg.resend = True                   # it may have been sequenced: the sequencer checks
+        if not self.retry:
+            self.loop.call_later(delay, self._flush_retry)
+        self.retry.append(msg)
+        self.held_lanes[msg.lane] = self.held_lanes.get(msg.lane, 0) + 1
+        self.held_bytes += msg.size
+
+    def _flush_retry(self) -> None:
+        retry, self.retry = self.retry, []
+        self.held.extendleft(reversed(retry))
+        self._release_held()
+
+    def on_answer(self, msg: Pending, seq: int | None, duplicate: bool = False) -> None:
+        """The sequencer answered msg: ack it to its sender (or tell it the bus failed)."""
+        if self.inflight.pop(msg, None) is None:
+            return                          # answered already, or being sent again
         self.inflight_bytes -= msg.size
         conn = msg.conn
         if conn.state == OPEN and msg.message_id is not None:
             self.loop.send(conn, ack_frame(msg.message_id, seq, duplicate) if seq is not None else
                            error_frame("unavailable", "message bus failed: send again later", msg.message_id))
-        self._release_held()
+        if self.capped:
+            self._release_held()
 
     def _expire_held(self) -> None:
         held, limit = self.held, self.loop.now - self.config.bus_hold_seconds
         while held and held[0].since < limit:
             msg = held.popleft()
-            self.held_bytes -= msg.size
+            self._unhold(msg)
             self.loop.stats.refused["bus_down"] += 1
             if msg.conn.state == OPEN:
                 self.loop.send(msg.conn, error_frame(*BUS_UNAVAILABLE, msg.message_id))
@@ -1307,9 +1386,6 @@ class RemoteBus:
         self.loop.stats.bus_up = int(up)
         if up:
             self._release_held()
-
-    def send_publish(self, msg: Pending) -> None:
-        raise NotImplementedError
 
 
 class HubBus(RemoteBus):
@@ -1322,8 +1398,8 @@ class HubBus(RemoteBus):
         self.link = Link(loop, sock, self._on_data, self._on_closed)
         self.set_up(True)
 
-    def send_publish(self, msg: Pending) -> None:
-        """Hand a message to the supervisor, which sequences it."""
+    def send_publish(self, msg: Pending, _target) -> None:
+        """Hand a message to the supervisor, which sequences it (and answers in order)."""
         r = msg.room.encode()
         self.link.write(record(REC_PUBLISH, PUBLISH_HEAD.pack(len(r), msg.t0, len(msg.prefix), len(msg.key),
                                                               msg.resend) + r + msg.key + msg.prefix + msg.suffix))
@@ -1354,7 +1430,7 @@ class HubBus(RemoteBus):
                 start = MESSAGE_HEAD.size
                 chat.on_bus_message(body[start:start + rlen].decode(), seq, body[start + rlen:], t0 or None)
             elif kind == REC_ACK:
-                self.on_answer(*ACK_HEAD.unpack(body))
+                self.on_answer(next(iter(self.inflight)), *ACK_HEAD.unpack(body))
             elif kind == REC_SNAPSHOT:
                 room, flags, seq, payloads = parse_snapshot(body)
                 if flags & SNAPSHOT_FIRST:
@@ -1523,9 +1599,12 @@ def compact(buf: bytearray, pos: int) -> int:
 # keep history bounded in count and bytes (the index shrinking with it), let
 # the room expire when idle, and publish "<seq> <origin tag>\n<json>" so nodes
 # learn the seq without parsing JSON. Every step is O(1) per message (trimming
-# is paid once per message trimmed).
-# KEYS: seq, history, index (key -> seq), order ("<seq> <key>" per history entry), bytes
-# ARGV: prefix, suffix, max count, channel, origin tag, key, resend, max bytes, ttl
+# is paid once per message trimmed). With ARGV[10] empty (a Redis Cluster shard
+# with replicas) it publishes nothing: FLUSH_SCRIPT does, once the write is on
+# the replicas, and the origin tag waits in the order entry till then.
+# KEYS: seq, history, index (key -> seq), order ("<seq> <key>[ <origin>]" per history entry), bytes
+# ARGV: prefix, suffix, max count, channel, origin tag, key, resend, max bytes, ttl,
+#       publish now: 'P' (PUBLISH), 'S' (SPUBLISH) or '' (later)
 PUBLISH_SCRIPT = b"""
 if ARGV[7] == '1' and ARGV[6] ~= '' then
   local seen = redis.call('HGET', KEYS[3], ARGV[6])
@@ -1534,7 +1613,11 @@ end
 local seq = redis.call('INCR', KEYS[1])
 local msg = ARGV[1] .. seq .. ARGV[2]
 local n = redis.call('RPUSH', KEYS[2], msg)
-redis.call('RPUSH', KEYS[4], seq .. ' ' .. ARGV[6])
+if ARGV[10] == '' then
+  redis.call('RPUSH', KEYS[4], seq .. ' ' .. ARGV[6] .. ' ' .. ARGV[5])
+else
+  redis.call('RPUSH', KEYS[4], seq .. ' ' .. ARGV[6])
+end
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[3], ARGV[6], seq) end
 local bytes = redis.call('INCRBY', KEYS[5], #msg + #ARGV[6])
 while n > tonumber(ARGV[3]) or (bytes > tonumber(ARGV[8]) and n > 1) do
@@ -1543,7 +1626,8 @@ while n > tonumber(ARGV[3]) or (bytes > tonumber(ARGV[8]) and n > 1) do
   local size = #old
   if entry then
     local sp = string.find(entry, ' ', 1, true)
-    local oldkey = string.sub(entry, sp + 1)
+    local sp2 = string.find(entry, ' ', sp + 1, true)
+    local oldkey = string.sub(entry, sp + 1, sp2 and sp2 - 1 or -1)
     size = size + #oldkey
     if oldkey ~= '' and redis.call('HGET', KEYS[3], oldkey) == string.sub(entry, 1, sp - 1) then
       redis.call('HDEL', KEYS[3], oldkey)
@@ -1553,217 +1637,604 @@ while n > tonumber(ARGV[3]) or (bytes > tonumber(ARGV[8]) and n > 1) do
   n = n - 1
 end
 for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ARGV[9]) end
-redis.call('PUBLISH', ARGV[4], seq .. ' ' .. ARGV[5] .. '\\n' .. msg)
+if ARGV[10] == 'P' then
+  redis.call('PUBLISH', ARGV[4], seq .. ' ' .. ARGV[5] .. '\\n' .. msg)
+elseif ARGV[10] == 'S' then
+  redis.call('SPUBLISH', ARGV[4], seq .. ' ' .. ARGV[5] .. '\\n' .. msg)
+end
 return {seq, 0}
 """
-# A Redis that restarted empty would count seq from 1 again, and nodes would
-# drop those messages as duplicates: each node first raises the seq to what it
-# has delivered, so a room's seq never goes backwards.
+# A Redis Cluster shard with replicas: publish, in seq order, every message up
+# to ARGV[1] not yet published. The caller's WAIT has seen its own write (seq
+# ARGV[1]) on the replicas, and every lower seq was written before it, so a
+# failover cannot take back anything published. Whoever flushes first
+# publishes the others' messages too: the channel never runs out of order.
+# KEYS: seq, history, order, published (the last seq published). ARGV: up to, channel, ttl
+FLUSH_SCRIPT = b"""
+local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
+local upto = math.min(tonumber(ARGV[1]), seq)
+local pub = tonumber(redis.call('GET', KEYS[4]) or '0')
+if upto <= pub then return 0 end
+local first = math.max(pub + 1, seq - redis.call('LLEN', KEYS[2]) + 1)
+local msgs = redis.call('LRANGE', KEYS[2], first - seq - 1, upto - seq - 1)
+local order = redis.call('LRANGE', KEYS[3], first - seq - 1, upto - seq - 1)
+for i = 1, #msgs do
+  local entry = order[i] or ''
+  local sp = string.find(entry, ' ', 1, true)
+  local sp2 = sp and string.find(entry, ' ', sp + 1, true)
+  local origin = sp2 and string.sub(entry, sp2 + 1) or '- 0'
+  redis.call('SPUBLISH', ARGV[2], (first + i - 1) .. ' ' .. origin .. '\\n' .. msgs[i])
+end
+redis.call('SET', KEYS[4], upto, 'EX', ARGV[3])
+return #msgs
+"""
+# A Redis that restarted empty (or a replica promoted before it had every write)
+# would count seq from a lower number again, and nodes would drop those
+# messages as duplicates: each node first raises the seq to what it has
+# delivered, so a room's seq never goes backwards. Nothing below the floor is
+# published again. KEYS: seq, published. ARGV: floor, ttl
 SEQ_FLOOR_SCRIPT = b"""
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-if cur < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+if cur < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+end
 return cur
 """
+# The room's seq and its last ARGV[1] messages. On a shard with replicas
+# (ARGV[2] empty) only up to the last seq published: a message no member has
+# been sent yet may still be lost in a failover, so no joiner sees it first.
+# KEYS: seq, history, published
 SNAPSHOT_SCRIPT = b"""
 local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
-return {seq, redis.call('LRANGE', KEYS[2], -tonumber(ARGV[1]), -1)}
+local upto = seq
+if ARGV[2] == '' then upto = math.min(seq, tonumber(redis.call('GET', KEYS[3]) or '0')) end
+if upto == 0 then return {0, {}} end
+return {upto, redis.call('LRANGE', KEYS[2], upto - seq - tonumber(ARGV[1]), upto - seq - 1)}
 """
 
+REDIS_NODE = re.compile(r"([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?")     # fullmatch
+REDIS_URL_FORM = "--redis must be redis://[:password@]host[:port][,host[:port]...][/db]"
 
-def parse_redis_url(url: str) -> tuple[str, int, int, str | None]:
-    """(host, port, db, password) from redis://[:password@]host[:port][/db]."""
-    try:                                # the URL may hold a password: never echo it
-        parts = urlsplit(url)
-        db = int(parts.path.lstrip("/") or 0)
-        port = parts.port or 6379
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme != "redis" or not parts.hostname:
-        raise ValueError("--redis must be redis://[:password@]host[:port][/db]")
-    return parts.hostname, port, db, parts.password
+
+def parse_redis_url(url: str) -> tuple[list, int, str | None]:
+    """([(host, port), ...], db, password) from redis://[:password@]host[:port][,host[:port]...][/db].
+
+    One node is a Redis; several are seeds of a Redis Cluster (any one finds the
+    rest). The URL may hold a password: no error echoes it.
+    """
+    scheme, sep, rest = url.partition("://")
+    netloc, _, db = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    nodes = []
+    for item in hosts.split(","):
+        found = REDIS_NODE.fullmatch(item)
+        if found is None:
+            raise ValueError(REDIS_URL_FORM)
+        port = int(found.group(2) or 6379)
+        if not 0 < port < 65536:
+            raise ValueError(REDIS_URL_FORM)
+        nodes.append((found.group(1).strip("[]"), port))
+    if scheme != "redis" or not sep or not (db.isascii() and db.isdigit() or db == ""):
+        raise ValueError(REDIS_URL_FORM)
+    password = userinfo.partition(":")[2] if at and ":" in userinfo else None
+    return nodes, int(db or 0), password or None
+
+
+CLUSTER_SLOTS = 16384
+
+
+def _crc16_table() -> list:
+    table = []
+    for byte in range(256):
+        crc = byte << 8
+        for _ in range(8):
+            crc = (crc << 1) ^ 0x1021 if crc & 0x8000 else crc << 1
+        table.append(crc & 0xFFFF)
+    return table
+
+
+CRC16_TABLE = _crc16_table()
+
+
+def key_slot(key: bytes) -> int:
+    """The Redis Cluster hash slot of a key: CRC16 (XMODEM) of its {hash tag} if it has one, mod 16384."""
+    start = key.find(b"{")
+    if start >= 0:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            key = key[start + 1:end]
+    crc = 0
+    for byte in key:
+        crc = ((crc << 8) & 0xFF00) ^ CRC16_TABLE[(crc >> 8) ^ byte]
+    return crc % CLUSTER_SLOTS
+
+
+class RedisNode:
+    """One Redis server of the bus: a command link and a subscriber link, replies matched in order."""
+
+    __slots__ = ("addr", "backoff", "callbacks", "cmd", "cmd_parser", "connected", "replicas", "sub",
+                 "sub_parser", "unsubscribing", "up")
+
+    def __init__(self, addr: tuple):
+        self.addr = addr
+        self.cmd = self.sub = None
+        self.cmd_parser = self.sub_parser = None
+        self.callbacks: deque = deque()     # (callback, sent_at) per command in flight
+        self.connected = 0                  # links connected
+        self.up = False                     # scripts loaded: messages may go here
+        self.replicas = 0                   # a cluster master's replicas: WAIT for them
+        self.backoff = 0.0
+        self.unsubscribing: dict = {}       # channel -> our unsubscribes not yet confirmed
+
+    def call(self, now: float, args: tuple, callback) -> None:
+        """Send a command; callback(reply) runs when its reply comes (None: only errors are logged)."""
+        self.cmd.write(resp_command(*args))
+        self.callbacks.append((callback, now))
+
+    def __repr__(self) -> str:
+        return f"{self.addr[0]}:{self.addr[1]}"
+
+
+# Replies of a Redis Cluster node that mean "not here, or not now": the message
+# was not run, so it is sent again (after the slot map is refreshed, if it moved).
+RETRY_LATER = ("TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN", "NOSCRIPT", "READONLY")
 
 
 class RedisBus(RemoteBus):
-    """Rooms shared by every node on one Redis: per-room channels, seq and history in Redis."""
+    """Rooms shared by every node on one Redis or one Redis Cluster.
+
+    A room's seq, history and channel live in one hash slot (the room is the
+    hash tag), so one script call sequences a message wherever the slot is.
+    On a cluster each master is a RedisNode: messages go to their slot's
+    master, in order per slot (the slot is the lane), following MOVED and ASK;
+    rooms are subscribed with SSUBSCRIBE on the master of their slot. A shard
+    with replicas publishes a message only once WAIT has seen it on them.
+    """
 
     def __init__(self, loop: Server, chat: Chat, url: str):
         super().__init__(loop, chat)
-        self.host, self.port, self.db, self.password = parse_redis_url(url)
+        self.seeds, self.db, self.password = parse_redis_url(url)
         self.prefix = "scalechat:"
         self.tag = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
-        self.cmd = self.sub = None
-        self.callbacks: deque = deque()     # (callback, sent_at) per command in flight
-        self.backoff = 0.0
+        self.cluster: bool | None = None    # None until the first node says
+        self.nodes: dict = {}               # (host, port) -> RedisNode: the masters in use
+        self.slots: list = []               # cluster: slot -> (host, port) of its master
+        self.subscribed: dict = {}          # room -> the RedisNode its channel is subscribed on
+        self.refreshing = False
+        self.seed_turn = 0
+        self.unflushed: dict = {}           # room -> seq its messages must still be published up to
         self.publish_sha = hashlib.sha1(PUBLISH_SCRIPT).hexdigest()
+        self.flush_sha = hashlib.sha1(FLUSH_SCRIPT).hexdigest()
         self.snapshot_sha = hashlib.sha1(SNAPSHOT_SCRIPT).hexdigest()
         self.floor_sha = hashlib.sha1(SEQ_FLOOR_SCRIPT).hexdigest()
-        self.connected_links = 0
         loop.every(1.0, self._keepalive)
-        self._connect()
+        loop.every(0.25, self._check_topology)
+        self._node(self.seeds[0])
 
-    # -- connection management
+    @property
+    def host(self) -> str:
+        return self.seeds[0][0]
 
-    def _connect(self) -> None:
-        self.cmd_parser, self.sub_parser = RespParser(), RespParser()
-        self.callbacks.clear()
-        self.connected_links = 0
-        self.cmd = Link.connect(self.loop, self.host, self.port, self._on_cmd_data, self._on_link_lost,
-                                self._on_link_connected)
-        self.sub = Link.connect(self.loop, self.host, self.port, self._on_sub_data, self._on_link_lost,
-                                self._on_link_connected)
+    @property
+    def port(self) -> int:
+        return self.seeds[0][1]
 
-    def _on_link_connected(self) -> None:
-        self.connected_links += 1
-        if self.connected_links < 2:
-            return
-        if self.password:
-            self.sub.write(resp_command("AUTH", self.password))   # its "+OK" is skipped
-            self._call(("AUTH", self.password), None)
-        if self.db:
-            self._call(("SELECT", self.db), None)
-        self._call(("SCRIPT", "LOAD", PUBLISH_SCRIPT), None)
-        self._call(("SCRIPT", "LOAD", SEQ_FLOOR_SCRIPT), None)
-        self._call(("SCRIPT", "LOAD", SNAPSHOT_SCRIPT), self._on_ready)
+    # -- where a room lives
 
-    def _on_ready(self, reply) -> None:
-        if isinstance(reply, RespError):
-            log.error("redis: cannot load scripts: %s", reply)
-            self._on_link_lost()            # e.g. LOADING while Redis reads its data: retry later
-            return
-        log.info("redis %s:%d connected", self.host, self.port)
-        self.backoff = 0.0
-        for room in self.chat.rooms.values():       # before held messages get their seq
-            if room.seq:
-                self._call(("EVALSHA", self.floor_sha, 1, self._keys(room.name)[0], room.seq,
-                            self.config.redis_room_ttl), None)
-        # Publishes the lost link never answered may or may not have run: send them again,
-        # first and in order, as resends, so the script drops those already in history.
-        inflight, self.inflight = self.inflight, deque()
-        self.inflight_bytes = 0
-        for msg in inflight:
-            msg.resend = True
-            self._send(msg)
-        self.set_up(True)
-        for room in self.chat.rooms.values():
-            self._subscribe(room)
+    def lane(self, room: str) -> int:
+        """A room's hash slot: its messages keep their order on the way to its master."""
+        return key_slot(room.encode()) if self.cluster else 0
 
-    def _on_link_lost(self) -> None:
-        if self.cmd is None:
-            return
-        was_up = self.up
-        self._drop_links()
-        if was_up:
-            log.warning("redis %s:%d lost: holding messages (at most %d for %gs)", self.host, self.port,
-                        self.config.bus_hold_count, self.config.bus_hold_seconds)
-        # Exponential backoff with full jitter, so a fleet does not reconnect in lockstep.
-        self.backoff = min(max(self.backoff * 2, 0.1), 5.0)
-        self.loop.call_later(self.backoff * (0.5 + 0.5 * int.from_bytes(os.urandom(2), "big") / 65535),
-                             self._connect)
+    def owner(self, slot: int) -> RedisNode | None:
+        """The node that holds a slot (the one Redis, when not a cluster)."""
+        if self.cluster:
+            return self.nodes.get(self.slots[slot]) if self.slots else None
+        return next(iter(self.nodes.values()), None) if self.cluster is False else None
 
-    def _drop_links(self) -> None:
-        self.set_up(False)
-        links, self.cmd, self.sub = (self.cmd, self.sub), None, None
-        for link in links:
-            if link is not None:
-                link.close()
-        for room in self.chat.rooms.values():
-            room.syncing = True             # catch up from history once back
-
-    def _keepalive(self) -> None:
-        if self.up and self.callbacks and self.loop.now - self.callbacks[0][1] > self.config.bus_timeout:
-            log.warning("redis: no reply for %.1fs", self.config.bus_timeout)
-            self._on_link_lost()
-        elif self.up and not self.callbacks:
-            self._call(("PING",), None)
-
-    def _call(self, args: tuple, callback) -> None:
-        self.cmd.write(resp_command(*args))
-        self.callbacks.append((callback, self.loop.now))
-
-    # -- bus face
+    def target(self, msg: Pending):
+        if msg.ask is not None:
+            node = self.nodes.get(msg.ask)
+        else:
+            if self.cluster and msg.lane == 0:      # held before the bus knew it was a cluster
+                msg.lane = self.lane(msg.room)
+            node = self.owner(msg.lane)
+        return node if node is not None and node.up else None
 
     def _keys(self, room: str) -> tuple[str, str, str]:
         """The room's seq and history keys and its channel (one hash slot: the room is the tag)."""
         p = f"{self.prefix}{{{room}}}"
         return p + ":seq", p + ":history", p
 
-    def send_publish(self, msg: Pending) -> None:
-        """One round trip: the script sequences, stores and publishes."""
-        seq_key, hist_key, channel = self._keys(msg.room)
-        cfg = self.config
-        self._call(("EVALSHA", self.publish_sha, 5, seq_key, hist_key, channel + ":index",
-                    channel + ":order", channel + ":bytes", msg.prefix, msg.suffix, cfg.history, channel,
-                    f"{self.tag} {msg.t0!r}", msg.key, "1" if msg.resend else "", cfg.room_history_bytes,
-                    cfg.redis_room_ttl), self._on_published)
+    # -- nodes: connect, lose, reconnect
 
-    def _on_published(self, reply) -> None:
+    def _node(self, addr: tuple) -> RedisNode:
+        node = self.nodes.get(addr)
+        if node is None:
+            node = self.nodes[addr] = RedisNode(addr)
+            self._connect(node)
+        return node
+
+    def _connect(self, node: RedisNode) -> None:
+        node.cmd_parser, node.sub_parser = RespParser(), RespParser()
+        node.callbacks.clear()
+        node.unsubscribing.clear()
+        node.connected = 0
+        host, port = node.addr
+        node.cmd = Link.connect(self.loop, host, port, lambda data: self._on_cmd_data(node, data),
+                                lambda: self._on_node_lost(node), lambda: self._on_link_connected(node))
+        node.sub = Link.connect(self.loop, host, port, lambda data: self._on_sub_data(node, data),
+                                lambda: self._on_node_lost(node), lambda: self._on_link_connected(node))
+
+    def _on_link_connected(self, node: RedisNode) -> None:
+        node.connected += 1
+        if node.connected < 2:
+            return
+        now = self.loop.now
+        if self.password:
+            node.sub.write(resp_command("AUTH", self.password))   # its "+OK" is skipped
+            node.call(now, ("AUTH", self.password), None)
+        if self.db and not self.cluster:
+            node.call(now, ("SELECT", self.db), None)
+        for script in (PUBLISH_SCRIPT, FLUSH_SCRIPT, SEQ_FLOOR_SCRIPT):
+            node.call(now, ("SCRIPT", "LOAD", script), None)
+        node.call(now, ("SCRIPT", "LOAD", SNAPSHOT_SCRIPT), lambda reply: self._on_scripts(node, reply))
+
+    def _on_scripts(self, node: RedisNode, reply) -> None:
         if isinstance(reply, RespError):
-            log.error("redis: publish failed: %s", reply)
-            self.on_answer(None)
+            log.error("redis %r: cannot load scripts: %s", node, reply)
+            self._on_node_lost(node)        # e.g. LOADING while Redis reads its data: retry later
+            return
+        if self.cluster is False:
+            self._node_up(node)
+        else:                               # unknown yet, or a cluster: learn where the slots are
+            self.refreshing = True
+            node.call(self.loop.now, ("CLUSTER", "SLOTS"), lambda r: self._on_slots(node, r))
+
+    def _node_up(self, node: RedisNode) -> None:
+        if node.up or self.nodes.get(node.addr) is not node:
+            return
+        log.info("redis %r connected%s", node, " (cluster master)" if self.cluster else "")
+        node.up = True
+        node.backoff = 0.0
+        for room in self.chat.rooms.values():       # before held messages get their seq
+            if room.seq and self.owner(self.lane(room.name)) is node:
+                seq_key, _, channel = self._keys(room.name)
+                node.call(self.loop.now, ("EVALSHA", self.floor_sha, 2, seq_key, channel + ":published",
+                                          room.seq, self.config.redis_room_ttl), None)
+        self._release_held()
+        self._subscribe_all()
+        self._update_up()
+
+    def _on_node_lost(self, node: RedisNode) -> None:
+        if node.cmd is None:
+            return
+        was_up = node.up
+        node.up = False
+        links, node.cmd, node.sub = (node.cmd, node.sub), None, None
+        for link in links:
+            link.close()
+        # Publishes it never answered may or may not have run: send them again, first and in
+        # order, as resends, so the script drops those already in history.
+        for msg in [m for m, where in self.inflight.items() if where is node]:
+            self.send_again(msg)
+        for name in [r for r, n in self.subscribed.items() if n is node]:
+            del self.subscribed[name]
+            room = self.chat.rooms.get(name)
+            if room is not None:
+                room.syncing = True         # catch up from history once subscribed again
+        self._update_up()
+        if was_up:
+            log.warning("redis %r lost: holding its messages (at most %d for %gs)", node,
+                        self.config.bus_hold_count, self.config.bus_hold_seconds)
+        if self.cluster:
+            self.refreshing = False         # an answer from it will not come
+        # Exponential backoff with full jitter, so a fleet does not reconnect in lockstep.
+        node.backoff = min(max(node.backoff * 2, 0.1), 5.0)
+        self.loop.call_later(node.backoff * (0.5 + 0.5 * int.from_bytes(os.urandom(2), "big") / 65535),
+                             lambda: self._reconnect(node))
+
+    def _reconnect(self, node: RedisNode) -> None:
+        if self.nodes.get(node.addr) is node and node.cmd is None:
+            self._connect(node)
+
+    def _update_up(self) -> None:
+        if self.cluster:
+            up = bool(self.slots) and None not in self.slots and all(
+                self.nodes.get(addr) is not None and self.nodes[addr].up for addr in set(self.slots))
         else:
-            self.on_answer(int(reply[0]), bool(reply[1]))
+            up = any(n.up for n in self.nodes.values())
+        if up != self.up:
+            self.set_up(up)
+
+    # -- the cluster's slot map
+
+    def _check_topology(self) -> None:
+        """While a cluster master is unreachable (or a reply said the map moved), ask again."""
+        if self.cluster and not self.refreshing and not self.up:
+            self._refresh()
+
+    def _refresh(self) -> None:
+        if not self.cluster or self.refreshing:
+            return
+        node = next((n for n in self.nodes.values() if n.up), None)
+        if node is not None:
+            self.refreshing = True
+            node.call(self.loop.now, ("CLUSTER", "SLOTS"), lambda reply: self._on_slots(node, reply))
+            return
+        # No master answers: try the seeds (and the masters it knew) in turn.
+        known = [*self.seeds, *(a for a in dict.fromkeys(self.slots) if a is not None)]
+        addr = known[self.seed_turn % len(known)]
+        self.seed_turn += 1
+        if addr not in self.nodes:
+            self._node(addr)
+
+    def _on_slots(self, asked: RedisNode, reply) -> None:
+        self.refreshing = False
+        if isinstance(reply, RespError):
+            if self.cluster is None and "cluster support disabled" in str(reply):
+                self.cluster = False        # one Redis
+                for addr in [a for a in self.nodes if a != asked.addr]:
+                    self._drop(self.nodes[addr])
+                self._node_up(asked)
+            else:
+                log.warning("redis %r: CLUSTER SLOTS: %s", asked, reply)
+            return
+        slots, replicas = [None] * CLUSTER_SLOTS, {}
+        for entry in reply:
+            host = entry[2][0].decode() or asked.addr[0]
+            addr = (host, int(entry[2][1]))
+            slots[int(entry[0]):int(entry[1]) + 1] = [addr] * (int(entry[1]) - int(entry[0]) + 1)
+            replicas[addr] = len(entry) - 3
+        first = self.cluster is None
+        self.cluster = True
+        self.slots = slots
+        if first:
+            log.info("redis: a cluster of %d masters", len(replicas))
+            for msg in self.held:           # held before the bus knew: their lanes are slots now
+                msg.lane = self.lane(msg.room)
+            self.held_lanes = {}
+            for msg in (*self.held, *self.retry):
+                self.held_lanes[msg.lane] = self.held_lanes.get(msg.lane, 0) + 1
+        for addr, n in replicas.items():
+            self._node(addr).replicas = n
+        for addr in [a for a in self.nodes if a not in replicas]:
+            self._drop(self.nodes[addr])    # no longer a master: e.g. failed over
+        for name, node in list(self.subscribed.items()):
+            if self.owner(self.lane(name)) is not node:     # the slot moved: subscribe at its master
+                self._unsubscribe(node, name)
+        for msg in self.held:
+            msg.ask = None                  # the map now says where each slot is
+        if asked.addr in replicas:
+            self._node_up(asked)
+        self._subscribe_all()
+        self._release_held()
+        self._update_up()
+
+    def _drop(self, node: RedisNode) -> None:
+        """Stop using a node: what it has in flight goes elsewhere, as resends."""
+        if self.nodes.get(node.addr) is node:
+            del self.nodes[node.addr]
+        self._on_node_lost(node)
+
+    def _redirected(self, node: RedisNode, msg: Pending, error: RespError) -> bool:
+        """Follow a cluster's answer that msg belongs elsewhere, or later; False if it is a real error."""
+        text = str(error)
+        kind = text.split(" ", 1)[0]
+        if kind in ("MOVED", "ASK"):
+            _, slot, where = text.split(" ")
+            host, _, port = where.rpartition(":")
+            addr = (host or node.addr[0], int(port))
+            self._node(addr)
+            if kind == "MOVED":
+                self.slots[int(slot)] = addr
+                msg.ask = None
+                self._refresh()
+            else:
+                msg.ask = addr
+            self.send_again(msg)
+            return True
+        if kind in RETRY_LATER:
+            if kind in ("CLUSTERDOWN", "READONLY", "MASTERDOWN"):
+                self._refresh()
+            elif kind == "NOSCRIPT":
+                for script in (PUBLISH_SCRIPT, FLUSH_SCRIPT, SEQ_FLOOR_SCRIPT, SNAPSHOT_SCRIPT):
+                    node.call(self.loop.now, ("SCRIPT", "LOAD", script), None)
+            msg.ask = None
+            self.send_again(msg, delay=0.05)
+            return True
+        return False
+
+    def _keepalive(self) -> None:
+        for node in list(self.nodes.values()):
+            if node.cmd is None or node.connected < 2:
+                continue
+            if node.callbacks and self.loop.now - node.callbacks[0][1] > self.config.bus_timeout:
+                log.warning("redis %r: no reply for %.1fs", node, self.config.bus_timeout)
+                self._on_node_lost(node)
+            elif node.up and not node.callbacks:
+                node.call(self.loop.now, ("PING",), None)
+
+    # -- bus face
+
+    def send_publish(self, msg: Pending, node: RedisNode) -> None:
+        """One script call sequences and stores (and publishes, unless replicas must have it first)."""
+        seq_key, hist_key, channel = self._keys(msg.room)
+        cfg, now, attempt = self.config, self.loop.now, msg.attempt
+        wait = self.cluster and node.replicas
+        if msg.ask is not None:
+            node.call(now, ("ASKING",), None)
+        node.call(now, ("EVALSHA", self.publish_sha, 5, seq_key, hist_key, channel + ":index",
+                        channel + ":order", channel + ":bytes", msg.prefix, msg.suffix, cfg.history, channel,
+                        f"{self.tag} {msg.t0!r}", msg.key, "1" if msg.resend else "", cfg.room_history_bytes,
+                        cfg.redis_room_ttl, "" if wait else "S" if self.cluster else "P"),
+                  lambda reply: self._on_published(node, msg, attempt, reply, wait))
+        if wait:
+            node.call(now, ("WAIT", node.replicas, cfg.redis_wait_ms),
+                      lambda reply: self._on_replicated(node, msg, attempt, reply))
+
+    def _current(self, node: RedisNode, msg: Pending, attempt: int) -> bool:
+        return msg.attempt == attempt and self.inflight.get(msg) is node
+
+    def _on_published(self, node: RedisNode, msg: Pending, attempt: int, reply, wait: bool) -> None:
+        if not self._current(node, msg, attempt):
+            return
+        if isinstance(reply, RespError):
+            if not self._redirected(node, msg, reply):
+                log.error("redis %r: publish failed: %s", node, reply)
+                self.on_answer(msg, None)
+        elif wait:
+            msg.seq, msg.duplicate = int(reply[0]), bool(reply[1])     # answered once replicated
+        else:
+            self.on_answer(msg, int(reply[0]), bool(reply[1]))
+
+    def _on_replicated(self, node: RedisNode, msg: Pending, attempt: int, reply) -> None:
+        if not self._current(node, msg, attempt) or not msg.seq:
+            return
+        if not isinstance(reply, int) or reply < node.replicas:
+            self.loop.stats.bus_unreplicated += 1   # published anyway: a failover now could lose it
+        self._flush_room(node, msg.room, msg.seq, asking=msg.ask is not None)
+        self.on_answer(msg, msg.seq, msg.duplicate)
+
+    def _flush_room(self, node: RedisNode, room: str, upto: int, asking: bool = False) -> None:
+        """Publish room's messages up to seq upto (FLUSH_SCRIPT) on node; if that fails, again soon."""
+        seq_key, hist_key, channel = self._keys(room)
+        if asking:
+            node.call(self.loop.now, ("ASKING",), None)
+        node.call(self.loop.now, ("EVALSHA", self.flush_sha, 4, seq_key, hist_key, channel + ":order",
+                                  channel + ":published", upto, channel, self.config.redis_room_ttl),
+                  lambda reply: self._on_flushed(node, room, upto, reply))
+
+    def _on_flushed(self, node: RedisNode, room: str, upto: int, reply) -> None:
+        if not isinstance(reply, RespError):
+            return
+        text = str(reply)
+        if text.startswith("ASK "):         # mid-migration: the keys are already on the target
+            host, _, port = text.split(" ")[2].rpartition(":")
+            target = self.nodes.get((host or node.addr[0], int(port)))
+            if target is not None and target.up:
+                self._flush_room(target, room, upto, asking=True)
+                return
+        # The message is acked and in history: it must still reach the room's members.
+        # One retry timer for every room (the highest seq each), whatever the outage's length.
+        if not self.unflushed:
+            self.loop.call_later(0.05, self._retry_flushes)
+        self.unflushed[room] = max(upto, self.unflushed.get(room, 0))
+        if text.startswith(("MOVED ", "CLUSTERDOWN", "READONLY")):
+            self._refresh()
+
+    def _retry_flushes(self) -> None:
+        pending, self.unflushed = self.unflushed, {}
+        for room, upto in pending.items():
+            node = self.owner(self.lane(room))
+            if node is not None and node.up:
+                self._flush_room(node, room, upto)
+            else:
+                if not self.unflushed:
+                    self.loop.call_later(0.05, self._retry_flushes)
+                self.unflushed[room] = upto
 
     def room_opened(self, room: Room) -> None:
-        """Subscribe to the room's channel; a snapshot follows the confirmation."""
-        if self.up:
-            self._subscribe(room)
-        else:
-            room.syncing = True
-
-    def _subscribe(self, room: Room) -> None:
+        """Subscribe to the room's channel on its node; a snapshot follows the confirmation."""
         room.syncing = True
-        self.sub.write(resp_command("SUBSCRIBE", self._keys(room.name)[2]))
+        self._subscribe(room.name)
+
+    def _subscribe_all(self) -> None:
+        for name in self.chat.rooms:
+            if name not in self.subscribed:
+                self._subscribe(name)
+
+    def _subscribe(self, name: str) -> None:
+        node = self.owner(self.lane(name))
+        if node is None or not node.up or name in self.subscribed:
+            return
+        room = self.chat.rooms.get(name)
+        if room is not None:
+            room.syncing = True
+        self.subscribed[name] = node
+        node.sub.write(resp_command("SSUBSCRIBE" if self.cluster else "SUBSCRIBE", self._keys(name)[2]))
+
+    def _unsubscribe(self, node: RedisNode, name: str) -> None:
+        if self.subscribed.get(name) is node:
+            del self.subscribed[name]
+        if node.up:
+            channel = self._keys(name)[2].encode()
+            node.unsubscribing[channel] = node.unsubscribing.get(channel, 0) + 1
+            node.sub.write(resp_command("SUNSUBSCRIBE" if self.cluster else "UNSUBSCRIBE", channel))
 
     def room_closed(self, room: Room) -> None:
         """Unsubscribe: this node stops receiving the room's traffic."""
-        if self.up:
-            self.sub.write(resp_command("UNSUBSCRIBE", self._keys(room.name)[2]))
+        node = self.subscribed.get(room.name)
+        if node is not None:
+            self._unsubscribe(node, room.name)
 
     def resync(self, room: Room) -> None:
         """Fetch the room's recent history to fill a gap."""
-        if self.up and not room.syncing:
+        if not room.syncing and room.name in self.subscribed:
             room.syncing = True
             self._request_snapshot(room.name)
 
     def _request_snapshot(self, room: str) -> None:
-        seq_key, hist_key, _ = self._keys(room)
-        self._call(("EVALSHA", self.snapshot_sha, 2, seq_key, hist_key, self.config.history),
-                   lambda reply: self._on_snapshot(room, reply))
+        node = self.subscribed.get(room)
+        if node is None or not node.up:
+            return                          # asked again once subscribed
+        seq_key, hist_key, channel = self._keys(room)
+        node.call(self.loop.now, ("EVALSHA", self.snapshot_sha, 3, seq_key, hist_key, channel + ":published",
+                                  self.config.history, "" if self.cluster and node.replicas else "1"),
+                  lambda reply: self._on_snapshot(node, room, reply))
 
-    def _on_snapshot(self, room: str, reply) -> None:
+    def _on_snapshot(self, node: RedisNode, room: str, reply) -> None:
         if isinstance(reply, RespError):
-            log.error("redis: snapshot of %s failed: %s", room, reply)
+            log.warning("redis %r: snapshot of %s failed: %s", node, room, reply)
+            if self.subscribed.get(room) is node:
+                self._unsubscribe(node, room)       # subscribed again where the map says
+                self._refresh()
             return
         self.chat.on_snapshot(room, int(reply[0]), reply[1])
 
     # -- replies
 
-    def _on_cmd_data(self, data: bytes) -> None:
-        for reply in self.cmd_parser.feed(data):
-            if not self.callbacks:
+    def _on_cmd_data(self, node: RedisNode, data: bytes) -> None:
+        for reply in node.cmd_parser.feed(data):
+            if not node.callbacks:
                 continue
-            callback, _ = self.callbacks.popleft()
+            callback, _ = node.callbacks.popleft()
             if callback is not None:
                 callback(reply)
             elif isinstance(reply, RespError):
-                log.error("redis: %s", reply)
+                log.error("redis %r: %s", node, reply)
 
-    def _on_sub_data(self, data: bytes) -> None:
+    def _on_sub_data(self, node: RedisNode, data: bytes) -> None:
         plen = len(self.prefix) + 1
-        for reply in self.sub_parser.feed(data):
+        for reply in node.sub_parser.feed(data):
             if not isinstance(reply, list):
                 continue                    # AUTH's answer
             kind = reply[0]
-            if kind == b"message":
+            if kind == b"message" or kind == b"smessage":
                 head, _, payload = reply[2].partition(b"\n")
                 seq, tag, t0 = head.split(b" ", 2)
                 room = reply[1][plen:-1].decode()
                 mine = tag.decode() == self.tag
                 self.chat.on_bus_message(room, int(seq), payload, float(t0) if mine else None)
-            elif kind == b"subscribe":
+            elif kind == b"subscribe" or kind == b"ssubscribe":
                 room = self.chat.rooms.get(reply[1][plen:-1].decode())
-                if room is not None and room.syncing:
+                if room is not None and room.syncing and self.subscribed.get(room.name) is node:
                     self._request_snapshot(room.name)
+            elif kind == b"sunsubscribe" or kind == b"unsubscribe":
+                channel = reply[1]
+                ours = node.unsubscribing.get(channel, 0)
+                if ours > 1:
+                    node.unsubscribing[channel] = ours - 1
+                elif ours:
+                    del node.unsubscribing[channel]
+                else:                       # the cluster moved the slot away: subscribe at its new master
+                    name = channel[plen:-1].decode()
+                    if self.subscribed.get(name) is node:
+                        del self.subscribed[name]
+                        room = self.chat.rooms.get(name)
+                        if room is not None:
+                            room.syncing = True
+                    self._refresh()
 
 
 # ---------------------------------------------------------------------------
@@ -1817,7 +2288,7 @@ class Stats:
 
     COUNTERS = ("connections", "connections_total", "messages_in", "deliveries", "bytes_in",
                 "bytes_out", "draining", "rooms", "bus_up", "gc_frozen", "internal_errors", "history_bytes",
-                "sequenced_rooms")
+                "sequenced_rooms", "bus_unreplicated")
     TABLES = ("dropped", "protocol_errors", "refused", "http_requests")
     HISTOGRAMS = ("broadcast", "loop_lag", "gc0", "gc1", "gc2")
 
@@ -3042,7 +3513,9 @@ class StatsCollector:
                 ("scalechat_bytes_received", "Bytes read from client sockets", s.bytes_in),
                 ("scalechat_bytes_sent", "Bytes written to client sockets", s.bytes_out),
                 ("scalechat_internal_errors", "Exceptions caught by the loop's barriers (a bug: see the log)",
-                 s.internal_errors)):
+                 s.internal_errors),
+                ("scalechat_bus_unreplicated", ("Messages a Redis Cluster shard published before its replicas "
+                                                "confirmed them (WAIT timed out)"), s.bus_unreplicated)):
             yield CounterMetricFamily(name, doc, value=value)
         for name, doc, label, values in (
                 ("scalechat_dropped_clients", "Clients cut off by the server", "reason", s.dropped),
@@ -3123,7 +3596,8 @@ SETTINGS = (
     ("metrics-host", str, "127.0.0.1", "address for the metrics port (loopback: only this host scrapes)"),
     ("metrics-port", int, 8081, "Prometheus metrics port (0 disables metrics)"),
     ("workers", str, "1", "server processes sharing the port ('auto': one per core)"),
-    ("redis", str, "", "redis://host:port/db: share rooms with every instance on this Redis"),
+    ("redis", str, "", ("redis://host:port/db: share rooms with every instance on this Redis; "
+                        "redis://host:port,host:port,.../0: on this Redis Cluster (any node finds the rest)")),
     ("static-dir", str, os.path.join(os.path.dirname(os.path.abspath(__file__)), "static"),
      "folder served at / and /static/"),
     ("max-message-size", int, 65536, "largest message text in UTF-8 bytes"),
@@ -3153,6 +3627,8 @@ SETTINGS = (
     ("bus-hold-bytes", int, 16 << 20, ("bytes of messages held while the bus is down, and, apart, sent "
      "to it but not yet answered, at most")),
     ("redis-room-ttl", int, 86400, "seconds after its last message that Redis forgets a room"),
+    ("redis-wait-ms", int, 500, ("milliseconds a Redis Cluster shard waits for its replicas to confirm a "
+                                 "message before publishing it anyway")),
     ("bus-timeout", float, 5.0, "seconds without a Redis reply before the link counts as lost"),
     ("gc-freeze", "bool", True, ("after each full garbage collection, freeze the survivors so the "
      "next one does not walk every connection again")),
@@ -3226,7 +3702,7 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
     for flag in ("max-message-size", "max-header-size", "history", "max-buffer", "bus-hold-count",
                  "handshake-timeout", "ping-interval", "pong-timeout", "write-timeout",
                  "close-timeout", "drain-timeout", "bus-hold-seconds", "bus-timeout", "room-history-bytes",
-                 "bus-hold-bytes", "redis-room-ttl"):
+                 "bus-hold-bytes", "redis-room-ttl", "redis-wait-ms"):
         if getattr(args, flag.replace("-", "_")) <= 0:
             parser.error(f"--{flag} must be positive")
     if args.rate_limit < 0 or args.rate_burst < 1:

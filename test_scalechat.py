@@ -76,6 +76,7 @@ from scalechat import (
     encode_close,
     encode_frame,
     http_response,
+    key_slot,
     mask,
     max_frame_size,
     new_key,
@@ -84,6 +85,7 @@ from scalechat import (
     parse_chat_message,
     parse_close,
     parse_handshake_response,
+    parse_redis_url,
     parse_request_head,
     parse_snapshot,
     record,
@@ -1579,3 +1581,38 @@ def test_take_request_head_waits_for_the_blank_line_and_refuses_past_the_limit()
         with pytest.raises(HandshakeError) as e:
             take_request_head(buf + b"x" * 8, len(head) - 1)
         assert (e.value.status, e.value.counter) == (431, "header_too_large")
+
+
+# ---------------------------------------------------------------------------
+# Redis Cluster: where a room lives, and the --redis URL
+# ---------------------------------------------------------------------------
+
+def test_key_slot_is_redis_clusters_crc16_of_the_hash_tag():
+    """Values from the Redis Cluster specification and `CLUSTER KEYSLOT`; a room's keys share its slot."""
+    assert key_slot(b"123456789") == 0x31C3                 # the spec's CRC16 check value
+    assert key_slot(b"foo") == 12182 and key_slot(b"bar") == 5061
+    assert key_slot(b"{user1000}.following") == key_slot(b"{user1000}.followers") == key_slot(b"user1000")
+    assert key_slot(b"foo{}{bar}") == key_slot(b"foo{}{bar}")   # an empty tag: the whole key
+    assert key_slot(b"foo{}{bar}") != key_slot(b"bar")
+    assert key_slot(b"foo{{bar}}zap") == key_slot(b"{bar")      # the first { to the first } after it
+    for room in ("lobby", "r.1", "x" * 64):
+        assert len({key_slot(f"scalechat:{{{room}}}{suffix}".encode())
+                    for suffix in (":seq", ":history", ":index", ":order", ":bytes", ":published", "")}) == 1
+
+
+@pytest.mark.parametrize(("url", "parsed"), [
+    ("redis://localhost", ([("localhost", 6379)], 0, None)),
+    ("redis://:secret@10.0.0.1:7000/2", ([("10.0.0.1", 7000)], 2, "secret")),
+    ("redis://a:7000,b:7001,[::1]:7002/0", ([("a", 7000), ("b", 7001), ("::1", 7002)], 0, None)),
+    ("redis://user:pw@a,b", ([("a", 6379), ("b", 6379)], 0, "pw")),
+])
+def test_redis_url_names_one_redis_or_the_seeds_of_a_cluster(url, parsed):
+    assert parse_redis_url(url) == parsed
+
+
+@pytest.mark.parametrize("url", ["http://a", "redis://", "redis://a,", "redis://a:0", "redis://a:70000",
+                                 "redis://a:1/x", "redis://a b", "redis://:s3cret@a:1/x", "redis:/a"])
+def test_bad_redis_urls_are_refused_without_echoing_them(url):
+    with pytest.raises(ValueError) as e:
+        parse_redis_url(url)
+    assert "s3cret" not in str(e.value) and "redis://[:password@]host" in str(e.value)
