@@ -1,0 +1,1005 @@
+"""--redis on a Redis Cluster (issue 15): real cluster, real processes, real faults.
+
+The tests start their own cluster: six Debian redis-server processes (three
+masters, three replicas) on free loopback ports, joined with
+`redis-cli --cluster create`, once for the module (RedisCluster below). Against
+it run two scale-chat instances, one of them with --workers 2, each given a
+different part of the node list (any node is enough to find the rest).
+
+loadclient.py runs its load through SpreadingProxy, a loopback TCP proxy that
+sends client c<i> to instance (i // rooms) % 2, so every room has members on
+both instances. Its room names are chosen so that the rooms cover all three
+shards. The checks, from the summary, csvprocess.py and the CSV itself:
+delivery ratio 1.0, no duplicate, no reconnect, and per room one contiguous
+seq order 1..N that every member saw and that the room's history replays.
+The same holds when a busy room's master is SIGKILLed mid-run (its replica
+takes over) and when a busy room's slot is migrated key batch by key batch
+mid-run. Member counts (welcome.members, members frames) are the room's
+member count over every instance and worker within MEMBERS_STALENESS.
+
+test_harness_fails_over_and_migrates checks the cluster harness on its own,
+with no scale-chat process.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import websocket
+
+import csvprocess
+from conftest import HERE, ServerProc, free_port, start_server
+
+NODE_TIMEOUT_MS = 1000          # cluster-node-timeout: how soon a dead master is failed over
+MEMBERS_STALENESS = 3.0         # seconds a member count may lag the room's real membership
+MEMBERS_COALESCING = 1.0        # members frames come at most about once a second per room
+SERVER_ARGS = ("--drain-timeout", "2", "--log-level", "WARNING")
+LOADCLIENT = os.path.join(HERE, "loadclient.py")
+SLOTS = 16384
+
+
+# ---------------------------------------------------------------------------
+# Talking to Redis: a small RESP client, and the cluster's key slots
+# ---------------------------------------------------------------------------
+
+class RedisError(Exception):
+    """An error reply (-ERR, -MOVED, -BUSYKEY, ...)."""
+
+
+def _encode(args: tuple) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def _reply(f):
+    line = f.readline()
+    if not line.endswith(b"\r\n"):
+        raise ConnectionError("connection closed by Redis")
+    kind, rest = line[:1], line[1:-2]
+    if kind == b"+":
+        return rest.decode()
+    if kind == b"-":
+        raise RedisError(rest.decode())
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        n = int(rest)
+        return None if n < 0 else f.read(n + 2)[:-2].decode()
+    if kind == b"*":
+        n = int(rest)
+        return None if n < 0 else [_reply(f) for _ in range(n)]
+    raise ConnectionError(f"unexpected reply {line!r}")
+
+
+def command(port: int, *args, timeout: float = 5.0, asking: bool = False):
+    """One command to the Redis on 127.0.0.1:port and its reply; RedisError for an error reply.
+    asking: send ASKING first on the same connection (after an -ASK redirection)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall((_encode(("ASKING",)) if asking else b"") + _encode(args))
+        with sock.makefile("rb") as f:
+            if asking:
+                _reply(f)
+            return _reply(f)
+
+
+def redirected(port: int, *args, timeout: float = 5.0):
+    """One command sent to port first, then wherever -MOVED or -ASK points (as a cluster
+    client does), again after -TRYAGAIN; the reply."""
+    asking = False
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return command(port, *args, asking=asking)
+        except RedisError as e:
+            kind, *rest = str(e).split()
+            if time.monotonic() > deadline or kind not in ("MOVED", "ASK", "TRYAGAIN"):
+                raise
+            if kind == "TRYAGAIN":
+                time.sleep(0.01)
+            else:
+                port, asking = int(rest[1].rsplit(":", 1)[1]), kind == "ASK"
+
+
+def crc16(data: bytes) -> int:
+    """CRC16-CCITT (XMODEM), the checksum of Redis Cluster key slots."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc
+
+
+def key_slot(key: str) -> int:
+    """The hash slot of key, hash tag included, computed here (CLUSTER KEYSLOT agrees)."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            key = key[start + 1:end]
+    return crc16(key.encode()) % SLOTS
+
+
+def room_key(room: str) -> str:
+    """A key of room's state (the contract: keys scalechat:{<room>}:...)."""
+    return f"scalechat:{{{room}}}:seq"
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Poll predicate until it returns something true (errors from Redis count as false)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except (OSError, RedisError):
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}")
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------------------
+# The cluster
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Node:
+    """One redis-server of the cluster; its port and files stay the same across restarts."""
+    index: int
+    port: int
+    bus_port: int
+    workdir: str
+    proc: subprocess.Popen | None = None
+    id: str = ""
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def __repr__(self) -> str:
+        return f"node{self.index}(:{self.port})"
+
+
+@dataclass
+class View:
+    """One line of CLUSTER NODES: a node as another node sees it."""
+    id: str
+    port: int
+    flags: set
+    master_id: str
+    slots: list = field(default_factory=list)       # (first, last) ranges
+
+    @property
+    def is_master(self) -> bool:
+        return "master" in self.flags
+
+    @property
+    def failing(self) -> bool:
+        return bool(self.flags & {"fail", "fail?", "handshake", "noaddr"})
+
+    def owns(self, slot: int) -> bool:
+        return any(first <= slot <= last for first, last in self.slots)
+
+
+def parse_cluster_nodes(text: str) -> list[View]:
+    views = []
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        address = fields[1].split(",")[0].split("@")[0]
+        slots = []
+        for item in fields[8:]:
+            if item.startswith("["):         # a slot being migrated or imported
+                continue
+            first, _, last = item.partition("-")
+            slots.append((int(first), int(last or first)))
+        views.append(View(fields[0], int(address.rsplit(":", 1)[1]), set(fields[2].split(",")),
+                          fields[3], slots))
+    return views
+
+
+@dataclass
+class Migration:
+    slot: int
+    source: Node
+    target: Node
+    keys: int                   # keys moved by MIGRATE
+    batches: int
+    seconds: float
+
+
+class RedisCluster:
+    """A private Redis Cluster: masters x (1 + replicas) redis-server processes on loopback.
+
+    Nodes keep their index, port and files for the module; a killed node can
+    be started again (revive) and rejoins as a replica of whoever took over.
+    """
+
+    def __init__(self, masters: int = 3, replicas: int = 1):
+        self.masters_wanted, self.replicas_wanted = masters, replicas
+        self.workdir = tempfile.mkdtemp(prefix="scalechat-cluster-")
+        self.nodes: list[Node] = []
+        for i in range(masters * (1 + replicas)):
+            workdir = os.path.join(self.workdir, f"node{i}")
+            os.mkdir(workdir)
+            port = free_port()
+            bus_port = free_port()
+            while bus_port == port or any(bus_port in (n.port, n.bus_port) or port in (n.port, n.bus_port)
+                                          for n in self.nodes):
+                port, bus_port = free_port(), free_port()
+            self.nodes.append(Node(i, port, bus_port, workdir))
+        self.created_in: float | None = None
+
+    # -- processes -----------------------------------------------------------
+    def _spawn(self, node: Node) -> None:
+        node.proc = subprocess.Popen(
+            ["redis-server", "--port", str(node.port), "--bind", "127.0.0.1", "--protected-mode", "no",
+             "--cluster-enabled", "yes", "--cluster-port", str(node.bus_port),
+             "--cluster-config-file", os.path.join(node.workdir, "nodes.conf"),
+             "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+             "--cluster-replica-validity-factor", "0",       # a replica may always take over
+             "--cluster-allow-replica-migration", "no",       # the topology changes only when told
+             "--repl-diskless-sync-delay", "0",                # replicas sync at once
+             "--save", "", "--appendonly", "no", "--dir", node.workdir,
+             "--logfile", os.path.join(node.workdir, "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: node.alive and command(node.port, "PING") == "PONG", 10, f"{node} to answer")
+        node.id = command(node.port, "CLUSTER", "MYID")
+
+    def start(self) -> float:
+        """Start every node, create the cluster, wait until it is whole; the seconds it took."""
+        started = time.monotonic()
+        for node in self.nodes:
+            self._spawn(node)
+        created = subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+             "--cluster-replicas", str(self.replicas_wanted), "--cluster-yes"],
+            check=False, capture_output=True, text=True, timeout=60)
+        assert created.returncode == 0, created.stdout + created.stderr
+        self.wait_whole()
+        self.created_in = time.monotonic() - started
+        return self.created_in
+
+    def close(self) -> None:
+        """SIGKILL every node and remove every file."""
+        for node in self.nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.proc.kill()
+                node.proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def live(self) -> list[Node]:
+        return [n for n in self.nodes if n.alive]
+
+    def node(self, port: int) -> Node:
+        return next(n for n in self.nodes if n.port == port)
+
+    # -- what the nodes say ----------------------------------------------------
+    def views(self, node: Node) -> list[View]:
+        return parse_cluster_nodes(command(node.port, "CLUSTER", "NODES"))
+
+    def info(self, node: Node, *section: str) -> dict[str, str]:
+        text = command(node.port, "CLUSTER", "INFO") if not section else command(node.port, "INFO", *section)
+        return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+    def slot_map(self, node: Node) -> tuple:
+        """(first, last, master port) of every slot range, as node sees them."""
+        return tuple(sorted((first, last, v.port) for v in self.views(node) if v.is_master
+                            for first, last in v.slots))
+
+    def agreed(self) -> tuple | None:
+        """The slot map if every live node is in state ok and sees the same map, every slot
+        owned by a live node that no live node thinks is failing; else None."""
+        live = self.live()
+        ports = {n.port for n in live}
+        maps = set()
+        for node in live:
+            if self.info(node).get("cluster_state") != "ok":
+                return None
+            views = self.views(node)
+            if any(v.failing for v in views if v.port in ports):
+                return None
+            maps.add(self.slot_map(node))
+        if len(maps) != 1:
+            return None
+        (slot_map,) = maps
+        covered = sum(last - first + 1 for first, last, _ in slot_map)
+        return slot_map if covered == SLOTS and all(port in ports for _, _, port in slot_map) else None
+
+    def whole(self) -> bool:
+        """Every node up, the map agreed, and every master with its replicas linked and synced."""
+        if len(self.live()) != len(self.nodes) or not self.agreed():
+            return False
+        views = self.views(self.nodes[0])
+        masters = [v for v in views if v.is_master and v.slots]
+        if len(masters) != self.masters_wanted:
+            return False
+        for m in masters:
+            replicas = [v for v in views if v.master_id == m.id]
+            if len(replicas) != self.replicas_wanted:
+                return False
+            for r in replicas:
+                if self.info(self.node(r.port), "replication").get("master_link_status") != "up":
+                    return False
+        return True
+
+    def wait_whole(self, timeout: float = 30) -> None:
+        wait_for(self.whole, timeout, "the cluster to be whole: every node up, linked and agreed")
+
+    # -- the harness API ---------------------------------------------------------
+    def url(self, *indexes: int) -> str:
+        """redis://127.0.0.1:p1,127.0.0.1:p2/0 for some of the nodes (default: the first two)."""
+        chosen = [self.nodes[i] for i in (indexes or (0, 1))]
+        return "redis://" + ",".join(f"127.0.0.1:{n.port}" for n in chosen) + "/0"
+
+    def slot_of(self, key: str) -> int:
+        """CLUSTER KEYSLOT key, asked of a live node."""
+        return command(self.live()[0].port, "CLUSTER", "KEYSLOT", key)
+
+    def room_slot(self, room: str) -> int:
+        """The slot of room's keys and channel (its hash tag), computed here."""
+        return key_slot(room_key(room))
+
+    def masters(self) -> list[Node]:
+        """The live masters that own slots, in node order."""
+        views = self.views(self.live()[0])
+        ports = {v.port for v in views if v.is_master and v.slots and not v.failing}
+        return [n for n in self.live() if n.port in ports]
+
+    def master_of(self, slot: int) -> Node:
+        """The node that owns slot, as a live node sees it."""
+        (port,) = {v.port for v in self.views(self.live()[0]) if v.is_master and v.owns(slot)}
+        return self.node(port)
+
+    def replicas_of(self, master: Node) -> list[Node]:
+        views = self.views(self.live()[0])
+        return [self.node(v.port) for v in views if v.master_id == master.id]
+
+    def shard_nodes(self, slot: int) -> list[Node]:
+        """The master of slot and its live replicas."""
+        master = self.master_of(slot)
+        return [master] + [n for n in self.replicas_of(master) if n.alive]
+
+    def kill_master(self, slot: int, timeout: float = 30) -> float:
+        """SIGKILL the master owning slot; return the seconds until its replica owns the slot
+        in every live node's view and every live node says cluster_state:ok."""
+        master = self.master_of(slot)
+        replicas = self.replicas_of(master)
+        assert replicas, f"{master} has no replica to take over"
+        started = time.monotonic()
+        master.proc.kill()
+        master.proc.wait()
+        wait_for(lambda: (m := self.agreed()) and any(first <= slot <= last and port in {r.port for r in replicas}
+                                                      for first, last, port in m),
+                 timeout, f"a replica of {master} to take over slot {slot}")
+        return time.monotonic() - started
+
+    def revive(self, timeout: float = 30) -> float:
+        """Start every dead node again (it rejoins as a replica), wait until the cluster is
+        whole; the seconds it took."""
+        started = time.monotonic()
+        for node in self.nodes:
+            if not node.alive:
+                self._spawn(node)
+        self.wait_whole(timeout)
+        return time.monotonic() - started
+
+    def migrate_slot(self, slot: int, to_master: Node, batch: int = 1, pause: float = 0.1,
+                     timeout: float = 30) -> Migration:
+        """Move slot to to_master as a live resharding does: IMPORTING/MIGRATING, then the keys
+        batch by batch with MIGRATE ... KEYS while clients go on writing (and get ASK), then
+        SETSLOT NODE on the target, the source and every other master."""
+        source = self.master_of(slot)
+        assert source.port != to_master.port, f"slot {slot} is already on {to_master}"
+        started = time.monotonic()
+        command(to_master.port, "CLUSTER", "SETSLOT", slot, "IMPORTING", source.id)
+        command(source.port, "CLUSTER", "SETSLOT", slot, "MIGRATING", to_master.id)
+        moved = batches = 0
+        while keys := command(source.port, "CLUSTER", "GETKEYSINSLOT", slot, batch):
+            command(source.port, "MIGRATE", "127.0.0.1", to_master.port, "", 0, 5000, "KEYS", *keys)
+            moved += len(keys)
+            batches += 1
+            time.sleep(pause)
+        others = [m for m in self.masters() if m.port not in (source.port, to_master.port)]
+        for node in (to_master, source, *others):
+            command(node.port, "CLUSTER", "SETSLOT", slot, "NODE", to_master.id)
+        wait_for(lambda: (m := self.agreed()) and any(first <= slot <= last and port == to_master.port
+                                                      for first, last, port in m),
+                 timeout, f"every node to see slot {slot} on {to_master}")
+        return Migration(slot, source, to_master, moved, batches, time.monotonic() - started)
+
+    def shards_of(self, rooms: list[str]) -> dict[int, list[str]]:
+        """Master port -> the rooms (of rooms) whose slot it owns."""
+        slot_map = self.agreed() or self.slot_map(self.live()[0])
+        shards = {port: [] for _, _, port in slot_map}
+        for room in rooms:
+            slot = self.room_slot(room)
+            (port,) = [p for first, last, p in slot_map if first <= slot <= last]
+            shards[port].append(room)
+        return shards
+
+    def room_names_covering_shards(self, n: int, prefix: str = "room-") -> list[str]:
+        """n room names (n >= the number of masters), spread round-robin over the masters:
+        every master owns the slot of at least one of them."""
+        masters = [m.port for m in self.masters()]
+        assert n >= len(masters)
+        per_master: dict[int, list[str]] = {port: [] for port in masters}
+        k = 0
+        while min(len(names) for names in per_master.values()) < -(-n // len(masters)):
+            room = f"{prefix}{k}"
+            per_master[self.master_of(self.room_slot(room)).port].append(room)
+            k += 1
+        names = [per_master[port][i] for i in range(-(-n // len(masters))) for port in masters]
+        return names[:n]
+
+
+@pytest.fixture(scope="module")
+def redis_cluster():
+    """One cluster for the module: 3 masters, 3 replicas."""
+    cluster = RedisCluster()
+    try:
+        print(f"\ncluster of {len(cluster.nodes)} nodes created in {cluster.start():.2f} s")
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def cluster(redis_cluster):
+    """The module's cluster, whole again: nodes an earlier test killed rejoin as replicas."""
+    redis_cluster.revive()
+    return redis_cluster
+
+
+# ---------------------------------------------------------------------------
+# The harness on its own
+# ---------------------------------------------------------------------------
+
+def test_harness_fails_over_and_migrates(cluster):
+    """3 masters + 3 replicas agree on the slots; a SIGKILLed master's replica takes over in
+    a few seconds; the dead node rejoins as a replica; a slot with keys migrates batch by batch."""
+    assert len(cluster.masters()) == 3 and cluster.whole()
+    for key in ("scalechat:{lobby}:seq", "scalechat:{lobby}:history", "plain", "a{}b", "{x}{y}"):
+        assert cluster.slot_of(key) == key_slot(key), key
+    assert cluster.slot_of("scalechat:{lobby}:seq") == cluster.slot_of("scalechat:{lobby}:history")
+    rooms = cluster.room_names_covering_shards(6)
+    assert len(set(rooms)) == 6
+    assert sorted(len(r) for r in cluster.shards_of(rooms).values()) == [2, 2, 2]
+    url = cluster.url(0, 4)
+    assert url == f"redis://127.0.0.1:{cluster.nodes[0].port},127.0.0.1:{cluster.nodes[4].port}/0"
+
+    # Keys in one room's slot, written through the master that owns it.
+    room = rooms[0]
+    slot = cluster.room_slot(room)
+    master = cluster.master_of(slot)
+    for suffix in ("seq", "history", "index"):
+        command(master.port, "SET", f"scalechat:{{{room}}}:{suffix}", suffix)
+    with pytest.raises(RedisError, match="MOVED"):
+        command(cluster.masters()[(cluster.masters().index(master) + 1) % 3].port, "GET", room_key(room))
+    (replica,) = cluster.replicas_of(master)
+    wait_for(lambda: int(cluster.info(replica, "replication").get("slave_repl_offset", -1))
+             >= int(cluster.info(master, "replication")["master_repl_offset"]), 5, "the replica to catch up")
+
+    took = cluster.kill_master(slot)
+    print(f"\nfailover of {master}: {replica} owns slot {slot} after {took:.2f} s")
+    assert not master.alive and cluster.master_of(slot) == replica
+    assert took < 10 * NODE_TIMEOUT_MS / 1000
+    assert command(replica.port, "GET", room_key(room)) == "seq"        # replicated before the kill
+    back = cluster.revive()
+    print(f"{master} back as a replica of {replica} after {back:.2f} s")
+    assert cluster.replicas_of(replica) == [master]
+
+    # The slot moves while a writer keeps appending to two of its keys, following MOVED and
+    # ASK: every write lands once, on one side or the other, and all end up on the target.
+    target = next(m for m in cluster.masters() if m != replica)
+    counter, log = f"scalechat:{{{room}}}:n", f"scalechat:{{{room}}}:log"
+    writes, failed, stop = [], [], threading.Event()
+
+    def writer():
+        try:
+            while not stop.is_set():
+                n = redirected(replica.port, "INCR", counter)
+                assert redirected(replica.port, "RPUSH", log, n) == n
+                writes.append(n)
+                time.sleep(0.002)
+        except (AssertionError, OSError, RedisError) as e:
+            failed.append(e)
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        wait_for(lambda: len(writes) > 20 or failed, 5, "the writer to start")
+        before = len(writes)
+        moved = cluster.migrate_slot(slot, target, batch=1, pause=0.05)
+        during = len(writes) - before
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        thread.join(10)
+    print(f"slot {slot} migrated {replica} -> {target}: {moved.keys} keys in {moved.batches} batches, "
+          f"{moved.seconds:.2f} s, {during} writes meanwhile")
+    assert not failed and not thread.is_alive(), failed
+    assert (moved.keys, moved.batches) == (5, 5) and during > 20
+    assert cluster.master_of(slot) == target
+    assert command(target.port, "CLUSTER", "COUNTKEYSINSLOT", slot) == 5
+    assert command(replica.port, "CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+    assert command(target.port, "GET", f"scalechat:{{{room}}}:history") == "history"
+    assert writes == list(range(1, len(writes) + 1))
+    assert command(target.port, "LRANGE", log, 0, -1) == [str(n) for n in writes]
+    # Put the slot back so the module's later tests start from an even map.
+    cluster.migrate_slot(slot, replica, batch=10, pause=0)
+    for suffix in ("seq", "history", "index", "n", "log"):
+        command(replica.port, "DEL", f"scalechat:{{{room}}}:{suffix}")
+    assert cluster.whole()
+
+
+# ---------------------------------------------------------------------------
+# scale-chat instances, and a proxy that spreads a load client's rooms over them
+# ---------------------------------------------------------------------------
+
+def tcp_listeners(port: int) -> int:
+    """How many IPv4 sockets listen on local port (one per --workers worker)."""
+    with open("/proc/net/tcp") as f:
+        next(f)
+        return sum(1 for line in f if (fields := line.split())[3] == "0A"
+                   and int(fields[1].rsplit(":", 1)[1], 16) == port)
+
+
+def start_instance(redis_url: str, workers: int = 1) -> ServerProc:
+    """A scale-chat instance on the cluster, returned once all its workers listen."""
+    args = ("--workers", str(workers)) if workers > 1 else ()
+    server = start_server("--redis", redis_url, *args, *SERVER_ARGS)
+    try:
+        wait_for(lambda: tcp_listeners(server.port) == workers, 20, f"{workers} workers listening")
+    except AssertionError:
+        server.stop(signal.SIGKILL)
+        raise
+    return server
+
+
+@pytest.fixture
+def instances(cluster):
+    """Two instances: a single process given two nodes, and --workers 2 given one other node."""
+    single = start_instance(cluster.url(0, 1))
+    try:
+        pair = start_instance(cluster.url(5), workers=2)
+    except Exception:
+        single.stop()
+        raise
+    yield [single, pair]
+    for server in (single, pair):
+        server.stop()
+
+
+CLIENT_NAME = re.compile(rb"[?&]name=c([0-9]+)")
+
+
+class SpreadingProxy:
+    """A loopback TCP proxy in front of several instances: load client c<i> (the name in its
+    GET) goes to backend (i // rooms) % len(backends); client ci is in room i % rooms, so
+    every room of room_size >= 2 has members on two instances. Anything else: backend 0."""
+
+    def __init__(self, backends: list[int], rooms: int):
+        self.backends, self.rooms = backends, rooms
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"ws://127.0.0.1:{self.listener.getsockname()[1]}/ws"
+        self.placed: dict[str, int] = {}           # client name -> backend port
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._link, args=(client,), daemon=True).start()
+
+    def _link(self, client: socket.socket) -> None:
+        self.sockets.append(client)
+        head = b""
+        try:
+            while b"\r\n" not in head:
+                chunk = client.recv(65536)
+                if not chunk:
+                    client.close()
+                    return
+                head += chunk
+            match = CLIENT_NAME.search(head.split(b"\r\n", 1)[0])
+            backend = self.backends[(int(match[1]) // self.rooms) % len(self.backends)] if match \
+                else self.backends[0]
+            if match:
+                self.placed[f"c{int(match[1])}"] = backend
+            server = socket.create_connection(("127.0.0.1", backend))
+        except OSError:
+            client.close()
+            return
+        self.sockets.append(server)
+        server.sendall(head)
+        threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
+        self._pump(client, server)
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        try:
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self.sockets:
+            s.close()
+
+
+# ---------------------------------------------------------------------------
+# Load runs and what their CSVs must show
+# ---------------------------------------------------------------------------
+
+ROOMS, ROOM_SIZE, RATE, SECONDS = 6, 4, 10, 8
+SCENARIO = f"{ROOMS}x{ROOM_SIZE}"
+
+
+def load_rooms(prefix: str) -> list[str]:
+    """The rooms of one load-client scenario with --room-prefix prefix."""
+    return [f"{prefix}{SCENARIO}-{i}" for i in range(ROOMS)]
+
+
+def prefix_covering_shards(cluster: RedisCluster) -> str:
+    """A fresh --room-prefix whose rooms land on every master, at least one room per master."""
+    token = os.urandom(3).hex()
+    for j in range(1000):
+        prefix = f"cl{token}{j}-"
+        if all(cluster.shards_of(load_rooms(prefix)).values()):
+            return prefix
+    raise AssertionError("no room prefix covers every shard")
+
+
+@dataclass
+class LoadRun:
+    proc: subprocess.Popen
+    out: str
+    prefix: str
+    proxy: SpreadingProxy
+
+    @property
+    def rooms(self) -> list[str]:
+        return load_rooms(self.prefix)
+
+
+def start_load(instances: list[ServerProc], cluster: RedisCluster, tmp_path) -> LoadRun:
+    """loadclient.py --load-test: ROOMS rooms of ROOM_SIZE over both instances, every shard
+    covered, RATE messages/s per client for SECONDS; it stops by itself."""
+    prefix = prefix_covering_shards(cluster)
+    proxy = SpreadingProxy([s.port for s in instances], ROOMS)
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen(
+        [sys.executable, LOADCLIENT, "--load-test", "--server-url", proxy.url, "--rooms", str(ROOMS),
+         "--room-size", str(ROOM_SIZE), "--rate", str(RATE), "--duration", str(SECONDS),
+         "--grace", "20", "--seed", "7", "--room-prefix", prefix, "--out", out,
+         "--summary-json", os.path.join(out, "summary.json")],
+        stdout=subprocess.DEVNULL, cwd=str(tmp_path))
+    return LoadRun(proc, out, prefix, proxy)
+
+
+def wait_sending(run: LoadRun, timeout: float = 15) -> None:
+    """Wait until every client joined (the proxy placed them all) and messages flow."""
+    wait_for(lambda: len(run.proxy.placed) == ROOMS * ROOM_SIZE, timeout, "every load client to connect")
+    time.sleep(1.5)                         # the send phase starts once all are welcomed
+
+
+@dataclass
+class RunResult:
+    summary: dict                           # the load client's summary of the scenario
+    processed: dict                         # csvprocess.py's summary
+    logs: dict                              # room -> [(seq, sender, message_id)] in seq order
+    received_us: dict                       # room -> sorted Received timestamps (us)
+    sent_end_us: int                        # the last Sent timestamp
+
+
+def finish_load(run: LoadRun, timeout: float = 60) -> RunResult:
+    """Wait for the load client, then check what every run must show: delivery ratio 1.0, no
+    duplicate, no loss, no reconnect, no error; csvprocess.py agrees; and in every room each
+    member received seq 1..N in one order, exactly the room's sent messages."""
+    try:
+        code = run.proc.wait(timeout)
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+        run.proxy.close()
+    assert code == 0, f"loadclient.py exited {code}"
+
+    with open(os.path.join(run.out, "summary.json")) as f:
+        (summary,) = json.load(f)["scenarios"]
+    assert summary["sent"] >= ROOMS * ROOM_SIZE * RATE * SECONDS * 0.9, summary
+    assert (summary["delivery_ratio"], summary["duplicates"], summary["lost"]) == (1.0, 0, 0), summary
+    assert summary["reconnects"] == 0, f"clients were disconnected: {summary}"
+    assert not summary["errors"], summary["errors"]
+
+    (processed,) = csvprocess.process([run.out], out=os.path.join(run.out, "processed"))
+    assert processed["delivery_ratio"] == 1.0, processed
+    assert (processed["duplicated"], processed["lost"], processed["receipts_without_send"]) == (0, 0, 0)
+    assert processed["messages"] == summary["sent"]
+
+    # Each room spans both instances.
+    for room_index in range(ROOMS):
+        members = [f"c{i}" for i in range(room_index, ROOMS * ROOM_SIZE, ROOMS)]
+        assert len({run.proxy.placed[m] for m in members}) == 2, f"room {room_index} on one instance"
+
+    sent: dict[str, set] = {}
+    got: dict[tuple[str, str], list] = {}               # (room, client) -> [(seq, sender, id)]
+    received_us: dict[str, list] = {}
+    sent_end_us = 0
+    with open(os.path.join(run.out, f"{SCENARIO}.csv"), newline="") as f:
+        for row in csv.DictReader(f):
+            key = (row["sender_id"], int(row["message_id"]))
+            if row["type"] == "Sent":
+                sent.setdefault(row["room"], set()).add(key)
+                sent_end_us = max(sent_end_us, int(row["timestamp_us"]))
+            else:
+                got.setdefault((row["room"], row["client_id"]), []).append((int(row["seq"]), *key))
+                received_us.setdefault(row["room"], []).append(int(row["timestamp_us"]))
+    assert set(sent) == set(run.rooms)
+    logs = {}
+    for room in run.rooms:
+        members = {client: log for (r, client), log in got.items() if r == room}
+        assert len(members) == ROOM_SIZE, f"{room}: {len(members)} members received anything"
+        reference = next(iter(members.values()))
+        for client, log in members.items():
+            seqs = [seq for seq, _, _ in log]
+            assert seqs == list(range(1, len(seqs) + 1)), f"{room} {client}: seqs not 1..N in order"
+            assert log == reference, f"{room}: {client} saw another order than the room's first member"
+        assert len({(s, m) for _, s, m in reference}) == len(reference), f"{room}: a message got two seqs"
+        assert {(s, m) for _, s, m in reference} == sent[room], f"{room}: lost or foreign messages"
+        logs[room] = reference
+        received_us[room].sort()
+    return RunResult(summary, processed, logs, received_us, sent_end_us)
+
+
+def longest_pause(result: RunResult, room: str) -> float:
+    """The longest time, in seconds, no member of room received anything while messages were sent."""
+    times = [t for t in result.received_us[room] if t <= result.sent_end_us]
+    return max((b - a for a, b in itertools.pairwise(times)), default=0) / 1e6
+
+
+def replay(url: str, room: str, last_seq: int) -> list[tuple[int, str, int]]:
+    """Join room with since=0 and read its history up to last_seq: (seq, sender, message_id)."""
+    ws = websocket.create_connection(f"{url}/{room}?name=auditor&since=0", timeout=10)
+    try:
+        welcome = json.loads(ws.recv())
+        assert welcome["type"] == "welcome" and welcome["seq"] == last_seq, welcome
+        assert welcome.get("oldest", 1) <= 1, f"{room}: history starts at {welcome['oldest']}"
+        log = []
+        while not log or log[-1][0] < last_seq:
+            frame = json.loads(ws.recv())
+            if frame["type"] == "message":
+                log.append((frame["seq"], frame["sender"], frame["message_id"]))
+        return log
+    finally:
+        ws.close()
+
+
+def assert_history_kept(cluster: RedisCluster, result: RunResult, rooms: list[str]) -> None:
+    """A fresh instance, given one node, replays each room's history exactly as its members saw it."""
+    auditor = start_instance(cluster.url(cluster.live()[-1].index))
+    try:
+        for room in rooms:
+            assert replay(auditor.url, room, len(result.logs[room])) == result.logs[room], \
+                f"{room}: the history differs from what its members saw"
+    finally:
+        auditor.stop()
+
+
+def assert_rooms_in_their_slots(cluster: RedisCluster, rooms: list[str]) -> None:
+    """Each room's keys sit in its hash tag's slot, on the master that owns the slot."""
+    for room in rooms:
+        slot = cluster.room_slot(room)
+        keys = command(cluster.master_of(slot).port, "CLUSTER", "GETKEYSINSLOT", slot, 100)
+        assert any(k.startswith(f"scalechat:{{{room}}}:") for k in keys), f"{room}: no key in slot {slot}: {keys}"
+
+
+def shard_channels(cluster: RedisCluster, room: str) -> list[str]:
+    """The sharded pub/sub channels in room's slot, named after the room, that have
+    subscribers on the nodes of the room's shard (SSUBSCRIBE may go to a replica too)."""
+    slot = cluster.room_slot(room)
+    return sorted({c for n in cluster.shard_nodes(slot) for c in command(n.port, "PUBSUB", "SHARDCHANNELS")
+                   if room in c and key_slot(c) == slot})
+
+
+# ---------------------------------------------------------------------------
+# Load runs: plain, through a failover, through a slot migration
+# ---------------------------------------------------------------------------
+
+def test_load_run_over_two_instances_and_three_shards(cluster, instances, tmp_path):
+    """Rooms on both instances (one with 2 workers) and all 3 shards: ratio 1.0, no duplicate,
+    one contiguous seq order per room; each room's keys and channel in its hash tag's slot."""
+    run = start_load(instances, cluster, tmp_path)
+    wait_sending(run)
+    for room in run.rooms:
+        assert shard_channels(cluster, room), f"{room}: no sharded channel on its shard"
+    result = finish_load(run)
+    assert_rooms_in_their_slots(cluster, run.rooms)
+    assert_history_kept(cluster, result, run.rooms)
+    print(f"\n{result.summary['sent']} messages, p99 {result.processed['latency_us']['p99'] / 1000:.1f} ms")
+
+
+def test_load_run_through_a_master_sigkill(cluster, instances, tmp_path):
+    """The master of a busy room's shard is SIGKILLed mid-run; its replica takes over: nothing
+    lost from what clients saw or from history, no seq reused, no duplicate, no reconnect."""
+    run = start_load(instances, cluster, tmp_path)
+    wait_sending(run)
+    busy = run.rooms[0]
+    victim = cluster.master_of(cluster.room_slot(busy))
+    affected = cluster.shards_of(run.rooms)[victim.port]
+    took = cluster.kill_master(cluster.room_slot(busy))
+    result = finish_load(run)
+    assert_history_kept(cluster, result, run.rooms)
+    pauses = {room: longest_pause(result, room) for room in run.rooms}
+    print(f"\nfailover of {victim} in {took:.2f} s; longest delivery pause: rooms on it "
+          f"{max(pauses[r] for r in affected):.2f} s ({', '.join(f'{pauses[r]:.2f}' for r in affected)}), "
+          f"other rooms {max(p for r, p in pauses.items() if r not in affected):.2f} s")
+    assert all(s.proc.poll() is None for s in instances), "an instance died with a Redis master"
+
+
+def test_load_run_through_a_slot_migration(cluster, instances, tmp_path):
+    """A busy room's slot moves to another master, key batch by key batch, mid-run: nothing
+    lost, nothing duplicated, one order, no reconnect; its keys end up on the new master."""
+    run = start_load(instances, cluster, tmp_path)
+    wait_sending(run)
+    busy = run.rooms[0]
+    slot = cluster.room_slot(busy)
+    source = cluster.master_of(slot)
+    target = next(m for m in cluster.masters() if m != source)
+    moved = cluster.migrate_slot(slot, target, batch=1, pause=0.2)
+    print(f"\nslot {slot} of {busy} moved {source} -> {target}: {moved.keys} keys in {moved.seconds:.2f} s")
+    assert moved.keys > 0, f"{busy} had no key in slot {slot} to move"
+    wait_for(lambda: shard_channels(cluster, busy), 5, f"a sharded channel of {busy} on its new shard")
+    result = finish_load(run)
+    assert command(source.port, "CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+    assert_rooms_in_their_slots(cluster, run.rooms)
+    assert_history_kept(cluster, result, run.rooms)
+    print(f"longest delivery pause of {busy}: {longest_pause(result, busy):.2f} s")
+    cluster.migrate_slot(slot, source, batch=100, pause=0)     # back, for the tests after this one
+
+
+# ---------------------------------------------------------------------------
+# Presence: member counts over every instance and worker
+# ---------------------------------------------------------------------------
+
+class Watcher:
+    """A raw WebSocket member of a room that remembers the last member count it was told
+    (welcome.members, then each members frame's count)."""
+
+    def __init__(self, url: str, room: str, name: str):
+        self.name = name
+        self.ws = websocket.create_connection(f"{url}/{room}?name={name}", timeout=10)
+        self.welcome = json.loads(self.ws.recv())
+        assert self.welcome["type"] == "welcome", self.welcome
+        self.count = self.welcome["members"]
+        self.ws.settimeout(None)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        try:
+            while raw := self.ws.recv():
+                frame = json.loads(raw)
+                if frame["type"] == "members":
+                    self.count = frame["count"]
+        except (websocket.WebSocketException, OSError):
+            pass
+
+    @property
+    def local_port(self) -> int:
+        return self.ws.sock.getsockname()[1]
+
+    def leave(self, abrupt: bool = False) -> None:
+        """Close with 1000, or (abrupt) drop the TCP connection without a close frame."""
+        if abrupt:
+            self.ws.sock.shutdown(socket.SHUT_RDWR)
+        else:
+            self.ws.send_close()
+        self.reader.join(5)
+        self.ws.shutdown()
+
+
+def worker_of(server: ServerProc) -> dict[int, int]:
+    """Client port -> pid of the --workers worker that holds its connection, from /proc."""
+    inodes = {}
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == server.port:
+                inodes[fields[9]] = int(fields[2].rsplit(":", 1)[1], 16)
+    workers = []
+    for path in os.listdir(f"/proc/{server.proc.pid}/task"):
+        with open(f"/proc/{server.proc.pid}/task/{path}/children") as f:
+            workers += [int(p) for p in f.read().split()]
+    owners = {}
+    for pid in workers:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target[8:-1] in inodes:
+                owners[inodes[target[8:-1]]] = pid
+    return owners
+
+
+def wait_counts(watchers: list[Watcher], n: int, what: str) -> float:
+    """Wait until every watcher was told n members (within the staleness and a frame's
+    coalescing), check it stays so; the seconds it took."""
+    started = time.monotonic()
+    wait_for(lambda: all(w.count == n for w in watchers), MEMBERS_STALENESS + MEMBERS_COALESCING,
+             f"every member to be told {n} members ({what}): {[w.count for w in watchers]}")
+    took = time.monotonic() - started
+    time.sleep(MEMBERS_COALESCING + 0.5)
+    assert [w.count for w in watchers] == [n] * len(watchers), f"{what}: counts changed after settling"
+    return took
+
+
+def test_members_count_the_room_over_every_instance_and_worker(cluster, instances):
+    """Members on a single-process instance and on both workers of the other: each is told the
+    room's whole member count within the staleness; so is a later joiner; leaving lowers it."""
+    single, pair = instances
+    room = f"presence-{os.urandom(3).hex()}"
+    watchers = [Watcher(single.url, room, f"s{i}") for i in range(3)]
+    try:
+        for i in range(30):                 # until each of the two workers holds two members
+            watchers.append(Watcher(pair.url, room, f"p{i}"))
+            held = worker_of(pair)
+            on_pair = [held.get(w.local_port) for w in watchers[3:]]
+            if len(set(on_pair)) == 2 and min(on_pair.count(pid) for pid in set(on_pair)) >= 2:
+                break
+        assert None not in on_pair and len(set(on_pair)) == 2, f"members not on both workers: {on_pair}"
+        n = len(watchers)
+        took = wait_counts(watchers, n, "after the joins")
+        print(f"\n{n} members (3 + {n - 3} on 2 workers) counted everywhere after {took:.2f} s")
+
+        late = Watcher(pair.url, room, "late")
+        watchers.append(late)
+        assert late.welcome["members"] in (n, n + 1), late.welcome
+        wait_counts(watchers, n + 1, "after a later joiner")
+
+        pids = worker_of(pair)
+        first_worker = pids[watchers[3].local_port]
+        other_worker = next(pids[w.local_port] for w in watchers[3:] if pids[w.local_port] != first_worker)
+        leaving = [watchers[0],                                                   # the single instance
+                   next(w for w in watchers[3:] if pids[w.local_port] == first_worker),
+                   next(w for w in watchers[3:] if pids[w.local_port] == other_worker)]
+        leaving[0].leave()
+        leaving[1].leave()
+        leaving[2].leave(abrupt=True)
+        staying = [w for w in watchers if w not in leaving]
+        took = wait_counts(staying, n + 1 - 3, "after three left")
+        print(f"three left (one without a close frame): counted after {took:.2f} s")
+    finally:
+        for w in watchers:
+            w.ws.shutdown()
