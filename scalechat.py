@@ -1602,7 +1602,8 @@ def compact(buf: bytearray, pos: int) -> int:
 # is paid once per message trimmed). With ARGV[10] empty (a Redis Cluster shard
 # with replicas) it publishes nothing: FLUSH_SCRIPT does, once the write is on
 # the replicas, and the origin tag waits in the order entry till then.
-# KEYS: seq, history, index (key -> seq), order ("<seq> <key>[ <origin>]" per history entry), bytes
+# KEYS: seq, history, index (key -> seq), order ("<seq> <key>[ <origin>]" per history entry), bytes,
+#       published (the last seq published, kept on a cluster)
 # ARGV: prefix, suffix, max count, channel, origin tag, key, resend, max bytes, ttl,
 #       publish now: 'P' (PUBLISH), 'S' (SPUBLISH) or '' (later)
 PUBLISH_SCRIPT = b"""
@@ -1641,6 +1642,7 @@ if ARGV[10] == 'P' then
   redis.call('PUBLISH', ARGV[4], seq .. ' ' .. ARGV[5] .. '\\n' .. msg)
 elseif ARGV[10] == 'S' then
   redis.call('SPUBLISH', ARGV[4], seq .. ' ' .. ARGV[5] .. '\\n' .. msg)
+  redis.call('SET', KEYS[6], seq, 'EX', ARGV[9])
 end
 return {seq, 0}
 """
@@ -1778,6 +1780,7 @@ class RedisNode:
 
 # Replies of a Redis Cluster node that mean "not here, or not now": the message
 # was not run, so it is sent again (after the slot map is refreshed, if it moved).
+TOPOLOGY_REFRESH = 5.0       # seconds between slot-map refreshes of a healthy cluster
 RETRY_LATER = ("TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN", "NOSCRIPT", "READONLY")
 
 
@@ -1802,6 +1805,7 @@ class RedisBus(RemoteBus):
         self.slots: list = []               # cluster: slot -> (host, port) of its master
         self.subscribed: dict = {}          # room -> the RedisNode its channel is subscribed on
         self.refreshing = False
+        self.next_refresh = 0.0
         self.seed_turn = 0
         self.unflushed: dict = {}           # room -> seq its messages must still be published up to
         self.publish_sha = hashlib.sha1(PUBLISH_SCRIPT).hexdigest()
@@ -1950,8 +1954,10 @@ class RedisBus(RemoteBus):
     # -- the cluster's slot map
 
     def _check_topology(self) -> None:
-        """While a cluster master is unreachable (or a reply said the map moved), ask again."""
-        if self.cluster and not self.refreshing and not self.up:
+        """Ask for the slot map again: soon while a master is unreachable, else every few seconds
+        (a shard's replicas count once they have data, and WAIT waits for those)."""
+        if self.cluster and not self.refreshing and (not self.up or self.loop.now >= self.next_refresh):
+            self.next_refresh = self.loop.now + TOPOLOGY_REFRESH
             self._refresh()
 
     def _refresh(self) -> None:
@@ -2064,8 +2070,8 @@ class RedisBus(RemoteBus):
         wait = self.cluster and node.replicas
         if msg.ask is not None:
             node.call(now, ("ASKING",), None)
-        node.call(now, ("EVALSHA", self.publish_sha, 5, seq_key, hist_key, channel + ":index",
-                        channel + ":order", channel + ":bytes", msg.prefix, msg.suffix, cfg.history, channel,
+        node.call(now, ("EVALSHA", self.publish_sha, 6, seq_key, hist_key, channel + ":index",
+                        channel + ":order", channel + ":bytes", channel + ":published", msg.prefix, msg.suffix, cfg.history, channel,
                         f"{self.tag} {msg.t0!r}", msg.key, "1" if msg.resend else "", cfg.room_history_bytes,
                         cfg.redis_room_ttl, "" if wait else "S" if self.cluster else "P"),
                   lambda reply: self._on_published(node, msg, attempt, reply, wait))
