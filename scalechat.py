@@ -800,7 +800,9 @@ class Room(Sequenced):
         "count_dirty",
         "early",
         "members",
+        "others",
         "ready",
+        "reported",
         "syncing",
         "waiting",
     )
@@ -809,6 +811,8 @@ class Room(Sequenced):
         super().__init__(name, config)      # history items: frames
         self.members: dict = {}             # Connection -> None: ordered, O(1) removal
         self.catching_up: dict = {}         # Connection -> None: replaying history
+        self.others = 0                     # members on other processes, as the bus last said
+        self.reported = 0                   # members here, as last told to the bus
         self.count_dirty = False
         self.ready = ready
         self.syncing = False
@@ -823,9 +827,13 @@ class Room(Sequenced):
         """Whether any connection here is in the room (live, catching up or waiting)."""
         return bool(self.members or self.catching_up or self.waiting)
 
-    def member_count(self) -> int:
+    def local_count(self) -> int:
         """Members on this process, those catching up included."""
         return len(self.members) + len(self.catching_up)
+
+    def member_count(self) -> int:
+        """Members everywhere: here, and on the other processes the bus counts."""
+        return len(self.members) + len(self.catching_up) + self.others
 
 
 class Chat:
@@ -965,11 +973,20 @@ class Chat:
             self.bus.resync(room)
         # seq <= room.seq: a duplicate, already delivered
 
-    def on_snapshot(self, room_name: str, seq: int, payloads: list) -> None:
-        """The bus's view of a room: its seq and its last messages (ending at seq)."""
+    def on_members(self, room_name: str, total: int) -> None:
+        """The bus counted total members in a room, over every process (this one as last reported)."""
+        room = self.rooms.get(room_name)
+        if room is not None and (others := max(0, total - room.reported)) != room.others:
+            room.others = others
+            room.count_dirty = True
+
+    def on_snapshot(self, room_name: str, seq: int, payloads: list, members: int | None = None) -> None:
+        """The bus's view of a room: its seq and its last messages (ending at seq), and its members."""
         room = self.rooms.get(room_name)
         if room is None:
             return
+        if members is not None:
+            self.on_members(room_name, members)
         first = seq - len(payloads) + 1
         if not room.ready:
             delta = sum(room.history.append(first + i, encode_frame(OP_TEXT, p)) for i, p in enumerate(payloads))
@@ -999,8 +1016,17 @@ class Chat:
             self.bus.resync(room)
 
     def member_count_frames(self):
-        """(room, frame) for each room whose member count changed since the last call."""
+        """(room, frame) for each room whose member count changed since the last call.
+
+        Called once a second: a room's changes here reach the bus at most that
+        often (it sums every process's count), and its members hear of any
+        change, here or elsewhere, at most that often.
+        """
+        bus = self.bus
         for room in list(self.rooms.values()):
+            if not bus.local and room.reported != (n := room.local_count()):
+                room.reported = n
+                bus.report_members(room, n)
             if room.count_dirty:
                 room.count_dirty = False
                 if room.members:
@@ -1047,6 +1073,9 @@ class LocalBus:
 
     def resync(self, room: Room) -> None:
         """Never needed: nothing is lost inside one process."""
+
+    def report_members(self, room: Room, count: int) -> None:
+        """Never needed: every member is here."""
 
 
 # Bytes a link's queue must fall below before it takes the next chunk of a
@@ -1180,11 +1209,13 @@ class Link:
 # Records between the supervisor and its workers: length, type, body.
 REC_SUBSCRIBE, REC_UNSUBSCRIBE, REC_PUBLISH, REC_STATS = b"S", b"U", b"P", b"T"
 REC_SNAPSHOT, REC_MESSAGE, REC_ACK = b"N", b"M", b"A"
+REC_MEMBERS = b"C"            # a worker's member count of a room; from the supervisor, the room's total
 REC_HEADER = struct.Struct("!Ic")
 PUBLISH_HEAD = struct.Struct("!BdIH?")      # room length, t0, prefix length, key length, resend
 MESSAGE_HEAD = struct.Struct("!BQd")        # room length, seq, t0
 SNAPSHOT_HEAD = struct.Struct("!BBQI")      # room length, flags, seq, count
 ACK_HEAD = struct.Struct("!Q?")             # seq, duplicate
+MEMBERS_HEAD = struct.Struct("!BI")         # room length, count
 LENGTH = struct.Struct("!I")
 SNAPSHOT_FIRST, SNAPSHOT_LAST = 1, 2
 
@@ -1418,6 +1449,10 @@ class HubBus(RemoteBus):
         """The supervisor link is ordered; a gap cannot happen, so this only logs."""
         log.error("room %s: gap on the supervisor link", room.name)
 
+    def report_members(self, room: Room, count: int) -> None:
+        """Tell the supervisor how many of room's members are on this worker; it sums them."""
+        self.link.write(members_record(room.name, count))
+
     def send_stats(self, stats: Stats) -> None:
         """Report this worker's counters to the supervisor."""
         self.link.write(record(REC_STATS, json.dumps(stats.to_dict()).encode()))
@@ -1431,6 +1466,8 @@ class HubBus(RemoteBus):
                 chat.on_bus_message(body[start:start + rlen].decode(), seq, body[start + rlen:], t0 or None)
             elif kind == REC_ACK:
                 self.on_answer(next(iter(self.inflight)), *ACK_HEAD.unpack(body))
+            elif kind == REC_MEMBERS:
+                chat.on_members(*parse_members(body))
             elif kind == REC_SNAPSHOT:
                 room, flags, seq, payloads = parse_snapshot(body)
                 if flags & SNAPSHOT_FIRST:
@@ -1450,13 +1487,37 @@ class HubBus(RemoteBus):
 
 
 class HubRoom(Sequenced):
-    """A room as the --workers supervisor (section 4) sequences it: history of payloads, subscribed workers."""
+    """A room as the --workers supervisor (section 4) sequences it: history of payloads, subscribed
+    workers, and the members each has."""
 
-    __slots__ = ("subs",)
+    __slots__ = ("counts", "subs", "total")
 
     def __init__(self, name: str, config):
         super().__init__(name, config)
         self.subs: dict = {}                          # Worker -> None
+        self.counts: dict = {}                        # Worker -> members there
+        self.total = 0
+
+    def count(self, worker, members: int) -> bool:
+        """worker has this many members here now (0: none, or gone); whether the total changed."""
+        if members:
+            self.counts[worker] = members
+        else:
+            self.counts.pop(worker, None)
+        total = sum(self.counts.values())
+        changed, self.total = total != self.total, total
+        return changed
+
+
+def members_record(room: str, count: int) -> bytes:
+    """A REC_MEMBERS record: a room's member count (a worker's own, or the supervisor's total)."""
+    r = room.encode()
+    return record(REC_MEMBERS, MEMBERS_HEAD.pack(len(r), count) + r)
+
+
+def parse_members(body: bytes) -> tuple[str, int]:
+    rlen, count = MEMBERS_HEAD.unpack_from(body)
+    return body[MEMBERS_HEAD.size:MEMBERS_HEAD.size + rlen].decode(), count
 
 
 def encode_snapshot(room: str, flags: int, seq: int, payloads) -> bytes:
@@ -1686,14 +1747,54 @@ return cur
 # The room's seq and its last ARGV[1] messages. On a shard with replicas
 # (ARGV[2] empty) only up to the last seq published: a message no member has
 # been sent yet may still be lost in a failover, so no joiner sees it first.
-# KEYS: seq, history, published
+# The third item is the room's member count, as the last presence report summed it.
+# KEYS: seq, history, published, members
 SNAPSHOT_SCRIPT = b"""
 local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
+local members = tonumber(redis.call('HGET', KEYS[4], '=') or '0')
 local upto = seq
 if ARGV[2] == '' then upto = math.min(seq, tonumber(redis.call('GET', KEYS[3]) or '0')) end
-if upto == 0 then return {0, {}} end
-return {upto, redis.call('LRANGE', KEYS[2], upto - seq - tonumber(ARGV[1]), upto - seq - 1)}
+if upto == 0 then return {0, {}, members} end
+return {upto, redis.call('LRANGE', KEYS[2], upto - seq - tonumber(ARGV[1]), upto - seq - 1), members}
 """
+
+# Presence: each process keeps "<count> <expiry ms>" under its tag in the room's
+# members hash; a report sums the fields not expired (dropping the others) and
+# publishes "m <total>" when the total moved. The hash and every field expire
+# when no process refreshes them, so a process that dies is forgotten.
+# KEYS: members. ARGV: tag, count, ttl ms, channel, 'P' or 'S' (PUBLISH or SPUBLISH)
+PRESENCE_SCRIPT = b"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if tonumber(ARGV[2]) > 0 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. (now + tonumber(ARGV[3])))
+else
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+local fields = redis.call('HGETALL', KEYS[1])
+local total, last = 0, -1
+for i = 1, #fields, 2 do
+  if fields[i] == '=' then
+    last = tonumber(fields[i + 1])
+  else
+    local sp = string.find(fields[i + 1], ' ', 1, true)
+    if tonumber(string.sub(fields[i + 1], sp + 1)) < now then
+      redis.call('HDEL', KEYS[1], fields[i])
+    else
+      total = total + tonumber(string.sub(fields[i + 1], 1, sp - 1))
+    end
+  end
+end
+redis.call('HSET', KEYS[1], '=', total)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if total ~= last then
+  if ARGV[5] == 'S' then redis.call('SPUBLISH', ARGV[4], 'm ' .. total .. '\\n')
+  else redis.call('PUBLISH', ARGV[4], 'm ' .. total .. '\\n') end
+end
+return total
+"""
+PRESENCE_REFRESH = 10.0       # seconds between a process's refreshes of its member counts in Redis
+PRESENCE_TTL_MS = 30_000      # a process that stops refreshing is no longer counted after this
 
 REDIS_NODE = re.compile(r"([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?")     # fullmatch
 REDIS_URL_FORM = "--redis must be redis://[:password@]host[:port][,host[:port]...][/db]"
@@ -1780,6 +1881,7 @@ class RedisNode:
 
 # Replies of a Redis Cluster node that mean "not here, or not now": the message
 # was not run, so it is sent again (after the slot map is refreshed, if it moved).
+REDIS_SCRIPTS = (PUBLISH_SCRIPT, FLUSH_SCRIPT, SEQ_FLOOR_SCRIPT, PRESENCE_SCRIPT, SNAPSHOT_SCRIPT)
 TOPOLOGY_REFRESH = 5.0       # seconds between slot-map refreshes of a healthy cluster
 RETRY_LATER = ("TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN", "NOSCRIPT", "READONLY")
 
@@ -1812,7 +1914,9 @@ class RedisBus(RemoteBus):
         self.flush_sha = hashlib.sha1(FLUSH_SCRIPT).hexdigest()
         self.snapshot_sha = hashlib.sha1(SNAPSHOT_SCRIPT).hexdigest()
         self.floor_sha = hashlib.sha1(SEQ_FLOOR_SCRIPT).hexdigest()
+        self.presence_sha = hashlib.sha1(PRESENCE_SCRIPT).hexdigest()
         loop.every(1.0, self._keepalive)
+        loop.every(PRESENCE_REFRESH, self._refresh_presence)
         loop.every(0.25, self._check_topology)
         self._node(self.seeds[0])
 
@@ -1880,14 +1984,16 @@ class RedisBus(RemoteBus):
             node.call(now, ("AUTH", self.password), None)
         if self.db and not self.cluster:
             node.call(now, ("SELECT", self.db), None)
-        for script in (PUBLISH_SCRIPT, FLUSH_SCRIPT, SEQ_FLOOR_SCRIPT):
-            node.call(now, ("SCRIPT", "LOAD", script), None)
-        node.call(now, ("SCRIPT", "LOAD", SNAPSHOT_SCRIPT), lambda reply: self._on_scripts(node, reply))
+        for script in REDIS_SCRIPTS:        # the node is used once the last one is loaded
+            node.call(now, ("SCRIPT", "LOAD", script),
+                      lambda reply, last=script is REDIS_SCRIPTS[-1]: self._on_script(node, reply, last))
 
-    def _on_scripts(self, node: RedisNode, reply) -> None:
+    def _on_script(self, node: RedisNode, reply, last: bool) -> None:
         if isinstance(reply, RespError):
             log.error("redis %r: cannot load scripts: %s", node, reply)
             self._on_node_lost(node)        # e.g. LOADING while Redis reads its data: retry later
+            return
+        if not last or node.cmd is None:
             return
         if self.cluster is False:
             self._node_up(node)
@@ -1902,10 +2008,13 @@ class RedisBus(RemoteBus):
         node.up = True
         node.backoff = 0.0
         for room in self.chat.rooms.values():       # before held messages get their seq
-            if room.seq and self.owner(self.lane(room.name)) is node:
-                seq_key, _, channel = self._keys(room.name)
-                node.call(self.loop.now, ("EVALSHA", self.floor_sha, 2, seq_key, channel + ":published",
-                                          room.seq, self.config.redis_room_ttl), None)
+            if self.owner(self.lane(room.name)) is node:
+                if room.seq:
+                    seq_key, _, channel = self._keys(room.name)
+                    node.call(self.loop.now, ("EVALSHA", self.floor_sha, 2, seq_key, channel + ":published",
+                                              room.seq, self.config.redis_room_ttl), None)
+                if room.reported:
+                    self.report_members(room, room.reported)
         self._release_held()
         self._subscribe_all()
         self._update_up()
@@ -2044,7 +2153,7 @@ class RedisBus(RemoteBus):
             if kind in ("CLUSTERDOWN", "READONLY", "MASTERDOWN"):
                 self._refresh()
             elif kind == "NOSCRIPT":
-                for script in (PUBLISH_SCRIPT, FLUSH_SCRIPT, SEQ_FLOOR_SCRIPT, SNAPSHOT_SCRIPT):
+                for script in REDIS_SCRIPTS:
                     node.call(self.loop.now, ("SCRIPT", "LOAD", script), None)
             msg.ask = None
             self.send_again(msg, delay=0.05)
@@ -2169,10 +2278,29 @@ class RedisBus(RemoteBus):
             node.sub.write(resp_command("SUNSUBSCRIBE" if self.cluster else "UNSUBSCRIBE", channel))
 
     def room_closed(self, room: Room) -> None:
-        """Unsubscribe: this node stops receiving the room's traffic."""
+        """Unsubscribe: this node stops receiving the room's traffic, and counts no member there."""
+        if room.reported:
+            room.reported = 0
+            self.report_members(room, 0)
         node = self.subscribed.get(room.name)
         if node is not None:
             self._unsubscribe(node, room.name)
+
+    def report_members(self, room: Room, count: int) -> None:
+        """Count this process's members of room in Redis; the answer is the room's total."""
+        node = self.owner(self.lane(room.name))
+        if node is None or not node.up:
+            return                          # reported again once its node is up
+        name = room.name
+        node.call(self.loop.now, ("EVALSHA", self.presence_sha, 1, self._keys(name)[2] + ":members", self.tag,
+                                  count, PRESENCE_TTL_MS, self._keys(name)[2], "S" if self.cluster else "P"),
+                  lambda reply: None if isinstance(reply, RespError) else self.chat.on_members(name, reply))
+
+    def _refresh_presence(self) -> None:
+        """Keep this process's counts alive in Redis (they expire, so a dead process is forgotten)."""
+        for room in list(self.chat.rooms.values()):
+            if room.reported:
+                self.report_members(room, room.reported)
 
     def resync(self, room: Room) -> None:
         """Fetch the room's recent history to fill a gap."""
@@ -2185,8 +2313,8 @@ class RedisBus(RemoteBus):
         if node is None or not node.up:
             return                          # asked again once subscribed
         seq_key, hist_key, channel = self._keys(room)
-        node.call(self.loop.now, ("EVALSHA", self.snapshot_sha, 3, seq_key, hist_key, channel + ":published",
-                                  self.config.history, "" if self.cluster and node.replicas else "1"),
+        node.call(self.loop.now, ("EVALSHA", self.snapshot_sha, 4, seq_key, hist_key, channel + ":published",
+                                  channel + ":members", self.config.history, "" if self.cluster and node.replicas else "1"),
                   lambda reply: self._on_snapshot(node, room, reply))
 
     def _on_snapshot(self, node: RedisNode, room: str, reply) -> None:
@@ -2196,7 +2324,7 @@ class RedisBus(RemoteBus):
                 self._unsubscribe(node, room)       # subscribed again where the map says
                 self._refresh()
             return
-        self.chat.on_snapshot(room, int(reply[0]), reply[1])
+        self.chat.on_snapshot(room, int(reply[0]), reply[1], int(reply[2]))
 
     # -- replies
 
@@ -2218,8 +2346,11 @@ class RedisBus(RemoteBus):
             kind = reply[0]
             if kind == b"message" or kind == b"smessage":
                 head, _, payload = reply[2].partition(b"\n")
-                seq, tag, t0 = head.split(b" ", 2)
                 room = reply[1][plen:-1].decode()
+                if head[:2] == b"m ":        # presence: the room's new total
+                    self.chat.on_members(room, int(head[2:]))
+                    continue
+                seq, tag, t0 = head.split(b" ", 2)
                 mine = tag.decode() == self.tag
                 self.chat.on_bus_message(room, int(seq), payload, float(t0) if mine else None)
             elif kind == b"subscribe" or kind == b"ssubscribe":
@@ -3397,8 +3528,15 @@ class Supervisor(EventLoop):
     def _unsubscribe(self, worker: Worker, room: HubRoom) -> None:
         if room.subs.pop(worker, 0) is None:
             worker.link.cancel(room.name)
+            if room.count(worker, 0):
+                self._send_total(room)
             if not room.subs and not room.history:
                 del self.rooms[room.name]
+
+    def _send_total(self, room: HubRoom) -> None:
+        rec = members_record(room.name, room.total)
+        for sub in room.subs:
+            sub.link.write(rec)
 
     def _forget_if_unused(self, room: HubRoom) -> None:
         if not room.subs:
@@ -3414,6 +3552,7 @@ class Supervisor(EventLoop):
                 if room is None:
                     room = self.rooms[name] = HubRoom(name, self.config)
                 room.subs[worker] = None
+                worker.link.write(members_record(name, room.total))     # before the snapshot: its welcome counts all
                 payloads = [item for _, item in room.history.items()]
                 worker.link.write_lazily(name, snapshot_records(name, room.seq, payloads))
             elif kind == REC_UNSUBSCRIBE:
@@ -3422,6 +3561,14 @@ class Supervisor(EventLoop):
                     self._unsubscribe(worker, room)
             elif kind == REC_STATS:
                 worker.stats = json.loads(body)
+            elif kind == REC_MEMBERS:
+                name, count = parse_members(body)
+                room = self.rooms.get(name)
+                if room is not None and worker in room.subs:
+                    if room.count(worker, count):
+                        self._send_total(room)
+                    else:                   # the reporter still needs it: its own share moved
+                        worker.link.write(members_record(name, room.total))
 
     def _sequence(self, worker: Worker, body: bytes) -> None:
         """Assign a published message its room's next seq, keep it, forward it, ack it."""

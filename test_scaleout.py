@@ -916,3 +916,62 @@ def test_messages_held_for_a_dead_redis_are_bounded_in_bytes(redis):
         client.close()
     finally:
         node.stop()
+
+
+# ---------------------------------------------------------------------------
+# Presence: member counts over every process
+# ---------------------------------------------------------------------------
+
+MEMBERS_WITHIN = 3.0      # seconds: a change is reported within a second, and told within another
+
+
+async def assert_room_counted_everywhere(urls: list[str], owners) -> None:
+    """Members spread over urls (and over the processes behind them) are each told the room's
+    whole count within MEMBERS_WITHIN; so is a later joiner; leaving lowers it. owners() is
+    the set of processes holding the members' connections, checked to be more than one."""
+    room = f"presence-{os.urandom(3).hex()}"
+    latest: dict = {}
+
+    async def join(i: int):
+        ws = await connect(f"{urls[i % len(urls)]}/{room}", open_timeout=10, ping_interval=None, close_timeout=2)
+        welcome = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        latest[ws] = welcome["members"]
+
+        async def read():
+            try:
+                async for raw in ws:
+                    frame = json.loads(raw)
+                    if frame["type"] == "members":
+                        latest[ws] = frame["count"]
+            except ConnectionClosed:
+                pass
+        asyncio.get_running_loop().create_task(read())
+        return ws, welcome
+
+    members = [(await join(i))[0] for i in range(8)]
+    assert len(owners()) > 1, "every member is on one process: nothing to sum"
+    await until(lambda: all(latest[ws] == 8 for ws in members), MEMBERS_WITHIN,
+                f"every member to count 8: {[latest[ws] for ws in members]}")
+    late, welcome = await join(8)
+    assert welcome["members"] in (8, 9), welcome
+    members.append(late)
+    await until(lambda: all(latest[ws] == 9 for ws in members), MEMBERS_WITHIN, "everyone to count 9")
+    for ws in members[:3]:
+        await ws.close()
+    await until(lambda: all(latest[ws] == 6 for ws in members[3:]), MEMBERS_WITHIN,
+                f"the rest to count 6: {[latest[ws] for ws in members[3:]]}")
+    for ws in members[3:]:
+        await ws.close()
+
+
+@run_async
+async def test_member_counts_sum_every_worker(two_workers):
+    """--workers: the supervisor sums each worker's members of a room and tells every worker."""
+    await assert_room_counted_everywhere(
+        [two_workers.url], lambda: set(connection_owners(two_workers.port, worker_pids(two_workers)).values()))
+
+
+@run_async
+async def test_member_counts_sum_every_instance_on_redis(redis_pair):
+    """--redis: each instance keeps its count of a room in Redis, which sums them."""
+    await assert_room_counted_everywhere([node.url for node in redis_pair], lambda: {n.port for n in redis_pair})
