@@ -29,7 +29,7 @@ import pytest
 import websocket
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 
-from conftest import HERE, ServerProc, start_server
+from testkit import HERE, ServerProc, start_server
 
 pytestmark = pytest.mark.timeout(120)
 expect.set_options(timeout=15_000)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import start_server
+from testkit import start_server
 
 # ---------------------------------------------------------------------------
 # A raw WebSocket client: any bytes, any frame, even wrong ones

@@ -32,7 +32,7 @@ import yaml
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from conftest import HERE, ServerProc, free_port, start_server, wait_http
+from testkit import HERE, ServerProc, free_port, start_server, wait_http
 
 COMPOSE_FILE = os.path.join(HERE, "docker-compose.yml")
 COMPOSE_SCHEMA = os.path.join(HERE, "monitoring", "compose-spec.json")

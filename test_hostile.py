@@ -34,10 +34,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import scalechat as sc
-from conftest import start_server
 from test_scalechat import get
 from test_scalechat import http as http_exchange
 from test_scalechat import metrics as read_metrics
+from testkit import start_server
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -22,7 +22,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import loadclient
-from conftest import HERE, free_port, start_server
 from scalechat import (
     CLOSE_TRY_AGAIN_LATER,
     FrameParser,
@@ -30,6 +29,7 @@ from scalechat import (
     encode_frame,
     message_parts,
 )
+from testkit import HERE, free_port, start_server
 
 LOADCLIENT = os.path.join(HERE, "loadclient.py")
 HEADER = list(loadclient.EVENT_COLUMNS)

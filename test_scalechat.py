@@ -34,7 +34,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
 from websockets.sync.client import connect
 
-from conftest import free_port, start_server
 from scalechat import (
     ACK_HEAD,
     CLOSE_INTERNAL_ERROR,
@@ -90,6 +89,7 @@ from scalechat import (
 )
 from test_conformance import RawClient, chat_json, close_frame, frame, pieces
 from test_conformance import text as chat_frame
+from testkit import free_port, start_server
 
 # ---------------------------------------------------------------------------
 # 1. Protocol core: RFC 6455 with bytes alone

@@ -33,7 +33,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.protocol import State
 
-from conftest import HERE, ServerProc, free_port, start_server
+from testkit import HERE, RedisServer, ServerProc, start_server
 
 DRAIN = 2.0                     # --drain-timeout of every server here, in seconds
 SERVER_ARGS = ("--drain-timeout", str(DRAIN), "--log-level", "WARNING")
@@ -131,71 +131,6 @@ def family_names(server: ServerProc) -> set[str]:
     """The metric family names of one scrape."""
     text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
     return {f.name for f in text_string_to_metric_families(text)}
-
-
-class RedisServer:
-    """A private redis-server on a free loopback port (never a system-wide one).
-
-    persistent: an append-only file fsynced on every write, so the seq counters
-    and histories survive a kill, as in a real deployment.
-    """
-
-    def __init__(self, workdir: str, persistent: bool = False):
-        self.port = free_port()
-        self.workdir = workdir
-        self.persistent = persistent
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, key_load_delay_us: int = 0) -> RedisServer:
-        """Start (or start again) on the same port; return once it answers, maybe still
-        loading its data. key_load_delay_us slows loading each key down, and makes Redis
-        answer LOADING meanwhile, as a big dataset would."""
-        durability = ("--appendonly", "yes", "--appendfsync", "always") if self.persistent \
-            else ("--appendonly", "no")
-        slow = ("--key-load-delay", str(key_load_delay_us),
-                "--loading-process-events-interval-bytes", "1024") if key_load_delay_us else ()
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--dir", self.workdir, *durability, *slow], stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while not self.answers():
-            assert self.proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
-        return self
-
-    def answers(self) -> bool:
-        """Whether PING gets PONG (or LOADING) right now."""
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith((b"+PONG", b"-LOADING"))
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        """SIGKILL: Redis vanishes without a word to anyone."""
-        self.proc.kill()
-        self.proc.wait()
-
-    def stall_and_kill(self, stall: float) -> None:
-        """SIGSTOP, then SIGKILL after stall seconds: what the nodes sent meanwhile is on the
-        wire, never run and never answered (a bare kill leaves that to chance)."""
-        self.proc.send_signal(signal.SIGSTOP)
-        time.sleep(stall)
-        self.kill()
-
-    def cli(self, *args: str) -> str:
-        """The output of one redis-cli command against this server."""
-        return subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True,
-                              text=True, timeout=5, check=True).stdout
-
-    def subscribers(self, room: str) -> int:
-        """PUBSUB NUMSUB of the room's channel: how many nodes receive its traffic."""
-        return int(self.cli("PUBSUB", "NUMSUB", f"scalechat:{{{room}}}").split()[-1])
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ sys.path.insert(0, HERE)
 
 from run_bench import machine
 
-from conftest import free_port, wait_http
+from testkit import free_port, wait_http
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

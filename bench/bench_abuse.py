@@ -63,7 +63,6 @@ from run_bench import (
     process_tree,
 )
 
-from conftest import ServerProc, free_port, wait_http
 from scalechat import (
     OP_CLOSE,
     OP_CONTINUATION,
@@ -84,7 +83,7 @@ from scalechat import (
     utc_now_rfc3339,
 )
 from test_hostile import BAD_PAYLOADS, percentile
-from test_scaleout import RedisServer
+from testkit import RedisServer, ServerProc, free_port, wait_http
 
 RESULTS = HERE / "results"
 MODES = ("single", "workers", "redis")

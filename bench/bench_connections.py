@@ -33,8 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from conftest import free_port, wait_http
-from test_scaleout import RedisServer
+from testkit import RedisServer, free_port, wait_http
 
 
 def tree(pid: int) -> list[int]:

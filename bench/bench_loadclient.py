@@ -39,7 +39,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import scalechat
-from conftest import free_port, start_server
+from testkit import free_port, start_server
 
 LOADCLIENT = os.path.join(ROOT, "loadclient.py")
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -34,8 +34,7 @@ sys.path.insert(0, ROOT)
 
 from bench_loadclient import children, cpu_seconds, loadavg, machine
 
-from conftest import start_server
-from test_scaleout import RedisServer
+from testkit import RedisServer, start_server
 
 LOADCLIENT = os.path.join(ROOT, "loadclient.py")
 SETUPS = ("1 process", "2 workers", "1 instance + Redis", "2 instances + Redis")

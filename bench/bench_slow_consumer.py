@@ -28,8 +28,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from conftest import free_port, wait_http
 from scalechat import client_handshake_request, new_key, parse_handshake_response
+from testkit import free_port, wait_http
 
 
 def rss_kib(pid: int) -> int:

@@ -61,9 +61,9 @@ sys.path[:0] = [ROOT, HERE]
 from fuzz_protocol import machine
 
 import scalechat as sc
-from conftest import ServerProc, start_server
 from test_hostile import RawClient
-from test_scaleout import RedisServer, scrape, tcp_sockets, worker_pids
+from test_scaleout import scrape, tcp_sockets, worker_pids
+from testkit import RedisServer, ServerProc, start_server
 
 MODES = ("single", "workers", "redis")
 CATEGORIES = ("json", "frames", "query", "resend")
