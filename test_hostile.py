@@ -37,7 +37,15 @@ import scalechat as sc
 from test_scalechat import get
 from test_scalechat import http as http_exchange
 from test_scalechat import metrics as read_metrics
-from testkit import start_server
+from testkit import (
+    CLIENT_A,
+    CLIENT_B,
+    RawClient,
+    echo_time,
+    fill_room,
+    handshake_status,
+    start_server,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -394,101 +402,6 @@ def test_nesting_bombs_and_non_objects_are_refused_quickly(payload, code):
 # Real-socket helpers
 # ---------------------------------------------------------------------------
 
-class RawClient:
-    """A WebSocket client on a plain blocking socket, built from the protocol core."""
-
-    def __init__(self, port: int, resource: str = "/ws", origin: str | None = None,
-                 source: str = "127.0.0.1", rcvbuf: int = 0, timeout: float = 5.0):
-        self.sock = socket.socket()
-        if rcvbuf:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(timeout)
-        self.sock.bind((source, 0))
-        self.sock.connect(("127.0.0.1", port))
-        key = sc.new_key()
-        self.sock.sendall(sc.client_handshake_request(f"127.0.0.1:{port}", resource, key, origin))
-        self.parser = sc.FrameParser(expect_masked=False, max_message_size=1 << 24)
-        self.frames: list = []
-        buf = b""
-        try:
-            while (end := sc.parse_handshake_response(buf, key)) is None:
-                data = self.sock.recv(65536)
-                if not data:
-                    raise sc.HandshakeError(0, "closed during the handshake")
-                buf += data
-        except BaseException:
-            self.sock.close()
-            raise
-        self.frames.extend(self.parser.feed(buf[end:]))
-        self.welcome = self.next_json()
-        self.name = self.welcome.get("name")
-
-    def send_frame(self, opcode: int, payload: bytes) -> None:
-        """Send one masked frame."""
-        self.sock.sendall(sc.encode_frame(opcode, payload, mask_key=sc.new_mask_key()))
-
-    def send_json(self, obj) -> None:
-        """Send obj as one text frame."""
-        self.send_frame(sc.OP_TEXT, json.dumps(obj).encode())
-
-    def next_frame(self) -> tuple:
-        """The next (opcode, payload) from the server; ConnectionError at EOF."""
-        while not self.frames:
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("server closed the connection")
-            self.frames.extend(self.parser.feed(data))
-        return self.frames.pop(0)
-
-    def next_json(self, skip: tuple = ("members", "ack")) -> dict:
-        """The next text frame as JSON, skipping member counts (and acks, unless asked) and answering pings."""
-        while True:
-            opcode, payload = self.next_frame()
-            if opcode == sc.OP_TEXT:
-                obj = json.loads(payload)
-                if obj.get("type") not in skip:     # member counts come on a timer, between any two frames
-                    return obj
-            if opcode == sc.OP_CLOSE:
-                raise ConnectionError(f"closed with {sc.parse_close(payload)}")
-            if opcode == sc.OP_PING:
-                self.send_frame(sc.OP_PONG, payload)
-
-    def next_message(self) -> dict:
-        """The next chat message, skipping welcome and member counts."""
-        while (obj := self.next_json())["type"] != "message":
-            pass
-        return obj
-
-    def read_until_close(self) -> tuple[list, int | None]:
-        """(JSON objects received, close code) up to the server's Close frame or EOF; echoes the Close."""
-        objects = []
-        try:
-            while True:
-                opcode, payload = self.next_frame()
-                if opcode == sc.OP_TEXT:
-                    objects.append(json.loads(payload))
-                elif opcode == sc.OP_CLOSE:
-                    self.send_frame(sc.OP_CLOSE, payload[:2])
-                    return objects, sc.parse_close(payload)[0]
-        except (ConnectionError, OSError):
-            return objects, None
-        finally:
-            self.sock.close()
-
-    def close(self) -> None:
-        """Close the socket without a closing handshake."""
-        self.sock.close()
-
-
-def handshake_status(port: int, **client_options) -> int:
-    """The HTTP status the server answers an upgrade with (101 when it accepts)."""
-    try:
-        RawClient(port, **client_options).close()
-    except sc.HandshakeError as e:
-        return e.status
-    return 101
-
-
 def refused(samples: dict, reason: str) -> float:
     """scalechat_refused_total for one reason."""
     return samples[("scalechat_refused_total", (("reason", reason),))]
@@ -612,7 +525,7 @@ def test_client_within_the_rate_is_never_refused(serve):
     client = RawClient(server.port, "/ws/calm")
     for i in range(20):
         client.send_json({"message_id": i, "text": f"calm {i}"})
-        assert client.next_message()["message_id"] == i
+        assert client.recv_message()["message_id"] == i
         time.sleep(0.1)
     assert refused(read_metrics(server), "rate_limit") == 0
     client.close()
@@ -746,12 +659,12 @@ def test_text_of_exactly_the_maximum_passes_and_one_byte_more_is_refused(serve):
     server = serve("--max-message-size", "1000")
     client = RawClient(server.port)
     client.send_json({"message_id": 1, "text": "é" * 500})
-    assert client.next_message()["text"] == "é" * 500
+    assert client.recv_message()["text"] == "é" * 500
     client.send_json({"message_id": 2, "text": "x" * 1001})
-    error = client.next_json()
+    error = client.recv_json()
     assert (error["type"], error["code"], error["message_id"]) == ("error", "too_big", 2)
     client.send_json({"message_id": 3, "text": "still open"})
-    assert client.next_message()["message_id"] == 3
+    assert client.recv_message()["message_id"] == 3
     assert refused(read_metrics(server), "too_big") == 1
 
 
@@ -878,7 +791,7 @@ def test_client_that_never_answers_pings_is_dropped(serve):
         assert time.monotonic() < deadline
         polite.sock.settimeout(0.2)
         try:
-            opcode, payload = polite.next_frame()       # read, and answer pings: stays
+            opcode, payload = polite.recv_frame()       # read, and answer pings: stays
         except TimeoutError:
             continue
         if opcode == sc.OP_PING:
@@ -930,7 +843,7 @@ def test_ping_flood_is_rate_limited_like_messages(serve):
     client.sock.sendall(sc.encode_frame(sc.OP_PING, b"p", mask_key=b"abcd") * 5000)
     pongs = 0
     try:
-        while (frame := client.next_frame())[0] != sc.OP_CLOSE:
+        while (frame := client.recv_frame())[0] != sc.OP_CLOSE:
             pongs += frame[0] == sc.OP_PONG
     except (OSError, ConnectionError):
         frame = (None, b"")
@@ -946,7 +859,7 @@ def test_filling_the_history_of_many_rooms_does_not_grow_memory_without_bound(se
         client = RawClient(server.port, f"/ws/hoard{r}")
         for i in range(64):                       # within the default burst: never rate limited
             client.send_json({"message_id": i, "text": text})
-            client.next_message()
+            client.recv_message()
         client.close()
     growth = peak_rss_kib(server.proc.pid) - rss_start
     print(f"\nserver peak RSS grew by {growth / 1024:.0f} MiB for 192 MiB of history sent")
@@ -991,7 +904,7 @@ def chat_pair(port: int, room: str, count: int, interval: float) -> list:
         t0 = time.perf_counter()
         sender.send_json({"message_id": i, "text": text, "sent_at": sc.utc_now_rfc3339()})
         for client in (alice, bob):
-            message = client.next_message()
+            message = client.recv_message()
             latencies.append(time.perf_counter() - t0)
             assert (message["message_id"], message["text"], message["sender"]) == (i, text, sender.name)
             seqs[client.name].append(message["seq"])
@@ -1052,10 +965,10 @@ def bad_payload_sender(port: int) -> list:
     results = []
     for payload, code in BAD_PAYLOADS:
         client.send_frame(sc.OP_TEXT, payload)
-        results.append((code, client.next_json().get("code")))
+        results.append((code, client.recv_json().get("code")))
         time.sleep(1.5 / RATE_BURST)              # under the rate limit: only the payload is wrong
     client.send_json({"text": "still here"})
-    results.append(("message", client.next_json()["type"]))
+    results.append(("message", client.recv_json()["type"]))
     client.close()
     return results
 
@@ -1133,10 +1046,6 @@ def test_attackers_at_once_leave_normal_clients_untouched(serve):
 # small size (bench/bench_abuse.py measures them at full size)
 # ---------------------------------------------------------------------------
 
-CLIENT_A, CLIENT_B = "A" * 22, "B" * 22      # client ids: 16-64 of [A-Za-z0-9_-]
-BIG_TEXT = "\x01" * 65536                    # 64 KiB that JSON-escapes to 393 KB
-
-
 def children(pid: int) -> list:
     """The child process ids of pid (the workers of a supervisor)."""
     with open(f"/proc/{pid}/task/{pid}/children") as f:
@@ -1152,24 +1061,6 @@ def rss_kib(pids: list) -> int:
     return total
 
 
-def echo_time(client: RawClient, message_id: int) -> float:
-    """Seconds from sending a message to receiving it back."""
-    t0 = time.monotonic()
-    client.send_json({"message_id": message_id, "text": "ping"})
-    while (m := client.next_message())["message_id"] != message_id or m["sender"] != client.name:
-        pass
-    return time.monotonic() - t0
-
-
-def fill_room(port: int, room: str, count: int, text: str = BIG_TEXT) -> None:
-    """Post count messages to room from one client (within the default burst), then leave."""
-    client = RawClient(port, f"/ws/{room}", timeout=30)
-    for i in range(count):
-        client.send_json({"message_id": i, "text": text})
-        client.next_message()
-    client.close()
-
-
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_lone_surrogate_in_any_field_is_refused_and_no_process_dies(serve, workers):
     server = serve("--workers", workers)
@@ -1178,7 +1069,7 @@ def test_a_lone_surrogate_in_any_field_is_refused_and_no_process_dies(serve, wor
     for payload in (b'{"message_id":1,"text":"hi","sent_at":"\\ud800"}',
                     b'{"message_id":2,"text":"\\udfff"}', b'{"message_id":3,"text":"hi","sent_at":"\\ud83d"}'):
         client.send_frame(sc.OP_TEXT, payload)
-        answer = client.next_json()
+        answer = client.recv_json()
         assert answer["type"] == "error" and answer["code"] == "bad_message", answer
     assert echo_time(client, 4) < 5
     assert server.proc.poll() is None and children(server.proc.pid) == pids     # no worker restarted
@@ -1214,17 +1105,17 @@ def test_resends_are_checked_by_client_id_so_nobody_else_can_suppress_them(serve
     alice = RawClient(server.port, f"/ws/forgery?name=alice&client={CLIENT_A}")
     mallory = RawClient(server.port, f"/ws/forgery?name=alice&client={CLIENT_B}")
     mallory.send_json({"message_id": 7, "text": "forged", "resend": True})
-    assert mallory.next_json(skip=("members",)) == {"type": "message", "room": "forgery", "seq": 1,
+    assert mallory.recv_json(skip=("members",)) == {"type": "message", "room": "forgery", "seq": 1,
                                                     "sender": "alice", "message_id": 7, "text": "forged",
                                                     "sent_at": None}
-    assert mallory.next_json(skip=("members",)) == {"type": "ack", "message_id": 7, "seq": 1}
-    assert alice.next_json(skip=("members",))["text"] == "forged"      # no ack for alice
+    assert mallory.recv_json(skip=("members",)) == {"type": "ack", "message_id": 7, "seq": 1}
+    assert alice.recv_json(skip=("members",))["text"] == "forged"      # no ack for alice
     alice.send_json({"message_id": 7, "text": "mine", "resend": True})
-    assert alice.next_json(skip=("members",))["text"] == "mine"
-    assert alice.next_json(skip=("members",)) == {"type": "ack", "message_id": 7, "seq": 2}
+    assert alice.recv_json(skip=("members",))["text"] == "mine"
+    assert alice.recv_json(skip=("members",)) == {"type": "ack", "message_id": 7, "seq": 2}
     alice.send_json({"message_id": 7, "text": "mine", "resend": True})   # her own again: a duplicate
-    assert alice.next_json(skip=("members",)) == {"type": "ack", "message_id": 7, "seq": 2, "duplicate": True}
-    assert echo_time(mallory, 8) < 5 and alice.next_message()["seq"] == 3   # nothing came in between
+    assert alice.recv_json(skip=("members",)) == {"type": "ack", "message_id": 7, "seq": 2, "duplicate": True}
+    assert echo_time(mallory, 8) < 5 and alice.recv_message()["seq"] == 3   # nothing came in between
     for bad in ("short", "x" * 65, "a%0Ab" * 4, "spaces%20are%20not%20allowed"):
         assert handshake_status(server.port, resource=f"/ws/forgery?client={bad}") == 400, bad
     alice.close()
@@ -1236,11 +1127,11 @@ def test_a_resend_is_checked_only_against_history_and_sequenced_again_once_trimm
     client = RawClient(server.port, f"/ws/trimmed?client={CLIENT_A}")
     for i in range(1, 6):
         client.send_json({"message_id": i, "text": f"m{i}"})
-        assert client.next_json(skip=("members", "message")) == {"type": "ack", "message_id": i, "seq": i}
+        assert client.recv_json(skip=("members", "message")) == {"type": "ack", "message_id": i, "seq": i}
     client.send_json({"message_id": 5, "text": "m5", "resend": True})
-    assert client.next_json(skip=("members",)) == {"type": "ack", "message_id": 5, "seq": 5, "duplicate": True}
+    assert client.recv_json(skip=("members",)) == {"type": "ack", "message_id": 5, "seq": 5, "duplicate": True}
     client.send_json({"message_id": 1, "text": "m1", "resend": True})     # no longer held: sequenced
-    assert client.next_message()["seq"] == 6
+    assert client.recv_message()["seq"] == 6
     client.close()
 
 
@@ -1260,7 +1151,7 @@ def test_a_replay_is_produced_as_the_socket_drains(serve):
     assert growth < 32 * 1024                  # before: a joined copy each, 1.2 GiB for 20
     assert worst < 0.5
     reader = RawClient(server.port, "/ws/hoard?since=10", timeout=30)
-    seqs = [reader.next_message()["seq"] for _ in range(30)]
+    seqs = [reader.recv_message()["seq"] for _ in range(30)]
     assert seqs == list(range(11, 41))
     for c in hoarders + [victim, reader]:
         c.sock.close()
@@ -1271,7 +1162,7 @@ def test_a_replay_that_falls_out_of_history_is_cut_off_with_1013(serve):
     writer = RawClient(server.port, "/ws/fast")
     for i in range(20):
         writer.send_json({"message_id": i, "text": "x" * 60000})
-    writer.next_message()
+    writer.recv_message()
     slow = RawClient(server.port, "/ws/fast?since=0", rcvbuf=4096)
     for i in range(20, 200):                  # ten times the history while slow does not read
         writer.send_json({"message_id": i, "text": "x" * 60000})
@@ -1292,7 +1183,7 @@ def test_fragments_cost_what_they_carry_and_pay_the_rate_limit(serve):
     client.sock.sendall(sc.encode_frame(sc.OP_TEXT, b'{"text": "', fin=False, mask_key=b"abcd"))
     client.sock.sendall(frame * 150_000)       # 1.2 MB on the wire, 300 KB of payload
     client.sock.sendall(sc.encode_frame(sc.OP_CONTINUATION, b'"}', mask_key=b"abcd"))
-    assert client.next_json()["code"] == "too_big"      # every fragment was read by now
+    assert client.recv_json()["code"] == "too_big"      # every fragment was read by now
     growth = peak_rss_kib(server.proc.pid) - peak_before
     print(f"\n150,000 two-byte fragments: server peak RSS +{growth} KiB")
     assert growth < 3 * 1024                   # before: a bytes object a fragment, ~10 MiB

@@ -87,9 +87,16 @@ from scalechat import (
     upgrade_response,
     valid_name,
 )
-from test_conformance import RawClient, chat_json, close_frame, frame, pieces
-from test_conformance import text as chat_frame
-from testkit import free_port, start_server
+from testkit import (
+    RawClient,
+    chat_frame,
+    chat_json,
+    close_frame,
+    frame,
+    free_port,
+    pieces,
+    start_server,
+)
 
 # ---------------------------------------------------------------------------
 # 1. Protocol core: RFC 6455 with bytes alone

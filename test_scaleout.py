@@ -33,7 +33,16 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.protocol import State
 
-from testkit import HERE, RedisServer, ServerProc, start_server
+from testkit import (
+    CLIENT_A,
+    HERE,
+    RawClient,
+    RedisServer,
+    ServerProc,
+    echo_time,
+    fill_room,
+    start_server,
+)
 
 DRAIN = 2.0                     # --drain-timeout of every server here, in seconds
 SERVER_ARGS = ("--drain-timeout", str(DRAIN), "--log-level", "WARNING")
@@ -750,7 +759,6 @@ async def test_redis_restarted_and_still_loading_nodes_retry_until_ready(redis):
 
 def victim_echoes(port: int, seconds: float) -> list:
     """Echo times of one member of an unrelated room, messaging for seconds."""
-    from test_hostile import RawClient, echo_time
     victim = RawClient(port, "/ws/calm", timeout=60)
     times, deadline = [], time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -766,7 +774,6 @@ def test_joins_to_a_room_of_big_messages_do_not_stall_other_rooms(bus, redis):
     comes at once, and a member of another room keeps its echo time (before: 27-31 s)."""
     import concurrent.futures
 
-    from test_hostile import RawClient, fill_room
     args = ("--workers", "2") if bus == "workers" else ("--redis", redis.url)
     server = start_server(*args, *SERVER_ARGS)
     try:
@@ -795,7 +802,6 @@ def test_joins_to_a_room_of_big_messages_do_not_stall_other_rooms(bus, redis):
 
 def test_the_supervisor_forgets_rooms_nobody_uses():
     """Joins to many rooms without a message leave nothing behind in the supervisor."""
-    from test_hostile import RawClient
     server = start_server("--workers", "2", *SERVER_ARGS)
     try:
         RawClient(server.port, "/ws/kept").send_json({"message_id": 1, "text": "stays in history"})
@@ -810,14 +816,13 @@ def test_the_supervisor_forgets_rooms_nobody_uses():
 
 
 def test_redis_keeps_a_room_bounded_in_bytes_indexed_and_expiring(redis):
-    from test_hostile import CLIENT_A, RawClient
     node = start_server("--redis", redis.url, "--room-history-bytes", "200000", "--redis-room-ttl", "100",
                         *SERVER_ARGS)
     try:
         client = RawClient(node.port, f"/ws/capped?client={CLIENT_A}")
         for i in range(1, 11):
             client.send_json({"message_id": i, "text": "a" * 65000})
-            assert client.next_json(skip=("members", "message"))["seq"] == i       # its ack
+            assert client.recv_json(skip=("members", "message"))["seq"] == i       # its ack
         keys = [f"scalechat:{{capped}}{suffix}" for suffix in (":seq", ":history", ":index", ":order", ":bytes")]
         length = int(redis.cli("LLEN", keys[1]))
         assert 1 <= length <= 3 and int(redis.cli("GET", keys[4])) <= 200000
@@ -825,17 +830,16 @@ def test_redis_keeps_a_room_bounded_in_bytes_indexed_and_expiring(redis):
         assert all(0 < int(redis.cli("TTL", key)) <= 100 for key in keys)
         client.send_json({"message_id": 10, "text": "a" * 65000, "resend": True})
         # (with Redis an ack may come before the message itself: messages are skipped here)
-        assert client.next_json(skip=("members", "message")) == {"type": "ack", "message_id": 10, "seq": 10,
+        assert client.recv_json(skip=("members", "message")) == {"type": "ack", "message_id": 10, "seq": 10,
                                                                  "duplicate": True}
         client.send_json({"message_id": 1, "text": "trimmed long ago", "resend": True})
-        assert client.next_json(skip=("members", "message")) == {"type": "ack", "message_id": 1, "seq": 11}
+        assert client.recv_json(skip=("members", "message")) == {"type": "ack", "message_id": 1, "seq": 11}
         client.close()
     finally:
         node.stop()
 
 
 def test_messages_held_for_a_dead_redis_are_bounded_in_bytes(redis):
-    from test_hostile import RawClient
     node = start_server("--redis", redis.url, "--bus-hold-bytes", "300000", *SERVER_ARGS)
     try:
         client = RawClient(node.port, "/ws/held")
@@ -846,7 +850,7 @@ def test_messages_held_for_a_dead_redis_are_bounded_in_bytes(redis):
             time.sleep(0.05)
         for i in range(1, 6):                   # 65 KB each: four fit in 300,000 bytes
             client.send_json({"message_id": i, "text": "b" * 65000})
-        assert client.next_json() == {"type": "error", "code": "unavailable", "message_id": 5,
+        assert client.recv_json() == {"type": "error", "code": "unavailable", "message_id": 5,
                                       "reason": "message bus unavailable: send again later"}
         client.close()
     finally:

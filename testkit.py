@@ -8,16 +8,21 @@ purpose: it checks scalechat's framing against a second implementation.
 """
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import random
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+
+import scalechat as sc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -172,3 +177,205 @@ class RedisServer:
     def subscribers(self, room: str) -> int:
         """PUBSUB NUMSUB of the room's channel: how many nodes receive its traffic."""
         return int(self.cli("PUBSUB", "NUMSUB", f"scalechat:{{{room}}}").split()[-1])
+
+
+# ---------------------------------------------------------------------------
+# A raw WebSocket client, on scalechat's own codec
+# ---------------------------------------------------------------------------
+
+def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0,
+          masked: bool = True, length: int | None = None) -> bytes:
+    """One client frame; rsv bits, an unmasked frame or a declared length other than the
+    payload's make it a wrong one on purpose."""
+    key = sc.new_mask_key() if masked else None
+    if length is None:
+        data = bytearray(sc.encode_frame(opcode, payload, fin, key))
+    else:       # a header that declares length, whatever follows
+        data = bytearray(sc.encode_frame(opcode, b"", fin))
+        m = 0x80 if masked else 0
+        data[1:] = (bytes((m | length,)) if length < 126 else
+                    struct.pack("!BH", m | 126, length) if length < 1 << 16 else
+                    struct.pack("!BQ", m | 127, length))
+        data += (key + sc.mask(payload, key)) if masked else payload
+    data[0] |= rsv << 4
+    return bytes(data)
+
+
+def close_frame(code: int | None = None, reason: bytes = b"") -> bytes:
+    """A client Close frame; no payload at all when code is None."""
+    return frame(sc.OP_CLOSE, b"" if code is None else struct.pack("!H", code) + reason)
+
+
+def chat_json(text: str, message_id: int = 1) -> bytes:
+    """A client chat message as the protocol wants it (UTF-8 JSON, non-ASCII kept raw)."""
+    return json.dumps({"message_id": message_id, "text": text}, ensure_ascii=False).encode()
+
+
+def chat_frame(text: str, message_id: int = 1) -> bytes:
+    """A masked text frame with one chat message."""
+    return frame(sc.OP_TEXT, chat_json(text, message_id))
+
+
+def pieces(data: bytes, cuts) -> list:
+    """data cut at the given offsets."""
+    return [data[a:b] for a, b in itertools.pairwise([0, *cuts, len(data)])]
+
+
+class RawClient:
+    """A WebSocket client on a plain blocking socket: sends exactly what it is told
+    (scalechat.encode_frame for frames), reads server frames with scalechat.FrameParser.
+
+    The handshake must end in 101 (HandshakeError with the status otherwise),
+    and the first JSON frame is the welcome.
+    """
+
+    def __init__(self, port: int, resource: str = "/ws", *, origin: str | None = None,
+                 source: str = "127.0.0.1", rcvbuf: int = 0, sndbuf: int = 0, timeout: float = 5.0,
+                 host: str = "127.0.0.1"):
+        self.sock = socket.socket()
+        if rcvbuf:      # before connect, so the TCP window stays small
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if sndbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        self.sock.settimeout(timeout)
+        self.parser = sc.FrameParser(expect_masked=False, max_message_size=1 << 26)
+        self.frames: list = []
+        try:
+            self.sock.bind((source, 0))
+            self.sock.connect((host, port))
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            key = sc.new_key()
+            self.sock.sendall(sc.client_handshake_request(f"{host}:{port}", resource, key, origin))
+            buf = b""
+            while (end := sc.parse_handshake_response(buf, key)) is None:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise sc.HandshakeError(0, "closed during the handshake")
+                buf += data
+            self.frames.extend(self.parser.feed(buf[end:]))
+            self.welcome = self.recv_json()
+        except BaseException:
+            self.sock.close()
+            raise
+        assert self.welcome["type"] == "welcome", self.welcome
+        self.name = self.welcome.get("name")
+
+    def send(self, data: bytes, chop: int = 0, pause: float = 0.0) -> None:
+        """Send bytes at once, or in chops of that many bytes (one TCP segment each)."""
+        if not chop:
+            self.sock.sendall(data)
+            return
+        for i in range(0, len(data), chop):
+            self.sock.sendall(data[i:i + chop])
+            if pause:
+                time.sleep(pause)
+
+    def send_frame(self, opcode: int, payload: bytes, fin: bool = True) -> None:
+        """Send one masked frame."""
+        self.sock.sendall(sc.encode_frame(opcode, payload, fin, sc.new_mask_key()))
+
+    def send_json(self, obj) -> None:
+        """Send obj as one text frame."""
+        self.send_frame(sc.OP_TEXT, json.dumps(obj).encode())
+
+    def recv_frame(self) -> tuple[int, bytes]:
+        """The next (opcode, payload) from the server, messages whole; ConnectionError at EOF."""
+        while not self.frames:
+            data = self.sock.recv(1 << 20)
+            if not data:
+                raise ConnectionError("server closed the connection")
+            self.frames.extend(self.parser.feed(data))
+        return self.frames.pop(0)
+
+    def recv_json(self, skip: tuple = ("members", "ack")) -> dict:
+        """The next text frame as JSON, skipping member counts (and acks, unless asked) and
+        pongs, answering pings; ConnectionError when the server closes."""
+        while True:
+            opcode, payload = self.recv_frame()
+            if opcode == sc.OP_TEXT:
+                obj = json.loads(payload)
+                if obj.get("type") not in skip:     # member counts come on a timer, between any two frames
+                    return obj
+            elif opcode == sc.OP_CLOSE:
+                raise ConnectionError(f"closed with {sc.parse_close(payload)}")
+            elif opcode == sc.OP_PING:
+                self.send_frame(sc.OP_PONG, payload)
+            elif opcode != sc.OP_PONG:
+                raise AssertionError(f"a frame of opcode {opcode} from the server")
+
+    def recv_message(self) -> dict:
+        """The next chat message, skipping everything else."""
+        while (obj := self.recv_json())["type"] != "message":
+            pass
+        return obj
+
+    def recv_close_code(self) -> int:
+        """Skip frames until the server's Close; its status code (1005 when it has none)."""
+        while True:
+            opcode, payload = self.recv_frame()
+            if opcode == sc.OP_CLOSE:
+                return sc.parse_close(payload)[0]
+
+    def read_until_close(self) -> tuple[list, int | None]:
+        """(JSON objects received, close code) up to the server's Close frame or EOF; echoes
+        the Close, then closes the socket."""
+        objects = []
+        try:
+            while True:
+                opcode, payload = self.recv_frame()
+                if opcode == sc.OP_TEXT:
+                    objects.append(json.loads(payload))
+                elif opcode == sc.OP_CLOSE:
+                    self.send_frame(sc.OP_CLOSE, payload[:2])
+                    return objects, sc.parse_close(payload)[0]
+        except OSError:
+            return objects, None
+        finally:
+            self.sock.close()
+
+    def closed_by_server(self, timeout: float = 5.0) -> bool:
+        """True when the server ends the TCP connection (FIN or reset) within timeout."""
+        self.sock.settimeout(timeout)
+        try:
+            while self.sock.recv(65536):
+                pass
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            pass        # a reset is the server closing too
+        return True
+
+    def close(self) -> None:
+        """Drop the socket, without a closing handshake."""
+        self.sock.close()
+
+
+CLIENT_A, CLIENT_B = "A" * 22, "B" * 22      # client ids: 16-64 of [A-Za-z0-9_-]
+BIG_TEXT = "\x01" * 65536                    # 64 KiB that JSON-escapes to 393 KB
+
+
+def echo_time(client: RawClient, message_id: int) -> float:
+    """Seconds from sending a message to receiving it back."""
+    t0 = time.monotonic()
+    client.send_json({"message_id": message_id, "text": "ping"})
+    while (m := client.recv_message())["message_id"] != message_id or m["sender"] != client.name:
+        pass
+    return time.monotonic() - t0
+
+
+def fill_room(port: int, room: str, count: int, text: str = BIG_TEXT) -> None:
+    """Post count messages to room from one client (within the default burst), then leave."""
+    client = RawClient(port, f"/ws/{room}", timeout=30)
+    for i in range(count):
+        client.send_json({"message_id": i, "text": text})
+        client.recv_message()
+    client.close()
+
+
+def handshake_status(port: int, **client_options) -> int:
+    """The HTTP status the server answers an upgrade with (101 when it accepts)."""
+    try:
+        RawClient(port, **client_options).close()
+    except sc.HandshakeError as e:
+        return e.status
+    return 101

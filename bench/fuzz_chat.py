@@ -61,9 +61,8 @@ sys.path[:0] = [ROOT, HERE]
 from fuzz_protocol import machine
 
 import scalechat as sc
-from test_hostile import RawClient
 from test_scaleout import scrape, tcp_sockets, worker_pids
-from testkit import RedisServer, ServerProc, start_server
+from testkit import RawClient, RedisServer, ServerProc, start_server
 
 MODES = ("single", "workers", "redis")
 CATEGORIES = ("json", "frames", "query", "resend")
@@ -607,7 +606,7 @@ class Peer(RawClient):
         if self.room is None:
             self.room = self.welcome["room"]
 
-    def next_json(self) -> dict:
+    def recv_json(self) -> dict:
         """The next JSON frame (the welcome, when RawClient asks)."""
         kind, value = self.next_event(time.monotonic() + BOUND)
         if kind != "json":
@@ -619,7 +618,7 @@ class Peer(RawClient):
         while True:
             self.sock.settimeout(max(0.001, deadline - time.monotonic()))
             try:
-                opcode, payload = self.next_frame()
+                opcode, payload = self.recv_frame()
             except sc.ProtocolError as e:
                 raise Finding("answer", f"the server broke RFC 6455: {e.reason}") from None
             if opcode == sc.OP_TEXT:
