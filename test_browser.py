@@ -22,14 +22,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 
 import pytest
 import websocket
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 
-from testkit import HERE, ServerProc, start_server
+from testkit import HERE, ServerProc, sample, scrape, start_server
 
 pytestmark = pytest.mark.timeout(120)
 expect.set_options(timeout=15_000)
@@ -195,15 +194,6 @@ def servers():
     yield start
     for proc in started:
         proc.stop()
-
-
-def metric(server: ServerProc, name: str) -> float:
-    """One sample's value from the server's /metrics (0 when absent)."""
-    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 # ---------------------------------------------------------------------------
@@ -388,7 +378,7 @@ def test_slow_reader_cut_off_with_1013_catches_up_without_gap_or_duplicate(serve
         assert chat.seqs() == list(range(1, count + 2))
     resumed = [int(re.search(r"since=(\d+)", url).group(1)) for url in reader.sockets[1:]]
     assert resumed and all(0 < since <= count for since in resumed)
-    assert metric(server, 'scalechat_dropped_clients_total{reason="slow_consumer"}') >= 1
+    assert sample(scrape(server.metrics_url), "scalechat_dropped_clients_total", reason="slow_consumer") >= 1
     reader.expect_state("online")
 
 
@@ -447,7 +437,7 @@ def test_server_restart_pages_come_back_and_talk_again(servers, people):
         assert chat.texts() == ["before the restart", "written while the server was down", "and back"]
         assert chat.seqs() == [1, 1, 2]         # the new server counts from 1 again
     expect(bob.page.locator("#messages li.pending")).to_have_count(0)
-    assert metric(second, "scalechat_messages_received_total") == 2
+    assert sample(scrape(second.metrics_url), "scalechat_messages_received_total") == 2
 
 
 def test_page_that_missed_a_restart_takes_the_new_history_whole(servers, people):

@@ -34,16 +34,17 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import scalechat as sc
-from test_scalechat import get
-from test_scalechat import http as http_exchange
-from test_scalechat import metrics as read_metrics
 from testkit import (
     CLIENT_A,
     CLIENT_B,
     RawClient,
     echo_time,
     fill_room,
+    get,
     handshake_status,
+    http,
+    sample,
+    scrape,
     start_server,
 )
 
@@ -404,22 +405,22 @@ def test_nesting_bombs_and_non_objects_are_refused_quickly(payload, code):
 
 def refused(samples: dict, reason: str) -> float:
     """scalechat_refused_total for one reason."""
-    return samples[("scalechat_refused_total", (("reason", reason),))]
+    return sample(samples, "scalechat_refused_total", reason=reason)
 
 
 def protocol_errors(samples: dict, code: int) -> float:
     """scalechat_protocol_errors_total for one close code (0 when never sent)."""
-    return samples.get(("scalechat_protocol_errors_total", (("code", str(code)),)), 0.0)
+    return sample(samples, "scalechat_protocol_errors_total", code=str(code))
 
 
 def dropped(samples: dict, reason: str) -> float:
     """scalechat_dropped_clients_total for one reason."""
-    return samples[("scalechat_dropped_clients_total", (("reason", reason),))]
+    return sample(samples, "scalechat_dropped_clients_total", reason=reason)
 
 
 def gauge(samples: dict, name: str) -> float:
     """A sample without labels."""
-    return samples[(name, ())]
+    return samples[name]
 
 
 def peak_rss_kib(pid: int) -> int:
@@ -459,12 +460,12 @@ def shared_server(serve_shared):
 
 def test_wrong_origin_is_refused_with_403_before_the_upgrade(serve):
     server = serve()
-    status, headers, body = http_exchange(server.port, sc.client_handshake_request(
+    status, headers, body = http(server.port, sc.client_handshake_request(
         f"127.0.0.1:{server.port}", "/ws", sc.new_key(), origin="https://evil.example"))
     assert status == 403 and b"origin" in body
     assert "sec-websocket-accept" not in headers and "upgrade" not in headers
     assert handshake_status(server.port, origin="null") == 403
-    metrics = read_metrics(server)
+    metrics = scrape(server.metrics_url)
     assert refused(metrics, "origin") == 2
     assert gauge(metrics, "scalechat_connections_accepted_total") == 0
 
@@ -493,7 +494,7 @@ def test_no_origin_is_allowed_by_default_and_refused_when_disabled(serve):
     assert handshake_status(serve("--allow-no-origin", "false").port) == 403
     strict = serve(env={"SCALECHAT_ALLOW_NO_ORIGIN": "false"})
     assert handshake_status(strict.port) == 403
-    assert refused(read_metrics(strict), "origin") == 1
+    assert refused(scrape(strict.metrics_url), "origin") == 1
 
 
 # ---------------------------------------------------------------------------
@@ -515,7 +516,7 @@ def test_flooder_gets_error_frames_then_1008(serve):
     server = serve("--rate-limit", "5", "--rate-burst", "5")
     accepted, errors, code = flood_once(server.port, "flood", 40)
     assert 5 <= accepted <= 6 and errors == 5 and code == sc.CLOSE_POLICY
-    metrics = read_metrics(server)
+    metrics = scrape(server.metrics_url)
     assert refused(metrics, "rate_limit") == 6
     assert protocol_errors(metrics, sc.CLOSE_POLICY) == 1
 
@@ -527,7 +528,7 @@ def test_client_within_the_rate_is_never_refused(serve):
         client.send_json({"message_id": i, "text": f"calm {i}"})
         assert client.recv_message()["message_id"] == i
         time.sleep(0.1)
-    assert refused(read_metrics(server), "rate_limit") == 0
+    assert refused(scrape(server.metrics_url), "rate_limit") == 0
     client.close()
 
 
@@ -538,7 +539,7 @@ def test_client_within_the_rate_is_never_refused(serve):
 def test_per_ip_cap_answers_503_and_counts_per_address(serve):
     server = serve("--max-per-ip", "2")
     first, second = RawClient(server.port), RawClient(server.port)
-    status, headers, _body = http_exchange(server.port, sc.client_handshake_request(
+    status, headers, _body = http(server.port, sc.client_handshake_request(
         f"127.0.0.1:{server.port}", "/ws", sc.new_key()))
     assert status == 503 and headers.get("retry-after") == "1"
     assert handshake_status(server.port, source="127.0.0.2") == 101     # another address
@@ -548,14 +549,14 @@ def test_per_ip_cap_answers_503_and_counts_per_address(serve):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     second.close()
-    assert refused(read_metrics(server), "max_connections") >= 1
+    assert refused(scrape(server.metrics_url), "max_connections") >= 1
 
 
 def test_global_cap_answers_503(serve):
     server = serve("--max-connections", "3")
     clients = [RawClient(server.port, source=f"127.0.0.{i}") for i in (1, 2, 3)]
     assert handshake_status(server.port, source="127.0.0.4") == 503
-    metrics = read_metrics(server)
+    metrics = scrape(server.metrics_url)
     assert refused(metrics, "max_connections") == 1 and gauge(metrics, "scalechat_connections") == 3
     for client in clients:
         client.close()
@@ -649,10 +650,10 @@ def test_demo_page_has_a_strict_content_security_policy(shared_server):
 
 def test_oversized_request_head_gets_431(serve):
     server = serve()
-    assert http_exchange(server.port, b"GET / HTTP/1.1\r\nX-Pad: " + b"a" * 9000)[0] == 431
-    assert http_exchange(server.port, b"GET / HTTP/1.1\r\nX-Pad: " + b"a" * 9000 + b"\r\n\r\n")[0] == 431
+    assert http(server.port, b"GET / HTTP/1.1\r\nX-Pad: " + b"a" * 9000)[0] == 431
+    assert http(server.port, b"GET / HTTP/1.1\r\nX-Pad: " + b"a" * 9000 + b"\r\n\r\n")[0] == 431
     assert get(server.port, "/healthz")[0] == 200
-    assert refused(read_metrics(server), "header_too_large") == 2
+    assert refused(scrape(server.metrics_url), "header_too_large") == 2
 
 
 def test_text_of_exactly_the_maximum_passes_and_one_byte_more_is_refused(serve):
@@ -665,7 +666,7 @@ def test_text_of_exactly_the_maximum_passes_and_one_byte_more_is_refused(serve):
     assert (error["type"], error["code"], error["message_id"]) == ("error", "too_big", 2)
     client.send_json({"message_id": 3, "text": "still open"})
     assert client.recv_message()["message_id"] == 3
-    assert refused(read_metrics(server), "too_big") == 1
+    assert refused(scrape(server.metrics_url), "too_big") == 1
 
 
 @pytest.mark.parametrize("resource", [
@@ -675,7 +676,7 @@ def test_text_of_exactly_the_maximum_passes_and_one_byte_more_is_refused(serve):
 ])
 def test_bad_room_name_or_since_gets_400_before_the_upgrade(shared_server, resource):
     assert handshake_status(shared_server.port, resource=resource) == 400
-    assert gauge(read_metrics(shared_server), "scalechat_connections_accepted_total") == 0
+    assert gauge(scrape(shared_server.metrics_url), "scalechat_connections_accepted_total") == 0
 
 
 @pytest.mark.parametrize("target, status", [("//[", 404), ("/ws?since=%C2%B2", 400)])
@@ -754,7 +755,7 @@ def test_a_violation_is_counted_once_when_the_peer_answers_the_close(serve):
     server = serve()
     garbage_sender(server.port)                 # echoes each Close, as RFC 6455 asks
     time.sleep(0.2)
-    metrics = read_metrics(server)
+    metrics = scrape(server.metrics_url)
     for code in PARSER_CLOSE_CODES:
         assert protocol_errors(metrics, code) == sum(c == code for _, c in GARBAGE), code
 
@@ -779,7 +780,7 @@ def test_slowloris_handshake_is_dropped_without_an_answer(serve):
     elapsed = time.monotonic() - t0
     s.close()
     assert received == b"" and 0.4 < elapsed < 2.0
-    assert refused(read_metrics(server), "handshake_timeout") == 1
+    assert refused(scrape(server.metrics_url), "handshake_timeout") == 1
 
 
 def test_client_that_never_answers_pings_is_dropped(serve):
@@ -787,7 +788,7 @@ def test_client_that_never_answers_pings_is_dropped(serve):
     mute, polite = RawClient(server.port), RawClient(server.port)
     deadline = time.monotonic() + 5
     polite_pings = 0
-    while dropped(read_metrics(server), "ping_timeout") < 1:
+    while dropped(scrape(server.metrics_url), "ping_timeout") < 1:
         assert time.monotonic() < deadline
         polite.sock.settimeout(0.2)
         try:
@@ -798,7 +799,7 @@ def test_client_that_never_answers_pings_is_dropped(serve):
             polite.send_frame(sc.OP_PONG, payload)
             polite_pings += 1
     assert polite_pings >= 1
-    assert gauge(read_metrics(server), "scalechat_connections") == 1
+    assert gauge(scrape(server.metrics_url), "scalechat_connections") == 1
     assert mute.sock.recv(65536)                      # the pings it ignored
     mute.close()
     polite.close()
@@ -824,7 +825,7 @@ def post_without_reading(client: RawClient, seconds: float) -> tuple[bool, int]:
 def test_client_whose_buffer_never_drains_hits_the_write_timeout(serve):
     server = serve("--write-timeout", "1", "--max-buffer", str(256 << 20), "--close-timeout", "1")
     assert post_without_reading(RawClient(server.port, rcvbuf=4096, timeout=10), 15)[0]
-    metrics = read_metrics(server)
+    metrics = scrape(server.metrics_url)
     assert dropped(metrics, "write_timeout") == 1 and dropped(metrics, "slow_consumer") == 0
     assert gauge(metrics, "scalechat_connections") == 0
 
@@ -832,7 +833,7 @@ def test_client_whose_buffer_never_drains_hits_the_write_timeout(serve):
 def test_client_that_never_reads_is_cut_off_at_the_buffer_cap(serve):
     server = serve("--max-buffer", "65536", "--write-timeout", "30", "--close-timeout", "1")
     assert post_without_reading(RawClient(server.port, rcvbuf=4096, timeout=10), 15)[0]
-    metrics = read_metrics(server)
+    metrics = scrape(server.metrics_url)
     assert dropped(metrics, "slow_consumer") == 1 and dropped(metrics, "write_timeout") == 0
     assert peak_rss_kib(server.proc.pid) < 200_000
 
@@ -989,13 +990,13 @@ def test_attackers_at_once_leave_normal_clients_untouched(serve):
                 "garbage": pool.submit(attack_until, deadline, lambda: garbage_sender(port)),
                 "origin": pool.submit(attack_until, deadline, lambda: handshake_status(
                     port, origin="https://evil.example"), 500, 0.01),
-                "big_header": pool.submit(attack_until, deadline, lambda: http_exchange(
+                "big_header": pool.submit(attack_until, deadline, lambda: http(
                     port, b"GET /ws HTTP/1.1\r\nX-Pad: " + b"a" * 20000)[0], 500, 0.01),
                 "bad_payload": pool.submit(attack_until, deadline, lambda: bad_payload_sender(port)),
             }
             under_attack = chat.submit(chat_pair, port, "safe", ATTACK_MESSAGES, CHAT_INTERVAL).result()
             results = {name: future.result() for name, future in attacks.items()}
-    metrics = read_metrics(server)
+    metrics = scrape(server.metrics_url)
     rss_peak = peak_rss_kib(server.proc.pid)
     quiet_p50, attack_p50 = percentile(quiet, 0.5), percentile(under_attack, 0.5)
     quiet_p99, attack_p99 = percentile(quiet, 0.99), percentile(under_attack, 0.99)
@@ -1078,24 +1079,24 @@ def test_a_lone_surrogate_in_any_field_is_refused_and_no_process_dies(serve, wor
 
 def test_room_names_with_a_newline_are_refused(shared_server):
     for target in (b"/ws/lobby\n", b"/ws/lobby\r", b"/ws/lob\nby", b"/ws/lobby%0A"):
-        status, _, _ = http_exchange(shared_server.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n"
+        status, _, _ = http(shared_server.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n"
                                      b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
                                      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
         assert status == 400, target
 
 
 def test_a_duplicate_host_header_is_refused(shared_server):
-    status, _, _ = http_exchange(shared_server.port, b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    status, _, _ = http(shared_server.port, b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
     assert status == 400
 
 
 def test_allowed_hosts_refuse_other_hosts_but_not_health_checks(serve):
     server = serve("--allowed-hosts", f"chat.example,127.0.0.1:{0}".replace(":0", ""))
-    assert http_exchange(server.port, b"GET / HTTP/1.1\r\nHost: chat.example\r\n\r\n")[0] == 200
-    assert http_exchange(server.port, b"GET / HTTP/1.1\r\nHost: rebound.attacker\r\n\r\n")[0] == 400
-    assert http_exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: rebound.attacker\r\n\r\n")[0] == 200
+    assert http(server.port, b"GET / HTTP/1.1\r\nHost: chat.example\r\n\r\n")[0] == 200
+    assert http(server.port, b"GET / HTTP/1.1\r\nHost: rebound.attacker\r\n\r\n")[0] == 400
+    assert http(server.port, b"GET /healthz HTTP/1.1\r\nHost: rebound.attacker\r\n\r\n")[0] == 200
     assert handshake_status(server.port) == 400                 # Host: 127.0.0.1:<port> is not listed
-    assert refused(read_metrics(server), "host") == 2
+    assert refused(scrape(server.metrics_url), "host") == 2
 
 
 def test_resends_are_checked_by_client_id_so_nobody_else_can_suppress_them(serve):

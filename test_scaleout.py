@@ -28,7 +28,6 @@ import urllib.request
 from typing import Self
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.protocol import State
@@ -41,6 +40,8 @@ from testkit import (
     ServerProc,
     echo_time,
     fill_room,
+    sample_names,
+    scrape,
     start_server,
 )
 
@@ -123,23 +124,6 @@ def healthz(server: ServerProc) -> str:
         return urllib.request.urlopen(server.http + "/healthz", timeout=5).read().decode()
     except urllib.error.HTTPError as e:
         return e.read().decode()
-
-
-def scrape(server: ServerProc) -> dict[str, float]:
-    """One metrics scrape: sample name (with labels, if any) -> value."""
-    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return samples
-
-
-def family_names(server: ServerProc) -> set[str]:
-    """The metric family names of one scrape."""
-    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    return {f.name for f in text_string_to_metric_families(text)}
 
 
 @pytest.fixture
@@ -374,17 +358,17 @@ async def test_workers_metrics_are_one_scrape_with_single_process_names(two_work
     """One scrape of the supervisor sums both workers, under the names a single process uses."""
     single = start_server(*SERVER_ARGS)
     try:
-        single_names = family_names(single)
+        single_names = sample_names(scrape(single.metrics_url))
     finally:
         single.stop()
-    names = family_names(two_workers)
+    names = sample_names(scrape(two_workers.metrics_url))
     scalechat = {n for n in single_names if n.startswith("scalechat_")}
     assert scalechat and scalechat == {n for n in names if n.startswith("scalechat_")}
     # The process_* families the dashboards read, summed over the supervisor and its workers.
-    assert {"process_cpu_seconds", "process_resident_memory_bytes", "process_open_fds",
+    assert {"process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
             "process_max_fds"} <= names & single_names
 
-    before = scrape(two_workers)
+    before = scrape(two_workers.metrics_url)
     async with Crowd() as crowd:
         members = await crowd.join([two_workers.url], "metrics", 16, "m")
         assert len(set(placement(two_workers, members).values())) == 2, "members on one worker only"
@@ -392,14 +376,14 @@ async def test_workers_metrics_are_one_scrape_with_single_process_names(two_work
         await all_received(members, keys)
 
         def summed() -> bool:
-            now = scrape(two_workers)
+            now = scrape(two_workers.metrics_url)
             delta = {k: now[k] - before.get(k, 0) for k in now}
             return (now["scalechat_connections"] == 16 and delta["scalechat_messages_received_total"] == 32
                     and delta["scalechat_deliveries_total"] == 32 * 16
                     and delta["scalechat_connections_accepted_total"] == 16)
         # Workers report every second; the sums must match what both workers did.
         await until(summed, 5, "the scrape to add up both workers' counters")
-        now = scrape(two_workers)
+        now = scrape(two_workers.metrics_url)
         assert now["scalechat_bus_up"] == 1
         # Garbage-collector pauses of every process, by generation, in one histogram.
         young = now['scalechat_gc_pause_seconds_count{generation="0"}']
@@ -528,11 +512,11 @@ async def test_two_instances_one_room_one_order_and_only_member_nodes_subscribe(
 
         solo = await crowd.join([a.url], "solo", 4, "s")
         assert redis.subscribers("solo") == 1
-        quiet = scrape(b)
+        quiet = scrape(b.metrics_url)
         keys = await everyone_says(solo, 3)
         await all_received(solo, keys)
         assert_one_order(solo, keys)
-        assert scrape(b)["scalechat_deliveries_total"] == quiet["scalechat_deliveries_total"], \
+        assert scrape(b.metrics_url)["scalechat_deliveries_total"] == quiet["scalechat_deliveries_total"], \
             "a node without members of the room received its traffic"
 
         for m in crowd.members:
@@ -572,11 +556,11 @@ async def redis_outage(redis: RedisServer, nodes: list[ServerProc], members: lis
     talk = asyncio.create_task(chatter(members, stop))
     await asyncio.sleep(0.5)
     await asyncio.to_thread(redis.stall_and_kill, 0.3)
-    await until(lambda: all("bus: down" in healthz(n) and scrape(n)["scalechat_bus_up"] == 0
+    await until(lambda: all("bus: down" in healthz(n) and scrape(n.metrics_url)["scalechat_bus_up"] == 0
                             for n in nodes), 5, "every node to report the bus down")
     await asyncio.sleep(0.5)                # messages pile up, held by the nodes
     redis.start()
-    await until(lambda: all("bus: up" in healthz(n) and scrape(n)["scalechat_bus_up"] == 1
+    await until(lambda: all("bus: up" in healthz(n) and scrape(n.metrics_url)["scalechat_bus_up"] == 1
                             for n in nodes), 10, "every node to report the bus up again")
     await asyncio.sleep(0.5)
     stop.set()
@@ -715,7 +699,7 @@ async def test_redis_down_holds_a_bounded_number_then_refuses(redis):
             await until(lambda: len(member.errors) == 3, 5, "the held messages to expire")
             assert sorted(e["message_id"] for e in member.errors[1:]) == [1, 2]
             assert all(e["code"] == "unavailable" for e in member.errors)
-            assert scrape(node)["scalechat_refused_total{reason=\"bus_down\"}"] == 3
+            assert scrape(node.metrics_url)["scalechat_refused_total{reason=\"bus_down\"}"] == 3
 
             redis.start()
             await until(lambda: "bus: up" in healthz(node), 10, "the node to reconnect")
@@ -808,8 +792,8 @@ def test_the_supervisor_forgets_rooms_nobody_uses():
         for i in range(300):
             RawClient(server.port, f"/ws/passing-{i}").close()
         deadline = time.monotonic() + 10
-        while scrape(server).get("scalechat_sequenced_rooms") != 1:
-            assert time.monotonic() < deadline, scrape(server).get("scalechat_sequenced_rooms")
+        while scrape(server.metrics_url).get("scalechat_sequenced_rooms") != 1:
+            assert time.monotonic() < deadline, scrape(server.metrics_url).get("scalechat_sequenced_rooms")
             time.sleep(0.2)
     finally:
         server.stop()

@@ -22,6 +22,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from prometheus_client.parser import text_string_to_metric_families
+
 import scalechat as sc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -177,6 +179,66 @@ class RedisServer:
     def subscribers(self, room: str) -> int:
         """PUBSUB NUMSUB of the room's channel: how many nodes receive its traffic."""
         return int(self.cli("PUBSUB", "NUMSUB", f"scalechat:{{{room}}}").split()[-1])
+
+
+# ---------------------------------------------------------------------------
+# Plain HTTP, byte for byte
+# ---------------------------------------------------------------------------
+
+def http(port: int, request: bytes) -> tuple[int, dict, bytes]:
+    """Send a raw HTTP request; the (status, headers, body) of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def get(port: int, target: str, headers: str = "", method: str = "GET") -> tuple[int, dict, bytes]:
+    """A request for target with a Host header and any extra header lines."""
+    return http(port, f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n".encode())
+
+
+# ---------------------------------------------------------------------------
+# Metrics: one scrape, one key shape
+# ---------------------------------------------------------------------------
+
+def sample_key(name: str, **labels: str) -> str:
+    """The key of one sample in a scrape: its name, then its labels sorted, as Prometheus writes them."""
+    if not labels:
+        return name
+    return name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+
+
+def parse_samples(text: str) -> dict[str, float]:
+    """A Prometheus text exposition (checked by prometheus_client's parser) as {sample_key: value}."""
+    return {sample_key(s.name, **s.labels): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def scrape(url: str, timeout: float = 5.0) -> dict[str, float]:
+    """Every sample of one metrics scrape, keyed 'name' or 'name{label="value",...}' (labels sorted)."""
+    with urllib.request.urlopen(url, timeout=timeout) as answer:
+        return parse_samples(answer.read().decode())
+
+
+def sample(samples: dict, name: str, **labels: str) -> float:
+    """One sample's value from a scrape; 0 when the server has not written it."""
+    return samples.get(sample_key(name, **labels), 0.0)
+
+
+def total(samples: dict, name: str) -> float:
+    """A sample summed over all its labels (the name alone and every name{...})."""
+    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
+
+
+def sample_names(samples: dict) -> set[str]:
+    """The sample names of a scrape, labels left out."""
+    return {k.partition("{")[0] for k in samples}
 
 
 # ---------------------------------------------------------------------------

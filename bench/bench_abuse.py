@@ -83,7 +83,7 @@ from scalechat import (
     utc_now_rfc3339,
 )
 from test_hostile import BAD_PAYLOADS, percentile
-from testkit import RedisServer, ServerProc, free_port, wait_http
+from testkit import RedisServer, ServerProc, free_port, scrape, wait_http
 
 RESULTS = HERE / "results"
 MODES = ("single", "workers", "redis")
@@ -926,17 +926,18 @@ def health(server: ServerProc) -> str:
     return f"{status}" + (f" ({bus})" if bus and "up" not in bus.split(":", 1)[1].split() else "")
 
 
-def scrape(server: ServerProc) -> dict:
-    """The server's counters of refusals, protocol errors, drops and internal errors (summed per labels)."""
+KEPT_METRICS = ("scalechat_refused_total", "scalechat_protocol_errors_total", "scalechat_dropped_clients_total",
+                "scalechat_internal_errors_total", "scalechat_rooms", "scalechat_connections")
+
+
+def server_counters(server: ServerProc) -> dict:
+    """The server's non-zero counters of refusals, protocol errors, drops and internal errors,
+    and its rooms and connections, keyed as testkit.scrape keys them."""
     try:
-        with urllib.request.urlopen(server.metrics_url, timeout=3) as answer:
-            text = answer.read().decode()
+        samples = scrape(server.metrics_url, timeout=3)
     except OSError:
         return {}
-    keep = ("scalechat_refused_total", "scalechat_protocol_errors_total", "scalechat_dropped_clients_total",
-            "scalechat_internal_errors_total", "scalechat_rooms", "scalechat_connections ")
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith(keep) and float(line.rsplit(" ", 1)[1])}
+    return {key: value for key, value in samples.items() if key.partition("{")[0] in KEPT_METRICS and value}
 
 
 def run_row(mode: str, row: Row, plan: Plan, server_file: Path, work: Path) -> dict:
@@ -986,7 +987,7 @@ def run_row(mode: str, row: Row, plan: Plan, server_file: Path, work: Path) -> d
             victim_during=echo_figures(sends, t_attack, t_end),
             exit_code=server.proc.returncode, health=health(server) if alive else "exited",
             processes_gone=len(pids_before - pids_after), processes_new=len(set(meter.server_seen) - pids_before),
-            metrics=scrape(server) if alive else {})
+            metrics=server_counters(server) if alive else {})
         result["cpu_us_per_kib"] = (round(max(result["server_cpu_s"], 0) * 1e6 / (result["sent_bytes"] / 1024))
                                     if result["sent_bytes"] else None)
     except Exception as e:  # noqa: BLE001 - one row failing must not lose the others

@@ -20,20 +20,18 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
-
-from prometheus_client.parser import text_string_to_metric_families
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from testkit import RedisServer, free_port, wait_http
+from testkit import RedisServer, free_port, scrape, wait_http
 
 
 def tree(pid: int) -> list[int]:
@@ -79,49 +77,30 @@ YOUNG = tuple(f'scalechat_gc_pause_seconds_{kind}{{generation="{g}"{le}}}'
               for g in "01" for kind, le in (("count", ""), ("bucket", ',le="0.1"')))
 
 
-def scrape(port: int) -> dict:
-    """The supervisor's metrics as {name: value} (labels dropped, values summed; full GCs apart)."""
-    text = metrics_text(port)
-    out: dict = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name = line.split("{")[0].split()[0]
-            out[name] = out.get(name, 0.0) + float(line.split()[-1])
-            if line.startswith(FULL_GCS) or line.startswith(YOUNG):
-                out[line.split()[0]] = float(line.split()[-1])
-    return out
+GC_SAMPLE = re.compile(r'scalechat_gc_pause_seconds_(count|sum|bucket)\{generation="(\d+)"(?:,le="([^"]+)")?\}')
 
 
-def metrics_text(port: int) -> str:
-    """One scrape of the supervisor's metrics, as text."""
-    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+def refusals(samples: dict) -> dict:
+    """Non-zero labelled drop and refusal counters, e.g. {'dropped_clients_total{reason="ping_timeout"}': 3}."""
+    families = ("scalechat_dropped_clients_total{", "scalechat_refused_total{", "scalechat_protocol_errors_total{")
+    return {key[len("scalechat_"):]: int(value) for key, value in samples.items()
+            if key.startswith(families) and value}
 
 
-def refusals(text: str) -> dict:
-    """Non-zero labelled drop and refusal counters, e.g. {'dropped_clients{reason="ping_timeout"}': 3}."""
-    out = {}
-    for line in text.splitlines():
-        for family in ("scalechat_dropped_clients_total{", "scalechat_refused_total{",
-                       "scalechat_protocol_errors_total{"):
-            if line.startswith(family) and float(line.split()[-1]):
-                out[line.split()[0][len("scalechat_"):]] = int(float(line.split()[-1]))
-    return out
-
-
-def gc_pauses(text: str) -> dict:
+def gc_pauses(samples: dict) -> dict:
     """Per generation: collections, seconds paused in all, and the bucket bound of the longest."""
     out: dict = {}
-    for family in text_string_to_metric_families(text):
-        if family.name != "scalechat_gc_pause_seconds":
+    for key, value in samples.items():
+        if not (match := GC_SAMPLE.fullmatch(key)):
             continue
-        for sample in family.samples:
-            gen = out.setdefault(sample.labels["generation"], {"count": 0, "seconds": 0.0, "buckets": []})
-            if sample.name.endswith("_count"):
-                gen["count"] = int(sample.value)
-            elif sample.name.endswith("_sum"):
-                gen["seconds"] = round(sample.value, 4)
-            elif sample.name.endswith("_bucket"):
-                gen["buckets"].append((float(sample.labels["le"]), sample.value))
+        kind, generation, le = match.groups()
+        gen = out.setdefault(generation, {"count": 0, "seconds": 0.0, "buckets": []})
+        if kind == "count":
+            gen["count"] = int(value)
+        elif kind == "sum":
+            gen["seconds"] = round(value, 4)
+        else:
+            gen["buckets"].append((float(le), value))
     for gen in out.values():
         longest = [le for le, n in sorted(gen.pop("buckets")) if n >= gen["count"]]
         gen["longest_le_s"] = longest[0] if gen["count"] else 0.0
@@ -200,17 +179,17 @@ def main() -> int:
             start = time.monotonic()
             while not stop.wait(1.0):
                 try:
-                    metrics = [scrape(mport) for _, mport in ports]
+                    scrapes = [scrape(f"http://127.0.0.1:{mport}/metrics") for _, mport in ports]
                 except OSError:
                     continue
                 samples.append({"t": round(time.monotonic() - start),
-                                "connections": sum(m.get("scalechat_connections", 0) for m in metrics),
+                                "connections": sum(m.get("scalechat_connections", 0) for m in scrapes),
                                 "rss_mib": round(rss_kib(server_pids()) / 1024, 1),
-                                "deliveries": sum(m.get("scalechat_deliveries_total", 0) for m in metrics),
-                                "full_gcs": int(sum(m.get(FULL_GCS, 0) for m in metrics)),
+                                "deliveries": sum(m.get("scalechat_deliveries_total", 0) for m in scrapes),
+                                "full_gcs": int(sum(m.get(FULL_GCS, 0) for m in scrapes)),
                                 "slow_young_gcs": int(sum(m.get(YOUNG[0], 0) - m.get(YOUNG[1], 0)
                                                           + m.get(YOUNG[2], 0) - m.get(YOUNG[3], 0)
-                                                          for m in metrics))})
+                                                          for m in scrapes))})
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         code = max(load.wait(args.duration + 600) for load in loads)
@@ -222,10 +201,10 @@ def main() -> int:
         server_refusals: dict = {}
         gc: dict = {}
         for _, mport in ports:
-            text = metrics_text(mport)
-            for key, n in refusals(text).items():
+            scraped = scrape(f"http://127.0.0.1:{mport}/metrics")
+            for key, n in refusals(scraped).items():
                 server_refusals[key] = server_refusals.get(key, 0) + n
-            for generation, g in gc_pauses(text).items():
+            for generation, g in gc_pauses(scraped).items():
                 total = gc.setdefault(generation, {"count": 0, "seconds": 0.0, "longest_le_s": 0.0})
                 total["count"] += g["count"]
                 total["seconds"] = round(total["seconds"] + g["seconds"], 4)

@@ -22,14 +22,13 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 from scalechat import client_handshake_request, new_key, parse_handshake_response
-from testkit import free_port, wait_http
+from testkit import free_port, sample, scrape, wait_http
 
 
 def rss_kib(pid: int) -> int:
@@ -51,13 +50,6 @@ def silent_member(port: int, room: str) -> socket.socket:
     while parse_handshake_response(buf, key) is None:
         buf += sock.recv(4096)
     return sock
-
-
-def metric(port: int, name: str) -> float:
-    """One sample from the server's metrics (summed over labels)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith(name) and not line.startswith("#"))
 
 
 def run(max_buffer: int, args) -> dict:
@@ -83,12 +75,12 @@ def run(max_buffer: int, args) -> dict:
         samples, peak = [], rss0
         stop = threading.Event()
 
-        def sample():
+        def sample_rss():
             start = time.monotonic()
             while not stop.wait(1.0):
                 kib = rss_kib(server.pid)
                 samples.append((round(time.monotonic() - start), kib - rss0))
-        sampler = threading.Thread(target=sample, daemon=True)
+        sampler = threading.Thread(target=sample_rss, daemon=True)
         sampler.start()
         load.wait(args.duration + 120)
         stop.set()
@@ -97,7 +89,8 @@ def run(max_buffer: int, args) -> dict:
             peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
         with open(summary) as f:
             (result,) = json.load(f)["scenarios"]
-        cut = metric(mport, 'scalechat_dropped_clients_total{reason="slow_consumer"}')
+        cut = sample(scrape(f"http://127.0.0.1:{mport}/metrics"), "scalechat_dropped_clients_total",
+                     reason="slow_consumer")
         silent.close()
         return {"max_buffer": max_buffer, "rss_growth_kib": samples, "peak_rss_growth_kib": peak - rss0,
                 "cut_off": cut, "delivery_ratio": result["delivery_ratio"],

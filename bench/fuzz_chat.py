@@ -61,8 +61,8 @@ sys.path[:0] = [ROOT, HERE]
 from fuzz_protocol import machine
 
 import scalechat as sc
-from test_scaleout import scrape, tcp_sockets, worker_pids
-from testkit import RawClient, RedisServer, ServerProc, start_server
+from test_scaleout import tcp_sockets, worker_pids
+from testkit import RawClient, RedisServer, ServerProc, scrape, start_server, total
 
 MODES = ("single", "workers", "redis")
 CATEGORIES = ("json", "frames", "query", "resend")
@@ -929,8 +929,7 @@ class Target:
 
     def internal_errors(self) -> float:
         """scalechat_internal_errors_total over every server process (0 where not exported)."""
-        return sum(value for server in self.servers for name, value in scrape(server).items()
-                   if name.startswith("scalechat_internal_errors"))
+        return sum(total(scrape(server.metrics_url), "scalechat_internal_errors_total") for server in self.servers)
 
 
 class Batch:
