@@ -38,11 +38,13 @@ from testkit import (
     CLIENT_A,
     CLIENT_B,
     RawClient,
+    children,
     echo_time,
     fill_room,
     get,
     handshake_status,
     http,
+    peak_rss_kib,
     sample,
     scrape,
     start_server,
@@ -421,12 +423,6 @@ def dropped(samples: dict, reason: str) -> float:
 def gauge(samples: dict, name: str) -> float:
     """A sample without labels."""
     return samples[name]
-
-
-def peak_rss_kib(pid: int) -> int:
-    """VmHWM (peak resident set size) of a process, in KiB."""
-    with open(f"/proc/{pid}/status") as f:
-        return int(re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
 
 
 def servers_for(scope_name: str):
@@ -1046,21 +1042,6 @@ def test_attackers_at_once_leave_normal_clients_untouched(serve):
 # One client against everyone else: each finding of the security review, at a
 # small size (bench/bench_abuse.py measures them at full size)
 # ---------------------------------------------------------------------------
-
-def children(pid: int) -> list:
-    """The child process ids of pid (the workers of a supervisor)."""
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return sorted(int(p) for p in f.read().split())
-
-
-def rss_kib(pids: list) -> int:
-    """Summed VmRSS of processes, in KiB."""
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/status") as f:
-            total += int(re.search(r"^VmRSS:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
-    return total
-
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_lone_surrogate_in_any_field_is_refused_and_no_process_dies(serve, workers):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import glob
 import json
 import os
 import signal
@@ -35,14 +34,18 @@ from websockets.protocol import State
 from testkit import (
     CLIENT_A,
     HERE,
+    TCP_ESTABLISHED,
+    TCP_LISTEN,
     RawClient,
     RedisServer,
     ServerProc,
+    children,
     echo_time,
     fill_room,
     sample_names,
     scrape,
     start_server,
+    tcp_sockets,
 )
 
 DRAIN = 2.0                     # --drain-timeout of every server here, in seconds
@@ -70,30 +73,9 @@ def run_async(test):
     return wrapper
 
 
-def worker_pids(supervisor: ServerProc) -> list[int]:
-    """The supervisor's child processes, from /proc/<pid>/task/*/children."""
-    pids = []
-    for path in glob.glob(f"/proc/{supervisor.proc.pid}/task/*/children"):
-        with open(path) as f:
-            pids += [int(p) for p in f.read().split()]
-    return sorted(pids)
-
-
-def tcp_sockets(port: int, state: str) -> dict[str, int]:
-    """Socket inode -> remote port of the IPv4 sockets on local port in state (01 established, 0A listen)."""
-    found = {}
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            if fields[3] == state and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                found[fields[9]] = int(fields[2].rsplit(":", 1)[1], 16)
-    return found
-
-
 def connection_owners(port: int, pids: list[int]) -> dict[int, int]:
     """Client port -> pid of the process that holds that client's connection to port."""
-    inodes = tcp_sockets(port, "01")
+    inodes = tcp_sockets(port, TCP_ESTABLISHED)
     owners = {}
     for pid in pids:
         try:
@@ -114,7 +96,7 @@ def connection_owners(port: int, pids: list[int]) -> dict[int, int]:
 async def start_workers(n: int, *args: str, **kwargs) -> ServerProc:
     """A --workers n server, returned once all n workers listen on the port."""
     server = start_server("--workers", str(n), *SERVER_ARGS, *args, **kwargs)
-    await until(lambda: len(tcp_sockets(server.port, "0A")) == n, 20, f"{n} workers listening")
+    await until(lambda: len(tcp_sockets(server.port, TCP_LISTEN)) == n, 20, f"{n} workers listening")
     return server
 
 
@@ -323,7 +305,7 @@ def assert_one_order(members: list[Member], keys: set | None = None) -> int:
 
 def placement(server: ServerProc, members: list[Member]) -> dict[str, int]:
     """Member name -> pid of the worker process that holds its connection."""
-    owners = connection_owners(server.port, worker_pids(server))
+    owners = connection_owners(server.port, children(server.proc.pid))
     return {m.name: owners.get(m.ws.local_address[1]) for m in members}
 
 
@@ -346,7 +328,7 @@ async def test_workers_one_room_across_both_workers_one_order(two_workers):
         members = await crowd.join([two_workers.url], "spread", 20, "w")
         where = placement(two_workers, members)
         assert None not in where.values(), f"a connection held by no worker: {where}"
-        assert set(where.values()) == set(worker_pids(two_workers)), \
+        assert set(where.values()) == set(children(two_workers.proc.pid)), \
             f"20 connections did not land on both workers: {where}"
         keys = await everyone_says(members, 3)
         await all_received(members, keys)
@@ -408,8 +390,8 @@ async def test_worker_killed_is_restarted_and_its_clients_miss_nothing():
             stop = asyncio.Event()
             talk = asyncio.create_task(chatter(members, stop))
             os.kill(victim, signal.SIGKILL)
-            await until(lambda: victim not in worker_pids(server) and len(worker_pids(server)) == 2
-                        and len(tcp_sockets(server.port, "0A")) == 2, 10, "a new worker")
+            await until(lambda: victim not in children(server.proc.pid) and len(children(server.proc.pid)) == 2
+                        and len(tcp_sockets(server.port, TCP_LISTEN)) == 2, 10, "a new worker")
             await until(lambda: all(len(m.welcomes) == 2 and m.connected for m in hit), 10,
                         "the killed worker's members to come back")
             await asyncio.sleep(0.3)
@@ -469,7 +451,7 @@ async def test_sigterm_on_supervisor_drains_every_worker():
     try:
         async with Crowd() as crowd:
             members = await crowd.join([server.url], "drain", 16, "d")
-            workers = worker_pids(server)
+            workers = children(server.proc.pid)
             assert set(placement(server, members).values()) == set(workers)
             mute, data = silent_client(server.port)   # keeps its worker waiting until the deadline
             started = time.monotonic()
@@ -638,7 +620,7 @@ async def test_load_client_run_survives_a_worker_sigkill(tmp_path):
     try:
         run, summary = await start_load_client(sup.url, tmp_path, 10, 6, 5)
         await asyncio.sleep(2.5)
-        victim = worker_pids(sup)[0]
+        victim = children(sup.proc.pid)[0]
         os.kill(victim, signal.SIGKILL)
         assert await asyncio.wait_for(run.wait(), 40) == 0
         (result,) = json.loads(summary.read_text())["scenarios"]

@@ -8,6 +8,7 @@ purpose: it checks scalechat's framing against a second implementation.
 """
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import os
@@ -27,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import scalechat as sc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------------------
@@ -441,3 +443,117 @@ def handshake_status(port: int, **client_options) -> int:
     except sc.HandshakeError as e:
         return e.status
     return 101
+
+
+# ---------------------------------------------------------------------------
+# /proc: processes, memory, CPU time, sockets
+# ---------------------------------------------------------------------------
+
+def _pids(pids) -> list:
+    return [pids] if isinstance(pids, int) else list(pids)
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of pid (the workers of a supervisor), sorted; [] once it is gone."""
+    found = []
+    for path in glob.glob(f"/proc/{pid}/task/*/children"):
+        try:
+            with open(path) as f:
+                found += [int(p) for p in f.read().split()]
+        except OSError:
+            pass        # the thread ended meanwhile
+    return sorted(found)
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        pids.extend(children(pids[i]))
+        i += 1
+    return pids
+
+
+def alive(pid: int) -> bool:
+    """Whether pid is a live process (a zombie waiting for its reaper counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def memory_kib(pids, key: str = "VmRSS") -> int:
+    """A /proc/<pid>/status memory figure (VmRSS, VmHWM) of a pid, or summed over pids, in KiB;
+    processes that are gone count 0."""
+    total_kib = 0
+    for pid in _pids(pids):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total_kib += next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+        except (OSError, StopIteration):
+            continue
+    return total_kib
+
+
+def rss_kib(pids) -> int:
+    """Resident set size (VmRSS) of a pid, or summed over pids, in KiB."""
+    return memory_kib(pids, "VmRSS")
+
+
+def peak_rss_kib(pids) -> int:
+    """Peak resident set size (VmHWM) of a pid, or summed over pids, in KiB."""
+    return memory_kib(pids, "VmHWM")
+
+
+def cpu_times(pids) -> dict[int, tuple[float, float]]:
+    """{pid: (utime + stime, stime)} in seconds, for each process that still exists."""
+    seconds = {}
+    for pid in _pids(pids):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()       # the name may hold spaces
+        utime, stime = int(fields[11]), int(fields[12])     # fields 14 and 15 of proc(5)
+        seconds[pid] = ((utime + stime) / CLK_TCK, stime / CLK_TCK)
+    return seconds
+
+
+def cpu_seconds(pids) -> float:
+    """utime + stime of a pid, or summed over pids, in seconds."""
+    return sum(total_s for total_s, _ in cpu_times(pids).values())
+
+
+def cores_busy() -> list[float]:
+    """Seconds each core has spent not idle since boot, from /proc/stat (whoever ran there)."""
+    busy = []
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *ticks = line.split()
+            if name.startswith("cpu") and name != "cpu":
+                user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, ticks[:8])
+                busy.append((user + nice + system + irq + softirq + steal) / CLK_TCK)
+    return busy
+
+
+def loadavg() -> list[float]:
+    """1, 5 and 15 minute load averages: how busy the shared machine was."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+TCP_ESTABLISHED, TCP_LISTEN = "01", "0A"
+
+
+def tcp_sockets(port: int, state: str) -> dict[str, int]:
+    """Socket inode -> remote port of the IPv4 sockets on local port in state (01 established, 0A listen)."""
+    found = {}
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if fields[3] == state and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                found[fields[9]] = int(fields[2].rsplit(":", 1)[1], 16)
+    return found

@@ -29,9 +29,7 @@ sys.path.insert(0, HERE)
 
 from run_bench import machine
 
-from testkit import free_port, wait_http
-
-TICKS = os.sysconf("SC_CLK_TCK")
+from testkit import cpu_seconds, free_port, wait_http
 
 
 def checkout(rev: str, into: str) -> str:
@@ -46,13 +44,6 @@ def checkout(rev: str, into: str) -> str:
                                capture_output=True).stdout)
     return subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True, capture_output=True,
                           text=True).stdout.strip()
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def one_run(folder: str, args: argparse.Namespace, out: str) -> dict:

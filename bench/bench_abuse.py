@@ -57,10 +57,7 @@ from run_bench import (
     SERVER_CPU,
     SERVER_RSS,
     Watch,
-    cores_busy,
-    cpu_seconds,
     machine,
-    process_tree,
 )
 
 from scalechat import (
@@ -83,7 +80,16 @@ from scalechat import (
     utc_now_rfc3339,
 )
 from test_hostile import BAD_PAYLOADS, percentile
-from testkit import RedisServer, ServerProc, free_port, scrape, wait_http
+from testkit import (
+    RedisServer,
+    ServerProc,
+    cores_busy,
+    cpu_seconds,
+    free_port,
+    process_tree,
+    scrape,
+    wait_http,
+)
 
 RESULTS = HERE / "results"
 MODES = ("single", "workers", "redis")
@@ -804,8 +810,8 @@ class Meter(Watch):
     def sample(self) -> None:
         """Take one sample now."""
         super().sample()
-        own = cpu_seconds([os.getpid()]).get(os.getpid(), (0.0, 0.0))[0]
-        redis = cpu_seconds([self.redis_pid]).get(self.redis_pid, (0.0, 0.0))[0] if self.redis_pid else 0.0
+        own = cpu_seconds(os.getpid())
+        redis = cpu_seconds(self.redis_pid) if self.redis_pid else 0.0
         self.samples[-1] = (*self.samples[-1], redis, own)
 
 

@@ -31,45 +31,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from testkit import RedisServer, free_port, scrape, wait_http
-
-
-def tree(pid: int) -> list[int]:
-    """pid and its children (one level: the supervisor's workers)."""
-    pids = [pid]
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                pids += [int(p) for p in f.read().split()]
-        except OSError:
-            pass
-    return pids
-
-
-def rss_kib(pids: list[int]) -> int:
-    """Summed VmRSS of pids in KiB."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            pass
-    return total
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """Summed utime + stime of pids."""
-    ticks, total = os.sysconf("SC_CLK_TCK"), 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks
-        except OSError:
-            pass
-    return total
-
+from testkit import (
+    RedisServer,
+    cpu_seconds,
+    free_port,
+    process_tree,
+    rss_kib,
+    scrape,
+    wait_http,
+)
 
 FULL_GCS = 'scalechat_gc_pause_seconds_count{generation="2"}'
 # Young collections (generations 0 and 1) in all, and those done within 100 ms.
@@ -160,7 +130,7 @@ def main() -> int:
         time.sleep(1.0)
 
         def server_pids():
-            return [pid for server in servers for pid in tree(server.pid)]
+            return [pid for server in servers for pid in process_tree(server.pid)]
         rss0, cpu0 = rss_kib(server_pids()), cpu_seconds(server_pids())
         overflows0 = listen_overflows()
         summaries = [os.path.join(work, f"summary{k}.json") for k in range(args.instances)]

@@ -39,47 +39,15 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import scalechat
-from testkit import free_port, start_server
+from testkit import children, cpu_seconds, free_port, loadavg, rss_kib, start_server
 
 LOADCLIENT = os.path.join(ROOT, "loadclient.py")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROGRESS_RE = re.compile(r" send .*recv/s (\d+)")
 
 
 # ---------------------------------------------------------------------------
 # /proc readings
 # ---------------------------------------------------------------------------
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def status_kb(pid: int, key: str) -> int:
-    """A kB field (VmRSS, VmHWM) of /proc/<pid>/status."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def children(pid: int) -> list:
-    """Child process ids of pid."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except OSError:
-        return []
-
-
-def loadavg() -> list:
-    """1, 5 and 15 minute load averages: how busy the shared machine was."""
-    with open("/proc/loadavg") as f:
-        return [float(x) for x in f.read().split()[:3]]
-
 
 def machine() -> dict:
     """What the numbers were measured on."""
@@ -230,7 +198,7 @@ def run_client(url: str, args: list, cpu: str, watch: list, out_dir: str) -> dic
             continue
         pids = [proc.pid, *children(proc.pid), *watch]
         samples.append((time.monotonic(), {p: cpu_seconds(p) for p in pids if os.path.exists(f"/proc/{p}")},
-                        {p: status_kb(p, "VmRSS") for p in children(proc.pid)}))
+                        {p: rss_kib(p) for p in children(proc.pid)}))
         rates.append(int(m.group(1)))
     proc.wait()
     with open(summary_path) as f:

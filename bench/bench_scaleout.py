@@ -31,9 +31,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from bench_loadclient import children, cpu_seconds, loadavg, machine
+from bench_loadclient import machine
 
-from testkit import RedisServer, scrape, start_server
+from testkit import RedisServer, children, cpu_seconds, loadavg, scrape, start_server
 
 LOADCLIENT = os.path.join(ROOT, "loadclient.py")
 SETUPS = ("1 process", "2 workers", "1 instance + Redis", "2 instances + Redis")

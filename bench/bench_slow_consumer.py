@@ -28,16 +28,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 from scalechat import client_handshake_request, new_key, parse_handshake_response
-from testkit import free_port, sample, scrape, wait_http
-
-
-def rss_kib(pid: int) -> int:
-    """VmRSS of a process in KiB."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+from testkit import free_port, peak_rss_kib, rss_kib, sample, scrape, wait_http
 
 
 def silent_member(port: int, room: str) -> socket.socket:
@@ -85,8 +76,7 @@ def run(max_buffer: int, args) -> dict:
         load.wait(args.duration + 120)
         stop.set()
         sampler.join()
-        with open(f"/proc/{server.pid}/status") as f:
-            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        peak = peak_rss_kib(server.pid)
         with open(summary) as f:
             (result,) = json.load(f)["scenarios"]
         cut = sample(scrape(f"http://127.0.0.1:{mport}/metrics"), "scalechat_dropped_clients_total",

@@ -61,8 +61,18 @@ sys.path[:0] = [ROOT, HERE]
 from fuzz_protocol import machine
 
 import scalechat as sc
-from test_scaleout import tcp_sockets, worker_pids
-from testkit import RawClient, RedisServer, ServerProc, scrape, start_server, total
+from testkit import (
+    TCP_LISTEN,
+    RawClient,
+    RedisServer,
+    ServerProc,
+    alive,
+    children,
+    scrape,
+    start_server,
+    tcp_sockets,
+    total,
+)
 
 MODES = ("single", "workers", "redis")
 CATEGORIES = ("json", "frames", "query", "resend")
@@ -841,14 +851,6 @@ class Victim:
         self.worst = max(self.worst, time.monotonic() - t0)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 class Target:
     """The live servers of one mode, the victim, and what must not change while fuzzing."""
 
@@ -880,11 +882,11 @@ class Target:
         elif self.mode == "workers":
             self.servers = [start_server(*SERVER_ARGS, "--workers", "2")]
             deadline = time.monotonic() + 20
-            while len(tcp_sockets(self.front, "0A")) < 2 or len(worker_pids(self.servers[0])) < 2:
+            while len(tcp_sockets(self.front, TCP_LISTEN)) < 2 or len(children(self.servers[0].proc.pid)) < 2:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the two workers did not start listening")
                 time.sleep(0.05)
-            self.pids = worker_pids(self.servers[0])
+            self.pids = children(self.servers[0].proc.pid)
         else:
             self.servers = [start_server(*SERVER_ARGS)]
         self.victim = Victim(self.front)
@@ -911,10 +913,10 @@ class Target:
         if self.redis and self.redis.proc.poll() is not None:
             raise Finding("crash", "redis-server exited")
         if self.mode == "workers":
-            dead = [pid for pid in self.pids if not _alive(pid)]
-            if dead or worker_pids(self.servers[0]) != self.pids:
+            dead = [pid for pid in self.pids if not alive(pid)]
+            if dead or children(self.servers[0].proc.pid) != self.pids:
                 raise Finding("crash", f"a worker exited and was restarted: pids {self.pids} -> "
-                                       f"{[p for p in worker_pids(self.servers[0]) if _alive(p)]}")
+                                       f"{[p for p in children(self.servers[0].proc.pid) if alive(p)]}")
 
     def explain(self, finding: Finding) -> Finding:
         """The finding, or the crash behind it when a process died meanwhile."""
