@@ -12,6 +12,7 @@ import glob
 import itertools
 import json
 import os
+import platform
 import random
 import signal
 import socket
@@ -557,3 +558,31 @@ def tcp_sockets(port: int, state: str) -> dict[str, int]:
             if fields[3] == state and int(fields[1].rsplit(":", 1)[1], 16) == port:
                 found[fields[9]] = int(fields[2].rsplit(":", 1)[1], 16)
     return found
+
+
+# ---------------------------------------------------------------------------
+# Bench results: the machine they come from
+# ---------------------------------------------------------------------------
+
+def machine() -> dict:
+    """The machine the numbers come from, for a bench result."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"cores": os.cpu_count(), "cpu": model, "python": platform.python_version(),
+            "kernel": platform.release(), "os": platform.platform(),
+            "open_files_limit": os.sysconf("SC_OPEN_MAX"),
+            "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+
+
+def machine_line(m: dict | str) -> str:
+    """A machine() record as one line of a report; also reads the older records
+    (a plain line, or cpus/cpu_model for cores/cpu)."""
+    if isinstance(m, str):
+        return m
+    cores, cpu = m.get("cores", m.get("cpus")), m.get("cpu", m.get("cpu_model"))
+    system = m.get("os") or f"Linux {m.get('kernel', '?')}"
+    return f"{cores} cores ({cpu}), Python {m.get('python', '?')}, {system}"

@@ -27,9 +27,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from run_bench import machine
 
-from testkit import cpu_seconds, free_port, wait_http
+from testkit import cpu_seconds, free_port, machine, machine_line, wait_http
 
 
 def checkout(rev: str, into: str) -> str:
@@ -97,7 +96,7 @@ def main() -> int:
     info = machine()
     lines = [f"## {stamp}: {names['a']} (A) against {names['b']} (B)", "",
              f"- command: `{command}`",
-             (f"- machine: {info['cores']} cores ({info['cpu']}), Python {info['python']}, {info['os']}; "
+             (f"- machine: {machine_line(info)}; "
               f"load average {info['loadavg']} at the end"),
              ("- load: 100 rooms x 10 members x 2 messages/s = 20,000 deliveries/s; server on core 0, "
               "load client on core 1"), "",

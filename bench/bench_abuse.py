@@ -57,7 +57,6 @@ from run_bench import (
     SERVER_CPU,
     SERVER_RSS,
     Watch,
-    machine,
 )
 
 from scalechat import (
@@ -86,6 +85,8 @@ from testkit import (
     cores_busy,
     cpu_seconds,
     free_port,
+    machine,
+    machine_line,
     process_tree,
     scrape,
     wait_http,
@@ -1168,7 +1169,7 @@ def section(run: dict) -> str:
     return "\n".join([
         f"## {run['date']} · mode {run['mode']} · {run['server']}", "",
         f"- command: `{run['command']}`",
-        (f"- machine: {m['cores']} cores ({m['cpu']}), Python {m['python']}, {m['os']}; "
+        (f"- machine: {machine_line(m)}; "
          f"load average {m['loadavg']} at the start"),
         f"- server flags of every row: `{' '.join(run['flags'])}`, plus the row's own (notes)",
         (f"- plan: baseline {plan['baseline']:g} s, attacks of at most {plan['attack']:g} s (slowloris "

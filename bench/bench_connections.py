@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from testkit import (
     RedisServer,
     cpu_seconds,
     free_port,
+    machine,
+    machine_line,
     process_tree,
     rss_kib,
     scrape,
@@ -195,7 +196,7 @@ def main() -> int:
     peak = max(samples, key=lambda s: s["connections"])
     row = {"command": "python bench/bench_connections.py " + " ".join(sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "machine": f"{os.cpu_count()} cores, Python {platform.python_version()}",
+           "machine": machine(),
            "settings": vars(args), "loadclient_exit": code,
            "peak_connections": int(peak["connections"]), "server_rss_mib_at_peak": peak["rss_mib"],
            "server_rss_kib_per_connection": round((peak["rss_mib"] * 1024 - rss0) / max(1, peak["connections"]), 2),
@@ -214,7 +215,7 @@ def main() -> int:
     setup = f"--workers {args.workers}" + (f" x {args.instances} instances" if args.instances > 1 else "") + \
         (" + Redis" if args.redis else "")
     section = [f"## {args.clients:,} clients, {setup}", "",
-               f"- command: `{row['command']}`", f"- date: {row['date']}; machine: {row['machine']}",
+               f"- command: `{row['command']}`", f"- date: {row['date']}; machine: {machine_line(row['machine'])}",
                f"- load: rooms of {args.room_size}, one message per client every {args.msg_frequency / 1000:g} s "
                f"(every room broadcasting), {args.duration:g} s of sending, loadclient.py --procs {args.procs}"
                f"{' per instance' if args.instances > 1 else ''}, "

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import re
 import selectors
@@ -39,7 +38,16 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import scalechat
-from testkit import children, cpu_seconds, free_port, loadavg, rss_kib, start_server
+from testkit import (
+    children,
+    cpu_seconds,
+    free_port,
+    loadavg,
+    machine,
+    machine_line,
+    rss_kib,
+    start_server,
+)
 
 LOADCLIENT = os.path.join(ROOT, "loadclient.py")
 PROGRESS_RE = re.compile(r" send .*recv/s (\d+)")
@@ -48,15 +56,6 @@ PROGRESS_RE = re.compile(r" send .*recv/s (\d+)")
 # ---------------------------------------------------------------------------
 # /proc readings
 # ---------------------------------------------------------------------------
-
-def machine() -> dict:
-    """What the numbers were measured on."""
-    with open("/proc/cpuinfo") as f:
-        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                     platform.processor())
-    return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
-            "kernel": platform.release(), "open_files_limit": os.sysconf("SC_OPEN_MAX")}
-
 
 # ---------------------------------------------------------------------------
 # The firehose sender
@@ -343,8 +342,8 @@ def write_markdown(path: str, report: dict) -> None:
     m = report["machine"]
     lines = [
         "# loadclient.py benchmark", "",
-        (f"Measured {report['date']} with `{report['command']}` on {m['cpus']} CPUs ({m['cpu_model']}),"
-         f" Python {m['python']}, Linux {m['kernel']}. The sender (firehose or scalechat.py) was pinned"
+        (f"Measured {report['date']} with `{report['command']}` on {machine_line(m)}."
+         " The sender (firehose or scalechat.py) was pinned"
          " to CPU 0 and the load client to CPU 1. CPU figures are from /proc over the steady sending"
          " window; deliveries/s is the mean of the client's per-second progress lines in that window."
          f" Load average (1/5/15 min) at the start {report['loadavg_start']}, at the end"

@@ -31,9 +31,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from bench_loadclient import machine
 
-from testkit import RedisServer, children, cpu_seconds, loadavg, scrape, start_server
+from testkit import (
+    RedisServer,
+    children,
+    cpu_seconds,
+    loadavg,
+    machine,
+    machine_line,
+    scrape,
+    start_server,
+)
 
 LOADCLIENT = os.path.join(ROOT, "loadclient.py")
 SETUPS = ("1 process", "2 workers", "1 instance + Redis", "2 instances + Redis")
@@ -127,7 +135,7 @@ def write_markdown(path: str, report: dict) -> None:
         "# Scale-out: what the workers and the Redis hop cost", "",
         f"- date: {report['date']}",
         f"- command: `{report['command']}`",
-        f"- machine: {m['cpus']} CPUs ({m['cpu_model']}), Python {m['python']}, Linux {m['kernel']}", "",
+        f"- machine: {machine_line(m)}", "",
     ]
     for load in a["loads"].split(","):
         rooms, size = map(int, load.split("x"))

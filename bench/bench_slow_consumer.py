@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -28,7 +27,16 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 from scalechat import client_handshake_request, new_key, parse_handshake_response
-from testkit import free_port, peak_rss_kib, rss_kib, sample, scrape, wait_http
+from testkit import (
+    free_port,
+    machine,
+    machine_line,
+    peak_rss_kib,
+    rss_kib,
+    sample,
+    scrape,
+    wait_http,
+)
 
 
 def silent_member(port: int, room: str) -> socket.socket:
@@ -105,14 +113,14 @@ def main() -> int:
     runs = [run(1 << 20, args), run(1 << 40, args)]
     results = {"command": "python bench/bench_slow_consumer.py " + " ".join(sys.argv[1:]),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "machine": f"{os.cpu_count()} cores, Python {platform.python_version()}",
+               "machine": machine(),
                "settings": vars(args), "runs": runs}
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "slow_consumer.json"), "w") as f:
         json.dump(results, f, indent=1)
     lines = ["# A member that never reads; server --history {args.history}", "",
              f"- command: `{results['command']}`", f"- date: {results['date']}",
-             f"- machine: {results['machine']}",
+             f"- machine: {machine_line(results['machine'])}",
              (f"- load: one room of {args.room_size} load clients, {args.rate} msg/s each, "
              f"{args.msg_size} B texts, {args.duration:g} s, plus one member that never reads; server --history {args.history}"), "",
              "| --max-buffer | silent member cut off (1013) | server RSS growth, peak | others' delivery ratio | others' p50 / p99 ms |",

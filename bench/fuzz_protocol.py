@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -202,14 +201,8 @@ def run_hypothesis(name: str, examples: int) -> dict:
 
 def machine() -> str:
     """One line about the machine the run was on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
-    except (OSError, AttributeError):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, " \
-           f"Python {platform.python_version()}"
+    import testkit  # here, not at the top: scalechat must be imported (instrumented) first
+    return testkit.machine_line(testkit.machine())
 
 
 def write_report(path: str, engine: str, command: str, rows: list) -> None:

@@ -25,7 +25,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -43,7 +42,15 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from testkit import cores_busy, cpu_times, free_port, memory_kib, process_tree
+from testkit import (
+    cores_busy,
+    cpu_times,
+    free_port,
+    machine,
+    machine_line,
+    memory_kib,
+    process_tree,
+)
 
 SERVER_CORES, CLIENT_CORE = "0", "1"
 BUSY = 0.9            # a process tree using this share of its cores or more was the limit
@@ -511,7 +518,7 @@ def markdown(result: dict) -> str:
 
 Command: `{result['command']}`
 Date: {result['date']} ({result['minutes']} min)
-Machine: {m['cores']} cores ({m['cpu']}), Python {m['python']}, {m['os']};
+Machine: {machine_line(m)};
 load average {m['loadavg']} at the start, {result['loadavg_end']} at the end
 Pinning: {result['pinning']}
 
@@ -545,14 +552,6 @@ Pinning: {result['pinning']}
 {chr(10).join(detail)}
 """
 
-
-def machine() -> dict:
-    """The machine the numbers come from."""
-    with open("/proc/cpuinfo") as f:
-        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                     platform.processor())
-    return {"cores": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "os": platform.platform(), "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 
 # ---------------------------------------------------------------------------
 # Main
