@@ -78,8 +78,8 @@ from scalechat import (
     resp_command,
     utc_now_rfc3339,
 )
-from test_hostile import BAD_PAYLOADS, percentile
 from testkit import (
+    BAD_PAYLOADS,
     RedisServer,
     ServerProc,
     cores_busy,
@@ -87,6 +87,7 @@ from testkit import (
     free_port,
     machine,
     machine_line,
+    percentile,
     process_tree,
     scrape,
     wait_http,
@@ -668,7 +669,7 @@ def attack_bad_json(t: Target) -> str:
     """Malformed JSON, nesting bombs and wrong types in turn, at just under the rate limit."""
     frames = [masked(OP_TEXT, p) for p, _ in BAD_PAYLOADS] + [masked(OP_TEXT, p) for p in WRONG_TYPES]
     reconnecting(t, itertools.repeat("/ws/badjson"), lambda peer: paced(t, peer, frames, RATE - 5))
-    return (f"{len(frames)} payloads in turn (test_hostile.BAD_PAYLOADS: nesting bombs of 300 KB, "
+    return (f"{len(frames)} payloads in turn (testkit.BAD_PAYLOADS: nesting bombs of 300 KB, "
             f"non-objects; wrong types, huge numbers), {RATE - 5}/s")
 
 

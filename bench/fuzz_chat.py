@@ -58,8 +58,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
-from fuzz_protocol import machine
-
 import scalechat as sc
 from testkit import (
     TCP_LISTEN,
@@ -68,6 +66,8 @@ from testkit import (
     ServerProc,
     alive,
     children,
+    machine,
+    machine_line,
     scrape,
     start_server,
     tcp_sockets,
@@ -1715,7 +1715,7 @@ def write_report(path: str, command: str, seed: int, rows: list) -> None:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"## Run of {now}: the chat layer against live servers", "",
              f"- command: `{command}`",
-             f"- machine: {machine()}",
+             f"- machine: {machine_line(machine())}",
              f"- server: {server_version()}",
              (f"- engine: `bench/fuzz_chat.py`, seeded generator (seed {seed}), a reference model as oracle; "
               f"--max-message-size {MAX_MESSAGE_SIZE}"), "",
