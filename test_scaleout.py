@@ -18,7 +18,6 @@ import functools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -412,36 +411,6 @@ async def test_worker_killed_is_restarted_and_its_clients_miss_nothing():
         server.stop()
 
 
-def close_code_in(data: bytes) -> int | None:
-    """The status code of the first Close frame in a stream of unmasked server frames."""
-    pos = 0
-    while pos + 2 <= len(data):
-        opcode, n = data[pos] & 0x0F, data[pos + 1] & 0x7F
-        pos += 2
-        if n >= 126:
-            width = 2 if n == 126 else 8
-            n, pos = int.from_bytes(data[pos:pos + width], "big"), pos + width
-        if opcode == 0x8:
-            return int.from_bytes(data[pos:pos + 2], "big")
-        pos += n
-    return None
-
-
-def silent_client(port: int) -> tuple[socket.socket, bytes]:
-    """A WebSocket client that completes the handshake, then neither reads nor answers;
-    returns its socket and the bytes that came after the 101 response head."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(b"GET /ws/drain HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                 b"Sec-WebSocket-Version: 13\r\n\r\n")
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(4096)
-    head, _, rest = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 101 "), head
-    return sock, rest
-
-
 @run_async
 async def test_sigterm_on_supervisor_drains_every_worker():
     """SIGTERM on the supervisor: every client gets 1001 and all exit within the drain timeout."""
@@ -453,7 +422,7 @@ async def test_sigterm_on_supervisor_drains_every_worker():
             members = await crowd.join([server.url], "drain", 16, "d")
             workers = children(server.proc.pid)
             assert set(placement(server, members).values()) == set(workers)
-            mute, data = silent_client(server.port)   # keeps its worker waiting until the deadline
+            mute = RawClient(server.port, "/ws/drain", timeout=10)   # never answers: keeps its worker waiting
             started = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)
             await until(lambda: server.proc.poll() is not None, DRAIN + 10, "the supervisor to exit")
@@ -463,10 +432,8 @@ async def test_sigterm_on_supervisor_drains_every_worker():
             assert server.proc.returncode == 0
             assert took < DRAIN + 3.0, f"exit took {took:.2f} s with --drain-timeout {DRAIN:g}"
             assert not any(os.path.exists(f"/proc/{pid}") for pid in workers), "a worker outlived the drain"
-            while chunk := mute.recv(65536):
-                data += chunk
+            assert mute.recv_close_code() == 1001
             mute.close()
-            assert close_code_in(data) == 1001
     finally:
         server.stop(signal.SIGKILL)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,8 +25,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from scalechat import client_handshake_request, new_key, parse_handshake_response
 from testkit import (
+    RawClient,
     free_port,
     machine,
     machine_line,
@@ -37,18 +36,6 @@ from testkit import (
     scrape,
     wait_http,
 )
-
-
-def silent_member(port: int, room: str) -> socket.socket:
-    """Join room over a raw socket, then never read again."""
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    key = new_key()
-    sock.sendall(client_handshake_request("127.0.0.1", f"/ws/{room}?name=silent", key))
-    buf = b""
-    while parse_handshake_response(buf, key) is None:
-        buf += sock.recv(4096)
-    return sock
 
 
 def run(max_buffer: int, args) -> dict:
@@ -62,7 +49,7 @@ def run(max_buffer: int, args) -> dict:
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz")
         rss0 = rss_kib(server.pid)
-        silent = silent_member(port, f"slow1x{args.room_size}-0")
+        silent = RawClient(port, f"/ws/slow1x{args.room_size}-0?name=silent", rcvbuf=4096)   # never reads again
         out = tempfile.mkdtemp(prefix="slow-consumer-")
         summary = os.path.join(out, "summary.json")
         load = subprocess.Popen([sys.executable, os.path.join(ROOT, "loadclient.py"), "--load-test",
