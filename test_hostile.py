@@ -697,23 +697,41 @@ def test_slowloris_handshake_is_dropped_without_an_answer(serve):
 
 
 def test_client_that_never_answers_pings_is_dropped(serve):
+    """A client that never answers pings is dropped within --pong-timeout of its first ping;
+    one that answers stays, and still chats."""
     server = serve("--ping-interval", "0.3", "--pong-timeout", "0.3")
-    mute, polite = RawClient(server.port), RawClient(server.port)
-    deadline = time.monotonic() + 5
+    mute, polite = RawClient(server.port, "/ws/dead"), RawClient(server.port, "/ws/dead")
+    first_ping = dropped_at = None
     polite_pings = 0
-    while dropped(scrape(server.metrics_url), "ping_timeout") < 1:
-        assert time.monotonic() < deadline
-        polite.sock.settimeout(0.2)
-        try:
-            opcode, payload = polite.recv_frame()       # read, and answer pings: stays
-        except TimeoutError:
-            continue
-        if opcode == sc.OP_PING:
-            polite.send_frame(sc.OP_PONG, payload)
-            polite_pings += 1
+    deadline = time.monotonic() + 5
+    while dropped_at is None:
+        assert time.monotonic() < deadline, "the mute client was never dropped"
+        for client in (mute, polite):
+            client.sock.settimeout(0.02)
+            try:
+                opcode, payload = client.recv_frame()
+            except TimeoutError:
+                continue
+            except ConnectionError:                     # EOF or reset: the server ended it
+                assert client is mute, "the polite client was dropped"
+                dropped_at = time.monotonic()
+                break
+            if opcode == sc.OP_PING and client is polite:
+                polite.send_frame(sc.OP_PONG, payload)  # read, and answer pings: stays
+                polite_pings += 1
+            elif opcode == sc.OP_PING:
+                first_ping = first_ping or time.monotonic()
+            else:
+                assert opcode in (sc.OP_TEXT, sc.OP_CLOSE), opcode    # member counts; the close
+    assert first_ping is not None, "the mute client was dropped before any ping"
+    assert dropped_at - first_ping < 1.5
     assert polite_pings >= 1
-    assert gauge(scrape(server.metrics_url), "scalechat_connections") == 1
-    assert mute.sock.recv(65536)                      # the pings it ignored
+    polite.sock.settimeout(5)
+    polite.send_json({"message_id": 1, "text": "still here"})
+    assert polite.recv_message()["text"] == "still here"
+    metrics = scrape(server.metrics_url)
+    assert dropped(metrics, "ping_timeout") == 1
+    assert gauge(metrics, "scalechat_connections") == 1
     mute.close()
     polite.close()
 

@@ -1050,21 +1050,6 @@ def test_handshake_timeout(server_with):
     assert sample(scrape(server.metrics_url), "scalechat_refused_total", reason="handshake_timeout") == 2
 
 
-def test_dead_peer_is_dropped(server_with):
-    """A client that never answers pings is dropped after --pong-timeout; one that answers stays."""
-    server = server_with("--ping-interval", "0.3", "--pong-timeout", "0.3")
-    with library_client(f"{server.url}/t-dead") as alive:      # answers pings by itself
-        dead = join(server, "t-dead")
-        while (opcode := dead.recv_frame()[0]) != OP_PING:
-            assert opcode == OP_TEXT                # member-count notices may come first
-        start = time.monotonic()
-        assert dead.closed_by_server(3.0)
-        assert time.monotonic() - start < 1.5
-        alive.send(chat_json("still here").decode())
-        assert next_message(alive.recv)["text"] == "still here"
-    assert sample(scrape(server.metrics_url), "scalechat_dropped_clients_total", reason="ping_timeout") == 1
-
-
 def test_slow_consumer_is_cut_off_while_others_keep_receiving(server_with):
     """A client that stops reading gets 1013 at a frame boundary, the others lose nothing, and
     since=<seq> brings the cut-off client back without loss."""
