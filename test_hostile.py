@@ -677,23 +677,42 @@ def test_a_violation_is_counted_once_when_the_peer_answers_the_close(serve):
 # Time limits: handshake, ping/pong, write
 # ---------------------------------------------------------------------------
 
-def test_slowloris_handshake_is_dropped_without_an_answer(serve):
+def test_slow_half_or_silent_handshake_is_dropped_without_an_answer(serve):
+    """A handshake dribbled a byte at a time, half a handshake, or none at all: each socket is
+    closed after --handshake-timeout without a byte of answer; an upgraded client stays."""
     server = serve("--handshake-timeout", "0.5")
-    s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-    t0 = time.monotonic()
-    received = b""
-    try:
-        for byte in b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000:
-            s.send(bytes((byte,)))
-            if select.select([s], [], [], 0.05)[0]:
-                received = s.recv(4096)
-                break
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    elapsed = time.monotonic() - t0
-    s.close()
-    assert received == b"" and 0.4 < elapsed < 2.0
-    assert refused(scrape(server.metrics_url), "handshake_timeout") == 1
+    upgraded = RawClient(server.port, "/ws/hs")
+    start = time.monotonic()
+    slow = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    half = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    half.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+    silent = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sockets = {"slowloris": slow, "half": half, "silent": silent}
+    ended: dict = {}                        # name -> (what it received, seconds until then)
+    dribble = iter(b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000)
+    while len(ended) < len(sockets) and time.monotonic() - start < 3:
+        if "slowloris" not in ended:
+            try:
+                slow.send(bytes((next(dribble),)))
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+        for name, s in sockets.items():
+            if name not in ended and select.select([s], [], [], 0)[0]:
+                try:
+                    received = s.recv(4096)
+                except ConnectionResetError:
+                    received = b""
+                ended[name] = (received, time.monotonic() - start)
+        time.sleep(0.05)
+    for s in sockets.values():
+        s.close()
+    assert set(ended) == set(sockets), f"still open after 3 s: {set(sockets) - set(ended)}"
+    assert all(received == b"" for received, _ in ended.values()), ended
+    assert 0.4 < ended["slowloris"][1] < 2.0
+    assert all(0.4 < ended[name][1] < 1.5 for name in ("half", "silent")), ended
+    upgraded.send_json({"message_id": 1, "text": "still here"})
+    assert upgraded.recv_message()["seq"] == 1
+    assert refused(scrape(server.metrics_url), "handshake_timeout") == 3
 
 
 def test_client_that_never_answers_pings_is_dropped(serve):

@@ -1032,24 +1032,6 @@ def test_max_message_size(server_with):
         assert c.closed_by_server()
 
 
-def test_handshake_timeout(server_with):
-    """Half a handshake, or none, is closed after --handshake-timeout; upgraded clients stay."""
-    server = server_with("--handshake-timeout", "0.5")
-    upgraded = join(server, "t-hs")
-    half = socket.create_connection(("127.0.0.1", server.port))
-    half.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
-    silent = socket.create_connection(("127.0.0.1", server.port))
-    start = time.monotonic()
-    for s in (half, silent):
-        s.settimeout(3)
-        assert s.recv(100) == b""
-        s.close()
-    assert 0.4 < time.monotonic() - start < 1.5
-    chat(upgraded, "still here", 1)
-    assert upgraded.recv_json()["seq"] == 1
-    assert sample(scrape(server.metrics_url), "scalechat_refused_total", reason="handshake_timeout") == 2
-
-
 def test_slow_consumer_is_cut_off_while_others_keep_receiving(server_with):
     """A client that stops reading gets 1013 at a frame boundary, the others lose nothing, and
     since=<seq> brings the cut-off client back without loss."""
