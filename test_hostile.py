@@ -45,6 +45,7 @@ from testkit import (
     check_close_payload,
     check_request_head,
     children,
+    close_frame,
     echo_time,
     feed_chunks,
     fill_room,
@@ -465,14 +466,23 @@ def test_per_ip_cap_answers_503_and_counts_per_address(serve):
     assert refused(scrape(server.metrics_url), "max_connections") >= 1
 
 
-def test_global_cap_answers_503(serve):
-    server = serve("--max-connections", "3")
-    clients = [RawClient(server.port, source=f"127.0.0.{i}") for i in (1, 2, 3)]
-    assert handshake_status(server.port, source="127.0.0.4") == 503
+def test_global_cap_answers_503_and_a_freed_slot_is_usable_again(serve):
+    """Past --max-connections (from any address) an upgrade gets 503 with Retry-After, and
+    /healthz still answers; once a client leaves, its slot takes a new one."""
+    server = serve("--max-connections", "2")
+    first, second = (RawClient(server.port, "/ws/max", source=f"127.0.0.{i}") for i in (1, 2))
+    assert second.welcome["members"] == 2
+    status, headers, _body = http(server.port, sc.client_handshake_request(
+        f"127.0.0.1:{server.port}", "/ws/max", sc.new_key()))
+    assert (status, headers.get("retry-after")) == (503, "1")
+    assert handshake_status(server.port, source="127.0.0.3") == 503      # not a per-address cap
+    assert get(server.port, "/healthz")[0] == 200
     metrics = scrape(server.metrics_url)
-    assert refused(metrics, "max_connections") == 1 and gauge(metrics, "scalechat_connections") == 3
-    for client in clients:
-        client.close()
+    assert refused(metrics, "max_connections") == 2 and gauge(metrics, "scalechat_connections") == 2
+    first.send(close_frame(sc.CLOSE_NORMAL))
+    assert first.recv_close_code() == sc.CLOSE_NORMAL and first.closed_by_server()
+    assert RawClient(server.port, "/ws/max", source="127.0.0.3").welcome["members"] == 2
+    second.close()
 
 
 def test_per_ip_cap_also_bounds_sockets_still_in_the_handshake(serve):

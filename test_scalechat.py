@@ -997,19 +997,6 @@ def test_sigterm_exits_once_clients_are_gone(server_with):
         assert time.monotonic() - start < 2.0
 
 
-def test_max_connections_refused_with_503(server_with):
-    """Past --max-connections an upgrade gets 503 with Retry-After; a freed slot is usable again."""
-    server = server_with("--max-connections", "2")
-    first, second = join(server, "t-max"), join(server, "t-max")
-    assert second.welcome["members"] == 2
-    status, headers, _ = get(server.port, "/ws/t-max", WS_HEADERS)
-    assert (status, headers["retry-after"]) == (503, "1")
-    assert get(server.port, "/healthz")[0] == 200
-    first.send(close_frame(1000))
-    assert first.recv_close_code() == 1000 and first.closed_by_server()
-    assert join(server, "t-max").welcome["members"] == 2
-
-
 def test_max_message_size(server_with):
     """A text of exactly the maximum passes, even fully escaped; a frame too big for one is 1009
     before its payload is sent."""
