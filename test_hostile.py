@@ -49,6 +49,7 @@ from testkit import (
     echo_time,
     feed_chunks,
     fill_room,
+    frame,
     get,
     handshake_status,
     http,
@@ -675,12 +676,21 @@ def test_client_still_sending_when_refused_still_reads_the_1009(serve):
 
 
 def test_a_violation_is_counted_once_when_the_peer_answers_the_close(serve):
+    """Each failed connection whose peer answers the Close counts one protocol error, under its
+    close code; the server ends TCP once the Close is answered."""
     server = serve()
     garbage_sender(server.port)                 # echoes each Close, as RFC 6455 asks
+    # Invalid UTF-8 in a frame not yet finished fails at once, not when the frame ends.
+    client = RawClient(server.port)
+    client.send(frame(sc.OP_TEXT, b'{"text": "\xff and more')[:-4])
+    assert client.recv_close_code() == sc.CLOSE_INVALID_DATA
+    client.send(close_frame(sc.CLOSE_INVALID_DATA))
+    assert client.closed_by_server()
     time.sleep(0.2)
     metrics = scrape(server.metrics_url)
     for code in PARSER_CLOSE_CODES:
-        assert protocol_errors(metrics, code) == sum(c == code for _, c in GARBAGE), code
+        expected = sum(c == code for _, c in GARBAGE) + (code == sc.CLOSE_INVALID_DATA)
+        assert protocol_errors(metrics, code) == expected, code
 
 
 # ---------------------------------------------------------------------------

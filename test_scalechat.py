@@ -1062,17 +1062,6 @@ def test_cut_off_never_splits_a_frame(server_with):
     assert "message" in frames and struct.unpack("!H", f[1][:2])[0] == 1013
 
 
-def test_protocol_error_counted_once(server_with):
-    """A failed connection whose peer answers the Close counts one protocol error."""
-    server = server_with()
-    c = join(server, "t-count")
-    c.send(frame(OP_TEXT, b'{"text": "\xff and more')[:-4])    # invalid, in an unfinished frame
-    assert c.recv_close_code() == 1007
-    c.send(close_frame(1007))
-    assert c.closed_by_server()
-    assert sample(scrape(server.metrics_url), "scalechat_protocol_errors_total", code="1007") == 1
-
-
 def test_metrics_counters_move(server_with):
     """The metrics endpoint counts connections, messages, deliveries, bytes, errors and requests."""
     server = server_with()
