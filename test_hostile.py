@@ -230,12 +230,21 @@ def test_encode_frame_round_trips_every_opcode_size_and_mask(opcode, data, key):
     assert feed_chunks([frame], expect_masked=key is not None) == ([(opcode, payload)], None)
 
 
+RFC_MASK_KEY = bytes.fromhex("37fa213d")        # RFC 6455 5.7's example key
+
+
 @fuzz_settings
 @given(data=st.binary(max_size=1000), key=mask_keys)
+@example(data=b"Hello", key=RFC_MASK_KEY)
+@example(data=RFC_MASK_KEY[:2], key=RFC_MASK_KEY)       # masks to zero bytes, which stay
+@example(data=b"", key=RFC_MASK_KEY)
+@example(data=bytes(range(256)) * 4, key=RFC_MASK_KEY)  # longer than the strategy draws
 def test_mask_is_a_cyclic_xor_and_its_own_inverse(data, key):
     masked = sc.mask(data, key)
     assert masked == bytes(b ^ key[i % 4] for i, b in enumerate(data))
     assert sc.mask(masked, key) == data
+    if (data, key) == (b"Hello", RFC_MASK_KEY):
+        assert masked == bytes.fromhex("7f9f4d5158")        # the RFC's own bytes
 
 
 def test_giant_declared_length_fails_at_the_header_without_allocating():

@@ -70,7 +70,6 @@ from scalechat import (
     encode_close,
     encode_frame,
     http_response,
-    mask,
     max_frame_size,
     new_key,
     new_mask_key,
@@ -133,15 +132,6 @@ def failure(data: bytes, **parser_args) -> tuple[int, int]:
 def test_accept_key_rfc_example():
     """RFC 6455 section 1.3's own example."""
     assert accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-
-
-def test_mask_is_rfc_xor_and_its_own_inverse():
-    """Masking matches RFC 5.7, keeps leading zero bytes and undoes itself."""
-    assert mask(b"Hello", RFC_KEY) == bytes.fromhex("7f9f4d5158")
-    assert mask(RFC_KEY[:2], RFC_KEY) == b"\x00\x00"
-    assert mask(b"", RFC_KEY) == b""
-    data = os.urandom(1001)
-    assert mask(mask(data, RFC_KEY), RFC_KEY) == data
 
 
 def test_encode_frame_rfc_examples():
