@@ -524,7 +524,10 @@ def static_server(serve_shared, tmp_path_factory):
     (static / "style.css").write_text("body{}\n")
     (static / "logo.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
     (static / "data.json").write_text("{}")
-    (static / "link.txt").symlink_to(secret)
+    (static / "sub").mkdir()
+    (static / "sub" / "inner.js").write_text("export const inner = 1;\n")
+    (static / "link.txt").symlink_to(secret)                    # absolute
+    (static / "rel.txt").symlink_to("../secret.txt")            # relative
     (static / "linkdir").symlink_to(tmp_path / "outside")
     server = serve_shared("--static-dir", str(static))
     server.static_dir = static
@@ -535,13 +538,19 @@ def static_server(serve_shared, tmp_path_factory):
 @pytest.mark.parametrize("target", [
     "/static/../secret.txt", "/static/%2e%2e/secret.txt", "/static/%2E%2E%2Fsecret.txt",
     "/static/..%2fsecret.txt", "/static/..%5csecret.txt", "/static/.%2e/.%2e/secret.txt",
-    "/static//etc/passwd", "/static/%2fetc%2fpasswd", "/static/SECRET", "/static/app.js%00.html",
-    "/static/app.js\x00", "/static/link.txt", "/static/linkdir/inner.txt", "/static/",
-    "/static", "/../secret.txt", "/%2e%2e/secret.txt", "/static/./app.js", "/static/app.js/.",
+    "/static//etc/passwd", "/static/%2fetc%2fpasswd", "//etc/passwd", "/etc/passwd", "/static/SECRET",
+    "/static/app.js%00", "/static/app.js%00.html", "/static/app.js\x00", "/static/link.txt",
+    "/static/rel.txt", "/static/linkdir/inner.txt", "/static/", "/static", "/../secret.txt",
+    "/%2e%2e/secret.txt", "/static/./app.js", "/static/app.js/.",
+    # the server's own files, beside its working directory
+    "/scalechat.py", "/../scalechat.py", "/static/../scalechat.py", "/static/%2e%2e/scalechat.py",
+    "/static/%2E%2E%2Fscalechat.py", "/static/..%2fscalechat.py",
 ])
 def test_static_paths_never_escape_the_folder(static_server, target):
+    """Encoded dot-dot, absolute paths, NUL, symlinks out: never anything but the folder's files."""
     status, headers, body = get(static_server.port, target.replace("SECRET", static_server.secret))
-    assert status == (400 if "\x00" in target else 404) and b"SECRET" not in body
+    assert status == (400 if "\x00" in target else 404)
+    assert b"SECRET" not in body and b"root:" not in body and b"import" not in body
     assert headers["content-type"].startswith("text/plain")
 
 
@@ -555,12 +564,13 @@ def test_static_map_is_fixed_at_start(static_server):
     ("/", "text/html; charset=utf-8"), ("/index.html", "text/html; charset=utf-8"),
     ("/static/app.js", "text/javascript; charset=utf-8"), ("/static/style.css", "text/css; charset=utf-8"),
     ("/static/logo.svg", "image/svg+xml"), ("/static/data.json", "application/json"),
+    ("/static/sub/inner.js", "text/javascript; charset=utf-8"),
 ])
 def test_static_content_types_and_nosniff(static_server, target, content_type):
     status, headers, body = get(static_server.port, target)
     assert status == 200 and headers["content-type"] == content_type
     assert headers["x-content-type-options"] == "nosniff"
-    name = "index.html" if target in ("/", "/index.html") else target.rsplit("/", 1)[1]
+    name = "index.html" if target in ("/", "/index.html") else target.removeprefix("/static/")
     assert body == (static_server.static_dir / name).read_bytes()
 
 
