@@ -1055,7 +1055,9 @@ def test_metrics_counters_move(server_with):
 # ---------------------------------------------------------------------------
 
 # Texts whose client frames fall in each length class: 7-bit, 16-bit, 64-bit (the limit).
-TEXT_SIZES = (1, 60, 100, 65000, 65536)
+# Text sizes (bytes of UTF-8) whose chat frames fall in each length class of RFC 6455 5.2.
+TEXT_SIZES = [pytest.param(size, length_class, id=f"{size}-{length_class}") for size, length_class in
+              ((1, "7-bit"), (60, "7-bit"), (100, "16-bit"), (65000, "16-bit"), (65536, "64-bit"))]
 
 
 def sized_text(n: int) -> str:
@@ -1063,24 +1065,25 @@ def sized_text(n: int) -> str:
     return "é" * (n // 2) + "a" * (n % 2)
 
 
-def test_text_sizes_cover_every_length_class():
-    """The sizes used below give client frames of all three length classes."""
-    lengths = {len(chat_json(sized_text(n))) for n in TEXT_SIZES}
-    assert min(lengths) < 126 and any(126 <= n < 65536 for n in lengths) and max(lengths) >= 65536
+def length_class(payload: bytes) -> str:
+    """The length field a frame of this payload needs: 7-bit (< 126), 16-bit or 64-bit."""
+    return "7-bit" if len(payload) < 126 else "16-bit" if len(payload) < 65536 else "64-bit"
 
 
-@pytest.mark.parametrize("size", TEXT_SIZES)
-def test_websockets_library_text_sizes(chat_server, size):
+@pytest.mark.parametrize("size, frame_class", TEXT_SIZES)
+def test_websockets_library_text_sizes(chat_server, size, frame_class):
     """The websockets client sends and receives text of every length class, up to the limit."""
+    assert length_class(chat_json(sized_text(size))) == frame_class
     with library_client(f"{chat_server.url}/i-websockets-{size}") as ws:
         ws.send(chat_json(sized_text(size)).decode())
         message = next_message(ws.recv)
         assert (message["text"], message["seq"]) == (sized_text(size), 1)
 
 
-@pytest.mark.parametrize("size", TEXT_SIZES)
-def test_websocket_client_library_text_sizes(chat_server, size):
+@pytest.mark.parametrize("size, frame_class", TEXT_SIZES)
+def test_websocket_client_library_text_sizes(chat_server, size, frame_class):
     """websocket-client does the same."""
+    assert length_class(chat_json(sized_text(size))) == frame_class
     ws = websocket.create_connection(f"{chat_server.url}/i-wsclient-{size}", timeout=5)
     try:
         assert json.loads(ws.recv())["type"] == "welcome"
