@@ -286,6 +286,31 @@ def pieces(data: bytes, cuts) -> list:
     return [data[a:b] for a, b in itertools.pairwise([0, *cuts, len(data)])]
 
 
+def send_in_chops(sock: socket.socket, data: bytes, chop: int = 0, pause: float = 0.0) -> None:
+    """Send bytes at once, or in chops of that many bytes (one TCP segment each)."""
+    if not chop:
+        sock.sendall(data)
+        return
+    for i in range(0, len(data), chop):
+        sock.sendall(data[i:i + chop])
+        if pause:
+            time.sleep(pause)
+
+
+def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
+    """True when the peer ends the TCP connection (FIN or reset) within timeout; reads and
+    drops what arrives until then."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        pass        # a reset is the peer closing too
+    return True
+
+
 class RawClient:
     """A WebSocket client on a plain blocking socket: sends exactly what it is told
     (scalechat.encode_frame for frames), reads server frames with scalechat.FrameParser.
@@ -327,13 +352,7 @@ class RawClient:
 
     def send(self, data: bytes, chop: int = 0, pause: float = 0.0) -> None:
         """Send bytes at once, or in chops of that many bytes (one TCP segment each)."""
-        if not chop:
-            self.sock.sendall(data)
-            return
-        for i in range(0, len(data), chop):
-            self.sock.sendall(data[i:i + chop])
-            if pause:
-                time.sleep(pause)
+        send_in_chops(self.sock, data, chop, pause)
 
     def send_frame(self, opcode: int, payload: bytes, fin: bool = True) -> None:
         """Send one masked frame."""
@@ -400,15 +419,7 @@ class RawClient:
 
     def closed_by_server(self, timeout: float = 5.0) -> bool:
         """True when the server ends the TCP connection (FIN or reset) within timeout."""
-        self.sock.settimeout(timeout)
-        try:
-            while self.sock.recv(65536):
-                pass
-        except TimeoutError:
-            return False
-        except ConnectionResetError:
-            pass        # a reset is the server closing too
-        return True
+        return closed_by_peer(self.sock, timeout)
 
     def close(self) -> None:
         """Drop the socket, without a closing handshake."""
