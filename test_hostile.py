@@ -58,7 +58,6 @@ from testkit import (
     sample,
     scrape,
     split_at,
-    start_server,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -351,25 +350,6 @@ def dropped(samples: dict, reason: str) -> float:
 def gauge(samples: dict, name: str) -> float:
     """A sample without labels."""
     return samples[name]
-
-
-def servers_for(scope_name: str):
-    """A fixture of that scope: start servers with extra flags (quiet logs), stop them after."""
-    @pytest.fixture(scope=scope_name)
-    def fixture():
-        servers = []
-
-        def start(*args: str, env: dict | None = None):
-            servers.append(start_server("--log-level", "WARNING", *args, env=env))
-            return servers[-1]
-        yield start
-        for server in servers:
-            server.stop()
-    return fixture
-
-
-serve = servers_for("function")
-serve_shared = servers_for("module")      # for tests that only read: one server for many
 
 
 @pytest.fixture(scope="module")

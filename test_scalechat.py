@@ -13,6 +13,7 @@ by the code under test.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import itertools
 import json
@@ -98,7 +99,6 @@ from testkit import (
     sample,
     sample_names,
     scrape,
-    start_server,
 )
 
 # ---------------------------------------------------------------------------
@@ -722,28 +722,19 @@ def test_bus_messages_reach_members_once_in_seq_order_through_gaps_and_snapshots
 STATIC = pathlib.Path(__file__).parent / "static"
 WS_HEADERS = ("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
-QUIET = ("--ping-interval", "60", "--log-level", "WARNING")
+QUIET = ("--ping-interval", "60")          # no stray pings between the frames a test reads
 
 
 @pytest.fixture(scope="module")
-def chat_server():
+def chat_server(serve_shared):
     """One server with default limits for the tests that need nothing special (a room each)."""
-    s = start_server(*QUIET)
-    yield s
-    s.stop()
+    return serve_shared(*QUIET)
 
 
 @pytest.fixture
-def server_with():
+def server_with(serve):
     """A fresh server started with the settings a test passes: server_with("--history", "3")."""
-    started = []
-
-    def start(*args: str):
-        started.append(start_server(*QUIET, *args))
-        return started[-1]
-    yield start
-    for s in started:
-        s.stop()
+    return functools.partial(serve, *QUIET)
 
 
 def join(server, room: str, query: str = "", **options) -> RawClient:
