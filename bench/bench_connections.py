@@ -33,13 +33,12 @@ sys.path.insert(0, ROOT)
 from testkit import (
     RedisServer,
     cpu_seconds,
-    free_port,
     machine,
     machine_line,
     process_tree,
     rss_kib,
     scrape,
-    wait_http,
+    start_server,
 )
 
 FULL_GCS = 'scalechat_gc_pause_seconds_count{generation="2"}'
@@ -116,41 +115,34 @@ def main() -> int:
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="connections-")
     redis = RedisServer(work).start() if args.redis else None
-    ports = [(free_port(), free_port()) for _ in range(args.instances)]
-    servers = [subprocess.Popen([sys.executable, os.path.join(ROOT, "scalechat.py"), "--host", "127.0.0.1",
-                                 "--port", str(port), "--metrics-port", str(mport),
-                                 "--workers", str(args.workers), "--log-level", "WARNING",
-                                 *args.server_args.split(),
-                                 *(("--redis", redis.url) if redis else ())])
-               for port, mport in ports]
+    servers = [start_server("--workers", str(args.workers), "--log-level", "WARNING", *args.server_args.split(),
+                            *(("--redis", redis.url) if redis else ())) for _ in range(args.instances)]
     samples: list = []
     per_instance = args.clients // args.instances
     try:
-        for port, _ in ports:
-            wait_http(f"http://127.0.0.1:{port}/healthz")
         time.sleep(1.0)
 
         def server_pids():
-            return [pid for server in servers for pid in process_tree(server.pid)]
+            return [pid for server in servers for pid in process_tree(server.proc.pid)]
         rss0, cpu0 = rss_kib(server_pids()), cpu_seconds(server_pids())
         overflows0 = listen_overflows()
         summaries = [os.path.join(work, f"summary{k}.json") for k in range(args.instances)]
         loads = [subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "loadclient.py"), "--load-test",
-             "--server-url", f"ws://127.0.0.1:{port}/ws", "--rooms", str(per_instance // args.room_size),
+             "--server-url", server.url, "--rooms", str(per_instance // args.room_size),
              "--room-size", str(args.room_size), "--msg-frequency", str(args.msg_frequency),
              "--duration", str(args.duration), "--ramp", str(args.ramp), "--procs", str(args.procs),
              "--record-receivers", str(args.record_receivers), "--grace", "10", "--seed", str(k + 1),
              "--room-prefix", f"i{k}-", "--connect-timeout", "60", "--out", os.path.join(work, f"run{k}"),
              "--summary-json", summaries[k]],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for k, (port, _) in enumerate(ports)]
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for k, server in enumerate(servers)]
         stop = threading.Event()
 
         def sample():
             start = time.monotonic()
             while not stop.wait(1.0):
                 try:
-                    scrapes = [scrape(f"http://127.0.0.1:{mport}/metrics") for _, mport in ports]
+                    scrapes = [scrape(server.metrics_url) for server in servers]
                 except OSError:
                     continue
                 samples.append({"t": round(time.monotonic() - start),
@@ -171,8 +163,8 @@ def main() -> int:
         time.sleep(1.5)                     # workers report their counters every second
         server_refusals: dict = {}
         gc: dict = {}
-        for _, mport in ports:
-            scraped = scrape(f"http://127.0.0.1:{mport}/metrics")
+        for server in servers:
+            scraped = scrape(server.metrics_url)
             for key, n in refusals(scraped).items():
                 server_refusals[key] = server_refusals.get(key, 0) + n
             for generation, g in gc_pauses(scraped).items():
@@ -187,9 +179,7 @@ def main() -> int:
         result = combine(scenarios)
     finally:
         for server in servers:
-            server.terminate()
-        for server in servers:
-            server.wait(60)
+            server.stop(timeout=60)
         if redis is not None:
             redis.proc.terminate()
             redis.proc.wait(30)

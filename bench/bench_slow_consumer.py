@@ -27,33 +27,27 @@ sys.path.insert(0, ROOT)
 
 from testkit import (
     RawClient,
-    free_port,
     machine,
     machine_line,
     peak_rss_kib,
     rss_kib,
     sample,
     scrape,
-    wait_http,
+    start_server,
 )
 
 
 def run(max_buffer: int, args) -> dict:
     """One run: the server with this cap, the load, the silent member; samples and summary."""
-    port, mport = free_port(), free_port()
-    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "scalechat.py"), "--host", "127.0.0.1",
-                               "--port", str(port), "--metrics-port", str(mport), "--rate-limit", "0",
-                               "--max-buffer", str(max_buffer), "--write-timeout", "3600",
-                               "--history", str(args.history),
-                               "--log-level", "WARNING"])
+    server = start_server("--rate-limit", "0", "--max-buffer", str(max_buffer), "--write-timeout", "3600",
+                          "--history", str(args.history), "--log-level", "WARNING")
     try:
-        wait_http(f"http://127.0.0.1:{port}/healthz")
-        rss0 = rss_kib(server.pid)
-        silent = RawClient(port, f"/ws/slow1x{args.room_size}-0?name=silent", rcvbuf=4096)   # never reads again
+        rss0 = rss_kib(server.proc.pid)
+        silent = RawClient(server.port, f"/ws/slow1x{args.room_size}-0?name=silent", rcvbuf=4096)   # never reads again
         out = tempfile.mkdtemp(prefix="slow-consumer-")
         summary = os.path.join(out, "summary.json")
         load = subprocess.Popen([sys.executable, os.path.join(ROOT, "loadclient.py"), "--load-test",
-                                 "--server-url", f"ws://127.0.0.1:{port}/ws", "--rooms", "1", "--room-prefix", "slow",
+                                 "--server-url", server.url, "--rooms", "1", "--room-prefix", "slow",
                                  "--room-size", str(args.room_size), "--rate", str(args.rate),
                                  "--msg-size", str(args.msg_size), "--duration", str(args.duration),
                                  "--grace", "3", "--seed", "1", "--out", out, "--summary-json", summary],
@@ -64,17 +58,17 @@ def run(max_buffer: int, args) -> dict:
         def sample_rss():
             start = time.monotonic()
             while not stop.wait(1.0):
-                kib = rss_kib(server.pid)
+                kib = rss_kib(server.proc.pid)
                 samples.append((round(time.monotonic() - start), kib - rss0))
         sampler = threading.Thread(target=sample_rss, daemon=True)
         sampler.start()
         load.wait(args.duration + 120)
         stop.set()
         sampler.join()
-        peak = peak_rss_kib(server.pid)
+        peak = peak_rss_kib(server.proc.pid)
         with open(summary) as f:
             (result,) = json.load(f)["scenarios"]
-        cut = sample(scrape(f"http://127.0.0.1:{mport}/metrics"), "scalechat_dropped_clients_total",
+        cut = sample(scrape(server.metrics_url), "scalechat_dropped_clients_total",
                      reason="slow_consumer")
         silent.close()
         return {"max_buffer": max_buffer, "rss_growth_kib": samples, "peak_rss_growth_kib": peak - rss0,
@@ -82,8 +76,7 @@ def run(max_buffer: int, args) -> dict:
                 "p50_ms": result["latency_ms"]["p50"], "p99_ms": result["latency_ms"]["p99"],
                 "deliveries_per_s": result["deliveries_per_s"]}
     finally:
-        server.terminate()
-        server.wait(30)
+        server.stop(timeout=30)
 
 
 def main() -> int:
