@@ -329,7 +329,7 @@ def test_nesting_bombs_and_non_objects_are_refused_quickly(payload, code):
 
 
 # ---------------------------------------------------------------------------
-# Real-socket helpers
+# Reading the server's counters; a shared server
 # ---------------------------------------------------------------------------
 
 def refused(samples: dict, reason: str) -> float:

@@ -7,8 +7,10 @@
    HTTP answers, static files, limits, timeouts, draining, metrics.
 4. Interop with independent client libraries (websockets, websocket-client).
 
-Frames sent by tests are built by test_conformance.py's hand-written client, not
-by the code under test.
+Frames sent by tests are built with testkit.py on scalechat's own encoder, which
+the RFC 6455 examples below pin byte for byte; test_conformance.py plays the
+server against an independent, hand-written codec. Time limits, connection caps,
+protocol-error counting and static path escapes are tested in test_hostile.py.
 """
 from __future__ import annotations
 

@@ -1,10 +1,14 @@
-"""What the tests and the bench scripts share: servers, a raw client, metrics and /proc readings.
+"""What the tests and the bench scripts share, one of each.
 
-One of each: a server factory (start_server), a private Redis (RedisServer),
-one raw WebSocket client on the project's own codec (RawClient), one metrics
-scrape (scrape), one set of /proc readers, and one description of the machine
-for bench results. test_conformance.py keeps its own, independent codec on
-purpose: it checks scalechat's framing against a second implementation.
+A server factory (start_server) and a private Redis (RedisServer); one raw
+WebSocket client on the project's own codec (RawClient, with frame builders);
+one metrics scrape (scrape: {'name{label="value",...}': value}); one set of
+/proc readers; one description of the machine for bench results (machine); the
+oracles of the protocol-core property tests, which bench/fuzz_protocol.py runs
+too; and the abuse data bench/bench_abuse.py shares with test_hostile.py.
+
+test_conformance.py keeps its own, independent codec on purpose: it checks
+scalechat's framing against a second implementation.
 """
 from __future__ import annotations
 
