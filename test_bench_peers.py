@@ -17,8 +17,8 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from conftest import HERE, free_port
 from loadclient import split_message
+from testkit import HERE, free_port
 
 PEERS = ["peer_websockets.py", "peer_aiohttp.py", "peer_picows.py"]
 STAMPED = "0000000000000001 0000000000000002 hello"   # the send stamps the load client writes

@@ -22,14 +22,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 
 import pytest
 import websocket
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 
-from conftest import HERE, ServerProc, start_server
+from testkit import HERE, ServerProc, sample, scrape
 
 pytestmark = pytest.mark.timeout(120)
 expect.set_options(timeout=15_000)
@@ -181,29 +180,6 @@ def people(browser):
     for chat in chats:
         chat.page.context.close()
     assert errors == []
-
-
-@pytest.fixture
-def servers():
-    """start(*args, port=None) -> ServerProc; every server started is stopped at the end."""
-    started: list[ServerProc] = []
-
-    def start(*args: str, port: int | None = None) -> ServerProc:
-        started.append(start_server(*args, port=port))
-        return started[-1]
-
-    yield start
-    for proc in started:
-        proc.stop()
-
-
-def metric(server: ServerProc, name: str) -> float:
-    """One sample's value from the server's /metrics (0 when absent)."""
-    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 # ---------------------------------------------------------------------------
@@ -367,11 +343,11 @@ def flood(server: ServerProc, room: str, count: int, size: int) -> None:
     ws.shutdown()
 
 
-def test_slow_reader_cut_off_with_1013_catches_up_without_gap_or_duplicate(servers, people):
+def test_slow_reader_cut_off_with_1013_catches_up_without_gap_or_duplicate(serve, people):
     # A small per-connection buffer and no rate limit: a page that stops reading
     # while another member posts ~9 MB falls behind and the server cuts it off.
     # The room keeps all of it (16 MiB), so the page can catch up without a gap.
-    server = servers("--max-buffer", "262144", "--rate-limit", "0", "--room-history-bytes", str(16 << 20))
+    server = serve("--max-buffer", "262144", "--rate-limit", "0", "--room-history-bytes", str(16 << 20))
     reader = people(server.http, "reader", "busy")
     writer = people(server.http, "writer", "busy")
     count = 300
@@ -388,12 +364,14 @@ def test_slow_reader_cut_off_with_1013_catches_up_without_gap_or_duplicate(serve
         assert chat.seqs() == list(range(1, count + 2))
     resumed = [int(re.search(r"since=(\d+)", url).group(1)) for url in reader.sockets[1:]]
     assert resumed and all(0 < since <= count for since in resumed)
-    assert metric(server, 'scalechat_dropped_clients_total{reason="slow_consumer"}') >= 1
+    # Every reconnect of either page followed a cut-off, and every cut-off was a reconnect.
+    cuts = len(reader.sockets) - 1 + len(writer.sockets) - 1
+    assert sample(scrape(server.metrics_url), "scalechat_dropped_clients_total", reason="slow_consumer") == cuts
     reader.expect_state("online")
 
 
-def test_flooding_page_is_told_why_and_stays_disconnected(servers, people):
-    server = servers("--rate-limit", "0.1", "--rate-burst", "2")
+def test_flooding_page_is_told_why_and_stays_disconnected(serve, people):
+    server = serve("--rate-limit", "0.1", "--rate-burst", "2")
     alice = people(server.http, "alice", "flood")
     for i in range(2):
         alice.send(f"fine {i}")
@@ -420,8 +398,8 @@ def test_flooding_page_is_told_why_and_stays_disconnected(servers, people):
     expect(alice.page.locator("#messages li.pending")).to_have_count(0)
 
 
-def test_server_restart_pages_come_back_and_talk_again(servers, people):
-    first = servers()
+def test_server_restart_pages_come_back_and_talk_again(serve, people):
+    first = serve()
     alice = people(first.http, "alice", "restart")
     bob = people(first.http, "bob", "restart")
     alice.send("before the restart")
@@ -434,7 +412,7 @@ def test_server_restart_pages_come_back_and_talk_again(servers, people):
     bob.send("written while the server was down")   # waits in bob's outbox
     expect(bob.page.locator("#messages li[data-pending] .text")).to_have_text(
         ["written while the server was down"])
-    second = servers(port=first.port)           # same address, empty in-memory history
+    second = serve(port=first.port)           # same address, empty in-memory history
 
     for chat in (alice, bob):
         chat.expect_state("online")
@@ -447,13 +425,13 @@ def test_server_restart_pages_come_back_and_talk_again(servers, people):
         assert chat.texts() == ["before the restart", "written while the server was down", "and back"]
         assert chat.seqs() == [1, 1, 2]         # the new server counts from 1 again
     expect(bob.page.locator("#messages li.pending")).to_have_count(0)
-    assert metric(second, "scalechat_messages_received_total") == 2
+    assert sample(scrape(second.metrics_url), "scalechat_messages_received_total") == 2
 
 
-def test_page_that_missed_a_restart_takes_the_new_history_whole(servers, people):
+def test_page_that_missed_a_restart_takes_the_new_history_whole(serve, people):
     # Alice's network is down while the server restarts and bob already writes
     # seq 1-3 of the new history: her `since` looks valid but points into another history.
-    first = servers()
+    first = serve()
     network = Network()
     alice = people(first.http, "alice", "epoch", network=network)
     bob = people(first.http, "bob", "epoch")
@@ -464,7 +442,7 @@ def test_page_that_missed_a_restart_takes_the_new_history_whole(servers, people)
     network.cut()
     alice.page.context.set_offline(True)      # and the browser's "offline" event
     first.stop(signal.SIGTERM)
-    servers(port=first.port)
+    serve(port=first.port)
     bob.expect_state("online")
     for text in ("new one", "new two", "new three"):
         bob.send(text)

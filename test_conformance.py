@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import start_server
+from testkit import closed_by_peer, send_in_chops, start_server
 
 # ---------------------------------------------------------------------------
 # A raw WebSocket client: any bytes, any frame, even wrong ones
@@ -117,17 +117,7 @@ class RawClient:
 
     def send(self, data: bytes, chop: int = 0, pause: float = 0.0) -> None:
         """Send bytes at once, or in chops of that many bytes (one TCP segment each)."""
-        if not chop:
-            self.sock.sendall(data)
-            return
-        for i in range(0, len(data), chop):
-            self.sock.sendall(data[i:i + chop])
-            if pause:
-                time.sleep(pause)
-
-    def send_json(self, obj: dict) -> None:
-        """Send obj as one masked text frame."""
-        self.send(frame(OP_TEXT, json.dumps(obj).encode()))
+        send_in_chops(self.sock, data, chop, pause)
 
     def recv_frame(self) -> tuple[int, bytes]:
         """The next server frame as (opcode, payload); server frames are final and unmasked."""
@@ -150,24 +140,9 @@ class RawClient:
             if obj["type"] not in skip:
                 return obj
 
-    def recv_close_code(self) -> int:
-        """Skip frames until the server's Close; its status code (1005 when it has none)."""
-        while True:
-            opcode, payload = self.recv_frame()
-            if opcode == OP_CLOSE:
-                return struct.unpack("!H", payload[:2])[0] if payload else 1005
-
     def closed_by_server(self, timeout: float = 5.0) -> bool:
         """True when the server ends the TCP connection (FIN or reset) within timeout."""
-        self.sock.settimeout(timeout)
-        try:
-            while self.sock.recv(65536):
-                pass
-        except TimeoutError:
-            return False
-        except ConnectionResetError:
-            pass        # a reset is the server closing too
-        return True
+        return closed_by_peer(self.sock, timeout)
 
     def close(self) -> None:
         """Drop the socket."""

@@ -34,108 +34,37 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import scalechat as sc
-from conftest import start_server
-from test_scalechat import get
-from test_scalechat import http as http_exchange
-from test_scalechat import metrics as read_metrics
+from testkit import (
+    BAD_PAYLOADS,
+    CLIENT_A,
+    CLIENT_B,
+    PARSER_CLOSE_CODES,
+    RawClient,
+    check_any_split,
+    check_chat_payload,
+    check_close_payload,
+    check_request_head,
+    children,
+    close_frame,
+    echo_time,
+    feed_chunks,
+    fill_room,
+    frame,
+    get,
+    handshake_status,
+    http,
+    peak_rss_kib,
+    percentile,
+    sample,
+    scrape,
+    split_at,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
 FUZZ_EXAMPLES = int(os.environ.get("SCALECHAT_FUZZ_EXAMPLES", "150"))
 fuzz_settings = settings(max_examples=FUZZ_EXAMPLES, deadline=2000, database=None,
                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-# Close codes the server's own parser may answer a violation with.
-PARSER_CLOSE_CODES = {sc.CLOSE_PROTOCOL_ERROR, sc.CLOSE_UNSUPPORTED_DATA,
-                      sc.CLOSE_INVALID_DATA, sc.CLOSE_TOO_BIG}
-CHAT_ERROR_CODES = {"bad_json", "bad_message", "missing_text", "too_big"}
-HANDSHAKE_STATUSES = {400, 405, 426}
-
-
-# ---------------------------------------------------------------------------
-# Oracles for the protocol core (bench/fuzz_protocol.py uses them too)
-# ---------------------------------------------------------------------------
-
-def feed_chunks(chunks: list, **parser_options) -> tuple[list, int | None]:
-    """Feed chunks to a fresh FrameParser: (frames completed, close code of the error or None)."""
-    parser = sc.FrameParser(**parser_options)
-    frames: list = []
-    for chunk in chunks:
-        try:
-            frames.extend(parser.feed(chunk))
-        except sc.ProtocolError as e:
-            assert e.code in PARSER_CLOSE_CODES, f"close code {e.code} for {e.reason}"
-            assert isinstance(e.reason, str) and len(e.reason.encode()) <= 123
-            frames.extend(e.frames)                 # completed in the same call, before the error
-            with pytest.raises(sc.ProtocolError) as again:
-                parser.feed(b"\x81\x80abcd")        # a failed parser stays failed
-            assert again.value.code == e.code
-            return frames, e.code
-    return frames, None
-
-
-def split_at(data: bytes, cuts: list) -> list:
-    """data cut at the given offsets (taken modulo its length, in order)."""
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    return [data[i:j] for i, j in zip([0, *points], [*points, len(data)], strict=True)]
-
-
-def check_any_split(data: bytes, cuts: list, **parser_options) -> tuple[list, int | None]:
-    """Assert that a stream parses alike whole, byte by byte and cut at cuts; return the result.
-
-    The result is the frames completed and, when the stream breaks the
-    protocol, the close code: both must not depend on how the stream was cut.
-    """
-    one_by_one = feed_chunks([data[i:i + 1] for i in range(len(data))], **parser_options)
-    for chunks in ([data], split_at(data, cuts)):
-        assert feed_chunks(chunks, **parser_options) == one_by_one
-    for opcode, payload in one_by_one[0]:
-        if opcode == sc.OP_TEXT:
-            payload.decode()                     # text messages are always valid UTF-8
-        if opcode == sc.OP_CLOSE:
-            sc.parse_close(payload)
-        assert parser_options.get("accept_binary", True) or opcode != sc.OP_BINARY
-    return one_by_one
-
-
-def check_close_payload(payload: bytes) -> None:
-    """parse_close either returns a valid (code, reason) or raises ProtocolError 1002/1007."""
-    try:
-        code, reason = sc.parse_close(payload)
-    except sc.ProtocolError as e:
-        assert e.code in (sc.CLOSE_PROTOCOL_ERROR, sc.CLOSE_INVALID_DATA)
-        return
-    assert code == sc.CLOSE_NO_STATUS or code in sc.VALID_CLOSE_CODES or 3000 <= code <= 4999
-    assert reason.encode() == payload[2:]
-
-
-def check_request_head(head: bytes) -> None:
-    """A request head either parses and upgrades or raises HandshakeError with a 4xx status."""
-    try:
-        request = sc.parse_request_head(head)
-    except sc.HandshakeError as e:
-        assert e.status == 400
-        return
-    try:
-        accept = sc.check_upgrade(request)
-    except sc.HandshakeError as e:
-        assert e.status in HANDSHAKE_STATUSES
-        return
-    assert accept == sc.accept_key(request.headers["sec-websocket-key"])
-
-
-def check_chat_payload(payload: bytes, max_message_size: int) -> None:
-    """parse_chat_message either returns a valid message or raises ChatError with a known code."""
-    try:
-        message_id, text, sent_at, resend = sc.parse_chat_message(payload, max_message_size)
-    except sc.ChatError as e:
-        assert e.code in CHAT_ERROR_CODES
-        return
-    assert type(resend) is bool
-    assert message_id is None or type(message_id) is int
-    assert type(text) is str and 0 < len(text.encode()) <= max_message_size
-    assert sent_at is None or type(sent_at) is str
-
 
 # ---------------------------------------------------------------------------
 # Strategies
@@ -300,12 +229,21 @@ def test_encode_frame_round_trips_every_opcode_size_and_mask(opcode, data, key):
     assert feed_chunks([frame], expect_masked=key is not None) == ([(opcode, payload)], None)
 
 
+RFC_MASK_KEY = bytes.fromhex("37fa213d")        # RFC 6455 5.7's example key
+
+
 @fuzz_settings
 @given(data=st.binary(max_size=1000), key=mask_keys)
+@example(data=b"Hello", key=RFC_MASK_KEY)
+@example(data=RFC_MASK_KEY[:2], key=RFC_MASK_KEY)       # masks to zero bytes, which stay
+@example(data=b"", key=RFC_MASK_KEY)
+@example(data=bytes(range(256)) * 4, key=RFC_MASK_KEY)  # longer than the strategy draws
 def test_mask_is_a_cyclic_xor_and_its_own_inverse(data, key):
     masked = sc.mask(data, key)
     assert masked == bytes(b ^ key[i % 4] for i, b in enumerate(data))
     assert sc.mask(masked, key) == data
+    if (data, key) == (b"Hello", RFC_MASK_KEY):
+        assert masked == bytes.fromhex("7f9f4d5158")        # the RFC's own bytes
 
 
 def test_giant_declared_length_fails_at_the_header_without_allocating():
@@ -391,147 +329,27 @@ def test_nesting_bombs_and_non_objects_are_refused_quickly(payload, code):
 
 
 # ---------------------------------------------------------------------------
-# Real-socket helpers
+# Reading the server's counters; a shared server
 # ---------------------------------------------------------------------------
-
-class RawClient:
-    """A WebSocket client on a plain blocking socket, built from the protocol core."""
-
-    def __init__(self, port: int, resource: str = "/ws", origin: str | None = None,
-                 source: str = "127.0.0.1", rcvbuf: int = 0, timeout: float = 5.0):
-        self.sock = socket.socket()
-        if rcvbuf:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(timeout)
-        self.sock.bind((source, 0))
-        self.sock.connect(("127.0.0.1", port))
-        key = sc.new_key()
-        self.sock.sendall(sc.client_handshake_request(f"127.0.0.1:{port}", resource, key, origin))
-        self.parser = sc.FrameParser(expect_masked=False, max_message_size=1 << 24)
-        self.frames: list = []
-        buf = b""
-        try:
-            while (end := sc.parse_handshake_response(buf, key)) is None:
-                data = self.sock.recv(65536)
-                if not data:
-                    raise sc.HandshakeError(0, "closed during the handshake")
-                buf += data
-        except BaseException:
-            self.sock.close()
-            raise
-        self.frames.extend(self.parser.feed(buf[end:]))
-        self.welcome = self.next_json()
-        self.name = self.welcome.get("name")
-
-    def send_frame(self, opcode: int, payload: bytes) -> None:
-        """Send one masked frame."""
-        self.sock.sendall(sc.encode_frame(opcode, payload, mask_key=sc.new_mask_key()))
-
-    def send_json(self, obj) -> None:
-        """Send obj as one text frame."""
-        self.send_frame(sc.OP_TEXT, json.dumps(obj).encode())
-
-    def next_frame(self) -> tuple:
-        """The next (opcode, payload) from the server; ConnectionError at EOF."""
-        while not self.frames:
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("server closed the connection")
-            self.frames.extend(self.parser.feed(data))
-        return self.frames.pop(0)
-
-    def next_json(self, skip: tuple = ("members", "ack")) -> dict:
-        """The next text frame as JSON, skipping member counts (and acks, unless asked) and answering pings."""
-        while True:
-            opcode, payload = self.next_frame()
-            if opcode == sc.OP_TEXT:
-                obj = json.loads(payload)
-                if obj.get("type") not in skip:     # member counts come on a timer, between any two frames
-                    return obj
-            if opcode == sc.OP_CLOSE:
-                raise ConnectionError(f"closed with {sc.parse_close(payload)}")
-            if opcode == sc.OP_PING:
-                self.send_frame(sc.OP_PONG, payload)
-
-    def next_message(self) -> dict:
-        """The next chat message, skipping welcome and member counts."""
-        while (obj := self.next_json())["type"] != "message":
-            pass
-        return obj
-
-    def read_until_close(self) -> tuple[list, int | None]:
-        """(JSON objects received, close code) up to the server's Close frame or EOF; echoes the Close."""
-        objects = []
-        try:
-            while True:
-                opcode, payload = self.next_frame()
-                if opcode == sc.OP_TEXT:
-                    objects.append(json.loads(payload))
-                elif opcode == sc.OP_CLOSE:
-                    self.send_frame(sc.OP_CLOSE, payload[:2])
-                    return objects, sc.parse_close(payload)[0]
-        except (ConnectionError, OSError):
-            return objects, None
-        finally:
-            self.sock.close()
-
-    def close(self) -> None:
-        """Close the socket without a closing handshake."""
-        self.sock.close()
-
-
-def handshake_status(port: int, **client_options) -> int:
-    """The HTTP status the server answers an upgrade with (101 when it accepts)."""
-    try:
-        RawClient(port, **client_options).close()
-    except sc.HandshakeError as e:
-        return e.status
-    return 101
-
 
 def refused(samples: dict, reason: str) -> float:
     """scalechat_refused_total for one reason."""
-    return samples[("scalechat_refused_total", (("reason", reason),))]
+    return sample(samples, "scalechat_refused_total", reason=reason)
 
 
 def protocol_errors(samples: dict, code: int) -> float:
     """scalechat_protocol_errors_total for one close code (0 when never sent)."""
-    return samples.get(("scalechat_protocol_errors_total", (("code", str(code)),)), 0.0)
+    return sample(samples, "scalechat_protocol_errors_total", code=str(code))
 
 
 def dropped(samples: dict, reason: str) -> float:
     """scalechat_dropped_clients_total for one reason."""
-    return samples[("scalechat_dropped_clients_total", (("reason", reason),))]
+    return sample(samples, "scalechat_dropped_clients_total", reason=reason)
 
 
 def gauge(samples: dict, name: str) -> float:
     """A sample without labels."""
-    return samples[(name, ())]
-
-
-def peak_rss_kib(pid: int) -> int:
-    """VmHWM (peak resident set size) of a process, in KiB."""
-    with open(f"/proc/{pid}/status") as f:
-        return int(re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
-
-
-def servers_for(scope_name: str):
-    """A fixture of that scope: start servers with extra flags (quiet logs), stop them after."""
-    @pytest.fixture(scope=scope_name)
-    def fixture():
-        servers = []
-
-        def start(*args: str, env: dict | None = None):
-            servers.append(start_server("--log-level", "WARNING", *args, env=env))
-            return servers[-1]
-        yield start
-        for server in servers:
-            server.stop()
-    return fixture
-
-
-serve = servers_for("function")
-serve_shared = servers_for("module")      # for tests that only read: one server for many
+    return samples[name]
 
 
 @pytest.fixture(scope="module")
@@ -546,12 +364,12 @@ def shared_server(serve_shared):
 
 def test_wrong_origin_is_refused_with_403_before_the_upgrade(serve):
     server = serve()
-    status, headers, body = http_exchange(server.port, sc.client_handshake_request(
+    status, headers, body = http(server.port, sc.client_handshake_request(
         f"127.0.0.1:{server.port}", "/ws", sc.new_key(), origin="https://evil.example"))
     assert status == 403 and b"origin" in body
     assert "sec-websocket-accept" not in headers and "upgrade" not in headers
     assert handshake_status(server.port, origin="null") == 403
-    metrics = read_metrics(server)
+    metrics = scrape(server.metrics_url)
     assert refused(metrics, "origin") == 2
     assert gauge(metrics, "scalechat_connections_accepted_total") == 0
 
@@ -580,7 +398,7 @@ def test_no_origin_is_allowed_by_default_and_refused_when_disabled(serve):
     assert handshake_status(serve("--allow-no-origin", "false").port) == 403
     strict = serve(env={"SCALECHAT_ALLOW_NO_ORIGIN": "false"})
     assert handshake_status(strict.port) == 403
-    assert refused(read_metrics(strict), "origin") == 1
+    assert refused(scrape(strict.metrics_url), "origin") == 1
 
 
 # ---------------------------------------------------------------------------
@@ -602,7 +420,7 @@ def test_flooder_gets_error_frames_then_1008(serve):
     server = serve("--rate-limit", "5", "--rate-burst", "5")
     accepted, errors, code = flood_once(server.port, "flood", 40)
     assert 5 <= accepted <= 6 and errors == 5 and code == sc.CLOSE_POLICY
-    metrics = read_metrics(server)
+    metrics = scrape(server.metrics_url)
     assert refused(metrics, "rate_limit") == 6
     assert protocol_errors(metrics, sc.CLOSE_POLICY) == 1
 
@@ -612,9 +430,9 @@ def test_client_within_the_rate_is_never_refused(serve):
     client = RawClient(server.port, "/ws/calm")
     for i in range(20):
         client.send_json({"message_id": i, "text": f"calm {i}"})
-        assert client.next_message()["message_id"] == i
+        assert client.recv_message()["message_id"] == i
         time.sleep(0.1)
-    assert refused(read_metrics(server), "rate_limit") == 0
+    assert refused(scrape(server.metrics_url), "rate_limit") == 0
     client.close()
 
 
@@ -625,27 +443,37 @@ def test_client_within_the_rate_is_never_refused(serve):
 def test_per_ip_cap_answers_503_and_counts_per_address(serve):
     server = serve("--max-per-ip", "2")
     first, second = RawClient(server.port), RawClient(server.port)
-    status, headers, _body = http_exchange(server.port, sc.client_handshake_request(
+    status, headers, _body = http(server.port, sc.client_handshake_request(
         f"127.0.0.1:{server.port}", "/ws", sc.new_key()))
     assert status == 503 and headers.get("retry-after") == "1"
     assert handshake_status(server.port, source="127.0.0.2") == 101     # another address
     first.close()
-    deadline = time.monotonic() + 5
-    while handshake_status(server.port) != 101:                          # its slot frees up
-        assert time.monotonic() < deadline
+    deadline, refusals = time.monotonic() + 5, 1
+    while (status := handshake_status(server.port)) != 101:              # its slot frees up
+        assert status == 503 and time.monotonic() < deadline
+        refusals += 1
         time.sleep(0.05)
     second.close()
-    assert refused(read_metrics(server), "max_connections") >= 1
+    assert refused(scrape(server.metrics_url), "max_connections") == refusals
 
 
-def test_global_cap_answers_503(serve):
-    server = serve("--max-connections", "3")
-    clients = [RawClient(server.port, source=f"127.0.0.{i}") for i in (1, 2, 3)]
-    assert handshake_status(server.port, source="127.0.0.4") == 503
-    metrics = read_metrics(server)
-    assert refused(metrics, "max_connections") == 1 and gauge(metrics, "scalechat_connections") == 3
-    for client in clients:
-        client.close()
+def test_global_cap_answers_503_and_a_freed_slot_is_usable_again(serve):
+    """Past --max-connections (from any address) an upgrade gets 503 with Retry-After, and
+    /healthz still answers; once a client leaves, its slot takes a new one."""
+    server = serve("--max-connections", "2")
+    first, second = (RawClient(server.port, "/ws/max", source=f"127.0.0.{i}") for i in (1, 2))
+    assert second.welcome["members"] == 2
+    status, headers, _body = http(server.port, sc.client_handshake_request(
+        f"127.0.0.1:{server.port}", "/ws/max", sc.new_key()))
+    assert (status, headers.get("retry-after")) == (503, "1")
+    assert handshake_status(server.port, source="127.0.0.3") == 503      # not a per-address cap
+    assert get(server.port, "/healthz")[0] == 200
+    metrics = scrape(server.metrics_url)
+    assert refused(metrics, "max_connections") == 2 and gauge(metrics, "scalechat_connections") == 2
+    first.send(close_frame(sc.CLOSE_NORMAL))
+    assert first.recv_close_code() == sc.CLOSE_NORMAL and first.closed_by_server()
+    assert RawClient(server.port, "/ws/max", source="127.0.0.3").welcome["members"] == 2
+    second.close()
 
 
 def test_per_ip_cap_also_bounds_sockets_still_in_the_handshake(serve):
@@ -653,9 +481,12 @@ def test_per_ip_cap_also_bounds_sockets_still_in_the_handshake(serve):
     idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(12)]
     time.sleep(1.0)
     answered = select.select(idle, [], [], 0)[0]          # a 503 or a close is readable
+    answers = [s.recv(4096) for s in answered]
     for s in idle:
         s.close()
-    assert len(answered) >= 8
+    # Four sockets wait for their handshake within the cap; the eight past it get a 503 at once.
+    assert len(answered) == 8 and all(a.startswith(b"HTTP/1.1 503 ") for a in answers), answers
+    assert refused(scrape(server.metrics_url), "max_connections") == 8
 
 
 # ---------------------------------------------------------------------------
@@ -677,7 +508,10 @@ def static_server(serve_shared, tmp_path_factory):
     (static / "style.css").write_text("body{}\n")
     (static / "logo.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
     (static / "data.json").write_text("{}")
-    (static / "link.txt").symlink_to(secret)
+    (static / "sub").mkdir()
+    (static / "sub" / "inner.js").write_text("export const inner = 1;\n")
+    (static / "link.txt").symlink_to(secret)                    # absolute
+    (static / "rel.txt").symlink_to("../secret.txt")            # relative
     (static / "linkdir").symlink_to(tmp_path / "outside")
     server = serve_shared("--static-dir", str(static))
     server.static_dir = static
@@ -688,13 +522,19 @@ def static_server(serve_shared, tmp_path_factory):
 @pytest.mark.parametrize("target", [
     "/static/../secret.txt", "/static/%2e%2e/secret.txt", "/static/%2E%2E%2Fsecret.txt",
     "/static/..%2fsecret.txt", "/static/..%5csecret.txt", "/static/.%2e/.%2e/secret.txt",
-    "/static//etc/passwd", "/static/%2fetc%2fpasswd", "/static/SECRET", "/static/app.js%00.html",
-    "/static/app.js\x00", "/static/link.txt", "/static/linkdir/inner.txt", "/static/",
-    "/static", "/../secret.txt", "/%2e%2e/secret.txt", "/static/./app.js", "/static/app.js/.",
+    "/static//etc/passwd", "/static/%2fetc%2fpasswd", "//etc/passwd", "/etc/passwd", "/static/SECRET",
+    "/static/app.js%00", "/static/app.js%00.html", "/static/app.js\x00", "/static/link.txt",
+    "/static/rel.txt", "/static/linkdir/inner.txt", "/static/", "/static", "/../secret.txt",
+    "/%2e%2e/secret.txt", "/static/./app.js", "/static/app.js/.",
+    # the server's own files, beside its working directory
+    "/scalechat.py", "/../scalechat.py", "/static/../scalechat.py", "/static/%2e%2e/scalechat.py",
+    "/static/%2E%2E%2Fscalechat.py", "/static/..%2fscalechat.py",
 ])
 def test_static_paths_never_escape_the_folder(static_server, target):
+    """Encoded dot-dot, absolute paths, NUL, symlinks out: never anything but the folder's files."""
     status, headers, body = get(static_server.port, target.replace("SECRET", static_server.secret))
-    assert status == (400 if "\x00" in target else 404) and b"SECRET" not in body
+    assert status == (400 if "\x00" in target else 404)
+    assert b"SECRET" not in body and b"root:" not in body and b"import" not in body
     assert headers["content-type"].startswith("text/plain")
 
 
@@ -708,12 +548,13 @@ def test_static_map_is_fixed_at_start(static_server):
     ("/", "text/html; charset=utf-8"), ("/index.html", "text/html; charset=utf-8"),
     ("/static/app.js", "text/javascript; charset=utf-8"), ("/static/style.css", "text/css; charset=utf-8"),
     ("/static/logo.svg", "image/svg+xml"), ("/static/data.json", "application/json"),
+    ("/static/sub/inner.js", "text/javascript; charset=utf-8"),
 ])
 def test_static_content_types_and_nosniff(static_server, target, content_type):
     status, headers, body = get(static_server.port, target)
     assert status == 200 and headers["content-type"] == content_type
     assert headers["x-content-type-options"] == "nosniff"
-    name = "index.html" if target in ("/", "/index.html") else target.rsplit("/", 1)[1]
+    name = "index.html" if target in ("/", "/index.html") else target.removeprefix("/static/")
     assert body == (static_server.static_dir / name).read_bytes()
 
 
@@ -736,23 +577,23 @@ def test_demo_page_has_a_strict_content_security_policy(shared_server):
 
 def test_oversized_request_head_gets_431(serve):
     server = serve()
-    assert http_exchange(server.port, b"GET / HTTP/1.1\r\nX-Pad: " + b"a" * 9000)[0] == 431
-    assert http_exchange(server.port, b"GET / HTTP/1.1\r\nX-Pad: " + b"a" * 9000 + b"\r\n\r\n")[0] == 431
+    assert http(server.port, b"GET / HTTP/1.1\r\nX-Pad: " + b"a" * 9000)[0] == 431
+    assert http(server.port, b"GET / HTTP/1.1\r\nX-Pad: " + b"a" * 9000 + b"\r\n\r\n")[0] == 431
     assert get(server.port, "/healthz")[0] == 200
-    assert refused(read_metrics(server), "header_too_large") == 2
+    assert refused(scrape(server.metrics_url), "header_too_large") == 2
 
 
 def test_text_of_exactly_the_maximum_passes_and_one_byte_more_is_refused(serve):
     server = serve("--max-message-size", "1000")
     client = RawClient(server.port)
     client.send_json({"message_id": 1, "text": "é" * 500})
-    assert client.next_message()["text"] == "é" * 500
+    assert client.recv_message()["text"] == "é" * 500
     client.send_json({"message_id": 2, "text": "x" * 1001})
-    error = client.next_json()
+    error = client.recv_json()
     assert (error["type"], error["code"], error["message_id"]) == ("error", "too_big", 2)
     client.send_json({"message_id": 3, "text": "still open"})
-    assert client.next_message()["message_id"] == 3
-    assert refused(read_metrics(server), "too_big") == 1
+    assert client.recv_message()["message_id"] == 3
+    assert refused(scrape(server.metrics_url), "too_big") == 1
 
 
 @pytest.mark.parametrize("resource", [
@@ -762,7 +603,7 @@ def test_text_of_exactly_the_maximum_passes_and_one_byte_more_is_refused(serve):
 ])
 def test_bad_room_name_or_since_gets_400_before_the_upgrade(shared_server, resource):
     assert handshake_status(shared_server.port, resource=resource) == 400
-    assert gauge(read_metrics(shared_server), "scalechat_connections_accepted_total") == 0
+    assert gauge(scrape(shared_server.metrics_url), "scalechat_connections_accepted_total") == 0
 
 
 @pytest.mark.parametrize("target, status", [("//[", 404), ("/ws?since=%C2%B2", 400)])
@@ -838,55 +679,101 @@ def test_client_still_sending_when_refused_still_reads_the_1009(serve):
 
 
 def test_a_violation_is_counted_once_when_the_peer_answers_the_close(serve):
+    """Each failed connection whose peer answers the Close counts one protocol error, under its
+    close code; the server ends TCP once the Close is answered."""
     server = serve()
     garbage_sender(server.port)                 # echoes each Close, as RFC 6455 asks
+    # Invalid UTF-8 in a frame not yet finished fails at once, not when the frame ends.
+    client = RawClient(server.port)
+    client.send(frame(sc.OP_TEXT, b'{"text": "\xff and more')[:-4])
+    assert client.recv_close_code() == sc.CLOSE_INVALID_DATA
+    client.send(close_frame(sc.CLOSE_INVALID_DATA))
+    assert client.closed_by_server()
     time.sleep(0.2)
-    metrics = read_metrics(server)
+    metrics = scrape(server.metrics_url)
     for code in PARSER_CLOSE_CODES:
-        assert protocol_errors(metrics, code) == sum(c == code for _, c in GARBAGE), code
+        expected = sum(c == code for _, c in GARBAGE) + (code == sc.CLOSE_INVALID_DATA)
+        assert protocol_errors(metrics, code) == expected, code
 
 
 # ---------------------------------------------------------------------------
 # Time limits: handshake, ping/pong, write
 # ---------------------------------------------------------------------------
 
-def test_slowloris_handshake_is_dropped_without_an_answer(serve):
+def test_slow_half_or_silent_handshake_is_dropped_without_an_answer(serve):
+    """A handshake dribbled a byte at a time, half a handshake, or none at all: each socket is
+    closed after --handshake-timeout without a byte of answer; an upgraded client stays."""
     server = serve("--handshake-timeout", "0.5")
-    s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-    t0 = time.monotonic()
-    received = b""
-    try:
-        for byte in b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000:
-            s.send(bytes((byte,)))
-            if select.select([s], [], [], 0.05)[0]:
-                received = s.recv(4096)
-                break
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    elapsed = time.monotonic() - t0
-    s.close()
-    assert received == b"" and 0.4 < elapsed < 2.0
-    assert refused(read_metrics(server), "handshake_timeout") == 1
+    upgraded = RawClient(server.port, "/ws/hs")
+    start = time.monotonic()
+    slow = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    half = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    half.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+    silent = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sockets = {"slowloris": slow, "half": half, "silent": silent}
+    ended: dict = {}                        # name -> (what it received, seconds until then)
+    dribble = iter(b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000)
+    while len(ended) < len(sockets) and time.monotonic() - start < 3:
+        if "slowloris" not in ended:
+            try:
+                slow.send(bytes((next(dribble),)))
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+        for name, s in sockets.items():
+            if name not in ended and select.select([s], [], [], 0)[0]:
+                try:
+                    received = s.recv(4096)
+                except ConnectionResetError:
+                    received = b""
+                ended[name] = (received, time.monotonic() - start)
+        time.sleep(0.05)
+    for s in sockets.values():
+        s.close()
+    assert set(ended) == set(sockets), f"still open after 3 s: {set(sockets) - set(ended)}"
+    assert all(received == b"" for received, _ in ended.values()), ended
+    assert 0.4 < ended["slowloris"][1] < 2.0
+    assert all(0.4 < ended[name][1] < 1.5 for name in ("half", "silent")), ended
+    upgraded.send_json({"message_id": 1, "text": "still here"})
+    assert upgraded.recv_message()["seq"] == 1
+    assert refused(scrape(server.metrics_url), "handshake_timeout") == 3
 
 
 def test_client_that_never_answers_pings_is_dropped(serve):
+    """A client that never answers pings is dropped within --pong-timeout of its first ping;
+    one that answers stays, and still chats."""
     server = serve("--ping-interval", "0.3", "--pong-timeout", "0.3")
-    mute, polite = RawClient(server.port), RawClient(server.port)
-    deadline = time.monotonic() + 5
+    mute, polite = RawClient(server.port, "/ws/dead"), RawClient(server.port, "/ws/dead")
+    first_ping = dropped_at = None
     polite_pings = 0
-    while dropped(read_metrics(server), "ping_timeout") < 1:
-        assert time.monotonic() < deadline
-        polite.sock.settimeout(0.2)
-        try:
-            opcode, payload = polite.next_frame()       # read, and answer pings: stays
-        except TimeoutError:
-            continue
-        if opcode == sc.OP_PING:
-            polite.send_frame(sc.OP_PONG, payload)
-            polite_pings += 1
+    deadline = time.monotonic() + 5
+    while dropped_at is None:
+        assert time.monotonic() < deadline, "the mute client was never dropped"
+        for client in (mute, polite):
+            client.sock.settimeout(0.02)
+            try:
+                opcode, payload = client.recv_frame()
+            except TimeoutError:
+                continue
+            except ConnectionError:                     # EOF or reset: the server ended it
+                assert client is mute, "the polite client was dropped"
+                dropped_at = time.monotonic()
+                break
+            if opcode == sc.OP_PING and client is polite:
+                polite.send_frame(sc.OP_PONG, payload)  # read, and answer pings: stays
+                polite_pings += 1
+            elif opcode == sc.OP_PING:
+                first_ping = first_ping or time.monotonic()
+            else:
+                assert opcode in (sc.OP_TEXT, sc.OP_CLOSE), opcode    # member counts; the close
+    assert first_ping is not None, "the mute client was dropped before any ping"
+    assert dropped_at - first_ping < 1.5
     assert polite_pings >= 1
-    assert gauge(read_metrics(server), "scalechat_connections") == 1
-    assert mute.sock.recv(65536)                      # the pings it ignored
+    polite.sock.settimeout(5)
+    polite.send_json({"message_id": 1, "text": "still here"})
+    assert polite.recv_message()["text"] == "still here"
+    metrics = scrape(server.metrics_url)
+    assert dropped(metrics, "ping_timeout") == 1
+    assert gauge(metrics, "scalechat_connections") == 1
     mute.close()
     polite.close()
 
@@ -911,7 +798,7 @@ def post_without_reading(client: RawClient, seconds: float) -> tuple[bool, int]:
 def test_client_whose_buffer_never_drains_hits_the_write_timeout(serve):
     server = serve("--write-timeout", "1", "--max-buffer", str(256 << 20), "--close-timeout", "1")
     assert post_without_reading(RawClient(server.port, rcvbuf=4096, timeout=10), 15)[0]
-    metrics = read_metrics(server)
+    metrics = scrape(server.metrics_url)
     assert dropped(metrics, "write_timeout") == 1 and dropped(metrics, "slow_consumer") == 0
     assert gauge(metrics, "scalechat_connections") == 0
 
@@ -919,7 +806,7 @@ def test_client_whose_buffer_never_drains_hits_the_write_timeout(serve):
 def test_client_that_never_reads_is_cut_off_at_the_buffer_cap(serve):
     server = serve("--max-buffer", "65536", "--write-timeout", "30", "--close-timeout", "1")
     assert post_without_reading(RawClient(server.port, rcvbuf=4096, timeout=10), 15)[0]
-    metrics = read_metrics(server)
+    metrics = scrape(server.metrics_url)
     assert dropped(metrics, "slow_consumer") == 1 and dropped(metrics, "write_timeout") == 0
     assert peak_rss_kib(server.proc.pid) < 200_000
 
@@ -930,7 +817,7 @@ def test_ping_flood_is_rate_limited_like_messages(serve):
     client.sock.sendall(sc.encode_frame(sc.OP_PING, b"p", mask_key=b"abcd") * 5000)
     pongs = 0
     try:
-        while (frame := client.next_frame())[0] != sc.OP_CLOSE:
+        while (frame := client.recv_frame())[0] != sc.OP_CLOSE:
             pongs += frame[0] == sc.OP_PONG
     except (OSError, ConnectionError):
         frame = (None, b"")
@@ -946,7 +833,7 @@ def test_filling_the_history_of_many_rooms_does_not_grow_memory_without_bound(se
         client = RawClient(server.port, f"/ws/hoard{r}")
         for i in range(64):                       # within the default burst: never rate limited
             client.send_json({"message_id": i, "text": text})
-            client.next_message()
+            client.recv_message()
         client.close()
     growth = peak_rss_kib(server.proc.pid) - rss_start
     print(f"\nserver peak RSS grew by {growth / 1024:.0f} MiB for 192 MiB of history sent")
@@ -963,19 +850,6 @@ RATE_BURST = 20
 CHAT_INTERVAL = 0.05          # 20 messages a second between the two normal clients
 QUIET_MESSAGES = 100
 ATTACK_MESSAGES = 200         # about 10 s
-BAD_PAYLOADS = [              # (text frame payload, error code expected; the connection stays)
-    (b"[" * 300_000, "bad_json"), (b'{"text":' * 40_000, "bad_json"),
-    (b"[1,2,3]", "bad_message"), (b"42", "bad_message"), (b'"text"', "bad_message"),
-    (b"null", "bad_message"), (b"{not json", "bad_json"),
-]
-
-
-def percentile(values: list, q: float) -> float:
-    """The q-quantile (0..1) of values, nearest rank."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def chat_pair(port: int, room: str, count: int, interval: float) -> list:
     """Two clients take turns sending count messages into room; return every delivery latency.
 
@@ -991,7 +865,7 @@ def chat_pair(port: int, room: str, count: int, interval: float) -> list:
         t0 = time.perf_counter()
         sender.send_json({"message_id": i, "text": text, "sent_at": sc.utc_now_rfc3339()})
         for client in (alice, bob):
-            message = client.next_message()
+            message = client.recv_message()
             latencies.append(time.perf_counter() - t0)
             assert (message["message_id"], message["text"], message["sender"]) == (i, text, sender.name)
             seqs[client.name].append(message["seq"])
@@ -1052,10 +926,10 @@ def bad_payload_sender(port: int) -> list:
     results = []
     for payload, code in BAD_PAYLOADS:
         client.send_frame(sc.OP_TEXT, payload)
-        results.append((code, client.next_json().get("code")))
+        results.append((code, client.recv_json().get("code")))
         time.sleep(1.5 / RATE_BURST)              # under the rate limit: only the payload is wrong
     client.send_json({"text": "still here"})
-    results.append(("message", client.next_json()["type"]))
+    results.append(("message", client.recv_json()["type"]))
     client.close()
     return results
 
@@ -1076,13 +950,13 @@ def test_attackers_at_once_leave_normal_clients_untouched(serve):
                 "garbage": pool.submit(attack_until, deadline, lambda: garbage_sender(port)),
                 "origin": pool.submit(attack_until, deadline, lambda: handshake_status(
                     port, origin="https://evil.example"), 500, 0.01),
-                "big_header": pool.submit(attack_until, deadline, lambda: http_exchange(
+                "big_header": pool.submit(attack_until, deadline, lambda: http(
                     port, b"GET /ws HTTP/1.1\r\nX-Pad: " + b"a" * 20000)[0], 500, 0.01),
                 "bad_payload": pool.submit(attack_until, deadline, lambda: bad_payload_sender(port)),
             }
             under_attack = chat.submit(chat_pair, port, "safe", ATTACK_MESSAGES, CHAT_INTERVAL).result()
             results = {name: future.result() for name, future in attacks.items()}
-    metrics = read_metrics(server)
+    metrics = scrape(server.metrics_url)
     rss_peak = peak_rss_kib(server.proc.pid)
     quiet_p50, attack_p50 = percentile(quiet, 0.5), percentile(under_attack, 0.5)
     quiet_p99, attack_p99 = percentile(quiet, 0.99), percentile(under_attack, 0.99)
@@ -1133,43 +1007,6 @@ def test_attackers_at_once_leave_normal_clients_untouched(serve):
 # small size (bench/bench_abuse.py measures them at full size)
 # ---------------------------------------------------------------------------
 
-CLIENT_A, CLIENT_B = "A" * 22, "B" * 22      # client ids: 16-64 of [A-Za-z0-9_-]
-BIG_TEXT = "\x01" * 65536                    # 64 KiB that JSON-escapes to 393 KB
-
-
-def children(pid: int) -> list:
-    """The child process ids of pid (the workers of a supervisor)."""
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return sorted(int(p) for p in f.read().split())
-
-
-def rss_kib(pids: list) -> int:
-    """Summed VmRSS of processes, in KiB."""
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/status") as f:
-            total += int(re.search(r"^VmRSS:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
-    return total
-
-
-def echo_time(client: RawClient, message_id: int) -> float:
-    """Seconds from sending a message to receiving it back."""
-    t0 = time.monotonic()
-    client.send_json({"message_id": message_id, "text": "ping"})
-    while (m := client.next_message())["message_id"] != message_id or m["sender"] != client.name:
-        pass
-    return time.monotonic() - t0
-
-
-def fill_room(port: int, room: str, count: int, text: str = BIG_TEXT) -> None:
-    """Post count messages to room from one client (within the default burst), then leave."""
-    client = RawClient(port, f"/ws/{room}", timeout=30)
-    for i in range(count):
-        client.send_json({"message_id": i, "text": text})
-        client.next_message()
-    client.close()
-
-
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_lone_surrogate_in_any_field_is_refused_and_no_process_dies(serve, workers):
     server = serve("--workers", workers)
@@ -1178,7 +1015,7 @@ def test_a_lone_surrogate_in_any_field_is_refused_and_no_process_dies(serve, wor
     for payload in (b'{"message_id":1,"text":"hi","sent_at":"\\ud800"}',
                     b'{"message_id":2,"text":"\\udfff"}', b'{"message_id":3,"text":"hi","sent_at":"\\ud83d"}'):
         client.send_frame(sc.OP_TEXT, payload)
-        answer = client.next_json()
+        answer = client.recv_json()
         assert answer["type"] == "error" and answer["code"] == "bad_message", answer
     assert echo_time(client, 4) < 5
     assert server.proc.poll() is None and children(server.proc.pid) == pids     # no worker restarted
@@ -1187,24 +1024,24 @@ def test_a_lone_surrogate_in_any_field_is_refused_and_no_process_dies(serve, wor
 
 def test_room_names_with_a_newline_are_refused(shared_server):
     for target in (b"/ws/lobby\n", b"/ws/lobby\r", b"/ws/lob\nby", b"/ws/lobby%0A"):
-        status, _, _ = http_exchange(shared_server.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n"
+        status, _, _ = http(shared_server.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n"
                                      b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
                                      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
         assert status == 400, target
 
 
 def test_a_duplicate_host_header_is_refused(shared_server):
-    status, _, _ = http_exchange(shared_server.port, b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    status, _, _ = http(shared_server.port, b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
     assert status == 400
 
 
 def test_allowed_hosts_refuse_other_hosts_but_not_health_checks(serve):
     server = serve("--allowed-hosts", f"chat.example,127.0.0.1:{0}".replace(":0", ""))
-    assert http_exchange(server.port, b"GET / HTTP/1.1\r\nHost: chat.example\r\n\r\n")[0] == 200
-    assert http_exchange(server.port, b"GET / HTTP/1.1\r\nHost: rebound.attacker\r\n\r\n")[0] == 400
-    assert http_exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: rebound.attacker\r\n\r\n")[0] == 200
+    assert http(server.port, b"GET / HTTP/1.1\r\nHost: chat.example\r\n\r\n")[0] == 200
+    assert http(server.port, b"GET / HTTP/1.1\r\nHost: rebound.attacker\r\n\r\n")[0] == 400
+    assert http(server.port, b"GET /healthz HTTP/1.1\r\nHost: rebound.attacker\r\n\r\n")[0] == 200
     assert handshake_status(server.port) == 400                 # Host: 127.0.0.1:<port> is not listed
-    assert refused(read_metrics(server), "host") == 2
+    assert refused(scrape(server.metrics_url), "host") == 2
 
 
 def test_resends_are_checked_by_client_id_so_nobody_else_can_suppress_them(serve):
@@ -1214,17 +1051,17 @@ def test_resends_are_checked_by_client_id_so_nobody_else_can_suppress_them(serve
     alice = RawClient(server.port, f"/ws/forgery?name=alice&client={CLIENT_A}")
     mallory = RawClient(server.port, f"/ws/forgery?name=alice&client={CLIENT_B}")
     mallory.send_json({"message_id": 7, "text": "forged", "resend": True})
-    assert mallory.next_json(skip=("members",)) == {"type": "message", "room": "forgery", "seq": 1,
+    assert mallory.recv_json(skip=("members",)) == {"type": "message", "room": "forgery", "seq": 1,
                                                     "sender": "alice", "message_id": 7, "text": "forged",
                                                     "sent_at": None}
-    assert mallory.next_json(skip=("members",)) == {"type": "ack", "message_id": 7, "seq": 1}
-    assert alice.next_json(skip=("members",))["text"] == "forged"      # no ack for alice
+    assert mallory.recv_json(skip=("members",)) == {"type": "ack", "message_id": 7, "seq": 1}
+    assert alice.recv_json(skip=("members",))["text"] == "forged"      # no ack for alice
     alice.send_json({"message_id": 7, "text": "mine", "resend": True})
-    assert alice.next_json(skip=("members",))["text"] == "mine"
-    assert alice.next_json(skip=("members",)) == {"type": "ack", "message_id": 7, "seq": 2}
+    assert alice.recv_json(skip=("members",))["text"] == "mine"
+    assert alice.recv_json(skip=("members",)) == {"type": "ack", "message_id": 7, "seq": 2}
     alice.send_json({"message_id": 7, "text": "mine", "resend": True})   # her own again: a duplicate
-    assert alice.next_json(skip=("members",)) == {"type": "ack", "message_id": 7, "seq": 2, "duplicate": True}
-    assert echo_time(mallory, 8) < 5 and alice.next_message()["seq"] == 3   # nothing came in between
+    assert alice.recv_json(skip=("members",)) == {"type": "ack", "message_id": 7, "seq": 2, "duplicate": True}
+    assert echo_time(mallory, 8) < 5 and alice.recv_message()["seq"] == 3   # nothing came in between
     for bad in ("short", "x" * 65, "a%0Ab" * 4, "spaces%20are%20not%20allowed"):
         assert handshake_status(server.port, resource=f"/ws/forgery?client={bad}") == 400, bad
     alice.close()
@@ -1236,11 +1073,11 @@ def test_a_resend_is_checked_only_against_history_and_sequenced_again_once_trimm
     client = RawClient(server.port, f"/ws/trimmed?client={CLIENT_A}")
     for i in range(1, 6):
         client.send_json({"message_id": i, "text": f"m{i}"})
-        assert client.next_json(skip=("members", "message")) == {"type": "ack", "message_id": i, "seq": i}
+        assert client.recv_json(skip=("members", "message")) == {"type": "ack", "message_id": i, "seq": i}
     client.send_json({"message_id": 5, "text": "m5", "resend": True})
-    assert client.next_json(skip=("members",)) == {"type": "ack", "message_id": 5, "seq": 5, "duplicate": True}
+    assert client.recv_json(skip=("members",)) == {"type": "ack", "message_id": 5, "seq": 5, "duplicate": True}
     client.send_json({"message_id": 1, "text": "m1", "resend": True})     # no longer held: sequenced
-    assert client.next_message()["seq"] == 6
+    assert client.recv_message()["seq"] == 6
     client.close()
 
 
@@ -1260,7 +1097,7 @@ def test_a_replay_is_produced_as_the_socket_drains(serve):
     assert growth < 32 * 1024                  # before: a joined copy each, 1.2 GiB for 20
     assert worst < 0.5
     reader = RawClient(server.port, "/ws/hoard?since=10", timeout=30)
-    seqs = [reader.next_message()["seq"] for _ in range(30)]
+    seqs = [reader.recv_message()["seq"] for _ in range(30)]
     assert seqs == list(range(11, 41))
     for c in hoarders + [victim, reader]:
         c.sock.close()
@@ -1271,7 +1108,7 @@ def test_a_replay_that_falls_out_of_history_is_cut_off_with_1013(serve):
     writer = RawClient(server.port, "/ws/fast")
     for i in range(20):
         writer.send_json({"message_id": i, "text": "x" * 60000})
-    writer.next_message()
+    writer.recv_message()
     slow = RawClient(server.port, "/ws/fast?since=0", rcvbuf=4096)
     for i in range(20, 200):                  # ten times the history while slow does not read
         writer.send_json({"message_id": i, "text": "x" * 60000})
@@ -1292,7 +1129,7 @@ def test_fragments_cost_what_they_carry_and_pay_the_rate_limit(serve):
     client.sock.sendall(sc.encode_frame(sc.OP_TEXT, b'{"text": "', fin=False, mask_key=b"abcd"))
     client.sock.sendall(frame * 150_000)       # 1.2 MB on the wire, 300 KB of payload
     client.sock.sendall(sc.encode_frame(sc.OP_CONTINUATION, b'"}', mask_key=b"abcd"))
-    assert client.next_json()["code"] == "too_big"      # every fragment was read by now
+    assert client.recv_json()["code"] == "too_big"      # every fragment was read by now
     growth = peak_rss_kib(server.proc.pid) - peak_before
     print(f"\n150,000 two-byte fragments: server peak RSS +{growth} KiB")
     assert growth < 3 * 1024                   # before: a bytes object a fragment, ~10 MiB

@@ -22,7 +22,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import loadclient
-from conftest import HERE, free_port, start_server
 from scalechat import (
     CLOSE_TRY_AGAIN_LATER,
     SENT_AT,
@@ -31,6 +30,7 @@ from scalechat import (
     encode_frame,
     message_parts,
 )
+from testkit import HERE, alive, children, free_port, start_server
 
 LOADCLIENT = os.path.join(HERE, "loadclient.py")
 HEADER = list(loadclient.EVENT_COLUMNS)
@@ -367,38 +367,12 @@ def test_idle_run_ends_when_its_duration_is_up(server, tmp_path):
     assert not [f for f in os.listdir(tmp_path) if ".part" in f]
 
 
-def children(pid: int) -> set:
-    """The pids of a process's children, from /proc (empty once it is gone)."""
-    found = set()
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return found
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                found.update(int(c) for c in f.read().split())
-        except FileNotFoundError:
-            pass
-    return found
-
-
-def running(pid: int) -> bool:
-    """Whether pid is a live process (a zombie waiting for its reaper counts as ended)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rpartition(")")[2].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
-
-
 def test_workers_end_when_the_parent_is_killed(server, tmp_path):
     proc = subprocess.Popen([sys.executable, LOADCLIENT, "--load-test", "--server-url", server.url,
                              "--rooms", "2", "--room-size", "2", "--rate", "10", "--procs", "2",
                              "--out", str(tmp_path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
-    workers: set = set()
+    workers: list = []
     try:
         deadline = time.monotonic() + 15
         while len(workers) < 2:
@@ -408,14 +382,14 @@ def test_workers_end_when_the_parent_is_killed(server, tmp_path):
         proc.kill()
         proc.wait()
         deadline = time.monotonic() + 8
-        while any(running(pid) for pid in workers) and time.monotonic() < deadline:
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not [pid for pid in workers if running(pid)], "workers outlived the parent"
+        assert not [pid for pid in workers if alive(pid)], "workers outlived the parent"
     finally:
         proc.kill()
         proc.wait()
         for pid in workers:
-            if running(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 

@@ -75,10 +75,14 @@ def test_the_readme_tour_runs_as_written(tmp_path):
         processed = run(commands[4], timeout=120)
         assert processed.returncode == 0, processed.stderr
         (run_dir,) = (tmp_path / "results").iterdir()
-        assert list((run_dir / "processed").glob("summary_*.json"))
+        scenarios = [p.stem.removeprefix("summary_") for p in (run_dir / "processed").glob("summary_*.json")]
+        assert len(scenarios) == 1, scenarios          # the tour's one load-test run
         plotted = run(commands[5], timeout=120)
         assert plotted.returncode == 0, plotted.stderr
-        assert len(list((run_dir / "plots").glob("*.png"))) >= 4
+        # The three run-wide figures and one latency-over-time figure per scenario.
+        assert sorted(p.name for p in (run_dir / "plots").iterdir()) == sorted(
+            ["latency-percentiles.png", "latency-mean.png", "delivery.png",
+             *(f"latency-over-time_{name}.png" for name in scenarios)])
     finally:
         server.terminate()
         server.wait(15)

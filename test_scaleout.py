@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,12 +26,26 @@ import urllib.request
 from typing import Self
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.protocol import State
 
-from conftest import HERE, ServerProc, free_port, start_server
+from testkit import (
+    CLIENT_A,
+    HERE,
+    TCP_ESTABLISHED,
+    TCP_LISTEN,
+    RawClient,
+    RedisServer,
+    ServerProc,
+    children,
+    echo_time,
+    fill_room,
+    sample_names,
+    scrape,
+    start_server,
+    tcp_sockets,
+)
 
 DRAIN = 2.0                     # --drain-timeout of every server here, in seconds
 SERVER_ARGS = ("--drain-timeout", str(DRAIN), "--log-level", "WARNING")
@@ -60,30 +72,9 @@ def run_async(test):
     return wrapper
 
 
-def worker_pids(supervisor: ServerProc) -> list[int]:
-    """The supervisor's child processes, from /proc/<pid>/task/*/children."""
-    pids = []
-    for path in glob.glob(f"/proc/{supervisor.proc.pid}/task/*/children"):
-        with open(path) as f:
-            pids += [int(p) for p in f.read().split()]
-    return sorted(pids)
-
-
-def tcp_sockets(port: int, state: str) -> dict[str, int]:
-    """Socket inode -> remote port of the IPv4 sockets on local port in state (01 established, 0A listen)."""
-    found = {}
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            if fields[3] == state and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                found[fields[9]] = int(fields[2].rsplit(":", 1)[1], 16)
-    return found
-
-
 def connection_owners(port: int, pids: list[int]) -> dict[int, int]:
     """Client port -> pid of the process that holds that client's connection to port."""
-    inodes = tcp_sockets(port, "01")
+    inodes = tcp_sockets(port, TCP_ESTABLISHED)
     owners = {}
     for pid in pids:
         try:
@@ -104,7 +95,7 @@ def connection_owners(port: int, pids: list[int]) -> dict[int, int]:
 async def start_workers(n: int, *args: str, **kwargs) -> ServerProc:
     """A --workers n server, returned once all n workers listen on the port."""
     server = start_server("--workers", str(n), *SERVER_ARGS, *args, **kwargs)
-    await until(lambda: len(tcp_sockets(server.port, "0A")) == n, 20, f"{n} workers listening")
+    await until(lambda: len(tcp_sockets(server.port, TCP_LISTEN)) == n, 20, f"{n} workers listening")
     return server
 
 
@@ -114,88 +105,6 @@ def healthz(server: ServerProc) -> str:
         return urllib.request.urlopen(server.http + "/healthz", timeout=5).read().decode()
     except urllib.error.HTTPError as e:
         return e.read().decode()
-
-
-def scrape(server: ServerProc) -> dict[str, float]:
-    """One metrics scrape: sample name (with labels, if any) -> value."""
-    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return samples
-
-
-def family_names(server: ServerProc) -> set[str]:
-    """The metric family names of one scrape."""
-    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    return {f.name for f in text_string_to_metric_families(text)}
-
-
-class RedisServer:
-    """A private redis-server on a free loopback port (never a system-wide one).
-
-    persistent: an append-only file fsynced on every write, so the seq counters
-    and histories survive a kill, as in a real deployment.
-    """
-
-    def __init__(self, workdir: str, persistent: bool = False):
-        self.port = free_port()
-        self.workdir = workdir
-        self.persistent = persistent
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, key_load_delay_us: int = 0) -> RedisServer:
-        """Start (or start again) on the same port; return once it answers, maybe still
-        loading its data. key_load_delay_us slows loading each key down, and makes Redis
-        answer LOADING meanwhile, as a big dataset would."""
-        durability = ("--appendonly", "yes", "--appendfsync", "always") if self.persistent \
-            else ("--appendonly", "no")
-        slow = ("--key-load-delay", str(key_load_delay_us),
-                "--loading-process-events-interval-bytes", "1024") if key_load_delay_us else ()
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--dir", self.workdir, *durability, *slow], stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while not self.answers():
-            assert self.proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
-        return self
-
-    def answers(self) -> bool:
-        """Whether PING gets PONG (or LOADING) right now."""
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith((b"+PONG", b"-LOADING"))
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        """SIGKILL: Redis vanishes without a word to anyone."""
-        self.proc.kill()
-        self.proc.wait()
-
-    def stall_and_kill(self, stall: float) -> None:
-        """SIGSTOP, then SIGKILL after stall seconds: what the nodes sent meanwhile is on the
-        wire, never run and never answered (a bare kill leaves that to chance)."""
-        self.proc.send_signal(signal.SIGSTOP)
-        time.sleep(stall)
-        self.kill()
-
-    def cli(self, *args: str) -> str:
-        """The output of one redis-cli command against this server."""
-        return subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True,
-                              text=True, timeout=5, check=True).stdout
-
-    def subscribers(self, room: str) -> int:
-        """PUBSUB NUMSUB of the room's channel: how many nodes receive its traffic."""
-        return int(self.cli("PUBSUB", "NUMSUB", f"scalechat:{{{room}}}").split()[-1])
 
 
 @pytest.fixture
@@ -395,7 +304,7 @@ def assert_one_order(members: list[Member], keys: set | None = None) -> int:
 
 def placement(server: ServerProc, members: list[Member]) -> dict[str, int]:
     """Member name -> pid of the worker process that holds its connection."""
-    owners = connection_owners(server.port, worker_pids(server))
+    owners = connection_owners(server.port, children(server.proc.pid))
     return {m.name: owners.get(m.ws.local_address[1]) for m in members}
 
 
@@ -418,7 +327,7 @@ async def test_workers_one_room_across_both_workers_one_order(two_workers):
         members = await crowd.join([two_workers.url], "spread", 20, "w")
         where = placement(two_workers, members)
         assert None not in where.values(), f"a connection held by no worker: {where}"
-        assert set(where.values()) == set(worker_pids(two_workers)), \
+        assert set(where.values()) == set(children(two_workers.proc.pid)), \
             f"20 connections did not land on both workers: {where}"
         keys = await everyone_says(members, 3)
         await all_received(members, keys)
@@ -430,17 +339,17 @@ async def test_workers_metrics_are_one_scrape_with_single_process_names(two_work
     """One scrape of the supervisor sums both workers, under the names a single process uses."""
     single = start_server(*SERVER_ARGS)
     try:
-        single_names = family_names(single)
+        single_names = sample_names(scrape(single.metrics_url))
     finally:
         single.stop()
-    names = family_names(two_workers)
+    names = sample_names(scrape(two_workers.metrics_url))
     scalechat = {n for n in single_names if n.startswith("scalechat_")}
     assert scalechat and scalechat == {n for n in names if n.startswith("scalechat_")}
     # The process_* families the dashboards read, summed over the supervisor and its workers.
-    assert {"process_cpu_seconds", "process_resident_memory_bytes", "process_open_fds",
+    assert {"process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
             "process_max_fds"} <= names & single_names
 
-    before = scrape(two_workers)
+    before = scrape(two_workers.metrics_url)
     async with Crowd() as crowd:
         members = await crowd.join([two_workers.url], "metrics", 16, "m")
         assert len(set(placement(two_workers, members).values())) == 2, "members on one worker only"
@@ -448,14 +357,14 @@ async def test_workers_metrics_are_one_scrape_with_single_process_names(two_work
         await all_received(members, keys)
 
         def summed() -> bool:
-            now = scrape(two_workers)
+            now = scrape(two_workers.metrics_url)
             delta = {k: now[k] - before.get(k, 0) for k in now}
             return (now["scalechat_connections"] == 16 and delta["scalechat_messages_received_total"] == 32
                     and delta["scalechat_deliveries_total"] == 32 * 16
                     and delta["scalechat_connections_accepted_total"] == 16)
         # Workers report every second; the sums must match what both workers did.
         await until(summed, 5, "the scrape to add up both workers' counters")
-        now = scrape(two_workers)
+        now = scrape(two_workers.metrics_url)
         assert now["scalechat_bus_up"] == 1
         # Garbage-collector pauses of every process, by generation, in one histogram.
         young = now['scalechat_gc_pause_seconds_count{generation="0"}']
@@ -480,8 +389,8 @@ async def test_worker_killed_is_restarted_and_its_clients_miss_nothing():
             stop = asyncio.Event()
             talk = asyncio.create_task(chatter(members, stop))
             os.kill(victim, signal.SIGKILL)
-            await until(lambda: victim not in worker_pids(server) and len(worker_pids(server)) == 2
-                        and len(tcp_sockets(server.port, "0A")) == 2, 10, "a new worker")
+            await until(lambda: victim not in children(server.proc.pid) and len(children(server.proc.pid)) == 2
+                        and len(tcp_sockets(server.port, TCP_LISTEN)) == 2, 10, "a new worker")
             await until(lambda: all(len(m.welcomes) == 2 and m.connected for m in hit), 10,
                         "the killed worker's members to come back")
             await asyncio.sleep(0.3)
@@ -502,36 +411,6 @@ async def test_worker_killed_is_restarted_and_its_clients_miss_nothing():
         server.stop()
 
 
-def close_code_in(data: bytes) -> int | None:
-    """The status code of the first Close frame in a stream of unmasked server frames."""
-    pos = 0
-    while pos + 2 <= len(data):
-        opcode, n = data[pos] & 0x0F, data[pos + 1] & 0x7F
-        pos += 2
-        if n >= 126:
-            width = 2 if n == 126 else 8
-            n, pos = int.from_bytes(data[pos:pos + width], "big"), pos + width
-        if opcode == 0x8:
-            return int.from_bytes(data[pos:pos + 2], "big")
-        pos += n
-    return None
-
-
-def silent_client(port: int) -> tuple[socket.socket, bytes]:
-    """A WebSocket client that completes the handshake, then neither reads nor answers;
-    returns its socket and the bytes that came after the 101 response head."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(b"GET /ws/drain HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                 b"Sec-WebSocket-Version: 13\r\n\r\n")
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(4096)
-    head, _, rest = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 101 "), head
-    return sock, rest
-
-
 @run_async
 async def test_sigterm_on_supervisor_drains_every_worker():
     """SIGTERM on the supervisor: every client gets 1001 and all exit within the drain timeout."""
@@ -541,9 +420,9 @@ async def test_sigterm_on_supervisor_drains_every_worker():
     try:
         async with Crowd() as crowd:
             members = await crowd.join([server.url], "drain", 16, "d")
-            workers = worker_pids(server)
+            workers = children(server.proc.pid)
             assert set(placement(server, members).values()) == set(workers)
-            mute, data = silent_client(server.port)   # keeps its worker waiting until the deadline
+            mute = RawClient(server.port, "/ws/drain", timeout=10)   # never answers: keeps its worker waiting
             started = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)
             await until(lambda: server.proc.poll() is not None, DRAIN + 10, "the supervisor to exit")
@@ -553,10 +432,8 @@ async def test_sigterm_on_supervisor_drains_every_worker():
             assert server.proc.returncode == 0
             assert took < DRAIN + 3.0, f"exit took {took:.2f} s with --drain-timeout {DRAIN:g}"
             assert not any(os.path.exists(f"/proc/{pid}") for pid in workers), "a worker outlived the drain"
-            while chunk := mute.recv(65536):
-                data += chunk
+            assert mute.recv_close_code() == 1001
             mute.close()
-            assert close_code_in(data) == 1001
     finally:
         server.stop(signal.SIGKILL)
 
@@ -584,11 +461,11 @@ async def test_two_instances_one_room_one_order_and_only_member_nodes_subscribe(
 
         solo = await crowd.join([a.url], "solo", 4, "s")
         assert redis.subscribers("solo") == 1
-        quiet = scrape(b)
+        quiet = scrape(b.metrics_url)
         keys = await everyone_says(solo, 3)
         await all_received(solo, keys)
         assert_one_order(solo, keys)
-        assert scrape(b)["scalechat_deliveries_total"] == quiet["scalechat_deliveries_total"], \
+        assert scrape(b.metrics_url)["scalechat_deliveries_total"] == quiet["scalechat_deliveries_total"], \
             "a node without members of the room received its traffic"
 
         for m in crowd.members:
@@ -628,11 +505,11 @@ async def redis_outage(redis: RedisServer, nodes: list[ServerProc], members: lis
     talk = asyncio.create_task(chatter(members, stop))
     await asyncio.sleep(0.5)
     await asyncio.to_thread(redis.stall_and_kill, 0.3)
-    await until(lambda: all("bus: down" in healthz(n) and scrape(n)["scalechat_bus_up"] == 0
+    await until(lambda: all("bus: down" in healthz(n) and scrape(n.metrics_url)["scalechat_bus_up"] == 0
                             for n in nodes), 5, "every node to report the bus down")
     await asyncio.sleep(0.5)                # messages pile up, held by the nodes
     redis.start()
-    await until(lambda: all("bus: up" in healthz(n) and scrape(n)["scalechat_bus_up"] == 1
+    await until(lambda: all("bus: up" in healthz(n) and scrape(n.metrics_url)["scalechat_bus_up"] == 1
                             for n in nodes), 10, "every node to report the bus up again")
     await asyncio.sleep(0.5)
     stop.set()
@@ -710,7 +587,7 @@ async def test_load_client_run_survives_a_worker_sigkill(tmp_path):
     try:
         run, summary = await start_load_client(sup.url, tmp_path, 10, 6, 5)
         await asyncio.sleep(2.5)
-        victim = worker_pids(sup)[0]
+        victim = children(sup.proc.pid)[0]
         os.kill(victim, signal.SIGKILL)
         assert await asyncio.wait_for(run.wait(), 40) == 0
         (result,) = json.loads(summary.read_text())["scenarios"]
@@ -771,7 +648,7 @@ async def test_redis_down_holds_a_bounded_number_then_refuses(redis):
             await until(lambda: len(member.errors) == 3, 5, "the held messages to expire")
             assert sorted(e["message_id"] for e in member.errors[1:]) == [1, 2]
             assert all(e["code"] == "unavailable" for e in member.errors)
-            assert scrape(node)["scalechat_refused_total{reason=\"bus_down\"}"] == 3
+            assert scrape(node.metrics_url)["scalechat_refused_total{reason=\"bus_down\"}"] == 3
 
             redis.start()
             await until(lambda: "bus: up" in healthz(node), 10, "the node to reconnect")
@@ -815,7 +692,6 @@ async def test_redis_restarted_and_still_loading_nodes_retry_until_ready(redis):
 
 def victim_echoes(port: int, seconds: float) -> list:
     """Echo times of one member of an unrelated room, messaging for seconds."""
-    from test_hostile import RawClient, echo_time
     victim = RawClient(port, "/ws/calm", timeout=60)
     times, deadline = [], time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -831,7 +707,6 @@ def test_joins_to_a_room_of_big_messages_do_not_stall_other_rooms(bus, redis):
     comes at once, and a member of another room keeps its echo time (before: 27-31 s)."""
     import concurrent.futures
 
-    from test_hostile import RawClient, fill_room
     args = ("--workers", "2") if bus == "workers" else ("--redis", redis.url)
     server = start_server(*args, *SERVER_ARGS)
     try:
@@ -860,29 +735,27 @@ def test_joins_to_a_room_of_big_messages_do_not_stall_other_rooms(bus, redis):
 
 def test_the_supervisor_forgets_rooms_nobody_uses():
     """Joins to many rooms without a message leave nothing behind in the supervisor."""
-    from test_hostile import RawClient
     server = start_server("--workers", "2", *SERVER_ARGS)
     try:
         RawClient(server.port, "/ws/kept").send_json({"message_id": 1, "text": "stays in history"})
         for i in range(300):
             RawClient(server.port, f"/ws/passing-{i}").close()
         deadline = time.monotonic() + 10
-        while scrape(server).get("scalechat_sequenced_rooms") != 1:
-            assert time.monotonic() < deadline, scrape(server).get("scalechat_sequenced_rooms")
+        while scrape(server.metrics_url).get("scalechat_sequenced_rooms") != 1:
+            assert time.monotonic() < deadline, scrape(server.metrics_url).get("scalechat_sequenced_rooms")
             time.sleep(0.2)
     finally:
         server.stop()
 
 
 def test_redis_keeps_a_room_bounded_in_bytes_indexed_and_expiring(redis):
-    from test_hostile import CLIENT_A, RawClient
     node = start_server("--redis", redis.url, "--room-history-bytes", "200000", "--redis-room-ttl", "100",
                         *SERVER_ARGS)
     try:
         client = RawClient(node.port, f"/ws/capped?client={CLIENT_A}")
         for i in range(1, 11):
             client.send_json({"message_id": i, "text": "a" * 65000})
-            assert client.next_json(skip=("members", "message"))["seq"] == i       # its ack
+            assert client.recv_json(skip=("members", "message"))["seq"] == i       # its ack
         keys = [f"scalechat:{{capped}}{suffix}" for suffix in (":seq", ":history", ":index", ":order", ":bytes")]
         length = int(redis.cli("LLEN", keys[1]))
         assert 1 <= length <= 3 and int(redis.cli("GET", keys[4])) <= 200000
@@ -890,17 +763,16 @@ def test_redis_keeps_a_room_bounded_in_bytes_indexed_and_expiring(redis):
         assert all(0 < int(redis.cli("TTL", key)) <= 100 for key in keys)
         client.send_json({"message_id": 10, "text": "a" * 65000, "resend": True})
         # (with Redis an ack may come before the message itself: messages are skipped here)
-        assert client.next_json(skip=("members", "message")) == {"type": "ack", "message_id": 10, "seq": 10,
+        assert client.recv_json(skip=("members", "message")) == {"type": "ack", "message_id": 10, "seq": 10,
                                                                  "duplicate": True}
         client.send_json({"message_id": 1, "text": "trimmed long ago", "resend": True})
-        assert client.next_json(skip=("members", "message")) == {"type": "ack", "message_id": 1, "seq": 11}
+        assert client.recv_json(skip=("members", "message")) == {"type": "ack", "message_id": 1, "seq": 11}
         client.close()
     finally:
         node.stop()
 
 
 def test_messages_held_for_a_dead_redis_are_bounded_in_bytes(redis):
-    from test_hostile import RawClient
     node = start_server("--redis", redis.url, "--bus-hold-bytes", "300000", *SERVER_ARGS)
     try:
         client = RawClient(node.port, "/ws/held")
@@ -911,7 +783,7 @@ def test_messages_held_for_a_dead_redis_are_bounded_in_bytes(redis):
             time.sleep(0.05)
         for i in range(1, 6):                   # 65 KB each: four fit in 300,000 bytes
             client.send_json({"message_id": i, "text": "b" * 65000})
-        assert client.next_json() == {"type": "error", "code": "unavailable", "message_id": 5,
+        assert client.recv_json() == {"type": "error", "code": "unavailable", "message_id": 5,
                                       "reason": "message bus unavailable: send again later"}
         client.close()
     finally:

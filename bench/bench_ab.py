@@ -27,11 +27,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from run_bench import machine
 
-from conftest import free_port, wait_http
-
-TICKS = os.sysconf("SC_CLK_TCK")
+from testkit import cpu_seconds, free_port, machine, machine_line, wait_http
 
 
 def checkout(rev: str, into: str) -> str:
@@ -46,13 +43,6 @@ def checkout(rev: str, into: str) -> str:
                                capture_output=True).stdout)
     return subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True, capture_output=True,
                           text=True).stdout.strip()
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def one_run(folder: str, args: argparse.Namespace, out: str) -> dict:
@@ -106,7 +96,7 @@ def main() -> int:
     info = machine()
     lines = [f"## {stamp}: {names['a']} (A) against {names['b']} (B)", "",
              f"- command: `{command}`",
-             (f"- machine: {info['cores']} cores ({info['cpu']}), Python {info['python']}, {info['os']}; "
+             (f"- machine: {machine_line(info)}; "
               f"load average {info['loadavg']} at the end"),
              ("- load: 100 rooms x 10 members x 2 messages/s = 20,000 deliveries/s; server on core 0, "
               "load client on core 1"), "",

@@ -57,13 +57,8 @@ from run_bench import (
     SERVER_CPU,
     SERVER_RSS,
     Watch,
-    cores_busy,
-    cpu_seconds,
-    machine,
-    process_tree,
 )
 
-from conftest import ServerProc, free_port, wait_http
 from scalechat import (
     OP_CLOSE,
     OP_CONTINUATION,
@@ -83,8 +78,20 @@ from scalechat import (
     resp_command,
     utc_now_rfc3339,
 )
-from test_hostile import BAD_PAYLOADS, percentile
-from test_scaleout import RedisServer
+from testkit import (
+    BAD_PAYLOADS,
+    RedisServer,
+    ServerProc,
+    cores_busy,
+    cpu_seconds,
+    free_port,
+    machine,
+    machine_line,
+    percentile,
+    process_tree,
+    scrape,
+    wait_http,
+)
 
 RESULTS = HERE / "results"
 MODES = ("single", "workers", "redis")
@@ -662,7 +669,7 @@ def attack_bad_json(t: Target) -> str:
     """Malformed JSON, nesting bombs and wrong types in turn, at just under the rate limit."""
     frames = [masked(OP_TEXT, p) for p, _ in BAD_PAYLOADS] + [masked(OP_TEXT, p) for p in WRONG_TYPES]
     reconnecting(t, itertools.repeat("/ws/badjson"), lambda peer: paced(t, peer, frames, RATE - 5))
-    return (f"{len(frames)} payloads in turn (test_hostile.BAD_PAYLOADS: nesting bombs of 300 KB, "
+    return (f"{len(frames)} payloads in turn (testkit.BAD_PAYLOADS: nesting bombs of 300 KB, "
             f"non-objects; wrong types, huge numbers), {RATE - 5}/s")
 
 
@@ -805,8 +812,8 @@ class Meter(Watch):
     def sample(self) -> None:
         """Take one sample now."""
         super().sample()
-        own = cpu_seconds([os.getpid()]).get(os.getpid(), (0.0, 0.0))[0]
-        redis = cpu_seconds([self.redis_pid]).get(self.redis_pid, (0.0, 0.0))[0] if self.redis_pid else 0.0
+        own = cpu_seconds(os.getpid())
+        redis = cpu_seconds(self.redis_pid) if self.redis_pid else 0.0
         self.samples[-1] = (*self.samples[-1], redis, own)
 
 
@@ -927,17 +934,18 @@ def health(server: ServerProc) -> str:
     return f"{status}" + (f" ({bus})" if bus and "up" not in bus.split(":", 1)[1].split() else "")
 
 
-def scrape(server: ServerProc) -> dict:
-    """The server's counters of refusals, protocol errors, drops and internal errors (summed per labels)."""
+KEPT_METRICS = ("scalechat_refused_total", "scalechat_protocol_errors_total", "scalechat_dropped_clients_total",
+                "scalechat_internal_errors_total", "scalechat_rooms", "scalechat_connections")
+
+
+def server_counters(server: ServerProc) -> dict:
+    """The server's non-zero counters of refusals, protocol errors, drops and internal errors,
+    and its rooms and connections, keyed as testkit.scrape keys them."""
     try:
-        with urllib.request.urlopen(server.metrics_url, timeout=3) as answer:
-            text = answer.read().decode()
+        samples = scrape(server.metrics_url, timeout=3)
     except OSError:
         return {}
-    keep = ("scalechat_refused_total", "scalechat_protocol_errors_total", "scalechat_dropped_clients_total",
-            "scalechat_internal_errors_total", "scalechat_rooms", "scalechat_connections ")
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith(keep) and float(line.rsplit(" ", 1)[1])}
+    return {key: value for key, value in samples.items() if key.partition("{")[0] in KEPT_METRICS and value}
 
 
 def run_row(mode: str, row: Row, plan: Plan, server_file: Path, work: Path) -> dict:
@@ -987,7 +995,7 @@ def run_row(mode: str, row: Row, plan: Plan, server_file: Path, work: Path) -> d
             victim_during=echo_figures(sends, t_attack, t_end),
             exit_code=server.proc.returncode, health=health(server) if alive else "exited",
             processes_gone=len(pids_before - pids_after), processes_new=len(set(meter.server_seen) - pids_before),
-            metrics=scrape(server) if alive else {})
+            metrics=server_counters(server) if alive else {})
         result["cpu_us_per_kib"] = (round(max(result["server_cpu_s"], 0) * 1e6 / (result["sent_bytes"] / 1024))
                                     if result["sent_bytes"] else None)
     except Exception as e:  # noqa: BLE001 - one row failing must not lose the others
@@ -1162,7 +1170,7 @@ def section(run: dict) -> str:
     return "\n".join([
         f"## {run['date']} · mode {run['mode']} · {run['server']}", "",
         f"- command: `{run['command']}`",
-        (f"- machine: {m['cores']} cores ({m['cpu']}), Python {m['python']}, {m['os']}; "
+        (f"- machine: {machine_line(m)}; "
          f"load average {m['loadavg']} at the start"),
         f"- server flags of every row: `{' '.join(run['flags'])}`, plus the row's own (notes)",
         (f"- plan: baseline {plan['baseline']:g} s, attacks of at most {plan['attack']:g} s (slowloris "

@@ -19,60 +19,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
-
-from prometheus_client.parser import text_string_to_metric_families
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from conftest import free_port, wait_http
-from test_scaleout import RedisServer
-
-
-def tree(pid: int) -> list[int]:
-    """pid and its children (one level: the supervisor's workers)."""
-    pids = [pid]
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                pids += [int(p) for p in f.read().split()]
-        except OSError:
-            pass
-    return pids
-
-
-def rss_kib(pids: list[int]) -> int:
-    """Summed VmRSS of pids in KiB."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            pass
-    return total
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """Summed utime + stime of pids."""
-    ticks, total = os.sysconf("SC_CLK_TCK"), 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks
-        except OSError:
-            pass
-    return total
-
+from testkit import (
+    RedisServer,
+    cpu_seconds,
+    machine,
+    machine_line,
+    process_tree,
+    rss_kib,
+    scrape,
+    start_server,
+)
 
 FULL_GCS = 'scalechat_gc_pause_seconds_count{generation="2"}'
 # Young collections (generations 0 and 1) in all, and those done within 100 ms.
@@ -80,49 +47,30 @@ YOUNG = tuple(f'scalechat_gc_pause_seconds_{kind}{{generation="{g}"{le}}}'
               for g in "01" for kind, le in (("count", ""), ("bucket", ',le="0.1"')))
 
 
-def scrape(port: int) -> dict:
-    """The supervisor's metrics as {name: value} (labels dropped, values summed; full GCs apart)."""
-    text = metrics_text(port)
-    out: dict = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name = line.split("{")[0].split()[0]
-            out[name] = out.get(name, 0.0) + float(line.split()[-1])
-            if line.startswith(FULL_GCS) or line.startswith(YOUNG):
-                out[line.split()[0]] = float(line.split()[-1])
-    return out
+GC_SAMPLE = re.compile(r'scalechat_gc_pause_seconds_(count|sum|bucket)\{generation="(\d+)"(?:,le="([^"]+)")?\}')
 
 
-def metrics_text(port: int) -> str:
-    """One scrape of the supervisor's metrics, as text."""
-    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+def refusals(samples: dict) -> dict:
+    """Non-zero labelled drop and refusal counters, e.g. {'dropped_clients_total{reason="ping_timeout"}': 3}."""
+    families = ("scalechat_dropped_clients_total{", "scalechat_refused_total{", "scalechat_protocol_errors_total{")
+    return {key[len("scalechat_"):]: int(value) for key, value in samples.items()
+            if key.startswith(families) and value}
 
 
-def refusals(text: str) -> dict:
-    """Non-zero labelled drop and refusal counters, e.g. {'dropped_clients{reason="ping_timeout"}': 3}."""
-    out = {}
-    for line in text.splitlines():
-        for family in ("scalechat_dropped_clients_total{", "scalechat_refused_total{",
-                       "scalechat_protocol_errors_total{"):
-            if line.startswith(family) and float(line.split()[-1]):
-                out[line.split()[0][len("scalechat_"):]] = int(float(line.split()[-1]))
-    return out
-
-
-def gc_pauses(text: str) -> dict:
+def gc_pauses(samples: dict) -> dict:
     """Per generation: collections, seconds paused in all, and the bucket bound of the longest."""
     out: dict = {}
-    for family in text_string_to_metric_families(text):
-        if family.name != "scalechat_gc_pause_seconds":
+    for key, value in samples.items():
+        if not (match := GC_SAMPLE.fullmatch(key)):
             continue
-        for sample in family.samples:
-            gen = out.setdefault(sample.labels["generation"], {"count": 0, "seconds": 0.0, "buckets": []})
-            if sample.name.endswith("_count"):
-                gen["count"] = int(sample.value)
-            elif sample.name.endswith("_sum"):
-                gen["seconds"] = round(sample.value, 4)
-            elif sample.name.endswith("_bucket"):
-                gen["buckets"].append((float(sample.labels["le"]), sample.value))
+        kind, generation, le = match.groups()
+        gen = out.setdefault(generation, {"count": 0, "seconds": 0.0, "buckets": []})
+        if kind == "count":
+            gen["count"] = int(value)
+        elif kind == "sum":
+            gen["seconds"] = round(value, 4)
+        else:
+            gen["buckets"].append((float(le), value))
     for gen in out.values():
         longest = [le for le, n in sorted(gen.pop("buckets")) if n >= gen["count"]]
         gen["longest_le_s"] = longest[0] if gen["count"] else 0.0
@@ -167,51 +115,44 @@ def main() -> int:
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="connections-")
     redis = RedisServer(work).start() if args.redis else None
-    ports = [(free_port(), free_port()) for _ in range(args.instances)]
-    servers = [subprocess.Popen([sys.executable, os.path.join(ROOT, "scalechat.py"), "--host", "127.0.0.1",
-                                 "--port", str(port), "--metrics-port", str(mport),
-                                 "--workers", str(args.workers), "--log-level", "WARNING",
-                                 *args.server_args.split(),
-                                 *(("--redis", redis.url) if redis else ())])
-               for port, mport in ports]
+    servers = [start_server("--workers", str(args.workers), "--log-level", "WARNING", *args.server_args.split(),
+                            *(("--redis", redis.url) if redis else ())) for _ in range(args.instances)]
     samples: list = []
     per_instance = args.clients // args.instances
     try:
-        for port, _ in ports:
-            wait_http(f"http://127.0.0.1:{port}/healthz")
         time.sleep(1.0)
 
         def server_pids():
-            return [pid for server in servers for pid in tree(server.pid)]
+            return [pid for server in servers for pid in process_tree(server.proc.pid)]
         rss0, cpu0 = rss_kib(server_pids()), cpu_seconds(server_pids())
         overflows0 = listen_overflows()
         summaries = [os.path.join(work, f"summary{k}.json") for k in range(args.instances)]
         loads = [subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "loadclient.py"), "--load-test",
-             "--server-url", f"ws://127.0.0.1:{port}/ws", "--rooms", str(per_instance // args.room_size),
+             "--server-url", server.url, "--rooms", str(per_instance // args.room_size),
              "--room-size", str(args.room_size), "--msg-frequency", str(args.msg_frequency),
              "--duration", str(args.duration), "--ramp", str(args.ramp), "--procs", str(args.procs),
              "--record-receivers", str(args.record_receivers), "--grace", "10", "--seed", str(k + 1),
              "--room-prefix", f"i{k}-", "--connect-timeout", "60", "--out", os.path.join(work, f"run{k}"),
              "--summary-json", summaries[k]],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for k, (port, _) in enumerate(ports)]
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for k, server in enumerate(servers)]
         stop = threading.Event()
 
         def sample():
             start = time.monotonic()
             while not stop.wait(1.0):
                 try:
-                    metrics = [scrape(mport) for _, mport in ports]
+                    scrapes = [scrape(server.metrics_url) for server in servers]
                 except OSError:
                     continue
                 samples.append({"t": round(time.monotonic() - start),
-                                "connections": sum(m.get("scalechat_connections", 0) for m in metrics),
+                                "connections": sum(m.get("scalechat_connections", 0) for m in scrapes),
                                 "rss_mib": round(rss_kib(server_pids()) / 1024, 1),
-                                "deliveries": sum(m.get("scalechat_deliveries_total", 0) for m in metrics),
-                                "full_gcs": int(sum(m.get(FULL_GCS, 0) for m in metrics)),
+                                "deliveries": sum(m.get("scalechat_deliveries_total", 0) for m in scrapes),
+                                "full_gcs": int(sum(m.get(FULL_GCS, 0) for m in scrapes)),
                                 "slow_young_gcs": int(sum(m.get(YOUNG[0], 0) - m.get(YOUNG[1], 0)
                                                           + m.get(YOUNG[2], 0) - m.get(YOUNG[3], 0)
-                                                          for m in metrics))})
+                                                          for m in scrapes))})
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         code = max(load.wait(args.duration + 600) for load in loads)
@@ -222,11 +163,11 @@ def main() -> int:
         time.sleep(1.5)                     # workers report their counters every second
         server_refusals: dict = {}
         gc: dict = {}
-        for _, mport in ports:
-            text = metrics_text(mport)
-            for key, n in refusals(text).items():
+        for server in servers:
+            scraped = scrape(server.metrics_url)
+            for key, n in refusals(scraped).items():
                 server_refusals[key] = server_refusals.get(key, 0) + n
-            for generation, g in gc_pauses(text).items():
+            for generation, g in gc_pauses(scraped).items():
                 total = gc.setdefault(generation, {"count": 0, "seconds": 0.0, "longest_le_s": 0.0})
                 total["count"] += g["count"]
                 total["seconds"] = round(total["seconds"] + g["seconds"], 4)
@@ -238,16 +179,14 @@ def main() -> int:
         result = combine(scenarios)
     finally:
         for server in servers:
-            server.terminate()
-        for server in servers:
-            server.wait(60)
+            server.stop(timeout=60)
         if redis is not None:
             redis.proc.terminate()
             redis.proc.wait(30)
     peak = max(samples, key=lambda s: s["connections"])
     row = {"command": "python bench/bench_connections.py " + " ".join(sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "machine": f"{os.cpu_count()} cores, Python {platform.python_version()}",
+           "machine": machine(),
            "settings": vars(args), "loadclient_exit": code,
            "peak_connections": int(peak["connections"]), "server_rss_mib_at_peak": peak["rss_mib"],
            "server_rss_kib_per_connection": round((peak["rss_mib"] * 1024 - rss0) / max(1, peak["connections"]), 2),
@@ -266,7 +205,7 @@ def main() -> int:
     setup = f"--workers {args.workers}" + (f" x {args.instances} instances" if args.instances > 1 else "") + \
         (" + Redis" if args.redis else "")
     section = [f"## {args.clients:,} clients, {setup}", "",
-               f"- command: `{row['command']}`", f"- date: {row['date']}; machine: {row['machine']}",
+               f"- command: `{row['command']}`", f"- date: {row['date']}; machine: {machine_line(row['machine'])}",
                f"- load: rooms of {args.room_size}, one message per client every {args.msg_frequency / 1000:g} s "
                f"(every room broadcasting), {args.duration:g} s of sending, loadclient.py --procs {args.procs}"
                f"{' per instance' if args.instances > 1 else ''}, "

@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import loadclient  # beside this folder
+import testkit
 
 CSVPROCESS = HERE.parent / "csvprocess.py"
 HEADER = loadclient.CSV_HEADER.decode()
@@ -169,12 +169,8 @@ def measure(csv_path: Path, events: int, out_dir: Path, repeat: int) -> dict:
 # ---------------------------------------------------------------------------
 
 def machine() -> dict:
-    """The machine the numbers come from."""
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                     platform.processor())
-    return {"cores": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "numpy": np.__version__, "os": platform.platform()}
+    """The machine the numbers come from, and the numpy they were generated with."""
+    return {**testkit.machine(), "numpy": np.__version__}
 
 
 def markdown(result: dict) -> str:
@@ -189,7 +185,7 @@ def markdown(result: dict) -> str:
 
 Command: `{result['command']}`
 Date: {result['date']}
-Machine: {m['cores']} cores ({m['cpu']}), Python {m['python']}, numpy {m['numpy']}, {m['os']}
+Machine: {testkit.machine_line(m)}, numpy {m['numpy']}
 Input: scenario {result['scenario']} ({result['profile']}), generated; timing is the median of
 {small['runs']} runs per size, each a separate `python csvprocess.py FILE --out DIR` process
 (outputs written: latency, sent-vs-received, time series, summary).

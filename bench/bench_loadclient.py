@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import re
 import selectors
@@ -39,56 +38,24 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import scalechat
-from conftest import free_port, start_server
+from testkit import (
+    children,
+    cpu_seconds,
+    free_port,
+    loadavg,
+    machine,
+    machine_line,
+    rss_kib,
+    start_server,
+)
 
 LOADCLIENT = os.path.join(ROOT, "loadclient.py")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROGRESS_RE = re.compile(r" send .*recv/s (\d+)")
 
 
 # ---------------------------------------------------------------------------
 # /proc readings
 # ---------------------------------------------------------------------------
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def status_kb(pid: int, key: str) -> int:
-    """A kB field (VmRSS, VmHWM) of /proc/<pid>/status."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def children(pid: int) -> list:
-    """Child process ids of pid."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except OSError:
-        return []
-
-
-def loadavg() -> list:
-    """1, 5 and 15 minute load averages: how busy the shared machine was."""
-    with open("/proc/loadavg") as f:
-        return [float(x) for x in f.read().split()[:3]]
-
-
-def machine() -> dict:
-    """What the numbers were measured on."""
-    with open("/proc/cpuinfo") as f:
-        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                     platform.processor())
-    return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
-            "kernel": platform.release(), "open_files_limit": os.sysconf("SC_OPEN_MAX")}
-
 
 # ---------------------------------------------------------------------------
 # The firehose sender
@@ -230,7 +197,7 @@ def run_client(url: str, args: list, cpu: str, watch: list, out_dir: str) -> dic
             continue
         pids = [proc.pid, *children(proc.pid), *watch]
         samples.append((time.monotonic(), {p: cpu_seconds(p) for p in pids if os.path.exists(f"/proc/{p}")},
-                        {p: status_kb(p, "VmRSS") for p in children(proc.pid)}))
+                        {p: rss_kib(p) for p in children(proc.pid)}))
         rates.append(int(m.group(1)))
     proc.wait()
     with open(summary_path) as f:
@@ -375,8 +342,8 @@ def write_markdown(path: str, report: dict) -> None:
     m = report["machine"]
     lines = [
         "# loadclient.py benchmark", "",
-        (f"Measured {report['date']} with `{report['command']}` on {m['cpus']} CPUs ({m['cpu_model']}),"
-         f" Python {m['python']}, Linux {m['kernel']}. The sender (firehose or scalechat.py) was pinned"
+        (f"Measured {report['date']} with `{report['command']}` on {machine_line(m)}."
+         " The sender (firehose or scalechat.py) was pinned"
          " to CPU 0 and the load client to CPU 1. CPU figures are from /proc over the steady sending"
          " window; deliveries/s is the mean of the client's per-second progress lines in that window."
          f" Load average (1/5/15 min) at the start {report['loadavg_start']}, at the end"

@@ -25,27 +25,26 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import UTC, datetime
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from bench_loadclient import children, cpu_seconds, loadavg, machine
 
-from conftest import start_server
-from test_scaleout import RedisServer
+from testkit import (
+    RedisServer,
+    children,
+    cpu_seconds,
+    loadavg,
+    machine,
+    machine_line,
+    scrape,
+    start_server,
+)
 
 LOADCLIENT = os.path.join(ROOT, "loadclient.py")
 SETUPS = ("1 process", "2 workers", "1 instance + Redis", "2 instances + Redis")
-
-
-def deliveries_metric(server) -> float:
-    """scalechat_deliveries_total from one metrics scrape."""
-    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith("scalechat_deliveries_total "))
 
 
 QUIET = ("--log-level", "WARNING")
@@ -85,14 +84,14 @@ def run_setup(name: str, rooms: int, room_size: int, args: argparse.Namespace) -
                          "--out", os.path.join(workdir, f"run{i}"),
                          "--summary-json", os.path.join(workdir, f"summary{i}.json")]
                         for i, s in enumerate(servers)]
-            metric_before = sum(deliveries_metric(s) for s in servers)
+            metric_before = sum(scrape(s.metrics_url)["scalechat_deliveries_total"] for s in servers)
             cpu_before = sum(cpu_seconds(p) for p in pids)
             redis_before = cpu_seconds(redis.proc.pid) if redis else 0.0
             runs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, cwd=workdir) for c in commands]
             codes = [r.wait() for r in runs]
             cpu = sum(cpu_seconds(p) for p in pids) - cpu_before
             redis_cpu = cpu_seconds(redis.proc.pid) - redis_before if redis else None
-            metric = sum(deliveries_metric(s) for s in servers) - metric_before
+            metric = sum(scrape(s.metrics_url)["scalechat_deliveries_total"] for s in servers) - metric_before
             results = []
             for i in range(len(servers)):
                 with open(os.path.join(workdir, f"summary{i}.json")) as f:
@@ -136,7 +135,7 @@ def write_markdown(path: str, report: dict) -> None:
         "# Scale-out: what the workers and the Redis hop cost", "",
         f"- date: {report['date']}",
         f"- command: `{report['command']}`",
-        f"- machine: {m['cpus']} CPUs ({m['cpu_model']}), Python {m['python']}, Linux {m['kernel']}", "",
+        f"- machine: {machine_line(m)}", "",
     ]
     for load in a["loads"].split(","):
         rooms, size = map(int, load.split("x"))

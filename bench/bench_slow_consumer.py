@@ -15,67 +15,39 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from conftest import free_port, wait_http
-from scalechat import client_handshake_request, new_key, parse_handshake_response
-
-
-def rss_kib(pid: int) -> int:
-    """VmRSS of a process in KiB."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def silent_member(port: int, room: str) -> socket.socket:
-    """Join room over a raw socket, then never read again."""
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    key = new_key()
-    sock.sendall(client_handshake_request("127.0.0.1", f"/ws/{room}?name=silent", key))
-    buf = b""
-    while parse_handshake_response(buf, key) is None:
-        buf += sock.recv(4096)
-    return sock
-
-
-def metric(port: int, name: str) -> float:
-    """One sample from the server's metrics (summed over labels)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith(name) and not line.startswith("#"))
+from testkit import (
+    RawClient,
+    machine,
+    machine_line,
+    peak_rss_kib,
+    rss_kib,
+    sample,
+    scrape,
+    start_server,
+)
 
 
 def run(max_buffer: int, args) -> dict:
     """One run: the server with this cap, the load, the silent member; samples and summary."""
-    port, mport = free_port(), free_port()
-    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "scalechat.py"), "--host", "127.0.0.1",
-                               "--port", str(port), "--metrics-port", str(mport), "--rate-limit", "0",
-                               "--max-buffer", str(max_buffer), "--write-timeout", "3600",
-                               "--history", str(args.history),
-                               "--log-level", "WARNING"])
+    server = start_server("--rate-limit", "0", "--max-buffer", str(max_buffer), "--write-timeout", "3600",
+                          "--history", str(args.history), "--log-level", "WARNING")
     try:
-        wait_http(f"http://127.0.0.1:{port}/healthz")
-        rss0 = rss_kib(server.pid)
-        silent = silent_member(port, f"slow1x{args.room_size}-0")
+        rss0 = rss_kib(server.proc.pid)
+        silent = RawClient(server.port, f"/ws/slow1x{args.room_size}-0?name=silent", rcvbuf=4096)   # never reads again
         out = tempfile.mkdtemp(prefix="slow-consumer-")
         summary = os.path.join(out, "summary.json")
         load = subprocess.Popen([sys.executable, os.path.join(ROOT, "loadclient.py"), "--load-test",
-                                 "--server-url", f"ws://127.0.0.1:{port}/ws", "--rooms", "1", "--room-prefix", "slow",
+                                 "--server-url", server.url, "--rooms", "1", "--room-prefix", "slow",
                                  "--room-size", str(args.room_size), "--rate", str(args.rate),
                                  "--msg-size", str(args.msg_size), "--duration", str(args.duration),
                                  "--grace", "3", "--seed", "1", "--out", out, "--summary-json", summary],
@@ -83,29 +55,28 @@ def run(max_buffer: int, args) -> dict:
         samples, peak = [], rss0
         stop = threading.Event()
 
-        def sample():
+        def sample_rss():
             start = time.monotonic()
             while not stop.wait(1.0):
-                kib = rss_kib(server.pid)
+                kib = rss_kib(server.proc.pid)
                 samples.append((round(time.monotonic() - start), kib - rss0))
-        sampler = threading.Thread(target=sample, daemon=True)
+        sampler = threading.Thread(target=sample_rss, daemon=True)
         sampler.start()
         load.wait(args.duration + 120)
         stop.set()
         sampler.join()
-        with open(f"/proc/{server.pid}/status") as f:
-            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        peak = peak_rss_kib(server.proc.pid)
         with open(summary) as f:
             (result,) = json.load(f)["scenarios"]
-        cut = metric(mport, 'scalechat_dropped_clients_total{reason="slow_consumer"}')
+        cut = sample(scrape(server.metrics_url), "scalechat_dropped_clients_total",
+                     reason="slow_consumer")
         silent.close()
         return {"max_buffer": max_buffer, "rss_growth_kib": samples, "peak_rss_growth_kib": peak - rss0,
                 "cut_off": cut, "delivery_ratio": result["delivery_ratio"],
                 "p50_ms": result["latency_ms"]["p50"], "p99_ms": result["latency_ms"]["p99"],
                 "deliveries_per_s": result["deliveries_per_s"]}
     finally:
-        server.terminate()
-        server.wait(30)
+        server.stop(timeout=30)
 
 
 def main() -> int:
@@ -122,14 +93,14 @@ def main() -> int:
     runs = [run(1 << 20, args), run(1 << 40, args)]
     results = {"command": "python bench/bench_slow_consumer.py " + " ".join(sys.argv[1:]),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "machine": f"{os.cpu_count()} cores, Python {platform.python_version()}",
+               "machine": machine(),
                "settings": vars(args), "runs": runs}
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "slow_consumer.json"), "w") as f:
         json.dump(results, f, indent=1)
     lines = ["# A member that never reads; server --history {args.history}", "",
              f"- command: `{results['command']}`", f"- date: {results['date']}",
-             f"- machine: {results['machine']}",
+             f"- machine: {machine_line(results['machine'])}",
              (f"- load: one room of {args.room_size} load clients, {args.rate} msg/s each, "
              f"{args.msg_size} B texts, {args.duration:g} s, plus one member that never reads; server --history {args.history}"), "",
              "| --max-buffer | silent member cut off (1013) | server RSS growth, peak | others' delivery ratio | others' p50 / p99 ms |",

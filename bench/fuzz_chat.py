@@ -58,12 +58,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
-from fuzz_protocol import machine
-
 import scalechat as sc
-from conftest import ServerProc, start_server
-from test_hostile import RawClient
-from test_scaleout import RedisServer, scrape, tcp_sockets, worker_pids
+from testkit import (
+    TCP_LISTEN,
+    RawClient,
+    RedisServer,
+    ServerProc,
+    alive,
+    children,
+    machine,
+    machine_line,
+    scrape,
+    start_server,
+    tcp_sockets,
+    total,
+)
 
 MODES = ("single", "workers", "redis")
 CATEGORIES = ("json", "frames", "query", "resend")
@@ -607,7 +616,7 @@ class Peer(RawClient):
         if self.room is None:
             self.room = self.welcome["room"]
 
-    def next_json(self) -> dict:
+    def recv_json(self) -> dict:
         """The next JSON frame (the welcome, when RawClient asks)."""
         kind, value = self.next_event(time.monotonic() + BOUND)
         if kind != "json":
@@ -619,7 +628,7 @@ class Peer(RawClient):
         while True:
             self.sock.settimeout(max(0.001, deadline - time.monotonic()))
             try:
-                opcode, payload = self.next_frame()
+                opcode, payload = self.recv_frame()
             except sc.ProtocolError as e:
                 raise Finding("answer", f"the server broke RFC 6455: {e.reason}") from None
             if opcode == sc.OP_TEXT:
@@ -842,14 +851,6 @@ class Victim:
         self.worst = max(self.worst, time.monotonic() - t0)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 class Target:
     """The live servers of one mode, the victim, and what must not change while fuzzing."""
 
@@ -881,11 +882,11 @@ class Target:
         elif self.mode == "workers":
             self.servers = [start_server(*SERVER_ARGS, "--workers", "2")]
             deadline = time.monotonic() + 20
-            while len(tcp_sockets(self.front, "0A")) < 2 or len(worker_pids(self.servers[0])) < 2:
+            while len(tcp_sockets(self.front, TCP_LISTEN)) < 2 or len(children(self.servers[0].proc.pid)) < 2:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the two workers did not start listening")
                 time.sleep(0.05)
-            self.pids = worker_pids(self.servers[0])
+            self.pids = children(self.servers[0].proc.pid)
         else:
             self.servers = [start_server(*SERVER_ARGS)]
         self.victim = Victim(self.front)
@@ -912,10 +913,10 @@ class Target:
         if self.redis and self.redis.proc.poll() is not None:
             raise Finding("crash", "redis-server exited")
         if self.mode == "workers":
-            dead = [pid for pid in self.pids if not _alive(pid)]
-            if dead or worker_pids(self.servers[0]) != self.pids:
+            dead = [pid for pid in self.pids if not alive(pid)]
+            if dead or children(self.servers[0].proc.pid) != self.pids:
                 raise Finding("crash", f"a worker exited and was restarted: pids {self.pids} -> "
-                                       f"{[p for p in worker_pids(self.servers[0]) if _alive(p)]}")
+                                       f"{[p for p in children(self.servers[0].proc.pid) if alive(p)]}")
 
     def explain(self, finding: Finding) -> Finding:
         """The finding, or the crash behind it when a process died meanwhile."""
@@ -930,8 +931,7 @@ class Target:
 
     def internal_errors(self) -> float:
         """scalechat_internal_errors_total over every server process (0 where not exported)."""
-        return sum(value for server in self.servers for name, value in scrape(server).items()
-                   if name.startswith("scalechat_internal_errors"))
+        return sum(total(scrape(server.metrics_url), "scalechat_internal_errors_total") for server in self.servers)
 
 
 class Batch:
@@ -1715,7 +1715,7 @@ def write_report(path: str, command: str, seed: int, rows: list) -> None:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"## Run of {now}: the chat layer against live servers", "",
              f"- command: `{command}`",
-             f"- machine: {machine()}",
+             f"- machine: {machine_line(machine())}",
              f"- server: {server_version()}",
              (f"- engine: `bench/fuzz_chat.py`, seeded generator (seed {seed}), a reference model as oracle; "
               f"--max-message-size {MAX_MESSAGE_SIZE}"), "",

@@ -5,8 +5,8 @@
     python bench/fuzz_protocol.py --engine hypothesis --examples 200000
 
 Each target turns raw bytes into one call of the protocol core and checks the
-same invariants as the property tests in test_hostile.py (it imports their
-oracles): a byte stream parses alike however it is cut, only the protocol's own
+same invariants as the property tests in test_hostile.py (both use the
+oracles of testkit.py): a byte stream parses alike however it is cut, only the protocol's own
 errors come out (ProtocolError with a close code, HandshakeError, ChatError),
 and every frame the parser returns encodes and parses back to itself. libFuzzer
 stops a target at its first failure or after 10 s on one input (a hang).
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -33,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 MAX_LEN = {"frames": 1024, "close": 128, "request": 4096, "chat": 4096}   # bytes per input
-sc = oracles = None          # scalechat and test_hostile, once load_core() has run
+sc = oracles = None          # scalechat and testkit, once load_core() has run
 
 
 def load_core(instrument: bool) -> None:
@@ -45,8 +44,8 @@ def load_core(instrument: bool) -> None:
             import scalechat
     else:
         import scalechat
-    import test_hostile
-    sc, oracles = scalechat, test_hostile
+    import testkit
+    sc, oracles = scalechat, testkit
 
 
 # ---------------------------------------------------------------------------
@@ -202,14 +201,8 @@ def run_hypothesis(name: str, examples: int) -> dict:
 
 def machine() -> str:
     """One line about the machine the run was on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
-    except (OSError, AttributeError):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, " \
-           f"Python {platform.python_version()}"
+    import testkit  # here, not at the top: scalechat must be imported (instrumented) first
+    return testkit.machine_line(testkit.machine())
 
 
 def write_report(path: str, engine: str, command: str, rows: list) -> None:

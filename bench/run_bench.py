@@ -25,7 +25,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -41,7 +40,18 @@ from typing import Self
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(REPO))
+
+from testkit import (
+    cores_busy,
+    cpu_times,
+    free_port,
+    machine,
+    machine_line,
+    memory_kib,
+    process_tree,
+)
+
 SERVER_CORES, CLIENT_CORE = "0", "1"
 BUSY = 0.9            # a process tree using this share of its cores or more was the limit
 NOISY = 0.25          # cores that other processes used while sending, worth a mention
@@ -105,61 +115,8 @@ SERVERS = {
 }
 
 # ---------------------------------------------------------------------------
-# /proc: CPU time and memory of a process tree
+# Sampling CPU time and memory of the server and client trees (/proc readers: testkit.py)
 # ---------------------------------------------------------------------------
-
-
-def process_tree(pid: int) -> list:
-    """pid and its descendants, from /proc/<pid>/task/<tid>/children."""
-    pids, i = [pid], 0
-    while i < len(pids):
-        try:
-            for task in os.listdir(f"/proc/{pids[i]}/task"):
-                with open(f"/proc/{pids[i]}/task/{task}/children") as f:
-                    pids.extend(int(child) for child in f.read().split())
-        except OSError:
-            pass            # the process ended meanwhile
-        i += 1
-    return pids
-
-
-def cpu_seconds(pids: list) -> dict:
-    """(utime + stime, stime) of each process that still exists, in seconds."""
-    seconds = {}
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()   # the name may hold spaces
-        utime, stime = int(fields[11]), int(fields[12])        # fields 14 and 15 of proc(5)
-        seconds[pid] = ((utime + stime) / CLK_TCK, stime / CLK_TCK)
-    return seconds
-
-
-def memory_kib(pids: list, key: str = "VmRSS") -> int:
-    """A /proc/<pid>/status memory figure (VmRSS, VmHWM) summed over the processes, in KiB."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-        except (OSError, StopIteration):
-            continue
-    return total
-
-
-def cores_busy() -> list:
-    """Seconds each core has spent not idle since boot, from /proc/stat (whoever ran there)."""
-    busy = []
-    with open("/proc/stat") as f:
-        for line in f:
-            name, *ticks = line.split()
-            if name.startswith("cpu") and name != "cpu":
-                user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, ticks[:8])
-                busy.append((user + nice + system + irq + softirq + steal) / CLK_TCK)
-    return busy
 
 
 SERVER_CPU, CLIENT_CPU, SERVER_RSS, SERVER_SYS, CORE0 = 1, 2, 3, 4, 5    # columns of a sample after its time
@@ -183,10 +140,10 @@ class Watch:
     def sample(self) -> None:
         """Take one sample now."""
         server = process_tree(self.server_pid)
-        for pid, (total, system) in cpu_seconds(server).items():
+        for pid, (total, system) in cpu_times(server).items():
             self.server_seen[pid], self.server_sys_seen[pid] = total, system
         self.client_seen.update((pid, total) for pid, (total, _) in
-                                cpu_seconds(process_tree(self.client_pid)).items())
+                                cpu_times(process_tree(self.client_pid)).items())
         self.samples.append((time.time(), sum(self.server_seen.values()),
                              sum(self.client_seen.values()), memory_kib(server),
                              sum(self.server_sys_seen.values()), *cores_busy()))
@@ -214,13 +171,6 @@ class Watch:
 # ---------------------------------------------------------------------------
 # Running a server and one load-client run against it
 # ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pinned(cores: str, argv: list, pin: bool) -> list:
@@ -568,7 +518,7 @@ def markdown(result: dict) -> str:
 
 Command: `{result['command']}`
 Date: {result['date']} ({result['minutes']} min)
-Machine: {m['cores']} cores ({m['cpu']}), Python {m['python']}, {m['os']};
+Machine: {machine_line(m)};
 load average {m['loadavg']} at the start, {result['loadavg_end']} at the end
 Pinning: {result['pinning']}
 
@@ -602,14 +552,6 @@ Pinning: {result['pinning']}
 {chr(10).join(detail)}
 """
 
-
-def machine() -> dict:
-    """The machine the numbers come from."""
-    with open("/proc/cpuinfo") as f:
-        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                     platform.processor())
-    return {"cores": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "os": platform.platform(), "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 
 # ---------------------------------------------------------------------------
 # Main

@@ -1,0 +1,715 @@
+"""What the tests and the bench scripts share, one of each.
+
+A server factory (start_server) and a private Redis (RedisServer); one raw
+WebSocket client on the project's own codec (RawClient, with frame builders);
+one metrics scrape (scrape: {'name{label="value",...}': value}); one set of
+/proc readers; one description of the machine for bench results (machine); the
+oracles of the protocol-core property tests, which bench/fuzz_protocol.py runs
+too; and the abuse data bench/bench_abuse.py shares with test_hostile.py.
+
+test_conformance.py keeps its own, independent codec on purpose: it checks
+scalechat's framing against a second implementation.
+"""
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from prometheus_client.parser import text_string_to_metric_families
+
+import scalechat as sc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------------------
+# Servers: scalechat.py and redis-server on free loopback ports
+# ---------------------------------------------------------------------------
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on host right now, below the ephemeral range.
+
+    bind(0) hands out ports from the ephemeral range, which every outgoing
+    connection on the machine draws from too: between this call and the
+    server's bind, a client socket could take the port.
+    """
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    for port in random.sample(range(10000, ephemeral_low), 100):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free port below the ephemeral range")
+
+
+def wait_http(url: str, timeout: float = 10.0) -> None:
+    """Poll url until it answers (any HTTP status) or raise after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@dataclass
+class ServerProc:
+    """A running scalechat.py process."""
+    proc: subprocess.Popen
+    port: int
+    metrics_port: int
+    host: str = "127.0.0.1"
+    args: list = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.port}/ws"
+
+    @property
+    def http(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_server(*args: str, port: int | None = None, metrics_port: int | None = None,
+                 env: dict | None = None) -> ServerProc:
+    """Start scalechat.py with args on free ports and wait until /healthz answers."""
+    port = port or free_port()
+    metrics_port = metrics_port or free_port()
+    cmd = [sys.executable, os.path.join(HERE, "scalechat.py"), "--host", "127.0.0.1",
+           "--port", str(port), "--metrics-port", str(metrics_port), *args]
+    proc = subprocess.Popen(cmd, cwd=HERE, env={**os.environ, **(env or {})})
+    server = ServerProc(proc, port, metrics_port, args=list(args))
+    try:
+        wait_http(f"{server.http}/healthz")
+    except Exception:
+        server.stop(signal.SIGKILL)
+        raise
+    return server
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port (never a system-wide one).
+
+    persistent: an append-only file fsynced on every write, so the seq counters
+    and histories survive a kill, as in a real deployment.
+    """
+
+    def __init__(self, workdir: str, persistent: bool = False):
+        self.port = free_port()
+        self.workdir = workdir
+        self.persistent = persistent
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, key_load_delay_us: int = 0) -> RedisServer:
+        """Start (or start again) on the same port; return once it answers, maybe still
+        loading its data. key_load_delay_us slows loading each key down, and makes Redis
+        answer LOADING meanwhile, as a big dataset would."""
+        durability = ("--appendonly", "yes", "--appendfsync", "always") if self.persistent \
+            else ("--appendonly", "no")
+        slow = ("--key-load-delay", str(key_load_delay_us),
+                "--loading-process-events-interval-bytes", "1024") if key_load_delay_us else ()
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--dir", self.workdir, *durability, *slow], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not self.answers():
+            assert self.proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+        return self
+
+    def answers(self) -> bool:
+        """Whether PING gets PONG (or LOADING) right now."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith((b"+PONG", b"-LOADING"))
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: Redis vanishes without a word to anyone."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def stall_and_kill(self, stall: float) -> None:
+        """SIGSTOP, then SIGKILL after stall seconds: what the nodes sent meanwhile is on the
+        wire, never run and never answered (a bare kill leaves that to chance)."""
+        self.proc.send_signal(signal.SIGSTOP)
+        time.sleep(stall)
+        self.kill()
+
+    def cli(self, *args: str) -> str:
+        """The output of one redis-cli command against this server."""
+        return subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True,
+                              text=True, timeout=5, check=True).stdout
+
+    def subscribers(self, room: str) -> int:
+        """PUBSUB NUMSUB of the room's channel: how many nodes receive its traffic."""
+        return int(self.cli("PUBSUB", "NUMSUB", f"scalechat:{{{room}}}").split()[-1])
+
+
+# ---------------------------------------------------------------------------
+# Plain HTTP, byte for byte
+# ---------------------------------------------------------------------------
+
+def http(port: int, request: bytes) -> tuple[int, dict, bytes]:
+    """Send a raw HTTP request; the (status, headers, body) of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def get(port: int, target: str, headers: str = "", method: str = "GET") -> tuple[int, dict, bytes]:
+    """A request for target with a Host header and any extra header lines."""
+    return http(port, f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n".encode())
+
+
+# ---------------------------------------------------------------------------
+# Metrics: one scrape, one key shape
+# ---------------------------------------------------------------------------
+
+def sample_key(name: str, **labels: str) -> str:
+    """The key of one sample in a scrape: its name, then its labels sorted, as Prometheus writes them."""
+    if not labels:
+        return name
+    return name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+
+
+def parse_samples(text: str) -> dict[str, float]:
+    """A Prometheus text exposition (checked by prometheus_client's parser) as {sample_key: value}."""
+    return {sample_key(s.name, **s.labels): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def scrape(url: str, timeout: float = 5.0) -> dict[str, float]:
+    """Every sample of one metrics scrape, keyed 'name' or 'name{label="value",...}' (labels sorted)."""
+    with urllib.request.urlopen(url, timeout=timeout) as answer:
+        return parse_samples(answer.read().decode())
+
+
+def sample(samples: dict, name: str, **labels: str) -> float:
+    """One sample's value from a scrape; 0 when the server has not written it."""
+    return samples.get(sample_key(name, **labels), 0.0)
+
+
+def total(samples: dict, name: str) -> float:
+    """A sample summed over all its labels (the name alone and every name{...})."""
+    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
+
+
+def sample_names(samples: dict) -> set[str]:
+    """The sample names of a scrape, labels left out."""
+    return {k.partition("{")[0] for k in samples}
+
+
+# ---------------------------------------------------------------------------
+# A raw WebSocket client, on scalechat's own codec
+# ---------------------------------------------------------------------------
+
+def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0,
+          masked: bool = True, length: int | None = None) -> bytes:
+    """One client frame; rsv bits, an unmasked frame or a declared length other than the
+    payload's make it a wrong one on purpose."""
+    key = sc.new_mask_key() if masked else None
+    if length is None:
+        data = bytearray(sc.encode_frame(opcode, payload, fin, key))
+    else:       # a header that declares length, whatever follows
+        data = bytearray(sc.encode_frame(opcode, b"", fin))
+        m = 0x80 if masked else 0
+        data[1:] = (bytes((m | length,)) if length < 126 else
+                    struct.pack("!BH", m | 126, length) if length < 1 << 16 else
+                    struct.pack("!BQ", m | 127, length))
+        data += (key + sc.mask(payload, key)) if masked else payload
+    data[0] |= rsv << 4
+    return bytes(data)
+
+
+def close_frame(code: int | None = None, reason: bytes = b"") -> bytes:
+    """A client Close frame; no payload at all when code is None."""
+    return frame(sc.OP_CLOSE, b"" if code is None else struct.pack("!H", code) + reason)
+
+
+def chat_json(text: str, message_id: int = 1) -> bytes:
+    """A client chat message as the protocol wants it (UTF-8 JSON, non-ASCII kept raw)."""
+    return json.dumps({"message_id": message_id, "text": text}, ensure_ascii=False).encode()
+
+
+def chat_frame(text: str, message_id: int = 1) -> bytes:
+    """A masked text frame with one chat message."""
+    return frame(sc.OP_TEXT, chat_json(text, message_id))
+
+
+def pieces(data: bytes, cuts) -> list:
+    """data cut at the given offsets."""
+    return [data[a:b] for a, b in itertools.pairwise([0, *cuts, len(data)])]
+
+
+def send_in_chops(sock: socket.socket, data: bytes, chop: int = 0, pause: float = 0.0) -> None:
+    """Send bytes at once, or in chops of that many bytes (one TCP segment each)."""
+    if not chop:
+        sock.sendall(data)
+        return
+    for i in range(0, len(data), chop):
+        sock.sendall(data[i:i + chop])
+        if pause:
+            time.sleep(pause)
+
+
+def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
+    """True when the peer ends the TCP connection (FIN or reset) within timeout; reads and
+    drops what arrives until then."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        pass        # a reset is the peer closing too
+    return True
+
+
+class RawClient:
+    """A WebSocket client on a plain blocking socket: sends exactly what it is told
+    (scalechat.encode_frame for frames), reads server frames with scalechat.FrameParser.
+
+    The handshake must end in 101 (HandshakeError with the status otherwise),
+    and the first JSON frame is the welcome.
+    """
+
+    def __init__(self, port: int, resource: str = "/ws", *, origin: str | None = None,
+                 source: str = "127.0.0.1", rcvbuf: int = 0, sndbuf: int = 0, timeout: float = 5.0,
+                 host: str = "127.0.0.1"):
+        self.sock = socket.socket()
+        if rcvbuf:      # before connect, so the TCP window stays small
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if sndbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        self.sock.settimeout(timeout)
+        self.parser = sc.FrameParser(expect_masked=False, max_message_size=1 << 26)
+        self.frames: list = []
+        try:
+            self.sock.bind((source, 0))
+            self.sock.connect((host, port))
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            key = sc.new_key()
+            self.sock.sendall(sc.client_handshake_request(f"{host}:{port}", resource, key, origin))
+            buf = b""
+            while (end := sc.parse_handshake_response(buf, key)) is None:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise sc.HandshakeError(0, "closed during the handshake")
+                buf += data
+            self.frames.extend(self.parser.feed(buf[end:]))
+            self.welcome = self.recv_json()
+        except BaseException:
+            self.sock.close()
+            raise
+        assert self.welcome["type"] == "welcome", self.welcome
+        self.name = self.welcome.get("name")
+
+    def send(self, data: bytes, chop: int = 0, pause: float = 0.0) -> None:
+        """Send bytes at once, or in chops of that many bytes (one TCP segment each)."""
+        send_in_chops(self.sock, data, chop, pause)
+
+    def send_frame(self, opcode: int, payload: bytes, fin: bool = True) -> None:
+        """Send one masked frame."""
+        self.sock.sendall(sc.encode_frame(opcode, payload, fin, sc.new_mask_key()))
+
+    def send_json(self, obj) -> None:
+        """Send obj as one text frame."""
+        self.send_frame(sc.OP_TEXT, json.dumps(obj).encode())
+
+    def recv_frame(self) -> tuple[int, bytes]:
+        """The next (opcode, payload) from the server, messages whole; ConnectionError at EOF."""
+        while not self.frames:
+            data = self.sock.recv(1 << 20)
+            if not data:
+                raise ConnectionError("server closed the connection")
+            self.frames.extend(self.parser.feed(data))
+        return self.frames.pop(0)
+
+    def recv_json(self, skip: tuple = ("members", "ack")) -> dict:
+        """The next text frame as JSON, skipping member counts (and acks, unless asked) and
+        pongs, answering pings; ConnectionError when the server closes."""
+        while True:
+            opcode, payload = self.recv_frame()
+            if opcode == sc.OP_TEXT:
+                obj = json.loads(payload)
+                if obj.get("type") not in skip:     # member counts come on a timer, between any two frames
+                    return obj
+            elif opcode == sc.OP_CLOSE:
+                raise ConnectionError(f"closed with {sc.parse_close(payload)}")
+            elif opcode == sc.OP_PING:
+                self.send_frame(sc.OP_PONG, payload)
+            elif opcode != sc.OP_PONG:
+                raise AssertionError(f"a frame of opcode {opcode} from the server")
+
+    def recv_message(self) -> dict:
+        """The next chat message, skipping everything else."""
+        while (obj := self.recv_json())["type"] != "message":
+            pass
+        return obj
+
+    def recv_close_code(self) -> int:
+        """Skip frames until the server's Close; its status code (1005 when it has none)."""
+        while True:
+            opcode, payload = self.recv_frame()
+            if opcode == sc.OP_CLOSE:
+                return sc.parse_close(payload)[0]
+
+    def read_until_close(self) -> tuple[list, int | None]:
+        """(JSON objects received, close code) up to the server's Close frame or EOF; echoes
+        the Close, then closes the socket."""
+        objects = []
+        try:
+            while True:
+                opcode, payload = self.recv_frame()
+                if opcode == sc.OP_TEXT:
+                    objects.append(json.loads(payload))
+                elif opcode == sc.OP_CLOSE:
+                    self.send_frame(sc.OP_CLOSE, payload[:2])
+                    return objects, sc.parse_close(payload)[0]
+        except OSError:
+            return objects, None
+        finally:
+            self.sock.close()
+
+    def closed_by_server(self, timeout: float = 5.0) -> bool:
+        """True when the server ends the TCP connection (FIN or reset) within timeout."""
+        return closed_by_peer(self.sock, timeout)
+
+    def close(self) -> None:
+        """Drop the socket, without a closing handshake."""
+        self.sock.close()
+
+
+CLIENT_A, CLIENT_B = "A" * 22, "B" * 22      # client ids: 16-64 of [A-Za-z0-9_-]
+BIG_TEXT = "\x01" * 65536                    # 64 KiB that JSON-escapes to 393 KB
+
+
+def echo_time(client: RawClient, message_id: int) -> float:
+    """Seconds from sending a message to receiving it back."""
+    t0 = time.monotonic()
+    client.send_json({"message_id": message_id, "text": "ping"})
+    while (m := client.recv_message())["message_id"] != message_id or m["sender"] != client.name:
+        pass
+    return time.monotonic() - t0
+
+
+def fill_room(port: int, room: str, count: int, text: str = BIG_TEXT) -> None:
+    """Post count messages to room from one client (within the default burst), then leave."""
+    client = RawClient(port, f"/ws/{room}", timeout=30)
+    for i in range(count):
+        client.send_json({"message_id": i, "text": text})
+        client.recv_message()
+    client.close()
+
+
+def handshake_status(port: int, **client_options) -> int:
+    """The HTTP status the server answers an upgrade with (101 when it accepts)."""
+    try:
+        RawClient(port, **client_options).close()
+    except sc.HandshakeError as e:
+        return e.status
+    return 101
+
+
+# ---------------------------------------------------------------------------
+# /proc: processes, memory, CPU time, sockets
+# ---------------------------------------------------------------------------
+
+def _pids(pids) -> list:
+    return [pids] if isinstance(pids, int) else list(pids)
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of pid (the workers of a supervisor), sorted; [] once it is gone."""
+    found = []
+    for path in glob.glob(f"/proc/{pid}/task/*/children"):
+        try:
+            with open(path) as f:
+                found += [int(p) for p in f.read().split()]
+        except OSError:
+            pass        # the thread ended meanwhile
+    return sorted(found)
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        pids.extend(children(pids[i]))
+        i += 1
+    return pids
+
+
+def alive(pid: int) -> bool:
+    """Whether pid is a live process (a zombie waiting for its reaper counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def memory_kib(pids, key: str = "VmRSS") -> int:
+    """A /proc/<pid>/status memory figure (VmRSS, VmHWM) of a pid, or summed over pids, in KiB;
+    processes that are gone count 0."""
+    total_kib = 0
+    for pid in _pids(pids):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total_kib += next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+        except (OSError, StopIteration):
+            continue
+    return total_kib
+
+
+def rss_kib(pids) -> int:
+    """Resident set size (VmRSS) of a pid, or summed over pids, in KiB."""
+    return memory_kib(pids, "VmRSS")
+
+
+def peak_rss_kib(pids) -> int:
+    """Peak resident set size (VmHWM) of a pid, or summed over pids, in KiB."""
+    return memory_kib(pids, "VmHWM")
+
+
+def cpu_times(pids) -> dict[int, tuple[float, float]]:
+    """{pid: (utime + stime, stime)} in seconds, for each process that still exists."""
+    seconds = {}
+    for pid in _pids(pids):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()       # the name may hold spaces
+        utime, stime = int(fields[11]), int(fields[12])     # fields 14 and 15 of proc(5)
+        seconds[pid] = ((utime + stime) / CLK_TCK, stime / CLK_TCK)
+    return seconds
+
+
+def cpu_seconds(pids) -> float:
+    """utime + stime of a pid, or summed over pids, in seconds."""
+    return sum(total_s for total_s, _ in cpu_times(pids).values())
+
+
+def cores_busy() -> list[float]:
+    """Seconds each core has spent not idle since boot, from /proc/stat (whoever ran there)."""
+    busy = []
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *ticks = line.split()
+            if name.startswith("cpu") and name != "cpu":
+                user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, ticks[:8])
+                busy.append((user + nice + system + irq + softirq + steal) / CLK_TCK)
+    return busy
+
+
+def loadavg() -> list[float]:
+    """1, 5 and 15 minute load averages: how busy the shared machine was."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+TCP_ESTABLISHED, TCP_LISTEN = "01", "0A"
+
+
+def tcp_sockets(port: int, state: str) -> dict[str, int]:
+    """Socket inode -> remote port of the IPv4 sockets on local port in state (01 established, 0A listen)."""
+    found = {}
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if fields[3] == state and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                found[fields[9]] = int(fields[2].rsplit(":", 1)[1], 16)
+    return found
+
+
+# ---------------------------------------------------------------------------
+# Bench results: the machine they come from
+# ---------------------------------------------------------------------------
+
+def machine() -> dict:
+    """The machine the numbers come from, for a bench result."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"cores": os.cpu_count(), "cpu": model, "python": platform.python_version(),
+            "kernel": platform.release(), "os": platform.platform(),
+            "open_files_limit": os.sysconf("SC_OPEN_MAX"),
+            "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+
+
+def machine_line(m: dict | str) -> str:
+    """A machine() record as one line of a report; also reads the older records
+    (a plain line, or cpus/cpu_model for cores/cpu)."""
+    if isinstance(m, str):
+        return m
+    cores, cpu = m.get("cores", m.get("cpus")), m.get("cpu", m.get("cpu_model"))
+    system = m.get("os") or f"Linux {m.get('kernel', '?')}"
+    return f"{cores} cores ({cpu}), Python {m.get('python', '?')}, {system}"
+
+
+# ---------------------------------------------------------------------------
+# Oracles for the protocol core: test_hostile.py's properties and bench/fuzz_protocol.py
+# ---------------------------------------------------------------------------
+
+# Close codes the server's own parser may answer a violation with.
+PARSER_CLOSE_CODES = {sc.CLOSE_PROTOCOL_ERROR, sc.CLOSE_UNSUPPORTED_DATA,
+                      sc.CLOSE_INVALID_DATA, sc.CLOSE_TOO_BIG}
+CHAT_ERROR_CODES = {"bad_json", "bad_message", "missing_text", "too_big"}
+HANDSHAKE_STATUSES = {400, 405, 426}
+
+
+def feed_chunks(chunks: list, **parser_options) -> tuple[list, int | None]:
+    """Feed chunks to a fresh FrameParser: (frames completed, close code of the error or None)."""
+    parser = sc.FrameParser(**parser_options)
+    frames: list = []
+    for chunk in chunks:
+        try:
+            frames.extend(parser.feed(chunk))
+        except sc.ProtocolError as e:
+            assert e.code in PARSER_CLOSE_CODES, f"close code {e.code} for {e.reason}"
+            assert isinstance(e.reason, str) and len(e.reason.encode()) <= 123
+            frames.extend(e.frames)                 # completed in the same call, before the error
+            try:
+                parser.feed(b"\x81\x80abcd")        # a failed parser stays failed
+            except sc.ProtocolError as again:
+                assert again.code == e.code
+            else:
+                raise AssertionError("a failed parser took more data")
+            return frames, e.code
+    return frames, None
+
+
+def split_at(data: bytes, cuts: list) -> list:
+    """data cut at the given offsets (taken modulo its length, in order)."""
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[i:j] for i, j in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+def check_any_split(data: bytes, cuts: list, **parser_options) -> tuple[list, int | None]:
+    """Assert that a stream parses alike whole, byte by byte and cut at cuts; return the result.
+
+    The result is the frames completed and, when the stream breaks the
+    protocol, the close code: both must not depend on how the stream was cut.
+    """
+    one_by_one = feed_chunks([data[i:i + 1] for i in range(len(data))], **parser_options)
+    for chunks in ([data], split_at(data, cuts)):
+        assert feed_chunks(chunks, **parser_options) == one_by_one
+    for opcode, payload in one_by_one[0]:
+        if opcode == sc.OP_TEXT:
+            payload.decode()                     # text messages are always valid UTF-8
+        if opcode == sc.OP_CLOSE:
+            sc.parse_close(payload)
+        assert parser_options.get("accept_binary", True) or opcode != sc.OP_BINARY
+    return one_by_one
+
+
+def check_close_payload(payload: bytes) -> None:
+    """parse_close either returns a valid (code, reason) or raises ProtocolError 1002/1007."""
+    try:
+        code, reason = sc.parse_close(payload)
+    except sc.ProtocolError as e:
+        assert e.code in (sc.CLOSE_PROTOCOL_ERROR, sc.CLOSE_INVALID_DATA)
+        return
+    assert code == sc.CLOSE_NO_STATUS or code in sc.VALID_CLOSE_CODES or 3000 <= code <= 4999
+    assert reason.encode() == payload[2:]
+
+
+def check_request_head(head: bytes) -> None:
+    """A request head either parses and upgrades or raises HandshakeError with a 4xx status."""
+    try:
+        request = sc.parse_request_head(head)
+    except sc.HandshakeError as e:
+        assert e.status == 400
+        return
+    try:
+        accept = sc.check_upgrade(request)
+    except sc.HandshakeError as e:
+        assert e.status in HANDSHAKE_STATUSES
+        return
+    assert accept == sc.accept_key(request.headers["sec-websocket-key"])
+
+
+def check_chat_payload(payload: bytes, max_message_size: int) -> None:
+    """parse_chat_message either returns a valid message or raises ChatError with a known code."""
+    try:
+        message_id, text, sent_at, resend = sc.parse_chat_message(payload, max_message_size)
+    except sc.ChatError as e:
+        assert e.code in CHAT_ERROR_CODES
+        return
+    assert type(resend) is bool
+    assert message_id is None or type(message_id) is int
+    assert type(text) is str and 0 < len(text.encode()) <= max_message_size
+    assert sent_at is None or type(sent_at) is str
+
+
+# ---------------------------------------------------------------------------
+# Shared data and figures: test_hostile.py and bench/bench_abuse.py
+# ---------------------------------------------------------------------------
+
+BAD_PAYLOADS = [              # (text frame payload, error code expected; the connection stays)
+    (b"[" * 300_000, "bad_json"), (b'{"text":' * 40_000, "bad_json"),
+    (b"[1,2,3]", "bad_message"), (b"42", "bad_message"), (b'"text"', "bad_message"),
+    (b"null", "bad_message"), (b"{not json", "bad_json"),
+]
+
+
+def percentile(values: list, q: float) -> float:
+    """The q-quantile (0..1) of values, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
