@@ -30,7 +30,7 @@ from scalechat import (
     encode_frame,
     message_parts,
 )
-from testkit import HERE, alive, children, free_port, start_server
+from testkit import HERE, LoopbackProxy, alive, children, free_port, start_server
 
 LOADCLIENT = os.path.join(HERE, "loadclient.py")
 HEADER = list(loadclient.EVENT_COLUMNS)
@@ -180,7 +180,7 @@ def test_sweep_gzip_and_sampled_receivers(server, tmp_path):
         assert len(rows) - result["sent"] == recorded == result["latency_ms"]["count"]
 
 
-class CuttingProxy:
+class CuttingProxy(LoopbackProxy):
     """A TCP proxy in front of the server that can cut a client off the way a network or server does.
 
     Server-to-client bytes are forwarded frame by frame, so a cut lands between
@@ -190,27 +190,19 @@ class CuttingProxy:
 
     def __init__(self, upstream_port: int, refuse: tuple = ()) -> None:
         self.upstream = ("127.0.0.1", upstream_port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"ws://127.0.0.1:{self.listener.getsockname()[1]}/ws"
         self.links: list = []
-        self.refuse, self.accepted = refuse, 0    # accepts (0: the first) closed before any byte
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.refuse = refuse                      # accepts (0: the first) closed before any byte
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            if self.accepted - 1 in self.refuse:
-                client.close()
-                continue
-            link = {"client": client, "server": socket.create_connection(self.upstream),
-                    "cut": None, "at": b"", "done": threading.Event(), "up": bytearray()}
-            self.links.append(link)
-            threading.Thread(target=self._up, args=(link,), daemon=True).start()
-            threading.Thread(target=self._down, args=(link,), daemon=True).start()
+    def link(self, client: socket.socket, index: int) -> None:
+        if index in self.refuse:
+            client.close()
+            return
+        link = {"client": client, "server": socket.create_connection(self.upstream),
+                "cut": None, "at": b"", "done": threading.Event(), "up": bytearray()}
+        self.links.append(link)
+        threading.Thread(target=self._up, args=(link,), daemon=True).start()
+        threading.Thread(target=self._down, args=(link,), daemon=True).start()
 
     def _up(self, link: dict) -> None:
         try:

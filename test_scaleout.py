@@ -33,12 +33,12 @@ from websockets.protocol import State
 from testkit import (
     CLIENT_A,
     HERE,
-    TCP_ESTABLISHED,
     TCP_LISTEN,
     RawClient,
     RedisServer,
     ServerProc,
     children,
+    connection_owners,
     echo_time,
     fill_room,
     sample_names,
@@ -70,26 +70,6 @@ def run_async(test):
     def wrapper(*args, **kwargs):
         return asyncio.run(test(*args, **kwargs))
     return wrapper
-
-
-def connection_owners(port: int, pids: list[int]) -> dict[int, int]:
-    """Client port -> pid of the process that holds that client's connection to port."""
-    inodes = tcp_sockets(port, TCP_ESTABLISHED)
-    owners = {}
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue                        # exited meanwhile
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            inode = target[8:-1] if target.startswith("socket:[") else None
-            if inode in inodes:
-                owners[inodes[inode]] = pid
-    return owners
 
 
 async def start_workers(n: int, *args: str, **kwargs) -> ServerProc:
@@ -840,7 +820,7 @@ async def assert_room_counted_everywhere(urls: list[str], owners) -> None:
 async def test_member_counts_sum_every_worker(two_workers):
     """--workers: the supervisor sums each worker's members of a room and tells every worker."""
     await assert_room_counted_everywhere(
-        [two_workers.url], lambda: set(connection_owners(two_workers.port, worker_pids(two_workers)).values()))
+        [two_workers.url], lambda: set(connection_owners(two_workers.port, children(two_workers.proc.pid)).values()))
 
 
 @run_async
