@@ -40,7 +40,6 @@ import sys
 import time
 import traceback
 from collections import deque
-from datetime import UTC, datetime
 from typing import NamedTuple
 from urllib.parse import parse_qs
 
@@ -543,11 +542,6 @@ def max_frame_size(max_message_size: int) -> int:
 def valid_name(name: str) -> bool:
     """A display name: 1-32 printable characters, not only spaces."""
     return 0 < len(name) <= MAX_NAME_CHARS and name.isprintable() and not name.isspace()
-
-
-def utc_now_rfc3339() -> str:
-    """The current UTC time, RFC 3339 with microseconds."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class ChatError(Exception):

@@ -34,6 +34,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import scalechat as sc
+from loadclient import iso_time, now_us
 from testkit import (
     BAD_PAYLOADS,
     CLIENT_A,
@@ -850,6 +851,8 @@ RATE_BURST = 20
 CHAT_INTERVAL = 0.05          # 20 messages a second between the two normal clients
 QUIET_MESSAGES = 100
 ATTACK_MESSAGES = 200         # about 10 s
+
+
 def chat_pair(port: int, room: str, count: int, interval: float) -> list:
     """Two clients take turns sending count messages into room; return every delivery latency.
 
@@ -863,7 +866,7 @@ def chat_pair(port: int, room: str, count: int, interval: float) -> list:
         sender = (alice, bob)[i % 2]
         text = f"message {i} " + "x" * (i % 64)
         t0 = time.perf_counter()
-        sender.send_json({"message_id": i, "text": text, "sent_at": sc.utc_now_rfc3339()})
+        sender.send_json({"message_id": i, "text": text, "sent_at": iso_time(now_us())})
         for client in (alice, bob):
             message = client.recv_message()
             latencies.append(time.perf_counter() - t0)

@@ -59,6 +59,7 @@ from run_bench import (
     Watch,
 )
 
+from loadclient import iso_time, now_us
 from scalechat import (
     OP_CLOSE,
     OP_CONTINUATION,
@@ -76,7 +77,6 @@ from scalechat import (
     parse_close,
     parse_handshake_response,
     resp_command,
-    utc_now_rfc3339,
 )
 from testkit import (
     BAD_PAYLOADS,
@@ -313,7 +313,7 @@ def masked(opcode: int, payload: bytes, fin: bool = True) -> bytes:
 def chat_frame(message_id: int, text_json: bytes, extra: bytes = b"") -> bytes:
     """A masked chat message; text_json is the text as a JSON string literal."""
     return masked(OP_TEXT, b'{"message_id":%d,"text":%s,"sent_at":"%s"%s}'
-                  % (message_id, text_json, utc_now_rfc3339().encode(), extra))
+                  % (message_id, text_json, iso_time(now_us()).encode(), extra))
 
 
 def fill_room(port: int, room: str, count: int, text_json: bytes = HEAVY_TEXT, rate: float | None = RATE - 5,
