@@ -243,7 +243,7 @@ def main() -> int:
     parser.add_argument("--results", default=os.path.join(HERE, "results"))
     args = parser.parse_args()
     report = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
-              "command": "python bench/bench_cluster.py " + " ".join(sys.argv[1:]),
+              "command": " ".join(["python bench/bench_cluster.py", *sys.argv[1:]]),
               "load": f"{args.rooms} rooms of {args.size}, loadclient.py --load-test through one instance "
                       f"with --workers 2, {args.duration:g} s per run",
               "throughput": []}
