@@ -2042,8 +2042,14 @@ class RedisBus(RemoteBus):
                              lambda: self._reconnect(node))
 
     def _reconnect(self, node: RedisNode) -> None:
-        if self.nodes.get(node.addr) is node and node.cmd is None:
-            self._connect(node)
+        if self.nodes.get(node.addr) is not node or node.cmd is not None:
+            return
+        if self.cluster is None and len(self.seeds) > 1:    # not one answered yet: try the next seed
+            del self.nodes[node.addr]
+            self.seed_turn += 1
+            self._node(self.seeds[self.seed_turn % len(self.seeds)]).backoff = node.backoff
+            return
+        self._connect(node)
 
     def _update_up(self) -> None:
         if self.cluster:

@@ -51,6 +51,7 @@ from testkit import (
     children,
     command,
     connection_owners,
+    free_port,
     redirected,
     room_key,
     start_server,
@@ -425,6 +426,21 @@ def shard_channels(cluster: RedisCluster, room: str) -> list[str]:
     slot = cluster.room_slot(room)
     return sorted({c for n in cluster.shard_nodes(slot) for c in command(n.port, "PUBSUB", "SHARDCHANNELS")
                    if room in c and key_slot(c.encode()) == slot})
+
+
+def test_a_dead_seed_first_in_the_list_is_passed_over(cluster):
+    """--redis lists seeds: while none has answered, the server tries each in turn."""
+    dead = free_port()
+    server = start_instance(f"redis://127.0.0.1:{dead},127.0.0.1:{cluster.nodes[-1].port}/0")
+    try:
+        ws = websocket.create_connection(f"{server.url}/seeds", timeout=10)
+        assert json.loads(ws.recv())["type"] == "welcome"
+        ws.send(json.dumps({"message_id": 1, "text": "through the second seed"}))
+        frames = [json.loads(ws.recv()) for _ in range(2)]
+        assert {f["type"] for f in frames} == {"ack", "message"}, frames
+        ws.close()
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------------------
