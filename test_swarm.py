@@ -141,6 +141,7 @@ class Engine:
         self.dockerd: subprocess.Popen | None = None
         self.links_before: set[str] = set()
         self.swarm_started = False
+        self.networks_before: set[str] = set()
 
     def start(self) -> None:
         install_missing()
@@ -155,6 +156,7 @@ class Engine:
                         "has none; put a docker CLI 23 or later first on PATH")
         state = docker("info", "--format", "{{.Swarm.LocalNodeState}}")
         if state == "inactive":
+            self.networks_before = set(docker("network", "ls", "--format", "{{.Name}}").split())
             docker("swarm", "init", "--advertise-addr", "127.0.0.1")
             self.swarm_started = True
         elif state != "active":
@@ -172,16 +174,20 @@ class Engine:
         deadline = time.monotonic() + 60
         while run("docker", "info", timeout=30, check=False).returncode != 0:
             if self.dockerd.poll() is not None or time.monotonic() > deadline:
+                status = self.dockerd.poll()
                 self.stop()
                 tail = DOCKERD_LOG.read_text(errors="replace").splitlines()[-15:]
-                pytest.fail("dockerd did not start (exit status "
-                            f"{self.dockerd.returncode}); the end of {DOCKERD_LOG}:\n" + "\n".join(tail))
+                why = "no answer in 60 s" if status is None else f"exit status {status}"
+                pytest.fail(f"dockerd did not start ({why}); the end of {DOCKERD_LOG}:\n" + "\n".join(tail))
             time.sleep(0.5)
 
     def stop(self) -> None:
         """Leave the swarm and stop the daemon, if this test began them (twice is harmless)."""
         if self.swarm_started:
             docker("swarm", "leave", "--force", timeout=60, check=False)
+            # Leaving removes the ingress network, not the bridge that swarm init made.
+            if "docker_gwbridge" not in self.networks_before:
+                docker("network", "rm", "docker_gwbridge", check=False)
             self.swarm_started = False
         if self.dockerd is not None:
             if self.dockerd.poll() is None:
@@ -525,6 +531,7 @@ def test_it_leaves_nothing_behind(engine, stack):
     engine.stop()
     if started_swarm and not started_daemon:
         assert docker("info", "--format", "{{.Swarm.LocalNodeState}}") == "inactive"
+        assert set(docker("network", "ls", "--format", "{{.Name}}").split()) <= engine.networks_before
     if started_daemon:
         assert run("docker", "info", timeout=30, check=False).returncode != 0, "dockerd still answers"
         assert network_links() <= links_before, network_links() - links_before
