@@ -14,7 +14,9 @@ The test machine has Debian's Docker engine but no image registry and no IPVS
    daemon. The stand-in images stay, so the next run need not build them again.
 
 Everything the stack does stays on this machine: between the containers the test
-creates, and loopback (the test reads Prometheus through its host-mode port).
+creates, and loopback (the test reads Prometheus through its host-mode port; Swarm
+publishes such a port on every address of the machine, for the minutes the stack
+runs).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -242,23 +245,25 @@ def build_standin(tag: str) -> None:
     if label == wanted:
         return
     packages, hooks, changes = STANDINS[tag]
-    rootfs = subprocess.Popen(
-        ["mmdebstrap", "--quiet", "--variant=minbase", "--include=" + ",".join(packages),
-         *(f"--customize-hook={hook}" for hook in hooks), SUITE, "-", debian_sources()],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        imported = subprocess.run(
-            ["docker", "import", *(arg for change in [*changes, f"LABEL scalechat.recipe={wanted}"]
-                                   for arg in ("--change", change)), "-", tag],
-            stdin=rootfs.stdout, capture_output=True, text=True, timeout=600, check=False)
-    finally:
-        rootfs.stdout.close()
+    with tempfile.TemporaryFile() as errors:
+        rootfs = subprocess.Popen(
+            ["mmdebstrap", "--quiet", "--variant=minbase", "--include=" + ",".join(packages),
+             *(f"--customize-hook={hook}" for hook in hooks), SUITE, "-", debian_sources()],
+            stdout=subprocess.PIPE, stderr=errors)
         try:
-            errors = rootfs.communicate(timeout=60)[1].decode(errors="replace")
-        except subprocess.TimeoutExpired:
-            rootfs.kill()
-            errors = "(killed)"
-    assert rootfs.returncode == 0, f"mmdebstrap for {tag} failed: {errors[-2000:]}"
+            imported = subprocess.run(
+                ["docker", "import", *(arg for change in [*changes, f"LABEL scalechat.recipe={wanted}"]
+                                       for arg in ("--change", change)), "-", tag],
+                stdin=rootfs.stdout, capture_output=True, text=True, timeout=600, check=False)
+        finally:
+            rootfs.stdout.close()
+            try:
+                rootfs.wait(60)
+            except subprocess.TimeoutExpired:
+                rootfs.kill()
+                rootfs.wait()
+        errors.seek(0)
+        assert rootfs.returncode == 0, f"mmdebstrap for {tag} failed: {errors.read()[-2000:].decode()}"
     assert imported.returncode == 0, f"docker import {tag} failed: {imported.stderr}"
 
 
@@ -337,25 +342,26 @@ class Stack:
     def load(self, out: Path, seconds: int, grace: int, rooms: int = 5, room_size: int = 4) -> subprocess.Popen:
         """Start loadclient.py in a container on the stack's network, against ws://chat:8080/ws."""
         out.mkdir(parents=True, exist_ok=True)
-        return subprocess.Popen(
-            ["docker", "run", "--rm", "--name", f"{STACK}-load", "--network", NETWORK, "--user", "0:0",
-             "-v", f"{HERE}:/src:ro", "-v", f"{out}:/out", "-w", "/out", CHAT_IMAGE,
-             "python", "/src/loadclient.py", "--load-test", "--server-url", "ws://chat:8080/ws",
-             "--rooms", str(rooms), "--room-size", str(room_size), "--rate", "10",
-             "--duration", str(seconds), "--grace", str(grace), "--seed", "7",
-             "--out", "/out/run", "--summary-json", "/out/summary.json"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        with open(out / "loadclient.log", "w") as log:
+            return subprocess.Popen(
+                ["docker", "run", "--rm", "--name", f"{STACK}-load", "--network", NETWORK, "--user", "0:0",
+                 "-v", f"{HERE}:/src:ro", "-v", f"{out}:/out", "-w", "/out", CHAT_IMAGE,
+                 "python", "/src/loadclient.py", "--load-test", "--server-url", "ws://chat:8080/ws",
+                 "--rooms", str(rooms), "--room-size", str(room_size), "--rate", "10",
+                 "--duration", str(seconds), "--grace", str(grace), "--seed", "7",
+                 "--out", "/out/run", "--summary-json", "/out/summary.json"],
+                stdout=log, stderr=subprocess.STDOUT)
 
 
 def finish_load(run_: subprocess.Popen, out: Path, timeout: float) -> dict:
     """Wait for a load run; its summary (from loadclient.py), checked to have lost nothing."""
     try:
-        output = run_.communicate(timeout=timeout)[0]
+        run_.wait(timeout)
     except subprocess.TimeoutExpired:
         docker("rm", "-f", f"{STACK}-load", check=False)
-        output = run_.communicate()[0]
-        raise AssertionError(f"the load run did not end in {timeout} s:\n{output[-3000:]}") from None
-    assert run_.returncode == 0, f"loadclient.py exited {run_.returncode}:\n{output[-3000:]}"
+        run_.wait()
+    output = (out / "loadclient.log").read_text(errors="replace")[-3000:]
+    assert run_.returncode == 0, f"loadclient.py exited {run_.returncode} (or ran past {timeout} s):\n{output}"
     (result,) = json.loads((out / "summary.json").read_text())["scenarios"]
     assert result["sent"] > 0
     assert (result["delivery_ratio"], result["duplicates"], result["lost"]) == (1.0, 0, 0), result
@@ -408,7 +414,7 @@ def stack(engine):
 
 @pytest.fixture(scope="module")
 def healthy(stack):
-    """The stack with every chat replica healthy and scraped (waited for once)."""
+    """The stack once every chat replica is healthy (waited for once)."""
     until(lambda: len(stack.healthy_chat_addresses()) == REPLICAS, 120,
           f"{REPLICAS} chat replicas healthy")
     return stack
