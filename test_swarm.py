@@ -53,6 +53,12 @@ REPLICAS = 3
 PROMETHEUS = "http://127.0.0.1:9090"
 DOCKERD_LOG = Path("/tmp/scalechat-test-dockerd.log")
 SUITE = "bookworm"  # its python3 is 3.11, as in python:3.11-slim
+# A killed replica's address stays in Swarm's DNS for a moment, and a connect to it
+# gets no answer at all: a client that tries it waits out its connect timeout while
+# its messages queue up. After the default 10 s, the 100-odd it then sends at once
+# exceed the server's --rate-burst (100): those over it are refused (rate_limit)
+# and lost. 3 s keeps a client that meets the dead address twice under the burst.
+CONNECT_TIMEOUT = 3
 
 # The official Redis image's entrypoint turns protected mode off when Redis runs
 # without a configuration file (as the stack runs it): the stand-in does the same,
@@ -349,6 +355,7 @@ class Stack:
                  "python", "/src/loadclient.py", "--load-test", "--server-url", "ws://chat:8080/ws",
                  "--rooms", str(rooms), "--room-size", str(room_size), "--rate", "10",
                  "--duration", str(seconds), "--grace", str(grace), "--seed", "7",
+                 "--connect-timeout", str(CONNECT_TIMEOUT),
                  "--out", "/out/run", "--summary-json", "/out/summary.json"],
                 stdout=log, stderr=subprocess.STDOUT)
 
