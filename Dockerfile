@@ -1,5 +1,8 @@
 # scale-chat server image: `docker build -t scalechat .`
-FROM python:3.11-slim
+# BASE is any image with Python 3.11, pip and useradd; test_swarm.py builds on a
+# stand-in made from Debian where no registry is reachable.
+ARG BASE=python:3.11-slim
+FROM ${BASE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import errno
 import gzip
 import heapq
@@ -102,15 +103,64 @@ def iso_time(us: int) -> str:
 # Target: the server URL, split into what a connection needs
 # ---------------------------------------------------------------------------
 
+# A server name is resolved again at most this often (seconds).
+RESOLVE_INTERVAL = 1.0
+
+
+def addresses_of(host: str, port: int, family: int = socket.AF_UNSPEC) -> tuple[int, list]:
+    """The family of host's first address, and every (address, port) of it in that family, sorted."""
+    infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+    family = infos[0][0]
+    return family, sorted({info[4][:2] for info in infos if info[0] == family})
+
+
+class ServerAddresses:
+    """Every address of the server's name, one connection after another (client-side DNS round robin).
+
+    A Swarm service with endpoint_mode dnsrr answers with one address per
+    replica: taken in turn, they spread the clients over the replicas. The name
+    is resolved again (at most every RESOLVE_INTERVAL), so clients that come
+    back after a rolling update find the replicas that replaced the old ones.
+    """
+
+    def __init__(self, host: str, port: int, family: int, addresses: list) -> None:
+        self.host, self.port, self.family, self.addresses = host, port, family, addresses
+        self.fixed = is_ip_address(host)
+        self.resolved = time.monotonic()
+        self.turn = 0
+
+    def next(self) -> tuple:
+        """The address for the next connection."""
+        now = time.monotonic()
+        if not self.fixed and now - self.resolved >= RESOLVE_INTERVAL:
+            self.resolved = now
+            # On an error, keep the last answer: DNS down is no reason to stop reconnecting.
+            with contextlib.suppress(OSError):
+                self.addresses = addresses_of(self.host, self.port, self.family)[1]
+        address = self.addresses[self.turn % len(self.addresses)]
+        self.turn += 1
+        return address
+
+
+def is_ip_address(host: str) -> bool:
+    """Whether host is an IP address rather than a name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Target:
-    """A ws:// server URL resolved once: address to connect to, Host header, base path, room."""
+    """A ws:// server URL resolved: its addresses, Host header, base path, room."""
     url: str
     host_header: str
-    address: tuple
+    address: tuple                      # the first address: the probe's
     family: int
     base_path: str
     room: str | None
+    servers: ServerAddresses            # every address, in turn, for each connection
 
     @property
     def loopback(self) -> bool:
@@ -136,17 +186,17 @@ def parse_server_url(url: str) -> Target:
     except ValueError:
         raise SettingsError(f"--server-url {url}: bad port") from None
     try:
-        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+        family, addresses = addresses_of(parts.hostname, port)
     except socket.gaierror as exc:
         raise SettingsError(f"--server-url {url}: cannot resolve {parts.hostname}: {exc.strerror}") from None
-    family, _, _, _, address = infos[0]
     path = parts.path.rstrip("/") or "/ws"
     base_path, room = path, None
     head, _, tail = path.rpartition("/")
     if head.endswith("/ws") and ROOM_NAME.fullmatch(tail):
         base_path, room = head, tail
     host_header = parts.netloc.rpartition("@")[2]
-    return Target(url, host_header, address[:2], family, base_path, room)
+    servers = ServerAddresses(parts.hostname, port, family, addresses)
+    return Target(url, host_header, addresses[0], family, base_path, room, servers)
 
 
 # ---------------------------------------------------------------------------
@@ -257,7 +307,7 @@ class ClientConnection:
                 # source address alone, has to be unique.
                 sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 sock.bind((self.source, 0))
-            err = sock.connect_ex(self.target.address)
+            err = sock.connect_ex(self.target.servers.next())
         except OSError as exc:
             self._fail(f"connect: {exc.strerror}")
             return
