@@ -1,7 +1,8 @@
 """The stack on a real Docker engine in Swarm mode: built, deployed, loaded, updated, killed.
 
 The test machine has Debian's Docker engine but no image registry and no IPVS
-(see test_swarm.compose.yml for what that forces on the stack). So the module:
+(see test_swarm.compose.yml for what that forces on the stack). So the module,
+with testkit's Engine, build_images and Stack (bench/bench_swarm.py uses them too):
 
 1. installs docker.io and mmdebstrap when they are missing, and starts dockerd
    when none runs (without iptables rules or IP forwarding: see Engine);

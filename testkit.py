@@ -1427,16 +1427,18 @@ class Stack:
         if volumes:
             docker("volume", "rm", *volumes.split())
 
-    def loadclient(self, out: Path, *args: str, log: str = "loadclient.log") -> subprocess.Popen:
+    def loadclient(self, out: Path, *args: str, log: str = "loadclient.log",
+                   options: tuple[str, ...] = ()) -> subprocess.Popen:
         """Start loadclient.py with args in a container on the stack's network.
 
-        out is its working folder (/out in there); its output goes to out/log."""
+        out is its working folder (/out in there); its output goes to out/log;
+        options go to docker run."""
         out.mkdir(parents=True, exist_ok=True)
         with open(out / log, "w") as output:
             return subprocess.Popen(
                 ["docker", "run", "--rm", "--name", f"{self.name}-load", "--network", self.network,
-                 "--user", "0:0", "-v", f"{HERE}:/src:ro", "-v", f"{out}:/out", "-w", "/out", CHAT_IMAGE,
-                 "python", "/src/loadclient.py", *args],
+                 "--user", "0:0", *options, "-v", f"{HERE}:/src:ro", "-v", f"{out}:/out", "-w", "/out",
+                 CHAT_IMAGE, "python", "/src/loadclient.py", *args],
                 stdout=output, stderr=subprocess.STDOUT)
 
     def chat_containers(self) -> list[dict]:
