@@ -21,11 +21,11 @@ each run the bench reads each chat replica's cgroup (cpu.stat: nr_periods,
 nr_throttled, throttled_time; cpuacct.usage), Redis's, and the machine's busy
 time from /proc/stat. After the sweep, csvprocess.py and plot.py run on the
 load client's results folder as a user would run them; the latency-mean figure
-is copied to bench/results/swarm-<N>r-latency-mean.png.
+is copied to bench/results/swarm-<N>r-latency-mean.png (NAME-..., with --name).
 
 Starts dockerd and a swarm when none runs (testkit.Engine), and stops what it
 started. Everything stays on this machine: the stack's containers and loopback.
-Writes bench/results/swarm.json and bench/results/swarm.md.
+Writes bench/results/swarm.json and bench/results/swarm.md (--name NAME: NAME.json, NAME.md).
 """
 from __future__ import annotations
 
@@ -181,7 +181,7 @@ def sweep(replicas: int, workdir: Path, args: argparse.Namespace, deadline: floa
     env = {"SCALECHAT_REPLICAS": str(replicas), "SCALECHAT_CPUS": args.cpus, "SCALECHAT_MEMORY": args.memory}
     stack = Stack(STACK, env)
     out = workdir / f"{replicas}r"
-    rows, stopped = [], "every client count ran"
+    rows, stopped = [], "no threshold missed, up to the last client count"
     try:
         stack.deploy()
         wait_for(lambda: len(stack.healthy_chat_addresses()) == replicas, 180,
@@ -197,24 +197,24 @@ def sweep(replicas: int, workdir: Path, args: argparse.Namespace, deadline: floa
                   f"p99 {row.get('latency_ms', {}).get('p99')} ms, throttled "
                   f"{[r.get('throttled_share') for r in row['replicas']]}", flush=True)
             if row["exit_status"] != 0:
-                stopped = (f"{clients} clients: a threshold missed" if row["exit_status"] == 1
+                stopped = (f"a threshold missed at {clients} clients" if row["exit_status"] == 1
                            else f"{clients} clients: loadclient.py exit status {row['exit_status']}")
                 break
             time.sleep(args.pause)
     finally:
         stack.remove()
-    figures = process_and_plot(out / "run", replicas) if rows else []
+    figures = process_and_plot(out / "run", replicas, args.name) if rows and args.figures else []
     return {"replicas": replicas, "results_folder": str(out / "run"), "steps": rows, "stopped": stopped,
             "figures": figures}
 
 
-def process_and_plot(run: Path, replicas: int) -> list[str]:
+def process_and_plot(run: Path, replicas: int, name: str) -> list[str]:
     """csvprocess.py and plot.py on the load client's results folder, as a user runs them."""
     for tool in ("csvprocess.py", "plot.py"):
         subprocess.run([sys.executable, os.path.join(ROOT, tool), str(run)], check=True, timeout=600,
                        stdout=subprocess.DEVNULL)
     figure = run / "plots" / "latency-mean.png"
-    target = RESULTS / f"swarm-{replicas}r-latency-mean.png"
+    target = RESULTS / f"{name}-{replicas}r-latency-mean.png"
     shutil.copyfile(figure, target)
     return [target.name]
 
@@ -258,7 +258,7 @@ def report(result: dict) -> str:
                 f"{row['machine_busy_cores']:.2f} |")
     lines.append("")
     for sweep_ in result["sweeps"]:
-        lines.append(f"- {sweep_['replicas']} replica(s): stopped at {sweep_['stopped']}; "
+        lines.append(f"- {sweep_['replicas']} replica(s): {sweep_['stopped']}; "
                      f"figures: {', '.join(sweep_['figures']) or 'none'}.")
         for row in sweep_["steps"]:
             if row.get("errors") or row.get("reconnects") or row.get("failure"):
@@ -284,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-p99", type=float, default=1000.0, help="ms")
     parser.add_argument("--min-delivery", type=float, default=1.0)
     parser.add_argument("--budget", type=int, default=900, help="seconds for the whole run")
+    parser.add_argument("--name", default="swarm", help="bench/results/NAME.md, .json and NAME-<N>r-*.png")
+    parser.add_argument("--no-figures", dest="figures", action="store_false",
+                        help="skip csvprocess.py and plot.py")
     args = parser.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]
     replica_counts = [int(r) for r in args.replicas.split(",")]
@@ -310,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         "original": ORIGINAL, "load_results": str(workdir), "sweeps": sweeps,
         "loadclient": "python loadclient.py " + " ".join(loadclient_args("<C/10>", args)),
     }
-    (RESULTS / "swarm.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "swarm.md").write_text(report(result))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(report(result))
     print(report(result))
     return 0
 
