@@ -3,7 +3,7 @@
 0.25 CPU and 512 MB each, clients sending one message a second, more clients
 at each step until p99 passes 1 s or a message is lost.
 
-    python bench/bench_swarm.py                           # about 12 minutes
+    python bench/bench_swarm.py                           # about 11 minutes
     python bench/bench_swarm.py --replicas 1 --clients 100,200 --duration 10
 
 For each replica count of --replicas, the stack (docker-compose.yml with
