@@ -23,6 +23,7 @@ import base64
 import bisect
 import codecs
 import errno
+import functools
 import gc
 import hashlib
 import json
@@ -1847,6 +1848,13 @@ def key_slot(key: bytes) -> int:
     return crc % CLUSTER_SLOTS
 
 
+@functools.lru_cache(maxsize=4096)
+def room_slot(room: str) -> int:
+    """A room's hash slot (its name is the hash tag of its keys), remembered for busy rooms:
+    the slot is asked for every message on a cluster."""
+    return key_slot(room.encode())
+
+
 class RedisNode:
     """One Redis server of the bus: a command link and a subscriber link, replies matched in order."""
 
@@ -1926,7 +1934,7 @@ class RedisBus(RemoteBus):
 
     def lane(self, room: str) -> int:
         """A room's hash slot: its messages keep their order on the way to its master."""
-        return key_slot(room.encode()) if self.cluster else 0
+        return room_slot(room) if self.cluster else 0
 
     def owner(self, slot: int) -> RedisNode | None:
         """The node that holds a slot (the one Redis, when not a cluster)."""
