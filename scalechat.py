@@ -1922,14 +1922,6 @@ class RedisBus(RemoteBus):
         loop.every(0.25, self._check_topology)
         self._node(self.seeds[0])
 
-    @property
-    def host(self) -> str:
-        return self.seeds[0][0]
-
-    @property
-    def port(self) -> int:
-        return self.seeds[0][1]
-
     # -- where a room lives
 
     def lane(self, room: str) -> int:
