@@ -46,6 +46,7 @@ from scalechat import (
     OP_PING,
     OP_PONG,
     OP_TEXT,
+    OPEN,
     PROTOCOL_ERROR_CODES,
     REC_ACK,
     REC_MESSAGE,
@@ -80,6 +81,7 @@ from scalechat import (
     max_frame_size,
     new_key,
     new_mask_key,
+    open_fds,
     parse_args,
     parse_chat_message,
     parse_close,
@@ -724,6 +726,37 @@ def test_bus_messages_reach_members_once_in_seq_order_through_gaps_and_snapshots
     assert bus.calls[-1] == ("closed", "r") and "r" not in chat.rooms
 
 
+class CountingBus(RecordingBus):
+    """A remote bus that records member-count reports."""
+
+    def report_members(self, room, count):
+        self.calls.append(("members", room.name, count))
+
+
+def test_member_counts_visit_only_rooms_whose_count_moved():
+    """The once-a-second member count pass reports and frames the rooms that changed, and
+    nothing else: 2,000 idle rooms cost it nothing."""
+    chat = Chat(parse_args([]), Stats(), lambda c, data: (c.out.append(data)), [])
+    chat.bus = bus = CountingBus()
+    members = [Member(f"m{i}") for i in range(2000)]
+    for i, m in enumerate(members):
+        chat.join(m, f"r{i}", None)
+        chat.on_snapshot(f"r{i}", 0, [])
+    assert len(list(chat.member_count_frames())) == 2000
+    assert sum(c[0] == "members" for c in bus.calls) == 2000
+    bus.calls.clear()
+    assert list(chat.member_count_frames()) == [] and bus.calls == [] and chat.recount == {}
+    late = Member("late")
+    chat.join(late, "r7", None)
+    chat.on_members("r9", 5)                            # 4 members elsewhere
+    chat.leave(members[11])                             # r11 is forgotten: the bus heard of it
+    frames = {room.name: json.loads(frame[2:]) for room, frame in chat.member_count_frames()}
+    assert frames == {"r7": {"type": "members", "room": "r7", "count": 2},
+                      "r9": {"type": "members", "room": "r9", "count": 5}}
+    assert bus.calls == [("closed", "r11"), ("members", "r7", 2)]
+    assert list(chat.member_count_frames()) == []
+
+
 # ---------------------------------------------------------------------------
 # 3. The server end to end, over real sockets
 # ---------------------------------------------------------------------------
@@ -1171,6 +1204,61 @@ def wait_for(predicate, timeout: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_open_descriptors_are_counted_without_listing_them():
+    """The metrics' open-descriptor count matches /proc/<pid>/fd's listing, and follows 300 more
+    sockets (on Linux 6.2+ it is read as the folder's size: a scrape does not list 20,000 fds)."""
+    before = open_fds(os.getpid())
+    assert before == len(os.listdir("/proc/self/fd")) - 1      # the listing's own descriptor
+    socks = [socket.socket() for _ in range(300)]
+    try:
+        assert open_fds(os.getpid()) == before + 300
+    finally:
+        for s in socks:
+            s.close()
+
+
+class IdleConn:
+    """An open, quiet connection as the ping sweep reads it; counts the sweep's visits."""
+
+    visits = 0
+
+    def __init__(self, last_seen: float):
+        self.last_seen, self.ping_sent, self._state = last_seen, 0.0, OPEN
+
+    @property
+    def state(self) -> int:
+        IdleConn.visits += 1
+        return self._state
+
+
+def test_ping_sweep_visits_each_connection_once_per_period_not_per_second():
+    """With --ping-interval 120 and --pong-timeout 60, the sweep looks at each of 30,000
+    connections once per 15 s (a quarter of the shorter interval), 2,000 a tick, not a
+    quarter of them every second; a connection silent past the interval is pinged within
+    that period, and one that never answers is dropped within it after the pong timeout."""
+    server = Server(parse_args(["--host", "127.0.0.1", "--port", str(free_port()), "--metrics-port", "0",
+                                "--ping-interval", "120", "--pong-timeout", "60"]))
+    try:
+        assert (server.sweep_tick, server.sweep_period) == (1.0, 15.0)
+        pinged, aborted = [], []
+        server.send = lambda conn, data: pinged.append(conn)
+        server._abort = aborted.append
+        now = server.now
+        server.conns = {fd: IdleConn(now - (121 if fd % 1000 == 0 else 1)) for fd in range(30000)}
+        IdleConn.visits = 0
+        for tick in range(15):
+            server._sweep()
+            assert IdleConn.visits == 2000 * (tick + 1)
+        assert len(pinged) == 30 and {c.last_seen for c in pinged} == {now - 121}
+        server.now += 61                                # nobody answered its ping
+        for _ in range(15):
+            server._sweep()
+        assert aborted == pinged and IdleConn.visits == 60000
+    finally:
+        server.listener.close()
+        server.sel.close()
 
 
 def test_released_connections_form_no_reference_cycles(in_process_server):
