@@ -75,9 +75,11 @@ DEFAULT_URL = "ws://127.0.0.1:8080/ws"
 RECONNECT_CODES = frozenset({CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER, CLOSE_ABNORMAL,
                              CLOSE_INTERNAL_ERROR})
 # One source address holds about 28k connections to one destination (ports
-# 32768-60999); above this many clients of a loopback target, bind to
-# 127.0.0.2, 127.0.0.3, ... as well.
-CLIENTS_PER_SOURCE_ADDRESS = 25_000
+# 32768-60999), but connect() slows down long before: the kernel walks the ports
+# in use to find a free one, and at 25,000 per address that walk took 69% of the
+# machine's CPU (SCALING.md, section 13). Above this many clients of a loopback
+# target, bind to 127.0.0.2, 127.0.0.3, ... as well (--clients-per-address).
+CLIENTS_PER_SOURCE_ADDRESS = 10_000
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 # Below glibc's 128 KiB mmap threshold: a 256 KiB recv buffer is mapped and
 # unmapped on every call, which cost ~12 us per recv here (six times the rest).
@@ -648,7 +650,7 @@ class ScenarioPlan:
     record_fraction: float
     connect_timeout: float
     part_template: str
-    spread_sources: bool
+    per_address: int                # clients per source address; 0: the kernel picks the source
 
     @property
     def clients(self) -> int:
@@ -662,8 +664,8 @@ class ScenarioPlan:
 
     def source_address(self, index: int) -> str | None:
         """127.0.0.{2,3,...} for every further block of clients of a loopback target, else None."""
-        block = index // CLIENTS_PER_SOURCE_ADDRESS
-        return f"127.0.0.{1 + block}" if self.spread_sources and block else None
+        block = index // self.per_address if self.per_address else 0
+        return f"127.0.0.{1 + block}" if block else None
 
 
 class LoadClient(ClientConnection):
@@ -860,10 +862,19 @@ class LoadClient(ClientConnection):
 
 
 RAMP, READY, SEND, DRAIN, CLOSE, DONE = "ramp", "ready", "send", "drain", "close", "done"
-# Connections one process keeps in their TCP and HTTP handshake at once. Past the
-# machine's pace, a ramp that opened every due connection at once left the requests of
-# thousands unsent while the server's --handshake-timeout ran (SCALING.md, section 4).
+HOLD = "hold"                 # the parent's: every client connected, none sending yet (--hold)
+# Connections kept in their TCP and HTTP handshake at once: at most 1,024 per process,
+# and 6,144 over all processes of a run. Past the machine's pace, a ramp that opened
+# every due connection at once left the requests of thousands unsent while the server's
+# --handshake-timeout ran (SCALING.md, section 4); with 14 processes at 1,024 each the
+# queue was again longer than the timeout (section 13).
 HANDSHAKES_IN_FLIGHT = 1024
+HANDSHAKES_IN_FLIGHT_PER_RUN = 6144
+
+
+def handshakes_in_flight(procs: int) -> int:
+    """How many handshakes one of procs load-client processes keeps in flight at once."""
+    return max(32, min(HANDSHAKES_IN_FLIGHT, HANDSHAKES_IN_FLIGHT_PER_RUN // procs))
 
 
 class LoadWorker:
@@ -885,10 +896,12 @@ class LoadWorker:
         self.latencies: list = []
         self.intended_latencies: list = []
         self.connect_times: list = []
+        self.connects_reported = 0
         self.hist_actual, self.hist_intended = LatencyHistogram(), LatencyHistogram()
         self.schedule: list = []
         self.t0 = self.end_us = 0
         self.ramped = 0
+        self.in_flight_cap = handshakes_in_flight(plan.procs)
         self.ramp_started = time.monotonic()
         self.next_report = math.floor(self.ramp_started) + 1.0
         self._second, self._stamp_prefix = -1, b""
@@ -935,9 +948,9 @@ class LoadWorker:
     def _ramp(self) -> None:
         due = min(len(self.clients),
                   int((time.monotonic() - self.ramp_started) * self.plan.ramp / self.plan.procs) + 1)
-        # Started and not yet joined: beyond HANDSHAKES_IN_FLIGHT, wait for some to finish.
+        # Started and not yet joined: beyond in_flight_cap, wait for some to finish.
         in_flight = self.ramped - (len(self.clients) - self.unsettled)
-        due = min(due, self.ramped + max(0, HANDSHAKES_IN_FLIGHT - in_flight))
+        due = min(due, self.ramped + max(0, self.in_flight_cap - in_flight))
         while self.ramped < due:
             self.clients[self.ramped].start()
             self.ramped += 1
@@ -1005,17 +1018,19 @@ class LoadWorker:
         # at the same moments, just before the parent prints its progress line.
         now = time.monotonic()
         self.next_report = now + 0.2 if self.phase in (DRAIN, CLOSE) else math.floor(now) + 1.0
-        window = LatencyHistogram()
+        window, handshakes = LatencyHistogram(), LatencyHistogram()
         window.add_sorted(sorted(self.intended_latencies))
+        handshakes.add_sorted(sorted(self.connect_times[self.connects_reported:]))
+        self.connects_reported = len(self.connect_times)
         self.hist_intended.merge(window)
         self.hist_actual.add_sorted(sorted(self.latencies))
         self.latencies, self.intended_latencies = [], []
         self.sink.flush()
-        totals = {"phase": self.phase, "time": time.monotonic(), "connected": self.connected,
+        totals = {"phase": self.phase, "time": time.monotonic(), "ramped": self.ramped, "connected": self.connected,
                   "sent": self.sent, "received": self.received, "late": self.late,
                   "duplicates": self.duplicates, "reconnects": self.reconnects, "foreign": self.foreign,
                   "resent": self.resent,
-                  "errors": dict(self.errors), "window": window.state()}
+                  "errors": dict(self.errors), "window": window.state(), "handshakes": handshakes.state()}
         if final:
             connect = LatencyHistogram()
             connect.add_sorted(sorted(self.connect_times))
@@ -1090,7 +1105,8 @@ class ScenarioRun:
         self.windows: list = []
         self.phase = RAMP
         self.t0 = self.send_end = 0
-        self.drain_deadline = 0.0
+        self.drain_deadline = self.hold_end = 0.0
+        self.ramp_progress = 0
         self.started_us = now_us()
         self.tty = sys.stderr.isatty()
         self.shown: list = [None] * plan.procs  # each worker's report at the last progress line
@@ -1141,7 +1157,8 @@ class ScenarioRun:
                 if kind == "final":
                     self.finals[index] = report
                 else:
-                    self.windows.append((time.monotonic(), LatencyHistogram(report["window"])))
+                    self.windows.append((time.monotonic(), LatencyHistogram(report["window"]),
+                                         LatencyHistogram(report["handshakes"])))
         except (EOFError, OSError):
             del self.conns[conn]
             if self.finals[index] is None:
@@ -1160,9 +1177,20 @@ class ScenarioRun:
     def _advance(self) -> None:
         ctrl_c, now = self.interrupts.count, time.monotonic()
         if self.phase == RAMP:
+            # The ramp ends when every client has joined, or once it stops moving: while
+            # clients are still being started or joining, the machine sets its pace, not --ramp.
+            progress = sum(r["ramped"] + r["connected"] for r in self.latest if r)
+            if progress > self.ramp_progress:
+                self.ramp_progress = progress
+                self.ramp_deadline = max(self.ramp_deadline, now + self.plan.connect_timeout + 2)
             if ctrl_c:
                 self._close()
             elif self._phases() == {READY} or now > self.ramp_deadline:
+                self.phase, self.hold_end = HOLD, now + self.settings.hold
+        elif self.phase == HOLD:
+            if ctrl_c:
+                self._close()
+            elif now >= self.hold_end:
                 self.t0 = now_us() + 100_000  # every worker has the command before its first send
                 duration = self.settings.duration
                 end = self.t0 + int(duration * 1e6) if duration else 1 << 62
@@ -1200,15 +1228,17 @@ class ScenarioRun:
         self.shown = list(self.latest)
         send_rate, receive_rate = (sum(r[k] for r in self.rates) for k in (0, 1))
         now = time.monotonic()
-        self.windows = [(t, h) for t, h in self.windows if t > now - self.WINDOW_S]
-        window = LatencyHistogram()
-        for _, hist in self.windows:
+        self.windows = [w for w in self.windows if w[0] > now - self.WINDOW_S]
+        window, handshakes = LatencyHistogram(), LatencyHistogram()
+        for _, hist, connects in self.windows:
             window.merge(hist)
+            handshakes.merge(connects)
         elapsed = (now_us() - (self.t0 or self.started_us)) / 1e6
         line = (f"{self.plan.scenario} {self.phase:5} {elapsed:5.0f}s  "
                 f"conn {totals['connected']}/{self.plan.clients}  "
                 f"send/s {send_rate:.0f}  recv/s {receive_rate:.0f}  "
                 f"p50 {window.percentile(50) / 1000:.1f}ms p99 {window.percentile(99) / 1000:.1f}ms  "
+                f"connect p99 {handshakes.percentile(99) / 1000:.0f}ms  "
                 f"late {totals['late']}  err {sum(totals['errors'].values())}  "
                 f"reconn {totals['reconnects']}")
         sys.stderr.write(f"\r{line}\x1b[K" if self.tty else line + "\n")
@@ -1359,7 +1389,7 @@ def run_load_test(settings: argparse.Namespace) -> int:
                 f"{prefix}{scenario}-", interval_us, settings.msg_size, settings.jitter,
                 settings.seed, settings.ramp, settings.record_receivers, settings.connect_timeout,
                 os.path.join(run_dir, f"{scenario}.part{{index}}{ext}"),
-                spread and rooms * room_size > CLIENTS_PER_SOURCE_ADDRESS)
+                settings.clients_per_address if spread and rooms * room_size > settings.clients_per_address else 0)
             results.append(ScenarioRun(settings, plan, run_dir, interrupts).run())
             print(format_summary(results[-1]), flush=True)
     finally:
@@ -1626,6 +1656,8 @@ def build_parser() -> ArgumentParser:
     add("--procs", type=int, default=1, help="processes that share the clients")
     add("--out", help="results folder (default results/<YYYYmmdd-HHMMSS>)")
     add("--gzip", action="store_true", help="write <scenario>.csv.gz")
+    add("--hold", type=float, default=0.0, metavar="S",
+        help="seconds every client stays connected and quiet (answering pings) between the ramp and sending")
     add("--grace", type=float, default=5.0, help="seconds to wait for messages in flight after sending stops")
     add("--pause", type=float, default=5.0, help="seconds between the scenarios of a sweep")
     add("--room-prefix", metavar="PREFIX",
@@ -1636,6 +1668,8 @@ def build_parser() -> ArgumentParser:
     add("--record-receivers", type=float, default=1.0, metavar="FRACTION",
         help="fraction of clients that record latencies and Received rows (all are counted)")
     add("--connect-timeout", type=float, default=10.0, help="seconds for a connect and handshake")
+    add("--clients-per-address", type=int, default=CLIENTS_PER_SOURCE_ADDRESS, metavar="N",
+        help="with a loopback server, each further N clients connect from 127.0.0.2, 127.0.0.3, ...")
     add("--summary-json", metavar="FILE", help="also write the summary as JSON")
     add("--max-p99", type=float, metavar="MS", help="exit 1 when a scenario's p99 latency exceeds MS")
     add("--min-delivery", type=float, metavar="RATIO", help="exit 1 when a scenario's delivery ratio < RATIO")
@@ -1679,12 +1713,13 @@ def parse_settings(argv: list | None = None) -> argparse.Namespace:
         (s.duration is None or s.duration > 0, "--duration: must be > 0 seconds"),
         (s.ramp > 0, "--ramp: must be > 0 connections per second"),
         (s.procs >= 1, "--procs: must be >= 1"),
-        (s.grace >= 0 and s.pause >= 0, "--grace and --pause: must be >= 0"),
+        (s.grace >= 0 and s.pause >= 0 and s.hold >= 0, "--grace, --pause and --hold: must be >= 0"),
         (0 <= s.jitter < 1, "--jitter: must be in [0, 1)"),
         (s.room_prefix is None or ROOM_NAME.fullmatch(s.room_prefix + "0x0-0") is not None,
          "--room-prefix: must be up to 50 characters of A-Z a-z 0-9 _ . -"),
         (0 <= s.record_receivers <= 1, "--record-receivers: must be in [0, 1]"),
         (s.connect_timeout > 0, "--connect-timeout: must be > 0"),
+        (1 <= s.clients_per_address, "--clients-per-address: must be >= 1"),
         (s.max_p99 is None or s.max_p99 > 0, "--max-p99: must be > 0 ms"),
         (s.min_delivery is None or 0 <= s.min_delivery <= 1, "--min-delivery: must be in [0, 1]"),
         (s.max_p99 is None or s.record_receivers > 0, "--max-p99 needs --record-receivers > 0"),
@@ -1701,6 +1736,9 @@ def parse_settings(argv: list | None = None) -> argparse.Namespace:
     if s.seed is None:
         s.seed = random.SystemRandom().randrange(1 << 31)
     s.target = parse_server_url(s.server_url or DEFAULT_URL)
+    if s.target.loopback and largest > 254 * s.clients_per_address:
+        raise SettingsError(f"{largest} clients at --clients-per-address {s.clients_per_address} need more "
+                            "source addresses than 127.0.0.1-254")
     return s
 
 

@@ -30,7 +30,15 @@ from scalechat import (
     encode_frame,
     message_parts,
 )
-from testkit import HERE, LoopbackProxy, alive, children, free_port, start_server
+from testkit import (
+    HERE,
+    LoopbackProxy,
+    alive,
+    children,
+    free_port,
+    scrape,
+    start_server,
+)
 
 LOADCLIENT = os.path.join(HERE, "loadclient.py")
 HEADER = list(loadclient.EVENT_COLUMNS)
@@ -284,7 +292,7 @@ def test_client_id_is_kept_across_reconnects_and_only_an_ack_settles(server, tmp
         scenario="ack", rooms=1, room_size=1, procs=1, target=loadclient.parse_server_url(proxy.url),
         room_prefix="ack", interval_us=1_000_000, msg_size=100, jitter=0.0, seed=1, ramp=1000.0,
         record_fraction=1.0, connect_timeout=5.0, part_template=str(tmp_path / "part{index}.csv"),
-        spread_sources=False)
+        per_address=0)
     parent_end, worker_end = multiprocessing.Pipe()
     worker = loadclient.LoadWorker(plan, 0, worker_end)
     (client,) = worker.clients
@@ -359,6 +367,88 @@ def test_idle_run_ends_when_its_duration_is_up(server, tmp_path):
     assert not [f for f in os.listdir(tmp_path) if ".part" in f]
 
 
+def test_hold_keeps_every_client_connected_and_answering_pings_before_sending(tmp_path):
+    """--hold 2: between the ramp and the first send, 2 s in which no client sends and every
+    client answers the server's pings (0.5 s interval): none is dropped, and sending follows."""
+    server = start_server("--ping-interval", "0.5", "--pong-timeout", "1")
+    try:
+        launched = loadclient.now_us()
+        code, summary, err = run_load(server.url, tmp_path, "--rooms", "3", "--room-size", "4", "--rate", "5",
+                                      "--duration", "1", "--procs", "2", "--hold", "2", "--seed", "3")
+        metrics = scrape(server.metrics_url)
+    finally:
+        server.stop()
+    assert code == 0, err
+    (result,) = summary["scenarios"]
+    meta = load_json(result["meta"])
+    assert meta["start_us"] - launched >= 2_000_000 and meta["settings"]["hold"] == 2
+    assert re.search(r" hold .*conn 12/12", err), err
+    first_sent = min(int(r["timestamp_us"]) for r in check_complete(result) if r["type"] == "Sent")
+    assert first_sent >= meta["start_us"]
+    assert metrics["scalechat_pings_sent_total"] >= 12
+    assert metrics['scalechat_dropped_clients_total{reason="ping_timeout"}'] == 0
+    assert result["delivery_ratio"] == 1.0 and result["reconnects"] == 0
+
+
+def test_clients_spread_over_source_addresses_in_blocks(tmp_path):
+    """--clients-per-address 5: with a loopback server, clients 0-4 connect from 127.0.0.1,
+    5-9 from 127.0.0.2, 10-11 from 127.0.0.3 (seen in the kernel's table during --hold)."""
+    server = start_server()
+    summary = tmp_path / "summary.json"
+    proc = subprocess.Popen([sys.executable, LOADCLIENT, "--load-test", "--server-url", server.url,
+                             "--rooms", "3", "--room-size", "4", "--procs", "2", "--clients-per-address", "5",
+                             "--hold", "3", "--duration", "1", "--rate", "2", "--out", str(tmp_path),
+                             "--summary-json", str(summary)], stderr=subprocess.PIPE, text=True, cwd=HERE)
+    try:
+        for line in proc.stderr:
+            if " hold " in line:
+                break
+        sources: dict = {}
+        with open("/proc/net/tcp") as f:
+            for fields in (row.split() for row in f):
+                if fields[3] == "01" and fields[1].endswith(f":{server.port:04X}"):
+                    address = socket.inet_ntoa(int(fields[2].split(":")[0], 16).to_bytes(4, "little"))
+                    sources[address] = sources.get(address, 0) + 1
+        proc.stderr.read()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+    assert sources == {"127.0.0.1": 5, "127.0.0.2": 5, "127.0.0.3": 2}
+    assert load_json(summary)["scenarios"][0]["delivery_ratio"] == 1.0
+
+
+def test_ramp_waits_while_it_moves_at_the_machines_pace_and_ends_when_it_stalls(tmp_path, monkeypatch):
+    """A ramp slower than --ramp (the machine's pace) is not cut short by the deadline --ramp
+    implies: sending starts once every client joined, or once nothing moved for
+    --connect-timeout + 2 s (a client the server never lets in does not hold the run forever)."""
+    settings = loadclient.parse_settings(["--load-test", "--rooms", "2", "--room-size", "2", "--procs", "2",
+                                          "--connect-timeout", "1", "--hold", "0", "--duration", "1"])
+    plan = loadclient.ScenarioPlan("2x2", 2, 2, 2, settings.target, "p-", 1000, 100, 0.1, 1, 1000.0,
+                                   0.0, 1.0, str(tmp_path / "part{index}.csv"), 0)
+    run = loadclient.ScenarioRun(settings, plan, str(tmp_path), loadclient.Interrupts())
+    run.conns = {}
+    clock = [1000.0]
+
+    def at(t: float, ramped: int, connected: int, phase: str = loadclient.RAMP) -> str:
+        clock[0] = 1000.0 + t
+        report = {"phase": phase, "ramped": ramped, "connected": connected}
+        run.latest = [report, dict(report)]
+        run._advance()
+        return run.phase
+
+    monkeypatch.setattr(loadclient.time, "monotonic", lambda: clock[0])
+    run.ramp_deadline = 1000.0 + 3.0                # what 4 clients at --ramp 1000 imply
+    for t in range(0, 20, 2):                       # one more joins every 2 s: past 3 s, still ramping
+        assert at(t, 2, t // 2) == loadclient.RAMP
+    assert at(21.0, 2, 9) == loadclient.RAMP          # the last move was at 18 s
+    assert at(21.1, 2, 9) == loadclient.HOLD          # stalled for 1 + 2 s: go on without the rest
+    run.phase, run.ramp_progress, run.ramp_deadline = loadclient.RAMP, 0, 1003.0
+    assert at(1.0, 2, 1) == loadclient.RAMP
+    assert at(1.5, 2, 2, loadclient.READY) == loadclient.HOLD     # everyone joined
+
+
 def test_workers_end_when_the_parent_is_killed(server, tmp_path):
     proc = subprocess.Popen([sys.executable, LOADCLIENT, "--load-test", "--server-url", server.url,
                              "--rooms", "2", "--room-size", "2", "--rate", "10", "--procs", "2",
@@ -391,6 +481,8 @@ def test_workers_end_when_the_parent_is_killed(server, tmp_path):
     (["--room-size", "x"], "--room-size"),
     (["--sweep", "25x2,oops"], "--sweep"),
     (["--record-receivers", "2"], "--record-receivers"),
+    (["--clients-per-address", "0"], "--clients-per-address"),
+    (["--rooms", "300", "--room-size", "10", "--clients-per-address", "10", "--procs", "2"], "127.0.0.1-254"),
     (["--server-url", "http://127.0.0.1:8080/ws"], "ws://"),
     (["--server-url", "ws://127.0.0.1:{dead}/ws"], "cannot connect"),
     (["--server-url", "ws://{http}/nothing-here"], "no WebSocket"),
