@@ -13,6 +13,12 @@ missing or older than the event files) and draws:
 - latency-over-time_<scenario>: p50/p90/p99 per second, message rate on a second axis
 
 Figures go to <run>/plots/ unless --out says otherwise; their paths are printed.
+
+    python plot.py bench/results/connections-1000000.csv
+
+draws a many-connections run of bench/bench_connections.py (its samples, one
+row a second): connections, memory, and handshake and message p99 over the
+ramp, the quiet hold and the chat, as <name>-ramp.png beside the CSV.
 """
 from __future__ import annotations
 
@@ -276,6 +282,70 @@ def over_time(summary: dict, log: bool):
     return fig
 
 
+RAMP_COLUMNS = ("t", "phase", "connections", "server_rss_mib", "loadclient_rss_mib", "kernel_slab_mib",
+                "mem_used_mib", "p99_ms", "connect_p99_ms")
+PHASE_COLORS = {"ramp": "tab:blue", "hold": "tab:green", "send": "tab:orange"}
+
+
+def load_samples(path: Path) -> list[dict]:
+    """The per-second samples of bench/bench_connections.py (connections-<N>.csv)."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = set(RAMP_COLUMNS) - set(reader.fieldnames or ())
+        if missing:
+            raise PlotError(f"{path}: not a bench_connections.py sample file (no {', '.join(sorted(missing))})")
+        rows = [{k: (v if k == "phase" else float(v)) for k, v in row.items()} for row in reader]
+    if not rows:
+        raise PlotError(f"{path}: no samples")
+    return rows
+
+
+def ramp(rows: list[dict], name: str):
+    """Connections, memory and p99 (handshakes, messages) over a many-connections run."""
+    fig, (conn, mem, lat) = plt.subplots(3, 1, figsize=(11.0, 9.0), sharex=True, layout="constrained")
+    t = [r["t"] for r in rows]
+    start = 0
+    for i in range(1, len(rows) + 1):               # shade each phase
+        if i == len(rows) or rows[i]["phase"] != rows[start]["phase"]:
+            color = PHASE_COLORS.get(rows[start]["phase"])
+            if color:
+                for ax in (conn, mem, lat):
+                    ax.axvspan(t[start], t[i - 1], color=color, alpha=0.07, lw=0)
+                conn.annotate(rows[start]["phase"], ((t[start] + t[i - 1]) / 2, 0), xycoords=("data", "axes fraction"),
+                              xytext=(0, 4), textcoords="offset points", ha="center", color=color, fontsize=9)
+            start = i
+    conn.plot(t, [r["connections"] for r in rows], color="tab:blue", lw=1.5)
+    conn.set_ylabel("open connections")
+    conn.set_ylim(bottom=0)
+    count_axis(conn.yaxis)
+    for key, text, color in (("mem_used_mib", "machine in use", "0.3"), ("kernel_slab_mib", "kernel slab", "tab:purple"),
+                             ("loadclient_rss_mib", "load client RSS", "tab:green"),
+                             ("server_rss_mib", "server RSS", "tab:red")):
+        mem.plot(t, [r[key] / 1024 for r in rows], color=color, lw=1.3, label=text)
+    mem.set_ylabel("memory (GiB)")
+    mem.set_ylim(bottom=0)
+    mem.legend(loc="upper left", fontsize=9)
+    for key, text, color in (("connect_p99_ms", "handshake p99 (last 5 s)", "tab:blue"),
+                             ("p99_ms", "message p99 (last 5 s)", COLORS["p99"])):
+        points = [(r["t"], r[key]) for r in rows if r[key] > 0]
+        if points:
+            lat.plot(*zip(*points), color=color, lw=1.3, label=text)
+    latency_axis(lat, log=True)
+    lat.set_ylabel("p99 (ms)")
+    lat.set_xlabel("time since the load client started (s)")
+    lat.legend(loc="upper left", fontsize=9)
+    conn.set_title(f"Connections, memory and p99 over the run: {name}")
+    return fig
+
+
+def plot_samples(path: Path, out: Path | None = None, fmt: str = "png") -> list[Path]:
+    """Draw the ramp figure of a bench_connections.py sample file."""
+    rows = load_samples(path)
+    out = out or path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    return [save(ramp(rows, path.stem), out, f"{path.stem}-ramp", fmt)]
+
+
 # ---------------------------------------------------------------------------
 # Drawing a run
 # ---------------------------------------------------------------------------
@@ -298,7 +368,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command-line options."""
     parser = argparse.ArgumentParser(prog="plot.py", description="Figures of a load-test run.")
     parser.add_argument("run", nargs="?", type=Path,
-                        help="run folder (default: the newest in --results) or its processed/ folder")
+                        help="run folder (default: the newest in --results) or its processed/ folder, "
+                             "or a bench_connections.py sample CSV")
     parser.add_argument("--results", type=Path, default=Path("results"),
                         help="where runs are looked for without RUN (default: results)")
     parser.add_argument("--out", type=Path, help="output folder (default: <run>/plots)")
@@ -312,9 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run = args.run or csvprocess.newest_run(args.results)
-        if not run.is_dir():
+        if run.is_file() and run.suffix == ".csv":
+            paths = plot_samples(run, args.out, args.format)
+        elif not run.is_dir():
             raise PlotError(f"{run}: no such folder")
-        paths = plot_run(run, args.out, args.format, args.log)
+        else:
+            paths = plot_run(run, args.out, args.format, args.log)
     except (PlotError, csvprocess.InputError) as e:
         print(f"plot: error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """Tests of csvprocess.py and plot.py: hand-computed numbers, dirty input, real figures."""
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import math
@@ -433,6 +434,32 @@ def test_plot_scenario_without_deliveries(tmp_path):
     assert len(paths) == 4
     for path in paths:
         assert drawn_fraction(path) > 0.02
+
+
+def test_plot_draws_a_many_connections_run_from_its_samples(tmp_path):
+    """plot.py <connections-N.csv>: connections, memory and p99 over the ramp, hold and chat,
+    beside the CSV; a CSV without the sample columns is one error line."""
+    path = tmp_path / "connections-3000.csv"
+    with open(path, "w", newline="") as f:
+        out = csv.DictWriter(f, [*plot.RAMP_COLUMNS, "pings"])
+        out.writeheader()
+        for t in range(60):
+            phase = "ramp" if t < 20 else "hold" if t < 40 else "send"
+            n = min(t, 20) * 150
+            out.writerow({"t": t, "phase": phase, "connections": n, "server_rss_mib": 100 + n / 500,
+                          "loadclient_rss_mib": 80 + n / 300, "kernel_slab_mib": 200 + n / 100,
+                          "mem_used_mib": 900 + n / 50, "p99_ms": 12.5 if phase == "send" else 0,
+                          "connect_p99_ms": 40 if phase == "ramp" else 0, "pings": t * 10})
+    result = run_cli("plot.py", path)
+    assert result.returncode == 0, result.stderr
+    figure = tmp_path / "connections-3000-ramp.png"
+    assert f"  {figure}\n" in result.stdout
+    assert png_size(figure) == (1100, 900) and drawn_fraction(figure) > 0.02
+    bad = tmp_path / "other.csv"
+    bad.write_text("t,phase,connections\n1,ramp,5\n")
+    result = run_cli("plot.py", bad)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "not a bench_connections.py sample file" in result.stderr
 
 
 def test_plot_errors_are_one_line_and_exit_2(tmp_path):
