@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 import traceback
+import zlib
 from collections import deque
 from typing import NamedTuple
 from urllib.parse import parse_qs
@@ -2429,7 +2430,7 @@ class Stats:
 
     COUNTERS = ("connections", "connections_total", "messages_in", "deliveries", "bytes_in",
                 "bytes_out", "draining", "rooms", "bus_up", "gc_frozen", "internal_errors", "history_bytes",
-                "sequenced_rooms", "bus_unreplicated", "pings")
+                "sequenced_rooms", "bus_unreplicated", "pings", "handoffs")
     TABLES = ("dropped", "protocol_errors", "refused", "http_requests")
     HISTOGRAMS = ("broadcast", "loop_lag", "gc0", "gc1", "gc2")
 
@@ -2677,6 +2678,7 @@ class Connection:
         "deadline",
         "discarded",
         "fd",
+        "handed",
         "inbuf",
         "last_seen",
         "name",
@@ -2718,6 +2720,7 @@ class Connection:
         self.strikes = 0
         self.discarded = 0            # bytes dropped since a refusal or a failure
         self.peer = peer
+        self.handed = False           # handed over by the worker that accepted it
 
 
 STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
@@ -2886,6 +2889,12 @@ class Server(EventLoop):
         self.listener.setblocking(False)
         self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
         self.hub = HubBus(self, self.chat, hub_sock) if hub_sock is not None else None
+        self.inbox = None
+        if self.hub is not None and config.room_affinity and config.worker_count > 1:
+            self.inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.inbox.bind(inbox_address(config.worker_id))
+            self.inbox.setblocking(False)
+            self.sel.register(self.inbox, selectors.EVENT_READ, self._on_handoff)
         if config.redis:
             self.chat.bus = RedisBus(self, self.chat, config.redis)
         elif self.hub is not None:
@@ -2924,6 +2933,8 @@ class Server(EventLoop):
             self.end_turn()
         self.sel.close()
         self.listener.close()
+        if self.inbox is not None:
+            self.inbox.close()
         self.gc_watch.close()
         log.info("stopped")
 
@@ -3012,17 +3023,68 @@ class Server(EventLoop):
                 raise
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Connection(sock, addr[0], self.now)
-            conn.deadline = self.now + self.config.handshake_timeout
-            self.conns[conn.fd] = conn
-            self.handshaking[conn.fd] = conn
-            self.sel.register(sock, selectors.EVENT_READ, conn)
-            # Every socket of an address counts, not only upgraded ones: otherwise one
-            # address could hold any number of sockets in the handshake (slowloris).
-            self.per_ip[conn.peer] = n = self.per_ip.get(conn.peer, 0) + 1
-            if self.config.max_per_ip and n > self.config.max_per_ip:
-                self._http_error(conn, 503, "too many connections from this address",
-                                 "max_connections", (("Retry-After", "1"),))
+            self._adopt(sock, addr[0])
+
+    def _adopt(self, sock: socket.socket, peer: str) -> Connection:
+        """A new client socket (accepted, or handed over): its handshake deadline starts now."""
+        conn = Connection(sock, peer, self.now)
+        conn.deadline = self.now + self.config.handshake_timeout
+        self.conns[conn.fd] = conn
+        self.handshaking[conn.fd] = conn
+        self.sel.register(sock, selectors.EVENT_READ, conn)
+        # Every socket of an address counts, not only upgraded ones: otherwise one
+        # address could hold any number of sockets in the handshake (slowloris).
+        self.per_ip[conn.peer] = n = self.per_ip.get(conn.peer, 0) + 1
+        if self.config.max_per_ip and n > self.config.max_per_ip:
+            self._http_error(conn, 503, "too many connections from this address",
+                             "max_connections", (("Retry-After", "1"),))
+        return conn
+
+    # -- --room-affinity: a WebSocket goes to the worker that owns its room ---
+
+    def _hand_off(self, conn: Connection, room: str, request: bytes) -> bool:
+        """Pass conn (its socket and the request bytes read so far) to the worker owning room.
+
+        Whether it went: not when this worker owns the room, the request is too big
+        for one datagram, or the owner cannot take it now (restarting, or its queue
+        full): then this worker serves it, and the supervisor's order still holds.
+        """
+        owner = room_owner(room, self.config.worker_count)
+        if owner == self.config.worker_id or conn.handed or len(request) > HANDOFF_MAX:
+            return False
+        try:
+            self.inbox.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", conn.fd))],
+                               0, inbox_address(owner))
+        except OSError:
+            return False
+        self.stats.handoffs += 1
+        self._abort(conn)                   # our descriptor; the owner has its own
+        return True
+
+    def _on_handoff(self, _events: int) -> None:
+        """Adopt the sockets other workers handed over, and read their requests again."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                request, ancillary, _flags, _addr = self.inbox.recvmsg(HANDOFF_MAX, socket.CMSG_SPACE(4))
+            except (BlockingIOError, InterruptedError):
+                return
+            fds = [fd for level, kind, data in ancillary if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+                   for (fd,) in struct.iter_unpack("i", data[:len(data) - len(data) % 4])]
+            if len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            sock = socket.socket(fileno=fds[0])
+            try:
+                peer = sock.getpeername()[0]
+            except OSError:                 # the client left meanwhile
+                sock.close()
+                continue
+            sock.setblocking(False)
+            conn = self._adopt(sock, peer)
+            conn.handed = True
+            if conn.state == HTTP:
+                self._on_http_data(conn, request)
 
     # -- read ---------------------------------------------------------------
 
@@ -3136,7 +3198,7 @@ class Server(EventLoop):
                 conn.inbuf = buf
                 return
             conn.inbuf = b""
-            self._route(conn, parse_request_head(head[0]), head[1])
+            self._route(conn, parse_request_head(head[0]), head[1], buf)
         except HandshakeError as e:
             self._http_error(conn, e.status, e.reason, e.counter, e.headers)
 
@@ -3151,11 +3213,12 @@ class Server(EventLoop):
         self.stats.http_requests[str(status)] += 1
         self._closing(conn, response, then)
 
-    def _route(self, conn: Connection, request: Request, rest: bytes) -> None:
+    def _route(self, conn: Connection, request: Request, rest: bytes, raw: bytes = b"") -> None:
         answer = route(request, self.front, draining=self.draining, bus_up=self.chat.bus.up,
                        full=self.stats.connections >= self.max_conns)
         if isinstance(answer, Upgrade):
-            self._upgrade(conn, answer, rest)
+            if self.inbox is None or not self._hand_off(conn, answer.room, raw):
+                self._upgrade(conn, answer, rest)
         else:
             status, response = answer
             self._http_reply(conn, response, status)
@@ -3454,6 +3517,23 @@ def make_listener(host: str, port: int, reuse_port: bool = False, listen: bool =
     return sock
 
 
+# With --room-affinity, each room has an owner among the workers; the worker that
+# accepts a WebSocket passes it to the owner over a datagram socket with
+# SCM_RIGHTS. A room's members then share one worker, so a message crosses to
+# one worker, not to one per member (SCALING.md, section 13).
+HANDOFF_MAX = 16384           # request bytes a hand-off carries (a head is at most --max-header-size)
+
+
+def room_owner(room: str, workers: int) -> int:
+    """The worker slot that owns room: the same answer in every process (crc32, not hash())."""
+    return zlib.crc32(room.encode()) % workers
+
+
+def inbox_address(slot: int) -> bytes:
+    """The abstract unix address of a worker's hand-off inbox, unique to its supervisor."""
+    return b"\0scalechat-%d-%d" % (os.getppid(), slot)
+
+
 # -- --workers N: the supervisor ---------------------------------------------
 
 class Worker:
@@ -3495,7 +3575,8 @@ class Supervisor(EventLoop):
         ours, theirs = socket.socketpair()
         flags, env = worker_settings(self.config)
         cmd = [sys.executable, os.path.abspath(__file__), *flags, "--workers", "1",
-               "--metrics-port", "0", "--worker-id", str(slot), "--hub-fd", str(theirs.fileno())]
+               "--metrics-port", "0", "--worker-id", str(slot), "--worker-count", str(self.config.workers),
+               "--hub-fd", str(theirs.fileno())]
         proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), env=env)
         theirs.close()
         worker = Worker(slot, proc, None)
@@ -3674,6 +3755,8 @@ class StatsCollector:
                 ("scalechat_messages_received", "Chat messages accepted from clients", s.messages_in),
                 ("scalechat_deliveries", "Message frames queued to members", s.deliveries),
                 ("scalechat_pings_sent", "Pings sent to quiet connections (--ping-interval)", s.pings),
+                ("scalechat_handoffs", "WebSockets handed to the worker that owns their room (--room-affinity)",
+                 s.handoffs),
                 ("scalechat_bytes_received", "Bytes read from client sockets", s.bytes_in),
                 ("scalechat_bytes_sent", "Bytes written to client sockets", s.bytes_out),
                 ("scalechat_internal_errors", "Exceptions caught by the loop's barriers (a bug: see the log)",
@@ -3802,6 +3885,8 @@ SETTINGS = (
     ("bus-timeout", float, 5.0, "seconds without a Redis reply before the link counts as lost"),
     ("gc-freeze", "bool", True, ("after each full garbage collection, freeze the survivors so the "
      "next one does not walk every connection again")),
+    ("room-affinity", "bool", True, ("with --workers: the worker that accepts a WebSocket hands it to the "
+     "worker that owns its room (SCM_RIGHTS), so a room's members share one worker")),
     ("log-level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
 )
 
@@ -3856,6 +3941,7 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
                             metavar="BOOL" if kind == "bool" else kind.__name__.upper(),
                             help=f"{help_text} [env {env_name(flag)}]")
     parser.add_argument("--worker-id", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--hub-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"scalechat {__version__}")
     args = parser.parse_args(argv)

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,6 +32,13 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.protocol import State
 
+from scalechat import (
+    FrameParser,
+    client_handshake_request,
+    new_key,
+    parse_handshake_response,
+    room_owner,
+)
 from testkit import (
     CLIENT_A,
     HERE,
@@ -37,6 +46,7 @@ from testkit import (
     RawClient,
     RedisServer,
     ServerProc,
+    chat_frame,
     children,
     connection_owners,
     echo_time,
@@ -301,17 +311,79 @@ def two_workers():
 
 
 @run_async
-async def test_workers_one_room_across_both_workers_one_order(two_workers):
-    """Members on both workers: every message reaches each member once, seq 1..60 in one order."""
-    async with Crowd() as crowd:
-        members = await crowd.join([two_workers.url], "spread", 20, "w")
-        where = placement(two_workers, members)
-        assert None not in where.values(), f"a connection held by no worker: {where}"
-        assert set(where.values()) == set(children(two_workers.proc.pid)), \
-            f"20 connections did not land on both workers: {where}"
-        keys = await everyone_says(members, 3)
-        await all_received(members, keys)
-        assert assert_one_order(members, keys) == 60
+async def test_workers_one_room_across_both_workers_one_order():
+    """Members on both workers (no --room-affinity: where the kernel put them): every message
+    reaches each member once, seq 1..60 in one order."""
+    server = await start_workers(2, "--room-affinity", "false")
+    try:
+        async with Crowd() as crowd:
+            members = await crowd.join([server.url], "spread", 20, "w")
+            where = placement(server, members)
+            assert None not in where.values(), f"a connection held by no worker: {where}"
+            assert set(where.values()) == set(children(server.proc.pid)), \
+                f"20 connections did not land on both workers: {where}"
+            keys = await everyone_says(members, 3)
+            await all_received(members, keys)
+            assert assert_one_order(members, keys) == 60
+    finally:
+        server.stop()
+
+
+def room_per_worker(prefix: str, workers: int) -> list[str]:
+    """A room name owned by each worker slot: with --room-affinity their members land on every worker."""
+    return [next(f"{prefix}{i}" for i in itertools.count() if room_owner(f"{prefix}{i}", workers) == slot)
+            for slot in range(workers)]
+
+
+def worker_slots(server: ServerProc) -> dict[int, int]:
+    """Worker slot (its --worker-id) -> pid."""
+    slots = {}
+    for pid in children(server.proc.pid):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+        slots[int(args[args.index(b"--worker-id") + 1])] = pid
+    return slots
+
+
+def pipelined_join(port: int, room: str) -> dict:
+    """Send the upgrade request and a chat message in one write; the echo of that message."""
+    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    key = new_key()
+    client.sendall(client_handshake_request(f"127.0.0.1:{port}", f"/ws/{room}?name=p", key)
+                   + chat_frame("pipelined"))
+    buf, parser, seen = b"", FrameParser(expect_masked=False), []
+    while (end := parse_handshake_response(buf, key)) is None:
+        buf += client.recv(65536)
+    seen += parser.feed(buf[end:])
+    while not any(b'"pipelined"' in payload for _, payload in seen):
+        seen += parser.feed(client.recv(65536))
+    client.close()
+    return next(json.loads(payload) for _, payload in seen if b'"pipelined"' in payload)
+
+
+@run_async
+async def test_room_affinity_puts_every_member_of_a_room_on_the_worker_that_owns_it():
+    """--workers 3: the worker that accepts a WebSocket hands it (SCM_RIGHTS) to the worker that
+    owns its room, so each room's members sit on room_owner()'s worker and a message crosses to
+    one worker; a request with a message written behind it is handed over whole."""
+    server = await start_workers(3)
+    try:
+        slots = worker_slots(server)
+        async with Crowd() as crowd:
+            rooms = {f"aff{r}": await crowd.join([server.url], f"aff{r}", 4, f"r{r}-") for r in range(6)}
+            for room, members in rooms.items():
+                where = set(placement(server, members).values())
+                assert where == {slots[room_owner(room, 3)]}, (room, where, slots)
+            keys = await everyone_says(rooms["aff0"], 2)
+            await all_received(rooms["aff0"], keys)
+            assert assert_one_order(rooms["aff0"], keys) == 8
+            await until(lambda: scrape(server.metrics_url)["scalechat_handoffs_total"] > 0, 5,
+                        "hand-offs counted (workers report every second)")
+            assert scrape(server.metrics_url)["scalechat_handoffs_total"] <= 24
+        echoes = [pipelined_join(server.port, f"pipe{r}") for r in range(6)]
+        assert [(e["text"], e["seq"]) for e in echoes] == [("pipelined", 1)] * 6
+    finally:
+        server.stop()
 
 
 @run_async
@@ -330,17 +402,20 @@ async def test_workers_metrics_are_one_scrape_with_single_process_names(two_work
             "process_max_fds"} <= names & single_names
 
     before = scrape(two_workers.metrics_url)
+    # Two rooms of 8, one owned by each worker (--room-affinity puts a room on its owner).
+    rooms = room_per_worker("metrics", 2)
     async with Crowd() as crowd:
-        members = await crowd.join([two_workers.url], "metrics", 16, "m")
+        members = [m for room in rooms for m in await crowd.join([two_workers.url], room, 8, f"m{room}-")]
         assert len(set(placement(two_workers, members).values())) == 2, "members on one worker only"
         keys = await everyone_says(members, 2)
-        await all_received(members, keys)
+        for room in rooms:
+            await all_received([m for m in members if m.room == room], {k for k in keys if k[0].startswith(f"m{room}-")})
 
         def summed() -> bool:
             now = scrape(two_workers.metrics_url)
             delta = {k: now[k] - before.get(k, 0) for k in now}
             return (now["scalechat_connections"] == 16 and delta["scalechat_messages_received_total"] == 32
-                    and delta["scalechat_deliveries_total"] == 32 * 16
+                    and delta["scalechat_deliveries_total"] == 32 * 8
                     and delta["scalechat_connections_accepted_total"] == 16)
         # Workers report every second; the sums must match what both workers did.
         await until(summed, 5, "the scrape to add up both workers' counters")
@@ -353,8 +428,9 @@ async def test_workers_metrics_are_one_scrape_with_single_process_names(two_work
 
 @run_async
 async def test_worker_killed_is_restarted_and_its_clients_miss_nothing():
-    """SIGKILL a worker: a new one replaces it; its clients come back with since and miss nothing."""
-    server = await start_workers(2)
+    """SIGKILL a worker: a new one replaces it; its clients come back with since and miss nothing,
+    and the room's members on the other worker (no --room-affinity) see no break."""
+    server = await start_workers(2, "--room-affinity", "false")
     try:
         async with Crowd() as crowd:
             members = await crowd.join([server.url], "phoenix", 16, "k", resume=True)
@@ -399,7 +475,7 @@ async def test_sigterm_on_supervisor_drains_every_worker():
     server = await start_workers(2, "--close-timeout", "60")
     try:
         async with Crowd() as crowd:
-            members = await crowd.join([server.url], "drain", 16, "d")
+            members = [m for room in room_per_worker("drain", 2) for m in await crowd.join([server.url], room, 8, "d")]
             workers = children(server.proc.pid)
             assert set(placement(server, members).values()) == set(workers)
             mute = RawClient(server.port, "/ws/drain", timeout=10)   # never answers: keeps its worker waiting
@@ -817,10 +893,15 @@ async def assert_room_counted_everywhere(urls: list[str], owners) -> None:
 
 
 @run_async
-async def test_member_counts_sum_every_worker(two_workers):
-    """--workers: the supervisor sums each worker's members of a room and tells every worker."""
-    await assert_room_counted_everywhere(
-        [two_workers.url], lambda: set(connection_owners(two_workers.port, children(two_workers.proc.pid)).values()))
+async def test_member_counts_sum_every_worker():
+    """--workers: the supervisor sums each worker's members of a room and tells every worker (a room
+    spans workers without --room-affinity, or while its owner restarts)."""
+    server = await start_workers(2, "--room-affinity", "false")
+    try:
+        await assert_room_counted_everywhere(
+            [server.url], lambda: set(connection_owners(server.port, children(server.proc.pid)).values()))
+    finally:
+        server.stop()
 
 
 @run_async
