@@ -1202,6 +1202,13 @@ class ScenarioRun:
             if ctrl_c or self._phases() == {DRAIN}:
                 self.phase, self.send_end = DRAIN, now_us()
                 self.drain_deadline = now + self.settings.grace
+        elif self.phase == CLOSE:
+            # Closing a million connections takes longer than one timeout: wait while
+            # they keep closing, and give up on the rest once that stops.
+            still_open = sum(r["connected"] for r in self.latest if r)
+            if still_open < self.still_open:
+                self.still_open = still_open
+                self.close_deadline = max(self.close_deadline, now + self.plan.connect_timeout + 5)
         elif self.phase == DRAIN:
             totals = sum_totals([r for r in self.latest if r])
             drained = self._phases() == {DRAIN} and totals["received"] >= totals["sent"] * self.plan.room_size
@@ -1212,6 +1219,7 @@ class ScenarioRun:
         self._broadcast("close")
         self.phase = CLOSE
         self.close_deadline = time.monotonic() + self.plan.connect_timeout + 5
+        self.still_open = math.inf
 
     def _progress(self) -> None:
         reports = [r for r in self.latest if r]

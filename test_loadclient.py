@@ -419,10 +419,11 @@ def test_clients_spread_over_source_addresses_in_blocks(tmp_path):
     assert load_json(summary)["scenarios"][0]["delivery_ratio"] == 1.0
 
 
-def test_ramp_waits_while_it_moves_at_the_machines_pace_and_ends_when_it_stalls(tmp_path, monkeypatch):
+def test_ramp_and_close_wait_while_they_move_at_the_machines_pace_and_end_when_they_stall(tmp_path, monkeypatch):
     """A ramp slower than --ramp (the machine's pace) is not cut short by the deadline --ramp
     implies: sending starts once every client joined, or once nothing moved for
-    --connect-timeout + 2 s (a client the server never lets in does not hold the run forever)."""
+    --connect-timeout + 2 s (a client the server never lets in does not hold the run forever).
+    Closing waits likewise while connections keep closing."""
     settings = loadclient.parse_settings(["--load-test", "--rooms", "2", "--room-size", "2", "--procs", "2",
                                           "--connect-timeout", "1", "--hold", "0", "--duration", "1"])
     plan = loadclient.ScenarioPlan("2x2", 2, 2, 2, settings.target, "p-", 1000, 100, 0.1, 1, 1000.0,
@@ -447,6 +448,14 @@ def test_ramp_waits_while_it_moves_at_the_machines_pace_and_ends_when_it_stalls(
     run.phase, run.ramp_progress, run.ramp_deadline = loadclient.RAMP, 0, 1003.0
     assert at(1.0, 2, 1) == loadclient.RAMP
     assert at(1.5, 2, 2, loadclient.READY) == loadclient.HOLD     # everyone joined
+    # Closing: the deadline (--connect-timeout + 5 s) moves on while connections keep closing.
+    run._close()
+    first = run.close_deadline
+    for k, t in enumerate(range(30, 60, 5)):
+        at(float(t), 2, 100 - k, loadclient.CLOSE)
+    assert run.close_deadline == 1000.0 + 55 + 6 > first
+    at(70.0, 2, 95, loadclient.CLOSE)                              # stuck: the deadline stays
+    assert run.close_deadline == 1061.0
 
 
 def test_workers_end_when_the_parent_is_killed(server, tmp_path):
