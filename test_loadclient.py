@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import gzip
 import json
 import multiprocessing
@@ -326,6 +327,39 @@ def test_client_id_is_kept_across_reconnects_and_only_an_ack_settles(server, tmp
     room = websocket.create_connection(f"{server.url}/ack0", timeout=5)
     assert json.loads(room.recv())["seq"] == 2        # two messages, none posted twice
     room.close()
+
+
+def test_a_worker_freezes_its_clients_for_the_collector_once_the_ramp_is_over(server, tmp_path):
+    """Once every client of a worker has joined, its objects (clients, sockets, parsers) leave
+    the collector's sight: a full collection during the chat walks only what the chat allocates."""
+    plan = loadclient.ScenarioPlan(
+        scenario="gc", rooms=2, room_size=3, procs=1, target=loadclient.parse_server_url(server.url),
+        room_prefix="gc", interval_us=1_000_000, msg_size=100, jitter=0.0, seed=1, ramp=1000.0,
+        record_fraction=1.0, connect_timeout=5.0, part_template=str(tmp_path / "part{index}.csv"),
+        per_address=0)
+    parent_end, worker_end = multiprocessing.Pipe()
+    worker = loadclient.LoadWorker(plan, 0, worker_end)
+    gc.unfreeze()
+    try:
+        deadline = time.monotonic() + 10
+        while worker.phase == loadclient.RAMP:
+            assert time.monotonic() < deadline, f"ramp did not end: {worker.errors}"
+            worker.loop.run_once(0.05)
+            worker._ramp()
+        assert worker.connected == 6 and parent_end.recv()[1]["phase"] == loadclient.READY
+        tracked = {id(o) for o in gc.get_objects()}
+        assert gc.get_freeze_count() > 0
+        assert not {id(c) for c in worker.clients} & tracked
+        assert not {id(c.parser) for c in worker.clients} & tracked
+    finally:
+        gc.unfreeze()
+        for client in worker.clients:
+            if client.sock is not None:
+                client.sock.close()
+        worker.loop.selector.close()
+        worker.sink.close()
+        parent_end.close()
+        worker_end.close()
 
 
 def test_sending_waits_for_first_connects_that_retry(server, tmp_path):
