@@ -2892,6 +2892,7 @@ class Server(EventLoop):
         self.inbox = None
         if self.hub is not None and config.room_affinity and config.worker_count > 1:
             self.inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.inbox.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)    # the sender's uid, from the kernel
             self.inbox.bind(inbox_address(config.worker_id))
             self.inbox.setblocking(False)
             self.sel.register(self.inbox, selectors.EVENT_READ, self._on_handoff)
@@ -3065,19 +3066,30 @@ class Server(EventLoop):
         """Adopt the sockets other workers handed over, and read their requests again."""
         for _ in range(ACCEPT_BATCH):
             try:
-                request, ancillary, _flags, _addr = self.inbox.recvmsg(HANDOFF_MAX, socket.CMSG_SPACE(4))
+                request, ancillary, _flags, _addr = self.inbox.recvmsg(
+                    HANDOFF_MAX, socket.CMSG_SPACE(4) + socket.CMSG_SPACE(CREDENTIALS.size))
             except (BlockingIOError, InterruptedError):
                 return
-            fds = [fd for level, kind, data in ancillary if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-                   for (fd,) in struct.iter_unpack("i", data[:len(data) - len(data) % 4])]
-            if len(fds) != 1:
+            fds, uid = [], None
+            for level, kind, data in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds += [fd for (fd,) in struct.iter_unpack("i", data[:len(data) - len(data) % 4])]
+                elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    uid = CREDENTIALS.unpack_from(data)[1]
+            if len(fds) != 1 or uid != os.getuid():     # only a process of our own user hands over
                 for fd in fds:
                     os.close(fd)
                 continue
-            sock = socket.socket(fileno=fds[0])
             try:
+                sock = socket.socket(fileno=fds[0])
+            except OSError:                 # not a socket
+                os.close(fds[0])
+                continue
+            try:
+                if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+                    raise OSError("not a TCP socket")
                 peer = sock.getpeername()[0]
-            except OSError:                 # the client left meanwhile
+            except OSError:                 # not TCP, or the client left meanwhile
                 sock.close()
                 continue
             sock.setblocking(False)
@@ -3522,6 +3534,7 @@ def make_listener(host: str, port: int, reuse_port: bool = False, listen: bool =
 # SCM_RIGHTS. A room's members then share one worker, so a message crosses to
 # one worker, not to one per member (SCALING.md, section 13).
 HANDOFF_MAX = 16384           # request bytes a hand-off carries (a head is at most --max-header-size)
+CREDENTIALS = struct.Struct("iII")      # struct ucred: pid, uid, gid
 
 
 def room_owner(room: str, workers: int) -> int:

@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -359,6 +360,60 @@ def pipelined_join(port: int, room: str) -> dict:
         seen += parser.feed(client.recv(65536))
     client.close()
     return next(json.loads(payload) for _, payload in seen if b'"pipelined"' in payload)
+
+
+def hand_over(address: bytes, fd: int, request: bytes, uid: int | None = None) -> None:
+    """Send fd and request to a worker's inbox, as uid (from a forked child) or as this process."""
+    pid = os.fork() if uid is not None else 0
+    if pid:
+        assert os.waitpid(pid, 0)[1] == 0
+        return
+    try:
+        if uid is not None:
+            os.setuid(uid)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as out:
+            out.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))], 0, address)
+    finally:
+        if uid is not None:
+            os._exit(0)
+
+
+@run_async
+async def test_a_worker_adopts_handed_sockets_only_from_its_own_user():
+    """The hand-off inbox takes a TCP socket from a process of the server's user and serves it;
+    one from another user, a pipe or a unix socket is closed unanswered, and the worker serves on."""
+    server = await start_workers(2)
+    try:
+        inbox = b"\0scalechat-%d-%d" % (server.proc.pid, 0)
+        listener = socket.create_server(("127.0.0.1", 0))
+        key = new_key()
+        request = client_handshake_request(f"127.0.0.1:{server.port}", "/ws/inbox-test", key)
+
+        def handed(uid: int | None) -> bytes:
+            client = socket.create_connection(listener.getsockname(), timeout=5)
+            accepted, _ = listener.accept()
+            hand_over(inbox, accepted.fileno(), request, uid)
+            accepted.close()
+            try:
+                return client.recv(1024)
+            except OSError:
+                return b""
+            finally:
+                client.close()
+        assert handed(65534) == b""                                 # nobody's: closed unanswered
+        read, write = os.pipe()
+        hand_over(inbox, read, request)
+        pair = socket.socketpair()
+        hand_over(inbox, pair[0].fileno(), request)
+        assert pair[1].recv(1024) == b""
+        assert handed(None).startswith(b"HTTP/1.1 101")             # our own user's: served
+        for fd in (read, write):
+            os.close(fd)
+        for sock in (*pair, listener):
+            sock.close()
+        assert scrape(server.metrics_url)["scalechat_internal_errors_total"] == 0
+    finally:
+        server.stop()
 
 
 @run_async
