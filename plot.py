@@ -314,7 +314,7 @@ def ramp(rows: list[dict], name: str):
                 conn.annotate(rows[start]["phase"], ((t[start] + t[i - 1]) / 2, 0), xycoords=("data", "axes fraction"),
                               xytext=(0, 4), textcoords="offset points", ha="center", color=color, fontsize=9)
             start = i
-    conn.plot(t, [r["connections"] for r in rows], color="tab:blue", lw=1.5)
+    conn.plot(*zip(*[(r["t"], r["connections"]) for r in rows if r["connections"] >= 0]), color="tab:blue", lw=1.5)
     conn.set_ylabel("open connections")
     conn.set_ylim(bottom=0)
     count_axis(conn.yaxis)

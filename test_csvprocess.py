@@ -438,14 +438,15 @@ def test_plot_scenario_without_deliveries(tmp_path):
 
 def test_plot_draws_a_many_connections_run_from_its_samples(tmp_path):
     """plot.py <connections-N.csv>: connections, memory and p99 over the ramp, hold and chat,
-    beside the CSV; a CSV without the sample columns is one error line."""
+    beside the CSV (a sample without a scrape is left out); a CSV without the sample columns
+    is one error line."""
     path = tmp_path / "connections-3000.csv"
     with open(path, "w", newline="") as f:
         out = csv.DictWriter(f, [*plot.RAMP_COLUMNS, "pings"])
         out.writeheader()
         for t in range(60):
             phase = "ramp" if t < 20 else "hold" if t < 40 else "send"
-            n = min(t, 20) * 150
+            n = min(t, 20) * 150 if t != 50 else -1          # -1: the server did not answer that scrape
             out.writerow({"t": t, "phase": phase, "connections": n, "server_rss_mib": 100 + n / 500,
                           "loadclient_rss_mib": 80 + n / 300, "kernel_slab_mib": 200 + n / 100,
                           "mem_used_mib": 900 + n / 50, "p99_ms": 12.5 if phase == "send" else 0,
