@@ -168,9 +168,9 @@ def test_harness_fails_over_and_migrates(cluster):
 # scale-chat instances, and a proxy that spreads a load client's rooms over them
 # ---------------------------------------------------------------------------
 
-def start_instance(redis_url: str, workers: int = 1) -> ServerProc:
+def start_instance(redis_url: str, workers: int = 1, *more: str) -> ServerProc:
     """A scale-chat instance on the cluster, returned once all its workers listen."""
-    args = ("--workers", str(workers)) if workers > 1 else ()
+    args = ("--workers", str(workers), *more) if workers > 1 else ()
     server = start_server("--redis", redis_url, *args, *SERVER_ARGS)
     try:
         wait_for(lambda: len(tcp_sockets(server.port, TCP_LISTEN)) == workers, 20, f"{workers} workers listening")
@@ -182,10 +182,11 @@ def start_instance(redis_url: str, workers: int = 1) -> ServerProc:
 
 @pytest.fixture
 def instances(cluster):
-    """Two instances: a single process given two nodes, and --workers 2 given one other node."""
+    """Two instances: a single process given two nodes, and --workers 2 given one other node
+    (without --room-affinity, so that a room's members sit on both workers, each a node)."""
     single = start_instance(cluster.url(0, 1))
     try:
-        pair = start_instance(cluster.url(5), workers=2)
+        pair = start_instance(cluster.url(5), 2, "--room-affinity", "false")
     except Exception:
         single.stop()
         raise

@@ -25,6 +25,8 @@ import re
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -1207,16 +1209,24 @@ def wait_for(predicate, timeout: float = 10.0) -> None:
 
 
 def test_open_descriptors_are_counted_without_listing_them():
-    """The metrics' open-descriptor count matches /proc/<pid>/fd's listing, and follows 300 more
-    sockets (on Linux 6.2+ it is read as the folder's size: a scrape does not list 20,000 fds)."""
-    before = open_fds(os.getpid())
-    assert before == len(os.listdir("/proc/self/fd")) - 1      # the listing's own descriptor
-    socks = [socket.socket() for _ in range(300)]
-    try:
-        assert open_fds(os.getpid()) == before + 300
-    finally:
-        for s in socks:
-            s.close()
+    """The metrics' open-descriptor count of a process matches its /proc/<pid>/fd listing, and
+    follows 300 more sockets (on Linux 6.2+ it is read as the folder's size: a scrape does not
+    list 20,000 fds). Counted in idle child processes, so no thread opens one meanwhile."""
+    code = ("import socket, sys, time\n"
+            "socks = [socket.socket() for _ in range(int(sys.argv[1]))]\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(60)\n")
+    counts = []
+    for n in (0, 300):
+        child = subprocess.Popen([sys.executable, "-c", code, str(n)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout.readline() == "ready\n"
+            counts.append(open_fds(child.pid))
+            assert counts[-1] == len(os.listdir(f"/proc/{child.pid}/fd"))
+        finally:
+            child.kill()
+            child.wait()
+    assert counts[1] == counts[0] + 300
 
 
 class IdleConn:

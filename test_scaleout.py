@@ -404,12 +404,14 @@ async def test_a_worker_adopts_handed_sockets_only_from_its_own_user():
         read, write = os.pipe()
         hand_over(inbox, read, request)
         pair = socket.socketpair()
+        pair[1].settimeout(10)
         hand_over(inbox, pair[0].fileno(), request)
-        assert pair[1].recv(1024) == b""
+        pair[0].close()                                             # the worker's copy is the last
+        assert pair[1].recv(1024) == b""                            # closed unanswered
         assert handed(None).startswith(b"HTTP/1.1 101")             # our own user's: served
         for fd in (read, write):
             os.close(fd)
-        for sock in (*pair, listener):
+        for sock in (pair[1], listener):
             sock.close()
         assert scrape(server.metrics_url)["scalechat_internal_errors_total"] == 0
     finally:
