@@ -1,6 +1,7 @@
 """Tests of loadclient.py against real scalechat.py servers: load tests, reconnects, the terminal client."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import gc
 import gzip
@@ -283,28 +284,43 @@ def test_reconnect_with_since_loses_nothing(server, tmp_path):
     check_complete(result)
 
 
+@contextlib.contextmanager
+def in_process_worker(url: str, tmp_path, scenario: str, rooms: int, room_size: int):
+    """A LoadWorker of one process run by the test itself: (worker, the parent's pipe end)."""
+    plan = loadclient.ScenarioPlan(
+        scenario=scenario, rooms=rooms, room_size=room_size, procs=1, target=loadclient.parse_server_url(url),
+        room_prefix=scenario, interval_us=1_000_000, msg_size=100, jitter=0.0, seed=1, ramp=1000.0,
+        record_fraction=1.0, connect_timeout=5.0, part_template=str(tmp_path / "part{index}.csv"),
+        per_address=0)
+    parent_end, worker_end = multiprocessing.Pipe()
+    worker = loadclient.LoadWorker(plan, 0, worker_end)
+    try:
+        yield worker, parent_end
+    finally:
+        for client in worker.clients:
+            if client.sock is not None:
+                client.sock.close()
+        worker.loop.selector.close()
+        worker.sink.close()
+        parent_end.close()
+        worker_end.close()
+
+
 def test_client_id_is_kept_across_reconnects_and_only_an_ack_settles(server, tmp_path):
     # One simulated client in this process, through the proxy. Its first message is
     # acked; the ack of its second is cut off (its echo came through): that one, and
     # only that one, goes again after the reconnect, and the server, knowing the client
     # id, acks it as a duplicate instead of posting it twice.
     proxy = CuttingProxy(server.port)
-    plan = loadclient.ScenarioPlan(
-        scenario="ack", rooms=1, room_size=1, procs=1, target=loadclient.parse_server_url(proxy.url),
-        room_prefix="ack", interval_us=1_000_000, msg_size=100, jitter=0.0, seed=1, ramp=1000.0,
-        record_fraction=1.0, connect_timeout=5.0, part_template=str(tmp_path / "part{index}.csv"),
-        per_address=0)
-    parent_end, worker_end = multiprocessing.Pipe()
-    worker = loadclient.LoadWorker(plan, 0, worker_end)
-    (client,) = worker.clients
+    with in_process_worker(proxy.url, tmp_path, "ack", 1, 1) as (worker, _):
+        (client,) = worker.clients
 
-    def run_until(done, what: str) -> None:
-        deadline = time.monotonic() + 10
-        while not done():
-            assert time.monotonic() < deadline, f"{what}; errors {worker.errors}"
-            worker.loop.run_once(0.05)
+        def run_until(done, what: str) -> None:
+            deadline = time.monotonic() + 10
+            while not done():
+                assert time.monotonic() < deadline, f"{what}; errors {worker.errors}"
+                worker.loop.run_once(0.05)
 
-    try:
         client.start()
         run_until(lambda: client.welcomed, "no welcome")
         client.send_message(loadclient.now_us())
@@ -314,13 +330,6 @@ def test_client_id_is_kept_across_reconnects_and_only_an_ack_settles(server, tmp
         run_until(lambda: worker.reconnects == 1 and not client.unconfirmed, "no reconnect and ack")
         assert worker.resent == 1 and worker.received == 2 and worker.duplicates == 0
         assert worker.errors == {"lost: connection closed": 1}
-    finally:
-        if client.sock is not None:
-            client.sock.close()
-        worker.loop.selector.close()
-        worker.sink.close()
-        parent_end.close()
-        worker_end.close()
     assert re.fullmatch(r"[A-Za-z0-9_-]{22}", client.client_id)
     assert proxy.request_line(0) == f"GET /ws/ack0?name=c0&client={client.client_id} HTTP/1.1"
     assert proxy.request_line(1) == f"GET /ws/ack0?name=c0&since=2&client={client.client_id} HTTP/1.1"
@@ -332,34 +341,21 @@ def test_client_id_is_kept_across_reconnects_and_only_an_ack_settles(server, tmp
 def test_a_worker_freezes_its_clients_for_the_collector_once_the_ramp_is_over(server, tmp_path):
     """Once every client of a worker has joined, its objects (clients, sockets, parsers) leave
     the collector's sight: a full collection during the chat walks only what the chat allocates."""
-    plan = loadclient.ScenarioPlan(
-        scenario="gc", rooms=2, room_size=3, procs=1, target=loadclient.parse_server_url(server.url),
-        room_prefix="gc", interval_us=1_000_000, msg_size=100, jitter=0.0, seed=1, ramp=1000.0,
-        record_fraction=1.0, connect_timeout=5.0, part_template=str(tmp_path / "part{index}.csv"),
-        per_address=0)
-    parent_end, worker_end = multiprocessing.Pipe()
-    worker = loadclient.LoadWorker(plan, 0, worker_end)
     gc.unfreeze()
-    try:
-        deadline = time.monotonic() + 10
-        while worker.phase == loadclient.RAMP:
-            assert time.monotonic() < deadline, f"ramp did not end: {worker.errors}"
-            worker.loop.run_once(0.05)
-            worker._ramp()
-        assert worker.connected == 6 and parent_end.recv()[1]["phase"] == loadclient.READY
-        tracked = {id(o) for o in gc.get_objects()}
-        assert gc.get_freeze_count() > 0
-        assert not {id(c) for c in worker.clients} & tracked
-        assert not {id(c.parser) for c in worker.clients} & tracked
-    finally:
-        gc.unfreeze()
-        for client in worker.clients:
-            if client.sock is not None:
-                client.sock.close()
-        worker.loop.selector.close()
-        worker.sink.close()
-        parent_end.close()
-        worker_end.close()
+    with in_process_worker(server.url, tmp_path, "gc", 2, 3) as (worker, parent_end):
+        try:
+            deadline = time.monotonic() + 10
+            while worker.phase == loadclient.RAMP:
+                assert time.monotonic() < deadline, f"ramp did not end: {worker.errors}"
+                worker.loop.run_once(0.05)
+                worker._ramp()
+            assert worker.connected == 6 and parent_end.recv()[1]["phase"] == loadclient.READY
+            tracked = {id(o) for o in gc.get_objects()}
+            assert gc.get_freeze_count() > 0
+            assert not {id(c) for c in worker.clients} & tracked
+            assert not {id(c.parser) for c in worker.clients} & tracked
+        finally:
+            gc.unfreeze()
 
 
 def test_sending_waits_for_first_connects_that_retry(server, tmp_path):

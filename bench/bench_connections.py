@@ -209,16 +209,17 @@ class Watch:
             except OSError:
                 pass
         phases = {p[0] for p in self.progress}
+        server_pids, load_pids = self.server_pids(), self.load_pids()      # one walk of /proc each
         return {"t": round(time.monotonic() - self.start, 1),
                 "phase": "base" if base else (phases.pop() if len(phases) == 1 else "/".join(sorted(phases))),
                 "connections": int(metrics.get("scalechat_connections", 0)) if answered else -1,   # -1: no scrape
-                "server_rss_mib": round(rss_kib(self.server_pids()) / 1024, 1),
-                "loadclient_rss_mib": round(rss_kib(self.load_pids()) / 1024, 1),
+                "server_rss_mib": round(rss_kib(server_pids) / 1024, 1),
+                "loadclient_rss_mib": round(rss_kib(load_pids) / 1024, 1),
                 "kernel_slab_mib": round(mem["Slab"] / 1024, 1),
                 "tcp_mem_mib": round(tcp["mem"] * 4 / 1024, 1),
                 "mem_used_mib": round((mem["MemTotal"] - mem["MemAvailable"]) / 1024, 1),
-                "server_cpu_s": round(cpu_seconds(self.server_pids()), 2),
-                "loadclient_cpu_s": round(cpu_seconds(self.load_pids()), 2),
+                "server_cpu_s": round(cpu_seconds(server_pids), 2),
+                "loadclient_cpu_s": round(cpu_seconds(load_pids), 2),
                 "machine_cpu_s": round(sum(cores_busy()), 2),
                 "pings": int(metrics.get("scalechat_pings_sent_total", 0)),
                 "deliveries": int(metrics.get("scalechat_deliveries_total", 0)),
