@@ -475,9 +475,9 @@ class ClientConnection:
 # ---------------------------------------------------------------------------
 
 # The server encodes every message with the same field order and no spaces,
-# so splitting at the first 19 quotes puts seq, sender and message_id at fixed
-# places, and the two send stamps the load client wrote at the start of its
-# text right after them: far cheaper than json.loads or a regex. The key
+# so splitting at the first 23 quotes puts epoch, seq, sender and message_id at
+# fixed places, and the two send stamps the load client wrote at the start of
+# its text right after them: far cheaper than json.loads or a regex. The key
 # names are checked; anything else (another type or field order, a quote
 # escaped inside a name, someone else's text) takes the json.loads path.
 STAMP_DIGITS = 16  # epoch microseconds until the year 2286; senders zero-pad to it
@@ -486,16 +486,17 @@ STAMPS_END = 2 * STAMP_DIGITS + 1
 
 def split_message(payload: bytes) -> tuple | None:
     """(seq, sender, message_id, sent_us, intended_us) as bytes from a server message frame, or None."""
-    parts = payload.split(b'"', 19)
-    if len(parts) < 20 or parts[3] != b"message" or parts[15] != b"message_id" or parts[17] != b"text":
+    parts = payload.split(b'"', 23)
+    if len(parts) < 24 or parts[3] != b"message" or parts[9] != b"epoch" or parts[19] != b"message_id" \
+            or parts[21] != b"text":
         return None
-    if b"\\" in parts[13]:  # an escape in the name: only json.loads reads it right
+    if b"\\" in parts[17]:  # an escape in the name: only json.loads reads it right
         return None
-    text = parts[19]
+    text = parts[23]
     sent, intended = text[:STAMP_DIGITS], text[STAMP_DIGITS + 1:STAMPS_END]
     if not (sent.isdigit() and intended.isdigit() and text[STAMPS_END:STAMPS_END + 1] in (b" ", b'"')):
         return None
-    return parts[10].strip(b": ,"), parts[13], parts[16].strip(b": ,"), sent, intended
+    return parts[14].strip(b": ,"), parts[17], parts[20].strip(b": ,"), sent, intended
 
 
 # An ack (our own message sequenced) comes to its sender alone. The server writes

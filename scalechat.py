@@ -599,24 +599,54 @@ def error_frame(code: str, reason: str, message_id=None) -> bytes:
     return encode_json_frame(obj)
 
 
-def ack_frame(message_id: int, seq: int, duplicate: bool = False) -> bytes:
-    """An ``ack`` frame: the sender's message_id was sequenced as seq (or already had been)."""
-    return encode_frame(OP_TEXT, b'{"type":"ack","message_id":%d,"seq":%d%s}'
-                        % (message_id, seq, b',"duplicate":true' if duplicate else b""))
+def ack_frame(message_id: int, epoch: bytes, seq: int, duplicate: bool = False) -> bytes:
+    """An ``ack`` frame: the sender's message_id was sequenced as seq of the room's order epoch
+    (or already had been)."""
+    return encode_frame(OP_TEXT, b'{"type":"ack","message_id":%d,"epoch":"%s","seq":%d%s}'
+                        % (message_id, epoch, seq, b',"duplicate":true' if duplicate else b""))
 
 
 _encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode   # skips dumps()'s checks
 
 
 def message_parts(room: str, sender: str, message_id, text: str, sent_at) -> tuple[bytes, bytes]:
-    """A ``message`` frame's JSON split around its seq: ``prefix + b"17" + suffix``.
+    """A ``message`` frame's JSON split where the sequencer puts the room's order and seq:
+    ``prefix + order_field(epoch) + b"17" + suffix``.
 
-    The sequencer (this process, the supervisor or a Redis script) splices the
-    seq in, so the JSON is encoded once, wherever the seq is assigned.
+    The sequencer (this process, the supervisor or a Redis script) splices them
+    in, so the JSON is encoded once, wherever the seq is assigned.
     """
     rest = _encode_json({"sender": sender, "message_id": message_id, "text": text, "sent_at": sent_at})
-    return (b'{"type":"message","room":"' + room.encode() + b'","seq":',   # room: [A-Za-z0-9_.-]
+    return (b'{"type":"message","room":"' + room.encode() + b'",',   # room: [A-Za-z0-9_.-]
             b"," + rest[1:].encode())
+
+
+def order_field(epoch: bytes) -> bytes:
+    """What goes between a message's prefix and its seq: the epoch of the order the seq counts in.
+    (PUBLISH_SCRIPT writes the same bytes in Lua.)"""
+    return b'"epoch":"%s","seq":' % epoch
+
+
+# A room's order: its seqs count 1, 2, 3, ... within one epoch. An order that
+# starts again (the room was forgotten, or its Redis keys expired or were
+# evicted) gets a new epoch, so nobody takes its seq 1 for an old seq 1. An
+# epoch is 16 hex digits, milliseconds then a counter: a process's epochs only
+# grow, and a Redis script keeps a room's new epoch above the one before.
+EPOCH = re.compile(r"[0-9a-f]{16}")          # fullmatch
+_last_epoch = [0, 0]                          # [milliseconds, counter] of this process's newest epoch
+
+
+def new_epoch() -> bytes:
+    """A fresh epoch, greater than every epoch this process made before."""
+    ms = time.time_ns() // 1_000_000
+    last = _last_epoch
+    if ms > last[0]:
+        last[0], last[1] = ms, 0
+    else:
+        last[1] += 1
+        if last[1] > 0xFFFFF:
+            last[0], last[1] = last[0] + 1, 0
+    return b"%011x%05x" % (last[0], last[1])
 
 
 MESSAGE_ID = re.compile(rb'"message_id"\s*:\s*(-?\d{1,19})\b')
@@ -754,27 +784,33 @@ class HistoryBudget:
 
 
 class Sequenced:
-    """A room as its sequencer sees it: its name, its last seq and its history.
+    """A room as its sequencer sees it: its name, its order (epoch, last seq) and its history.
 
     The one sequencer of LocalBus (a Room) and of the --workers supervisor (a
-    HubRoom); the Redis bus runs the same steps in its Lua script.
+    HubRoom); the Redis bus runs the same steps in its Lua script. A room's
+    order starts with an epoch; ``b""`` until it is known (a remote room not
+    yet synced, or a room Redis has no order for yet).
     """
 
-    __slots__ = ("history", "name", "seq")
+    __slots__ = ("epoch", "history", "name", "order", "seq")
 
-    def __init__(self, name: str, config):
+    def __init__(self, name: str, config, epoch: bytes = b""):
         self.name = name
-        self.seq = 0
         self.history = History(config.history, config.room_history_bytes)
+        self.restart(epoch)
+
+    def restart(self, epoch: bytes) -> None:
+        """Begin the order epoch, at seq 0 (the caller empties history)."""
+        self.epoch, self.order, self.seq = epoch, order_field(epoch), 0
 
     def sequence(self, prefix: bytes, suffix: bytes, key: bytes, resend: bool) -> tuple[int, bytes | None]:
-        """(the next seq, the payload with it between prefix and suffix) for a published message,
-        or (the seq it already has, None) for a resend of a message still held."""
+        """(the next seq, the payload with the order and it between prefix and suffix) for a published
+        message, or (the seq it already has, None) for a resend of a message still held."""
         seen = self.history.seq_of(key) if resend else None
         if seen is not None:
             return seen, None
         seq = self.seq + 1
-        return seq, prefix + str(seq).encode() + suffix
+        return seq, prefix + self.order + str(seq).encode() + suffix
 
     def keep(self, budget: HistoryBudget, seq: int, item: bytes, key: bytes = b"") -> None:
         """seq is now the room's last: keep item in history, within the process's budget."""
@@ -786,7 +822,7 @@ class Room(Sequenced):
     """A room on this process: members, the last seq delivered here, recent history.
 
     With a remote bus a room is not ``ready`` until the bus has sent its
-    snapshot (seq and history); joiners wait in ``waiting`` meanwhile, and
+    snapshot (epoch, seq and history); joiners wait in ``waiting`` meanwhile, and
     messages that arrive while ``syncing`` wait in ``early``. A member that
     resumes with ``since`` is ``catching_up`` until its replay reaches the
     room's seq, and only then joins ``members`` (who get live frames).
@@ -803,16 +839,16 @@ class Room(Sequenced):
         "waiting",
     )
 
-    def __init__(self, name: str, config, ready: bool):
-        super().__init__(name, config)      # history items: frames
+    def __init__(self, name: str, config, ready: bool, epoch: bytes = b""):
+        super().__init__(name, config, epoch)   # history items: frames
         self.members: dict = {}             # Connection -> None: ordered, O(1) removal
         self.catching_up: dict = {}         # Connection -> None: replaying history
         self.others = 0                     # members on other processes, as the bus last said
         self.reported = 0                   # members here, as last told to the bus
         self.ready = ready
         self.syncing = False
-        self.early: list = []               # (seq, frame, t0) held while syncing
-        self.waiting: list = []             # (conn, since) held until ready
+        self.early: list = []               # (epoch, seq, frame, t0) held while syncing, as they came
+        self.waiting: list = []             # (conn, since, epoch) held until ready
 
     def oldest_seq(self) -> int:
         """The seq of the oldest message still held (seq + 1 when none is)."""
@@ -859,22 +895,29 @@ class Chat:
         self.guest_counter += 1
         return f"guest-{self.guest_counter}"
 
-    def join(self, conn, room_name: str, since: int | None) -> None:
-        """Put conn in a room: welcome and replay now, or once the bus has the room."""
+    def join(self, conn, room_name: str, since: int | None, epoch: bytes | None = None) -> None:
+        """Put conn in a room: welcome and replay now, or once the bus has the room.
+
+        since counts in the order epoch; in another order (the room's started
+        again meanwhile) it means nothing, and the replay starts at the oldest held.
+        """
         room = self.rooms.get(room_name)
         if room is None:
-            room = self.rooms[room_name] = Room(room_name, self.config, self.bus.local)
+            local = self.bus.local
+            room = self.rooms[room_name] = Room(room_name, self.config, local, new_epoch() if local else b"")
         opened = not room.in_use()
         conn.room = room
         if room.ready:
-            self._admit(conn, room, since)
+            self._admit(conn, room, since, epoch)
         else:
-            room.waiting.append((conn, since))
+            room.waiting.append((conn, since, epoch))
         if opened:
             self.bus.room_opened(room)
 
-    def _admit(self, conn, room: Room, since: int | None) -> None:
+    def _admit(self, conn, room: Room, since: int | None, epoch: bytes | None) -> None:
         history = room.history
+        if since is not None and epoch is not None and epoch != room.epoch:
+            since = 0
         if since is not None and history and since < room.seq:
             conn.replay = max(since + 1, history.oldest_seq())
             room.catching_up[conn] = None
@@ -882,8 +925,8 @@ class Chat:
             room.members[conn] = None
         self.recount[room] = None
         self.send(conn, encode_json_frame({"type": "welcome", "room": room.name, "name": conn.name,
-                                           "seq": room.seq, "members": room.member_count(),
-                                           "oldest": room.oldest_seq()}))
+                                           "epoch": room.epoch.decode(), "seq": room.seq,
+                                           "members": room.member_count(), "oldest": room.oldest_seq()}))
 
     def replay(self, conn, budget: int) -> list | None:
         """The next frames of conn's replay, about budget bytes; None if history dropped them.
@@ -956,20 +999,43 @@ class Chat:
         if t0 is not None:
             self.stats.broadcast.observe(time.monotonic() - t0)
 
-    def on_bus_message(self, room_name: str, seq: int, payload: bytes, t0: float | None) -> None:
-        """A sequenced message from a remote bus: deliver in order, once."""
+    def on_bus_message(self, room_name: str, epoch: bytes, seq: int, payload: bytes, t0: float | None) -> None:
+        """A sequenced message from a remote bus: deliver in order, once.
+
+        A room's messages reach this process in the order the sequencer gave
+        them, so a message of another epoch than the room's begins a new order:
+        it is never taken for a duplicate of the old order's seq.
+        """
         room = self.rooms.get(room_name)
         if room is None:
             return                          # unsubscribed meanwhile
         frame = encode_frame(OP_TEXT, payload)
         if room.syncing or not room.ready:
-            room.early.append((seq, frame, t0))
-        elif seq == room.seq + 1:
+            room.early.append((epoch, seq, frame, t0))
+            return
+        if epoch != room.epoch:
+            self._new_order(room, epoch)
+        if seq == room.seq + 1:
             self.deliver(room, seq, frame, t0)
         elif seq > room.seq + 1:            # a gap: hold it and catch up from history
-            room.early.append((seq, frame, t0))
+            room.early.append((epoch, seq, frame, t0))
             self.bus.resync(room)
         # seq <= room.seq: a duplicate, already delivered
+
+    def _new_order(self, room: Room, epoch: bytes) -> None:
+        """The room's order started again at the sequencer (its state there was lost): follow it.
+
+        The old order's history means nothing in the new one; a member still
+        replaying it goes on with the new order's messages from the first.
+        """
+        if room.seq:
+            log.warning("room %s: a new order began (epoch %s) after seq %d of the old one",
+                        room.name, epoch.decode(), room.seq)
+        self.budget.removed(room)
+        room.history = History(self.config.history, self.config.room_history_bytes)
+        room.restart(epoch)
+        for conn in room.catching_up:
+            conn.replay = 1
 
     def on_members(self, room_name: str, total: int) -> None:
         """The bus counted total members in a room, over every process (this one as last reported)."""
@@ -978,24 +1044,44 @@ class Chat:
             room.others = others
             self.recount[room] = None
 
-    def on_snapshot(self, room_name: str, seq: int, payloads: list, members: int | None = None) -> None:
-        """The bus's view of a room: its seq and its last messages (ending at seq), and its members."""
+    def on_snapshot(self, room_name: str, epoch: bytes, seq: int, payloads: list,
+                    members: int | None = None) -> None:
+        """The bus's view of a room: its order (epoch, seq), its last messages (ending at seq), its members.
+
+        Messages that came while the snapshot was on its way (``early``) are
+        merged in the order they came: those of the room's order that precede
+        the snapshot's first, then the snapshot, then the rest. A message of an
+        order older than the snapshot's was published before it and is dropped;
+        one of a newer order begins it.
+        """
         room = self.rooms.get(room_name)
         if room is None:
             return
         if members is not None:
             self.on_members(room_name, members)
+        early, room.early = room.early, []
         first = seq - len(payloads) + 1
         if not room.ready:
+            room.restart(epoch)
             delta = sum(room.history.append(first + i, encode_frame(OP_TEXT, p)) for i, p in enumerate(payloads))
             if room.history:
                 self.budget.added(room, delta)
             room.seq = seq
             room.ready = True
             waiting, room.waiting = room.waiting, []
-            for conn, since in waiting:
-                self._admit(conn, room, since)
+            for conn, since, conn_epoch in waiting:
+                self._admit(conn, room, since, conn_epoch)
         else:                               # catching up: deliver what members missed
+            if epoch != room.epoch:
+                done = 0
+                for e, s, frame, t0 in early:
+                    if e != room.epoch:
+                        break
+                    done += 1
+                    if s > room.seq:
+                        self.deliver(room, s, frame, t0)
+                del early[:done]
+                self._new_order(room, epoch)
             for i, p in enumerate(payloads):
                 if first + i > room.seq:
                     self.deliver(room, first + i, encode_frame(OP_TEXT, p), None)
@@ -1004,12 +1090,16 @@ class Chat:
                             room.seq + 1, first - 1)
                 room.seq = seq
         room.syncing = False
-        early, room.early = sorted(room.early, key=lambda e: e[0]), []
-        for s, frame, t0 in early:
-            if s == room.seq + 1:
+        for e, s, frame, t0 in early:
+            if e != room.epoch:
+                if e < room.epoch:
+                    continue                # of an order the snapshot's replaced
+                if not room.early:
+                    self._new_order(room, e)
+            if room.early or s > room.seq + 1:
+                room.early.append((e, s, frame, t0))
+            elif s == room.seq + 1:
                 self.deliver(room, s, frame, t0)
-            elif s > room.seq + 1:
-                room.early.append((s, frame, t0))
         if room.early:
             self.bus.resync(room)
 
@@ -1063,7 +1153,7 @@ class LocalBus:
         if payload is not None:
             self.chat.deliver(room, seq, encode_frame(OP_TEXT, payload), t0, key)
         if message_id is not None:
-            self.chat.send(conn, ack_frame(message_id, seq, payload is None))
+            self.chat.send(conn, ack_frame(message_id, room.epoch, seq, payload is None))
 
     def room_opened(self, room: Room) -> None:
         """The first local member joined room."""
@@ -1212,9 +1302,9 @@ REC_SNAPSHOT, REC_MESSAGE, REC_ACK = b"N", b"M", b"A"
 REC_MEMBERS = b"C"            # a worker's member count of a room; from the supervisor, the room's total
 REC_HEADER = struct.Struct("!Ic")
 PUBLISH_HEAD = struct.Struct("!BdIH?")      # room length, t0, prefix length, key length, resend
-MESSAGE_HEAD = struct.Struct("!BQd")        # room length, seq, t0
-SNAPSHOT_HEAD = struct.Struct("!BBQI")      # room length, flags, seq, count
-ACK_HEAD = struct.Struct("!Q?")             # seq, duplicate
+MESSAGE_HEAD = struct.Struct("!B16sQd")     # room length, epoch, seq, t0
+SNAPSHOT_HEAD = struct.Struct("!BB16sQI")   # room length, flags, epoch, seq, count
+ACK_HEAD = struct.Struct("!16sQ?")          # epoch, seq, duplicate
 MEMBERS_HEAD = struct.Struct("!BI")         # room length, count
 LENGTH = struct.Struct("!I")
 SNAPSHOT_FIRST, SNAPSHOT_LAST = 1, 2
@@ -1258,16 +1348,18 @@ class Pending:
     ``lane``: messages of one lane (a Redis Cluster hash slot; one lane otherwise)
     are sent in the order they came, never overtaking each other. ``attempt``
     counts sends, so a late reply to an earlier one is ignored; ``ask`` is the
-    node a Redis Cluster ASK redirection named; ``seq`` and ``duplicate`` keep
-    the sequencer's answer while the bus waits for replication.
+    node a Redis Cluster ASK redirection named; ``epoch`` is the room's order
+    as this process knew it when the message came (a new order must begin above
+    it), then the sequencer's; ``seq`` and ``duplicate`` keep the sequencer's
+    answer while the bus waits for replication.
     """
 
-    __slots__ = ("ask", "attempt", "conn", "duplicate", "key", "lane", "message_id", "prefix", "resend",
-                 "room", "seq", "since", "size", "suffix", "t0")
+    __slots__ = ("ask", "attempt", "conn", "duplicate", "epoch", "key", "lane", "message_id", "prefix",
+                 "resend", "room", "seq", "since", "size", "suffix", "t0")
 
-    def __init__(self, room: str, prefix: bytes, suffix: bytes, t0: float, conn, message_id,
+    def __init__(self, room: Room, prefix: bytes, suffix: bytes, t0: float, conn, message_id,
                  key: bytes, resend: bool, since: float, lane: int = 0):
-        self.room, self.prefix, self.suffix, self.t0 = room, prefix, suffix, t0
+        self.room, self.epoch, self.prefix, self.suffix, self.t0 = room.name, room.epoch, prefix, suffix, t0
         self.conn, self.message_id, self.key, self.resend, self.since = conn, message_id, key, resend, since
         self.size = len(prefix) + len(suffix) + len(key) + HISTORY_ENTRY_COST
         self.lane, self.attempt, self.ask, self.seq, self.duplicate = lane, 0, None, 0, False
@@ -1315,7 +1407,7 @@ class RemoteBus:
     def publish(self, room: Room, prefix: bytes, suffix: bytes, t0: float, conn, message_id,
                 key: bytes = b"", resend: bool = False):
         """Send to the sequencer now, or hold while it is unreachable or busy."""
-        msg = Pending(room.name, prefix, suffix, t0, conn, message_id, key, resend, self.loop.now,
+        msg = Pending(room, prefix, suffix, t0, conn, message_id, key, resend, self.loop.now,
                       self.lane(room.name))
         if not self.held_lanes.get(msg.lane):
             if self.inflight_bytes + msg.size <= self.config.bus_hold_bytes:
@@ -1390,14 +1482,14 @@ class RemoteBus:
         self.held.extendleft(reversed(retry))
         self._release_held()
 
-    def on_answer(self, msg: Pending, seq: int | None, duplicate: bool = False) -> None:
+    def on_answer(self, msg: Pending, epoch: bytes, seq: int | None, duplicate: bool = False) -> None:
         """The sequencer answered msg: ack it to its sender (or tell it the bus failed)."""
         if self.inflight.pop(msg, None) is None:
             return                          # answered already, or being sent again
         self.inflight_bytes -= msg.size
         conn = msg.conn
         if conn.state == OPEN and msg.message_id is not None:
-            self.loop.send(conn, ack_frame(msg.message_id, seq, duplicate) if seq is not None else
+            self.loop.send(conn, ack_frame(msg.message_id, epoch, seq, duplicate) if seq is not None else
                            error_frame("unavailable", "message bus failed: send again later", msg.message_id))
         if self.capped:
             self._release_held()
@@ -1461,15 +1553,15 @@ class HubBus(RemoteBus):
         chat = self.chat
         for kind, body in self.reader.feed(data):
             if kind == REC_MESSAGE:
-                rlen, seq, t0 = MESSAGE_HEAD.unpack_from(body)
+                rlen, epoch, seq, t0 = MESSAGE_HEAD.unpack_from(body)
                 start = MESSAGE_HEAD.size
-                chat.on_bus_message(body[start:start + rlen].decode(), seq, body[start + rlen:], t0 or None)
+                chat.on_bus_message(body[start:start + rlen].decode(), epoch, seq, body[start + rlen:], t0 or None)
             elif kind == REC_ACK:
                 self.on_answer(next(iter(self.inflight)), *ACK_HEAD.unpack(body))
             elif kind == REC_MEMBERS:
                 chat.on_members(*parse_members(body))
             elif kind == REC_SNAPSHOT:
-                room, flags, seq, payloads = parse_snapshot(body)
+                room, flags, epoch, seq, payloads = parse_snapshot(body)
                 if flags & SNAPSHOT_FIRST:
                     self.snapshots[room] = []
                 parts = self.snapshots.get(room)
@@ -1478,7 +1570,7 @@ class HubBus(RemoteBus):
                 parts.extend(payloads)
                 if flags & SNAPSHOT_LAST:
                     del self.snapshots[room]
-                    chat.on_snapshot(room, seq, parts)
+                    chat.on_snapshot(room, epoch, seq, parts)
 
     def _on_closed(self) -> None:
         log.warning("supervisor link closed: draining")
@@ -1493,7 +1585,7 @@ class HubRoom(Sequenced):
     __slots__ = ("counts", "subs", "total")
 
     def __init__(self, name: str, config):
-        super().__init__(name, config)
+        super().__init__(name, config, new_epoch())
         self.subs: dict = {}                          # Worker -> None
         self.counts: dict = {}                        # Worker -> members there
         self.total = 0
@@ -1520,17 +1612,17 @@ def parse_members(body: bytes) -> tuple[str, int]:
     return body[MEMBERS_HEAD.size:MEMBERS_HEAD.size + rlen].decode(), count
 
 
-def encode_snapshot(room: str, flags: int, seq: int, payloads) -> bytes:
-    """A snapshot record body: part of a room's last messages (the last part carries its seq)."""
+def encode_snapshot(room: str, flags: int, epoch: bytes, seq: int, payloads) -> bytes:
+    """A snapshot record body: part of a room's last messages (each part carries its order)."""
     r = room.encode()
-    parts = [SNAPSHOT_HEAD.pack(len(r), flags, seq, len(payloads)), r]
+    parts = [SNAPSHOT_HEAD.pack(len(r), flags, epoch, seq, len(payloads)), r]
     for p in payloads:
         parts.append(LENGTH.pack(len(p)))
         parts.append(p)
     return b"".join(parts)
 
 
-def snapshot_records(room: str, seq: int, payloads: list, chunk: int = LINK_CHUNK):
+def snapshot_records(room: str, epoch: bytes, seq: int, payloads: list, chunk: int = LINK_CHUNK):
     """A room's snapshot as records of about chunk bytes each, made one at a time."""
     flags, i = SNAPSHOT_FIRST, 0
     while True:
@@ -1541,15 +1633,15 @@ def snapshot_records(room: str, seq: int, payloads: list, chunk: int = LINK_CHUN
             i += 1
         if i == len(payloads):
             flags |= SNAPSHOT_LAST
-        yield record(REC_SNAPSHOT, encode_snapshot(room, flags, seq, part))
+        yield record(REC_SNAPSHOT, encode_snapshot(room, flags, epoch, seq, part))
         if flags & SNAPSHOT_LAST:
             return
         flags = 0
 
 
-def parse_snapshot(body: bytes) -> tuple[str, int, int, list]:
-    """(room, flags, seq, payloads) from a snapshot record body."""
-    rlen, flags, seq, count = SNAPSHOT_HEAD.unpack_from(body)
+def parse_snapshot(body: bytes) -> tuple[str, int, bytes, int, list]:
+    """(room, flags, epoch, seq, payloads) from a snapshot record body."""
+    rlen, flags, epoch, seq, count = SNAPSHOT_HEAD.unpack_from(body)
     pos = SNAPSHOT_HEAD.size
     room = body[pos:pos + rlen].decode()
     pos += rlen
@@ -1558,7 +1650,7 @@ def parse_snapshot(body: bytes) -> tuple[str, int, int, list]:
         (n,) = LENGTH.unpack_from(body, pos)
         payloads.append(body[pos + 4:pos + 4 + n])
         pos += 4 + n
-    return room, flags, seq, payloads
+    return room, flags, epoch, seq, payloads
 
 
 # -- Redis: RESP spoken on the loop's own non-blocking sockets ---------------
@@ -1655,66 +1747,88 @@ def compact(buf: bytearray, pos: int) -> int:
     return pos
 
 
-# Drop a resent message whose key (client id and message_id) the room's index
-# holds, answering its seq; else INCR the room's seq, splice it into the JSON,
-# keep history bounded in count and bytes (the index shrinking with it), let
-# the room expire when idle, and publish "<seq> <origin tag>\n<json>" so nodes
-# learn the seq without parsing JSON. Every step is O(1) per message (trimming
-# is paid once per message trimmed). With ARGV[10] empty (a Redis Cluster shard
-# with replicas) it publishes nothing: FLUSH_SCRIPT does, once the write is on
-# the replicas, and the origin tag waits in the order entry till then.
-# KEYS: seq, history, index (key -> seq), order ("<seq> <key>[ <origin>]" per history entry), bytes,
-#       published (the last seq published, kept on a cluster)
+# A room's state is one hash: its order's epoch ("e"), its last seq ("n") and
+# the resend index (key -> seq, one field per held message with a key), so the
+# seq, its epoch and the index are kept, expire and are evicted together. With
+# no state (a new room, or its state expired, was evicted or flushed) the script
+# begins a new order: a new epoch (Redis's clock in ms, above the epoch the
+# publishing node knew, ARGV[11], then ARGV[12]'s random digits), at seq 1, and
+# drops whatever keys of the old order outlived it. The history, its order
+# entries ("<seq> <key>[ <origin>]") and their byte count must agree; if one was
+# evicted apart from the others they start over (history is only ever trimmed,
+# never wrong). Then: drop a resent message whose key (client id and message_id)
+# the index holds, answering its seq; else count the seq, splice the order and
+# seq into the JSON, keep history bounded in count and bytes (the index shrinking
+# with it), let the room expire when idle, and publish "<seq> <epoch> <origin
+# tag>\n<json>" so nodes learn the order without parsing JSON. Every step is O(1)
+# per message (trimming is paid once per message trimmed). With ARGV[10] empty (a
+# Redis Cluster shard with replicas) it publishes nothing: FLUSH_SCRIPT does, once
+# the write is on the replicas, and the origin tag waits in the order entry till then.
+# KEYS: state, history, order, bytes, published (the last seq published, kept on a cluster)
 # ARGV: prefix, suffix, max count, channel, origin tag, key, resend, max bytes, ttl,
-#       publish now: 'P' (PUBLISH), 'S' (SPUBLISH) or '' (later)
+#       publish now: 'P' (PUBLISH), 'S' (SPUBLISH) or '' (later), epoch floor, epoch digits
+# Returns {seq, 1 if a resend already held else 0, epoch}.
 PUBLISH_SCRIPT = b"""
-if ARGV[7] == '1' and ARGV[6] ~= '' then
-  local seen = redis.call('HGET', KEYS[3], ARGV[6])
-  if seen then return {tonumber(seen), 1} end
+local e = redis.call('HGET', KEYS[1], 'e')
+if not e then
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+  local t = redis.call('TIME')
+  local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if ARGV[11] ~= '' then ms = math.max(ms, tonumber(string.sub(ARGV[11], 1, 11), 16) + 1) end
+  e = string.format('%011x', ms) .. ARGV[12]
+  redis.call('HSET', KEYS[1], 'e', e)
+elseif ARGV[7] == '1' and ARGV[6] ~= '' then
+  local seen = redis.call('HGET', KEYS[1], ARGV[6])
+  if seen then return {tonumber(seen), 1, e} end
 end
-local seq = redis.call('INCR', KEYS[1])
-local msg = ARGV[1] .. seq .. ARGV[2]
+local seq = redis.call('HINCRBY', KEYS[1], 'n', 1)
+local msg = ARGV[1] .. '"epoch":"' .. e .. '","seq":' .. seq .. ARGV[2]
+local entry = seq .. ' ' .. ARGV[6]
+if ARGV[10] == '' then entry = entry .. ' ' .. ARGV[5] end
+local size = #msg + #ARGV[6]
 local n = redis.call('RPUSH', KEYS[2], msg)
-if ARGV[10] == '' then
-  redis.call('RPUSH', KEYS[4], seq .. ' ' .. ARGV[6] .. ' ' .. ARGV[5])
-else
-  redis.call('RPUSH', KEYS[4], seq .. ' ' .. ARGV[6])
+local bytes = redis.call('INCRBY', KEYS[4], size)
+if redis.call('RPUSH', KEYS[3], entry) ~= n or (n > 1 and bytes == size) then
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[1])
+  redis.call('HSET', KEYS[1], 'e', e, 'n', seq)
+  n = redis.call('RPUSH', KEYS[2], msg)
+  redis.call('RPUSH', KEYS[3], entry)
+  bytes = redis.call('INCRBY', KEYS[4], size)
 end
-if ARGV[6] ~= '' then redis.call('HSET', KEYS[3], ARGV[6], seq) end
-local bytes = redis.call('INCRBY', KEYS[5], #msg + #ARGV[6])
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], ARGV[6], seq) end
 while n > tonumber(ARGV[3]) or (bytes > tonumber(ARGV[8]) and n > 1) do
   local old = redis.call('LPOP', KEYS[2])
-  local entry = redis.call('LPOP', KEYS[4])
-  local size = #old
-  if entry then
-    local sp = string.find(entry, ' ', 1, true)
-    local sp2 = string.find(entry, ' ', sp + 1, true)
-    local oldkey = string.sub(entry, sp + 1, sp2 and sp2 - 1 or -1)
-    size = size + #oldkey
-    if oldkey ~= '' and redis.call('HGET', KEYS[3], oldkey) == string.sub(entry, 1, sp - 1) then
-      redis.call('HDEL', KEYS[3], oldkey)
-    end
+  local oldentry = redis.call('LPOP', KEYS[3])
+  local sp = string.find(oldentry, ' ', 1, true)
+  local sp2 = string.find(oldentry, ' ', sp + 1, true)
+  local oldkey = string.sub(oldentry, sp + 1, sp2 and sp2 - 1 or -1)
+  if oldkey ~= '' and redis.call('HGET', KEYS[1], oldkey) == string.sub(oldentry, 1, sp - 1) then
+    redis.call('HDEL', KEYS[1], oldkey)
   end
-  bytes = redis.call('DECRBY', KEYS[5], size)
+  bytes = redis.call('DECRBY', KEYS[4], #old + #oldkey)
   n = n - 1
 end
-for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ARGV[9]) end
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[9]) end
 if ARGV[10] == 'P' then
-  redis.call('PUBLISH', ARGV[4], seq .. ' ' .. ARGV[5] .. '\\n' .. msg)
+  redis.call('PUBLISH', ARGV[4], seq .. ' ' .. e .. ' ' .. ARGV[5] .. '\\n' .. msg)
 elseif ARGV[10] == 'S' then
-  redis.call('SPUBLISH', ARGV[4], seq .. ' ' .. ARGV[5] .. '\\n' .. msg)
-  redis.call('SET', KEYS[6], seq, 'EX', ARGV[9])
+  redis.call('SPUBLISH', ARGV[4], seq .. ' ' .. e .. ' ' .. ARGV[5] .. '\\n' .. msg)
+  redis.call('SET', KEYS[5], seq, 'EX', ARGV[9])
 end
-return {seq, 0}
+return {seq, 0, e}
 """
 # A Redis Cluster shard with replicas: publish, in seq order, every message up
 # to ARGV[1] not yet published. The caller's WAIT has seen its own write (seq
-# ARGV[1]) on the replicas, and every lower seq was written before it, so a
-# failover cannot take back anything published. Whoever flushes first
-# publishes the others' messages too: the channel never runs out of order.
-# KEYS: seq, history, order, published (the last seq published). ARGV: up to, channel, ttl
+# ARGV[1] of order ARGV[4]) on the replicas, and every lower seq was written
+# before it, so a failover cannot take back anything published. Whoever flushes
+# first publishes the others' messages too: the channel never runs out of order.
+# -1 if that order is gone (the room's state was lost after the write): the
+# message was never published, and must be sent again.
+# KEYS: state, history, order, published (the last seq published). ARGV: up to, channel, ttl, epoch
 FLUSH_SCRIPT = b"""
-local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
+local e = redis.call('HGET', KEYS[1], 'e')
+if e ~= ARGV[4] then return -1 end
+local seq = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
 local upto = math.min(tonumber(ARGV[1]), seq)
 local pub = tonumber(redis.call('GET', KEYS[4]) or '0')
 if upto <= pub then return 0 end
@@ -1726,36 +1840,40 @@ for i = 1, #msgs do
   local sp = string.find(entry, ' ', 1, true)
   local sp2 = sp and string.find(entry, ' ', sp + 1, true)
   local origin = sp2 and string.sub(entry, sp2 + 1) or '- 0'
-  redis.call('SPUBLISH', ARGV[2], (first + i - 1) .. ' ' .. origin .. '\\n' .. msgs[i])
+  redis.call('SPUBLISH', ARGV[2], (first + i - 1) .. ' ' .. e .. ' ' .. origin .. '\\n' .. msgs[i])
 end
 redis.call('SET', KEYS[4], upto, 'EX', ARGV[3])
 return #msgs
 """
-# A Redis that restarted empty (or a replica promoted before it had every write)
-# would count seq from a lower number again, and nodes would drop those
-# messages as duplicates: each node first raises the seq to what it has
-# delivered, so a room's seq never goes backwards. Nothing below the floor is
-# published again. KEYS: seq, published. ARGV: floor, ttl
+# A replica promoted before it had every write keeps the room's order but a
+# lower seq, and nodes would drop the next messages as duplicates: each node
+# first raises the seq of the order it knows (ARGV[3]) to what it has delivered.
+# Nothing below the floor is published again. A room with no state, or in
+# another order, is left alone: its next message begins a new order anyway.
+# KEYS: state, published. ARGV: floor, ttl, epoch
 SEQ_FLOOR_SCRIPT = b"""
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if redis.call('HGET', KEYS[1], 'e') ~= ARGV[3] then return -1 end
+local cur = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
 if cur < tonumber(ARGV[1]) then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  redis.call('HSET', KEYS[1], 'n', ARGV[1])
   redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 end
 return cur
 """
-# The room's seq and its last ARGV[1] messages. On a shard with replicas
-# (ARGV[2] empty) only up to the last seq published: a message no member has
-# been sent yet may still be lost in a failover, so no joiner sees it first.
-# The third item is the room's member count, as the last presence report summed it.
-# KEYS: seq, history, published, members
+# The room's order (epoch, '' if it has none, and seq) and its last ARGV[1]
+# messages. On a shard with replicas (ARGV[2] empty) only up to the last seq
+# published: a message no member has been sent yet may still be lost in a
+# failover, so no joiner sees it first. The fourth item is the room's member
+# count, as the last presence report summed it.
+# KEYS: state, history, published, members
 SNAPSHOT_SCRIPT = b"""
-local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
+local e = redis.call('HGET', KEYS[1], 'e') or ''
+local seq = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
 local members = tonumber(redis.call('HGET', KEYS[4], '=') or '0')
 local upto = seq
 if ARGV[2] == '' then upto = math.min(seq, tonumber(redis.call('GET', KEYS[3]) or '0')) end
-if upto == 0 then return {0, {}, members} end
-return {upto, redis.call('LRANGE', KEYS[2], upto - seq - tonumber(ARGV[1]), upto - seq - 1), members}
+if upto == 0 then return {e, 0, {}, members} end
+return {e, upto, redis.call('LRANGE', KEYS[2], upto - seq - tonumber(ARGV[1]), upto - seq - 1), members}
 """
 
 # Presence: each process keeps "<count> <expiry ms>" under its tag in the room's
@@ -1916,7 +2034,7 @@ class RedisBus(RemoteBus):
         self.refreshing = False
         self.next_refresh = 0.0
         self.seed_turn = 0
-        self.unflushed: dict = {}           # room -> seq its messages must still be published up to
+        self.unflushed: dict = {}           # room -> (epoch, seq) its messages must still be published up to
         self.publish_sha = hashlib.sha1(PUBLISH_SCRIPT).hexdigest()
         self.flush_sha = hashlib.sha1(FLUSH_SCRIPT).hexdigest()
         self.snapshot_sha = hashlib.sha1(SNAPSHOT_SCRIPT).hexdigest()
@@ -1949,9 +2067,9 @@ class RedisBus(RemoteBus):
         return node if node is not None and node.up else None
 
     def _keys(self, room: str) -> tuple[str, str, str]:
-        """The room's seq and history keys and its channel (one hash slot: the room is the tag)."""
+        """The room's state and history keys and its channel (one hash slot: the room is the tag)."""
         p = f"{self.prefix}{{{room}}}"
-        return p + ":seq", p + ":history", p
+        return p + ":state", p + ":history", p
 
     # -- nodes: connect, lose, reconnect
 
@@ -2009,9 +2127,9 @@ class RedisBus(RemoteBus):
         for room in self.chat.rooms.values():       # before held messages get their seq
             if self.owner(self.lane(room.name)) is node:
                 if room.seq:
-                    seq_key, _, channel = self._keys(room.name)
-                    node.call(self.loop.now, ("EVALSHA", self.floor_sha, 2, seq_key, channel + ":published",
-                                              room.seq, self.config.redis_room_ttl), None)
+                    state_key, _, channel = self._keys(room.name)
+                    node.call(self.loop.now, ("EVALSHA", self.floor_sha, 2, state_key, channel + ":published",
+                                              room.seq, self.config.redis_room_ttl, room.epoch), None)
                 if room.reported:
                     self.report_members(room, room.reported)
         self._release_held()
@@ -2179,15 +2297,16 @@ class RedisBus(RemoteBus):
 
     def send_publish(self, msg: Pending, node: RedisNode) -> None:
         """One script call sequences and stores (and publishes, unless replicas must have it first)."""
-        seq_key, hist_key, channel = self._keys(msg.room)
+        state_key, hist_key, channel = self._keys(msg.room)
         cfg, now, attempt = self.config, self.loop.now, msg.attempt
         wait = self.cluster and node.replicas
         if msg.ask is not None:
             node.call(now, ("ASKING",), None)
-        node.call(now, ("EVALSHA", self.publish_sha, 6, seq_key, hist_key, channel + ":index",
-                        channel + ":order", channel + ":bytes", channel + ":published", msg.prefix, msg.suffix, cfg.history, channel,
+        node.call(now, ("EVALSHA", self.publish_sha, 5, state_key, hist_key, channel + ":order",
+                        channel + ":bytes", channel + ":published", msg.prefix, msg.suffix, cfg.history, channel,
                         f"{self.tag} {msg.t0!r}", msg.key, "1" if msg.resend else "", cfg.room_history_bytes,
-                        cfg.redis_room_ttl, "" if wait else "S" if self.cluster else "P"),
+                        cfg.redis_room_ttl, "" if wait else "S" if self.cluster else "P", msg.epoch,
+                        b"%05x" % (int.from_bytes(os.urandom(3), "big") & 0xFFFFF)),
                   lambda reply: self._on_published(node, msg, attempt, reply, wait))
         if wait:
             node.call(now, ("WAIT", node.replicas, cfg.redis_wait_ms),
@@ -2202,57 +2321,73 @@ class RedisBus(RemoteBus):
         if isinstance(reply, RespError):
             if not self._redirected(node, msg, reply):
                 log.error("redis %r: publish failed: %s", node, reply)
-                self.on_answer(msg, None)
-        elif wait:
-            msg.seq, msg.duplicate = int(reply[0]), bool(reply[1])     # answered once replicated
+                self.on_answer(msg, b"", None)
+        elif wait:                          # answered once replicated and published
+            msg.seq, msg.duplicate, msg.epoch = int(reply[0]), bool(reply[1]), reply[2]
         else:
-            self.on_answer(msg, int(reply[0]), bool(reply[1]))
+            self.on_answer(msg, reply[2], int(reply[0]), bool(reply[1]))
 
     def _on_replicated(self, node: RedisNode, msg: Pending, attempt: int, reply) -> None:
         if not self._current(node, msg, attempt) or not msg.seq:
             return
         if not isinstance(reply, int) or reply < node.replicas:
             self.loop.stats.bus_unreplicated += 1   # published anyway: a failover now could lose it
-        self._flush_room(node, msg.room, msg.seq, asking=msg.ask is not None)
-        self.on_answer(msg, msg.seq, msg.duplicate)
+        self._flush_room(node, msg.room, msg.epoch, msg.seq, asking=msg.ask is not None,
+                         then=(msg, attempt))
 
-    def _flush_room(self, node: RedisNode, room: str, upto: int, asking: bool = False) -> None:
-        """Publish room's messages up to seq upto (FLUSH_SCRIPT) on node; if that fails, again soon."""
-        seq_key, hist_key, channel = self._keys(room)
+    def _flush_room(self, node: RedisNode, room: str, epoch: bytes, upto: int, asking: bool = False,
+                    then: tuple | None = None) -> None:
+        """Publish room's messages of order epoch up to seq upto (FLUSH_SCRIPT) on node; if that fails,
+        again soon. then: (the message at upto, its attempt), acked once it is published."""
+        state_key, hist_key, channel = self._keys(room)
         if asking:
             node.call(self.loop.now, ("ASKING",), None)
-        node.call(self.loop.now, ("EVALSHA", self.flush_sha, 4, seq_key, hist_key, channel + ":order",
-                                  channel + ":published", upto, channel, self.config.redis_room_ttl),
-                  lambda reply: self._on_flushed(node, room, upto, reply))
+        node.call(self.loop.now, ("EVALSHA", self.flush_sha, 4, state_key, hist_key, channel + ":order",
+                                  channel + ":published", upto, channel, self.config.redis_room_ttl, epoch),
+                  lambda reply: self._on_flushed(node, room, epoch, upto, reply, then))
 
-    def _on_flushed(self, node: RedisNode, room: str, upto: int, reply) -> None:
+    def _on_flushed(self, node: RedisNode, room: str, epoch: bytes, upto: int, reply,
+                    then: tuple | None) -> None:
+        msg = then[0] if then is not None and self._current(node, *then) else None
+        if reply == -1:                     # the room's state was lost before the message was published
+            if msg is not None:
+                self.send_again(msg)        # sequenced again, in the room's new order
+            else:
+                log.warning("room %s: its order %s ended before seq %d was published", room,
+                            epoch.decode(), upto)
+            return
         if not isinstance(reply, RespError):
+            if msg is not None:
+                self.on_answer(msg, epoch, msg.seq, msg.duplicate)
             return
         text = str(reply)
+        if msg is not None:                 # stored and replicated: the flush below publishes it
+            self.on_answer(msg, epoch, msg.seq, msg.duplicate)
         if text.startswith("ASK "):         # mid-migration: the keys are already on the target
             host, _, port = text.split(" ")[2].rpartition(":")
             target = self.nodes.get((host or node.addr[0], int(port)))
             if target is not None and target.up:
-                self._flush_room(target, room, upto, asking=True)
+                self._flush_room(target, room, epoch, upto, asking=True)
                 return
         # The message is acked and in history: it must still reach the room's members.
         # One retry timer for every room (the highest seq each), whatever the outage's length.
         if not self.unflushed:
             self.loop.call_later(0.05, self._retry_flushes)
-        self.unflushed[room] = max(upto, self.unflushed.get(room, 0))
+        known = self.unflushed.get(room)
+        self.unflushed[room] = (epoch, max(upto, known[1]) if known and known[0] == epoch else upto)
         if text.startswith(("MOVED ", "CLUSTERDOWN", "READONLY")):
             self._refresh()
 
     def _retry_flushes(self) -> None:
         pending, self.unflushed = self.unflushed, {}
-        for room, upto in pending.items():
+        for room, (epoch, upto) in pending.items():
             node = self.owner(self.lane(room))
             if node is not None and node.up:
-                self._flush_room(node, room, upto)
+                self._flush_room(node, room, epoch, upto)
             else:
                 if not self.unflushed:
                     self.loop.call_later(0.05, self._retry_flushes)
-                self.unflushed[room] = upto
+                self.unflushed[room] = (epoch, upto)
 
     def room_opened(self, room: Room) -> None:
         """Subscribe to the room's channel on its node; a snapshot follows the confirmation."""
@@ -2317,8 +2452,8 @@ class RedisBus(RemoteBus):
         node = self.subscribed.get(room)
         if node is None or not node.up:
             return                          # asked again once subscribed
-        seq_key, hist_key, channel = self._keys(room)
-        node.call(self.loop.now, ("EVALSHA", self.snapshot_sha, 4, seq_key, hist_key, channel + ":published",
+        state_key, hist_key, channel = self._keys(room)
+        node.call(self.loop.now, ("EVALSHA", self.snapshot_sha, 4, state_key, hist_key, channel + ":published",
                                   channel + ":members", self.config.history, "" if self.cluster and node.replicas else "1"),
                   lambda reply: self._on_snapshot(node, room, reply))
 
@@ -2329,7 +2464,7 @@ class RedisBus(RemoteBus):
                 self._unsubscribe(node, room)       # subscribed again where the map says
                 self._refresh()
             return
-        self.chat.on_snapshot(room, int(reply[0]), reply[1], int(reply[2]))
+        self.chat.on_snapshot(room, reply[0], int(reply[1]), reply[2], int(reply[3]))
 
     # -- replies
 
@@ -2355,9 +2490,9 @@ class RedisBus(RemoteBus):
                 if head[:2] == b"m ":        # presence: the room's new total
                     self.chat.on_members(room, int(head[2:]))
                     continue
-                seq, tag, t0 = head.split(b" ", 2)
+                seq, epoch, tag, t0 = head.split(b" ", 3)
                 mine = tag.decode() == self.tag
-                self.chat.on_bus_message(room, int(seq), payload, float(t0) if mine else None)
+                self.chat.on_bus_message(room, epoch, int(seq), payload, float(t0) if mine else None)
             elif kind == b"subscribe" or kind == b"ssubscribe":
                 room = self.chat.rooms.get(reply[1][plen:-1].decode())
                 if room is not None and room.syncing and self.subscribed.get(room.name) is node:
@@ -2780,6 +2915,7 @@ class Upgrade(NamedTuple):
     since: int | None
     client: str | None
     accept: str
+    epoch: bytes | None = None
 
 
 def take_request_head(buf: bytes, limit: int) -> tuple[bytes, bytes] | None:
@@ -2827,7 +2963,7 @@ def route(request: Request, front: Front, draining: bool = False, full: bool = F
 
 
 def check_chat_upgrade(request: Request, front: Front) -> Upgrade:
-    """Validate a chat upgrade (/ws[/room]?name=&since=&client=): each field once, where it enters."""
+    """Validate a chat upgrade (/ws[/room]?name=&since=&epoch=&client=): each field once, where it enters."""
     room = "lobby" if request.path == "/ws" else request.path[4:]
     if not ROOM_NAME.fullmatch(room):
         raise HandshakeError(400, "room must be 1-64 characters of A-Z a-z 0-9 _ . -")
@@ -2840,12 +2976,17 @@ def check_chat_upgrade(request: Request, front: Front) -> Upgrade:
         if not (since.isascii() and since.isdigit()) or len(since) > 19:
             raise HandshakeError(400, "since must be a non-negative integer")
         since = int(since)
+    epoch = request.query.get("epoch", [None])[-1]
+    if epoch is not None:
+        if EPOCH.fullmatch(epoch) is None:
+            raise HandshakeError(400, "epoch must be 16 hex digits, as the server sent it")
+        epoch = epoch.encode()
     client = request.query.get("client", [None])[-1]
     if client is not None and CLIENT_ID.fullmatch(client) is None:
         raise HandshakeError(400, "client must be 16-64 characters of A-Z a-z 0-9 _ -")
     if not origin_allowed(request, front):
         raise HandshakeError(403, "origin not allowed")
-    return Upgrade(room, name, since, client, accept)
+    return Upgrade(room, name, since, client, accept, epoch)
 
 
 def origin_allowed(request: Request, front: Front) -> bool:
@@ -3249,7 +3390,7 @@ class Server(EventLoop):
         self.stats.connections_total += 1
         self.stats.http_requests["101"] += 1
         self.send(conn, upgrade_response(upgrade.accept))
-        self.chat.join(conn, upgrade.room, upgrade.since)
+        self.chat.join(conn, upgrade.room, upgrade.since, upgrade.epoch)
         self.stats.rooms = len(self.chat.rooms)
         if rest:
             self._on_websocket_data(conn, rest)
@@ -3658,7 +3799,7 @@ class Supervisor(EventLoop):
                 room.subs[worker] = None
                 worker.link.write(members_record(name, room.total))     # before the snapshot: its welcome counts all
                 payloads = [item for _, item in room.history.items()]
-                worker.link.write_lazily(name, snapshot_records(name, room.seq, payloads))
+                worker.link.write_lazily(name, snapshot_records(name, room.epoch, room.seq, payloads))
             elif kind == REC_UNSUBSCRIBE:
                 room = self.rooms.get(body.decode())
                 if room is not None:
@@ -3686,13 +3827,13 @@ class Supervisor(EventLoop):
             room = self.rooms[room_name] = HubRoom(room_name, self.config)
         seq, payload = room.sequence(body[pos:pos + plen], body[pos + plen:], key, resend)
         if payload is None:
-            worker.link.write(record(REC_ACK, ACK_HEAD.pack(seq, True)))
+            worker.link.write(record(REC_ACK, ACK_HEAD.pack(room.epoch, seq, True)))
             return
         room.keep(self.budget, seq, payload, key)
-        rec = record(REC_MESSAGE, MESSAGE_HEAD.pack(rlen, seq, t0) + name + payload)
+        rec = record(REC_MESSAGE, MESSAGE_HEAD.pack(rlen, room.epoch, seq, t0) + name + payload)
         for sub in room.subs:
             sub.link.write(rec)
-        worker.link.write(record(REC_ACK, ACK_HEAD.pack(seq, False)))
+        worker.link.write(record(REC_ACK, ACK_HEAD.pack(room.epoch, seq, False)))
 
     def total_stats(self) -> Stats:
         """All workers' counters added up, with those of workers that exited."""

@@ -44,18 +44,26 @@ from testkit import (
     HERE,
     NODE_TIMEOUT_MS,
     TCP_LISTEN,
+    Crowd,
     LoopbackProxy,
     RedisCluster,
     RedisError,
     ServerProc,
+    all_received,
+    assert_acked_as_delivered,
+    assert_one_order,
     children,
     command,
     connection_owners,
+    everyone_says,
     free_port,
     redirected,
     room_key,
+    run_async,
     start_server,
+    talk_through,
     tcp_sockets,
+    until,
     wait_for,
 )
 
@@ -91,9 +99,9 @@ def test_harness_fails_over_and_migrates(cluster):
     """3 masters + 3 replicas agree on the slots; a SIGKILLed master's replica takes over in
     a few seconds; the dead node rejoins as a replica; a slot with keys migrates batch by batch."""
     assert len(cluster.masters()) == 3 and cluster.whole()
-    for key in ("scalechat:{lobby}:seq", "scalechat:{lobby}:history", "plain", "a{}b", "{x}{y}"):
+    for key in ("scalechat:{lobby}:state", "scalechat:{lobby}:history", "plain", "a{}b", "{x}{y}"):
         assert cluster.slot_of(key) == key_slot(key.encode()), key
-    assert cluster.slot_of("scalechat:{lobby}:seq") == cluster.slot_of("scalechat:{lobby}:history")
+    assert cluster.slot_of("scalechat:{lobby}:state") == cluster.slot_of("scalechat:{lobby}:history")
     rooms = cluster.room_names_covering_shards(6)
     assert len(set(rooms)) == 6
     assert sorted(len(r) for r in cluster.shards_of(rooms).values()) == [2, 2, 2]
@@ -104,7 +112,7 @@ def test_harness_fails_over_and_migrates(cluster):
     room = rooms[0]
     slot = cluster.room_slot(room)
     master = cluster.master_of(slot)
-    for suffix in ("seq", "history", "index"):
+    for suffix in ("state", "history", "order"):
         command(master.port, "SET", f"scalechat:{{{room}}}:{suffix}", suffix)
     with pytest.raises(RedisError, match="MOVED"):
         command(cluster.masters()[(cluster.masters().index(master) + 1) % 3].port, "GET", room_key(room))
@@ -116,7 +124,7 @@ def test_harness_fails_over_and_migrates(cluster):
     print(f"\nfailover of {master}: {replica} owns slot {slot} after {took:.2f} s")
     assert not master.alive and cluster.master_of(slot) == replica
     assert took < 10 * NODE_TIMEOUT_MS / 1000
-    assert command(replica.port, "GET", room_key(room)) == "seq"        # replicated before the kill
+    assert command(replica.port, "GET", room_key(room)) == "state"      # replicated before the kill
     back = cluster.revive()
     print(f"{master} back as a replica of {replica} after {back:.2f} s")
     assert cluster.replicas_of(replica) == [master]
@@ -596,3 +604,53 @@ def test_members_count_the_room_over_every_instance_and_worker(cluster, instance
     finally:
         for w in watchers:
             w.ws.shutdown()
+
+
+# ---------------------------------------------------------------------------
+# A room's state lost on its shard: a new order, nothing acked lost
+# ---------------------------------------------------------------------------
+
+def delete_room_keys(cluster: RedisCluster, room: str) -> int:
+    """DEL every key of room on the master of its slot (what an eviction or an operator does); how many."""
+    slot = cluster.room_slot(room)
+    master = cluster.master_of(slot)
+    keys = [k for k in command(master.port, "CLUSTER", "GETKEYSINSLOT", slot, 1000)
+            if k.startswith(f"scalechat:{{{room}}}")]
+    return command(master.port, "DEL", *keys) if keys else 0
+
+
+@pytest.mark.parametrize("how", ["deleted-under-load", "expired"])
+@run_async
+async def test_a_room_whose_state_is_lost_on_its_shard_loses_no_acked_message(cluster, how):
+    """A room's keys on its shard (with a replica: messages are published after WAIT) are deleted
+    while its members, on a single-process instance and on both workers of another, chat; or
+    they expire (--redis-room-ttl 1) while the members stay. Every acked message reaches every
+    member once; the order after the loss is a new one (a new epoch), after all of the old."""
+    ttl = ("--redis-room-ttl", "1") if how == "expired" else ()
+    single = start_instance(cluster.url(0, 1), 1, *ttl)
+    pair = start_instance(cluster.url(5), 2, "--room-affinity", "false", *ttl)
+    room = f"lost-{os.urandom(3).hex()}"
+    try:
+        async with Crowd() as crowd:
+            members = await crowd.join([single.url], room, 2, "a")
+            members += await crowd.join([pair.url], room, 4, "b")
+            before = await everyone_says(members, 3)
+            await all_received(members, before)
+            master = cluster.master_of(cluster.room_slot(room))
+            if how == "expired":
+                await until(lambda: command(master.port, "EXISTS", room_key(room)) == 0, 10, "the state to expire")
+                await everyone_says(members, 3)
+                sent = set().union(*(m.sent_keys() for m in members))
+            else:
+                deleted = []
+                sent = await talk_through(members, lambda: deleted.append(delete_room_keys(cluster, room)))
+                assert deleted[0] >= 4, f"{deleted[0]} keys of {room} deleted"
+            await all_received(members, sent, timeout=15)
+            assert_one_order(members, sent)
+            assert len(set(members[0].epochs)) == 2, "the room's order did not begin again"
+            assert_acked_as_delivered(members)
+            assert sum(len(m.acks) for m in members) == len(sent)
+            assert all(not m.errors and not m.closes for m in members)
+    finally:
+        single.stop()
+        pair.stop()

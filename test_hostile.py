@@ -600,7 +600,7 @@ def test_text_of_exactly_the_maximum_passes_and_one_byte_more_is_refused(serve):
 @pytest.mark.parametrize("resource", [
     "/ws/" + "r" * 65, "/ws/a%2fb", "/ws/a/b", "/ws/a b", "/ws/", "/ws/caf%C3%A9",
     "/ws?name=" + "n" * 33, "/ws?name=%0a", "/ws?name=%20%20", "/ws?since=-1", "/ws?since=1e3",
-    "/ws?since=" + "9" * 20,
+    "/ws?since=" + "9" * 20, "/ws?epoch=0123456789abcde%0a", "/ws?epoch=xyz",
 ])
 def test_bad_room_name_or_since_gets_400_before_the_upgrade(shared_server, resource):
     assert handshake_status(shared_server.port, resource=resource) == 400
@@ -1053,17 +1053,19 @@ def test_resends_are_checked_by_client_id_so_nobody_else_can_suppress_them(serve
     server = serve()
     alice = RawClient(server.port, f"/ws/forgery?name=alice&client={CLIENT_A}")
     mallory = RawClient(server.port, f"/ws/forgery?name=alice&client={CLIENT_B}")
+    epoch = alice.welcome["epoch"]
     mallory.send_json({"message_id": 7, "text": "forged", "resend": True})
-    assert mallory.recv_json(skip=("members",)) == {"type": "message", "room": "forgery", "seq": 1,
-                                                    "sender": "alice", "message_id": 7, "text": "forged",
-                                                    "sent_at": None}
-    assert mallory.recv_json(skip=("members",)) == {"type": "ack", "message_id": 7, "seq": 1}
+    assert mallory.recv_json(skip=("members",)) == {"type": "message", "room": "forgery", "epoch": epoch,
+                                                    "seq": 1, "sender": "alice", "message_id": 7,
+                                                    "text": "forged", "sent_at": None}
+    assert mallory.recv_json(skip=("members",)) == {"type": "ack", "message_id": 7, "epoch": epoch, "seq": 1}
     assert alice.recv_json(skip=("members",))["text"] == "forged"      # no ack for alice
     alice.send_json({"message_id": 7, "text": "mine", "resend": True})
     assert alice.recv_json(skip=("members",))["text"] == "mine"
-    assert alice.recv_json(skip=("members",)) == {"type": "ack", "message_id": 7, "seq": 2}
+    assert alice.recv_json(skip=("members",)) == {"type": "ack", "message_id": 7, "epoch": epoch, "seq": 2}
     alice.send_json({"message_id": 7, "text": "mine", "resend": True})   # her own again: a duplicate
-    assert alice.recv_json(skip=("members",)) == {"type": "ack", "message_id": 7, "seq": 2, "duplicate": True}
+    assert alice.recv_json(skip=("members",)) == {"type": "ack", "message_id": 7, "epoch": epoch, "seq": 2,
+                                                  "duplicate": True}
     assert echo_time(mallory, 8) < 5 and alice.recv_message()["seq"] == 3   # nothing came in between
     for bad in ("short", "x" * 65, "a%0Ab" * 4, "spaces%20are%20not%20allowed"):
         assert handshake_status(server.port, resource=f"/ws/forgery?client={bad}") == 400, bad
@@ -1074,11 +1076,14 @@ def test_resends_are_checked_by_client_id_so_nobody_else_can_suppress_them(serve
 def test_a_resend_is_checked_only_against_history_and_sequenced_again_once_trimmed(serve):
     server = serve("--history", "3")
     client = RawClient(server.port, f"/ws/trimmed?client={CLIENT_A}")
+    epoch = client.welcome["epoch"]
     for i in range(1, 6):
         client.send_json({"message_id": i, "text": f"m{i}"})
-        assert client.recv_json(skip=("members", "message")) == {"type": "ack", "message_id": i, "seq": i}
+        assert client.recv_json(skip=("members", "message")) == {"type": "ack", "message_id": i, "epoch": epoch,
+                                                                 "seq": i}
     client.send_json({"message_id": 5, "text": "m5", "resend": True})
-    assert client.recv_json(skip=("members",)) == {"type": "ack", "message_id": 5, "seq": 5, "duplicate": True}
+    assert client.recv_json(skip=("members",)) == {"type": "ack", "message_id": 5, "epoch": epoch, "seq": 5,
+                                                   "duplicate": True}
     client.send_json({"message_id": 1, "text": "m1", "resend": True})     # no longer held: sequenced
     assert client.recv_message()["seq"] == 6
     client.close()

@@ -31,6 +31,7 @@ from scalechat import (
     encode_close,
     encode_frame,
     message_parts,
+    order_field,
 )
 from testkit import (
     HERE,
@@ -640,7 +641,7 @@ def test_terminal_cannot_connect_exits_2():
 def server_frame_payload(seq: int, sender: str, message_id: int, text: str) -> bytes:
     """A message payload encoded by the server's own code (its field order is what the fast path reads)."""
     prefix, suffix = message_parts("r-1", sender, message_id, text, "2026-01-01T00:00:00.000000Z")
-    return prefix + b"%d" % seq + suffix
+    return prefix + order_field(b"19aee4c3f0b00000") + b"%d" % seq + suffix
 
 
 @settings(max_examples=300, deadline=None)

@@ -40,6 +40,7 @@ from websockets.sync.client import connect
 from scalechat import (
     ACK_HEAD,
     CLOSE_INTERNAL_ERROR,
+    EPOCH,
     HISTORY_ENTRY_COST,
     HTTP_STATUSES,
     OP_BINARY,
@@ -81,6 +82,7 @@ from scalechat import (
     http_response,
     key_slot,
     max_frame_size,
+    new_epoch,
     new_key,
     new_mask_key,
     open_fds,
@@ -643,7 +645,7 @@ def test_resp_parser_takes_a_large_bulk_string_in_many_reads_without_rescanning(
 
 
 def test_record_reader_gives_the_same_records_however_the_bytes_are_cut():
-    records = [(REC_MESSAGE, b"x" * 300), (REC_ACK, ACK_HEAD.pack(7, True)), (REC_STATS, b""),
+    records = [(REC_MESSAGE, b"x" * 300), (REC_ACK, ACK_HEAD.pack(b"0123456789abcdef", 7, True)), (REC_STATS, b""),
                (REC_SNAPSHOT, b"\x00" * 5)]
     data = b"".join(record(kind, body) for kind, body in records)
     for chunks in every_split(data):
@@ -653,17 +655,18 @@ def test_record_reader_gives_the_same_records_however_the_bytes_are_cut():
 
 
 def test_snapshots_go_in_chunks_that_rebuild_the_history():
-    """A room's snapshot in records of about a chunk each: first and last flagged, seq on each."""
+    """A room's snapshot in records of about a chunk each: first and last flagged, order on each."""
     payloads = [b"p%d" % i * (i * 10) for i in range(1, 30)]
-    recs = list(snapshot_records("r", 29, payloads, chunk=1000))
+    epoch = new_epoch()
+    recs = list(snapshot_records("r", epoch, 29, payloads, chunk=1000))
     assert len(recs) > 3
     parts = [parse_snapshot(RecordReader().feed(rec)[0][1]) for rec in recs]
-    assert [flags for _, flags, _, _ in parts] == [1] + [0] * (len(parts) - 2) + [2]
-    assert all(room == "r" and seq == 29 for room, _, seq, _ in parts)
+    assert [flags for _, flags, _, _, _ in parts] == [1] + [0] * (len(parts) - 2) + [2]
+    assert all(room == "r" and e == epoch and seq == 29 for room, _, e, seq, _ in parts)
     assert [p for *_, ps in parts for p in ps] == payloads
     assert all(sum(map(len, ps)) <= 1000 or len(ps) == 1 for *_, ps in parts)
-    (only,) = snapshot_records("r", 0, [])
-    assert parse_snapshot(RecordReader().feed(only)[0][1]) == ("r", 3, 0, [])
+    (only,) = snapshot_records("r", epoch, 0, [])
+    assert parse_snapshot(RecordReader().feed(only)[0][1]) == ("r", 3, epoch, 0, [])
 
 
 class RecordingBus:
@@ -707,25 +710,83 @@ def test_bus_messages_reach_members_once_in_seq_order_through_gaps_and_snapshots
     room = chat.rooms["r"]
     assert bus.calls == [("opened", "r")] and not room.ready and alice.out == []
     payload = '{{"type":"message","room":"r","seq":{},"text":"m{}"}}'.format
-    for seq in (6, 5):                                   # live, before the snapshot: held
-        chat.on_bus_message("r", seq, payload(seq, seq).encode(), None)
-    chat.on_snapshot("r", 4, [payload(s, s).encode() for s in range(1, 5)])
+    e = new_epoch()
+    for seq in (5, 6):                                   # live, before the snapshot: held
+        chat.on_bus_message("r", e, seq, payload(seq, seq).encode(), None)
+    chat.on_snapshot("r", e, 4, [payload(s, s).encode() for s in range(1, 5)])
     assert [o["type"] for o in texts(alice)] == ["welcome", "message", "message"]
     assert texts(alice)[0]["seq"] == 4 and [o["seq"] for o in texts(alice)[1:]] == [5, 6]
-    chat.on_bus_message("r", 6, payload(6, 6).encode(), None)          # a duplicate
-    chat.on_bus_message("r", 9, payload(9, 9).encode(), None)          # a gap: 7 and 8 missing
+    assert texts(alice)[0]["epoch"] == e.decode()
+    chat.on_bus_message("r", e, 6, payload(6, 6).encode(), None)       # a duplicate
+    chat.on_bus_message("r", e, 9, payload(9, 9).encode(), None)       # a gap: 7 and 8 missing
     assert bus.calls[-1] == ("resync", "r") and len(texts(alice)) == 3
-    chat.on_bus_message("r", 10, payload(10, 10).encode(), None)       # held while syncing
-    chat.on_snapshot("r", 9, [payload(s, s).encode() for s in range(5, 10)])
+    chat.on_bus_message("r", e, 10, payload(10, 10).encode(), None)    # held while syncing
+    chat.on_snapshot("r", e, 9, [payload(s, s).encode() for s in range(5, 10)])
     assert [o["seq"] for o in texts(alice)[1:]] == [5, 6, 7, 8, 9, 10]
     late = Member("bob")                                 # resumes: replayed from history, then live
-    chat.join(late, "r", 7)
+    chat.join(late, "r", 7, e)
     assert chat.replay(late, 1 << 20) is not None and late.replay is None
-    chat.on_bus_message("r", 11, payload(11, 11).encode(), None)
+    chat.on_bus_message("r", e, 11, payload(11, 11).encode(), None)
     assert late in room.members and alice in room.members
     chat.leave(alice)
     chat.leave(late)
     assert bus.calls[-1] == ("closed", "r") and "r" not in chat.rooms
+
+
+def test_a_new_order_on_the_bus_is_followed_never_taken_for_duplicates():
+    """The sequencer's state of a room was lost (its Redis keys expired or were evicted): its next
+    messages come as seq 1, 2, ... of a new epoch. Members get every one of them; a member still
+    replaying the old order goes on with the new one from its first message; a joiner that names
+    the old epoch with since gets the new order's history from its start."""
+    chat = Chat(parse_args([]), Stats(), lambda c, data: (c.out.append(data)), [])
+    chat.bus = RecordingBus()
+    payload = '{{"type":"message","room":"r","epoch":"{}","seq":{}}}'.format
+    old, new = new_epoch(), new_epoch()
+    assert old < new and EPOCH.fullmatch(old.decode()) and EPOCH.fullmatch(new.decode())
+    alice, bob = Member("alice"), Member("bob")
+    chat.join(alice, "r", None)
+    chat.on_snapshot("r", old, 3, [payload(old.decode(), s).encode() for s in (1, 2, 3)])
+    chat.join(bob, "r", 0, old)                          # catching up on the old order
+    room = chat.rooms["r"]
+    assert bob in room.catching_up
+    for s in (1, 2):
+        chat.on_bus_message("r", new, s, payload(new.decode(), s).encode(), None)
+    assert [(o["epoch"], o["seq"]) for o in texts(alice)[1:]] == [(new.decode(), 1), (new.decode(), 2)]
+    assert room.epoch == new and room.seq == 2 and [s for s, _ in room.history.items()] == [1, 2]
+    assert [json.loads(FrameParser(expect_masked=False).feed(f)[0][1])["seq"]
+            for f in chat.replay(bob, 1 << 20)] == [1, 2] and bob in room.members
+    carol = Member("carol")
+    chat.join(carol, "r", 3, old)                        # since counts in an order that ended
+    assert texts(carol)[0]["epoch"] == new.decode() and carol.replay == 1
+    dave = Member("dave")
+    chat.join(dave, "r", 2, new)                         # since in the room's order: nothing to replay
+    assert dave in room.members
+
+
+def test_a_snapshot_merges_what_came_meanwhile_in_the_order_it_came():
+    """While a snapshot is on its way, messages wait in the order they came: those of the room's
+    own order that precede a new one go first, then the snapshot's, then a newer order."""
+    chat = Chat(parse_args([]), Stats(), lambda c, data: (c.out.append(data)), [])
+    chat.bus = bus = RecordingBus()
+    payload = '{{"type":"message","room":"r","epoch":"{}","seq":{}}}'.format
+    e1, e2, e3 = new_epoch(), new_epoch(), new_epoch()
+    alice = Member("alice")
+    chat.join(alice, "r", None)
+    chat.on_snapshot("r", e1, 2, [payload(e1.decode(), s).encode() for s in (1, 2)])
+    chat.on_bus_message("r", e1, 4, payload(e1.decode(), 4).encode(), None)   # a gap: resync
+    assert bus.calls[-1] == ("resync", "r")
+    for e, s in ((e1, 5), (e2, 1), (e2, 2), (e3, 1)):
+        chat.on_bus_message("r", e, s, payload(e.decode(), s).encode(), None)
+    chat.on_snapshot("r", e2, 1, [payload(e2.decode(), 1).encode()])
+    got = [(o["epoch"], o["seq"]) for o in texts(alice)[1:]]
+    assert got == [(e1.decode(), 4), (e1.decode(), 5), (e2.decode(), 1), (e2.decode(), 2), (e3.decode(), 1)]
+    bob = Member("bob")                                   # a fresh room: what the snapshot replaced is dropped
+    chat.join(bob, "q", None)
+    chat.on_bus_message("q", e1, 9, payload(e1.decode(), 9).encode(), None)
+    chat.on_bus_message("q", e2, 3, payload(e2.decode(), 3).encode(), None)
+    chat.on_snapshot("q", e2, 2, [payload(e2.decode(), s).encode() for s in (1, 2)])
+    assert [(o["type"], o.get("epoch"), o["seq"]) for o in texts(bob)] == [
+        ("welcome", e2.decode(), 2), ("message", e2.decode(), 3)]
 
 
 class CountingBus(RecordingBus):
@@ -743,7 +804,7 @@ def test_member_counts_visit_only_rooms_whose_count_moved():
     members = [Member(f"m{i}") for i in range(2000)]
     for i, m in enumerate(members):
         chat.join(m, f"r{i}", None)
-        chat.on_snapshot(f"r{i}", 0, [])
+        chat.on_snapshot(f"r{i}", b"", 0, [])
     assert len(list(chat.member_count_frames())) == 2000
     assert sum(c[0] == "members" for c in bus.calls) == 2000
     bus.calls.clear()
@@ -822,18 +883,20 @@ def seqs_of(client: RawClient, n: int) -> list:
 def test_welcome_message_and_server_assigned_sender(chat_server):
     """welcome, then message frames to every member, the sender set by the server."""
     alice = join(chat_server, "t-welcome", "name=alice")
-    assert alice.welcome == {"type": "welcome", "room": "t-welcome", "name": "alice", "seq": 0,
-                             "members": 1, "oldest": 1}
+    epoch = alice.welcome["epoch"]
+    assert EPOCH.fullmatch(epoch)
+    assert alice.welcome == {"type": "welcome", "room": "t-welcome", "name": "alice", "epoch": epoch,
+                             "seq": 0, "members": 1, "oldest": 1}
     guest = join(chat_server, "t-welcome")
     assert re.fullmatch(r"guest-\d+", guest.welcome["name"]) and guest.welcome["members"] == 2
     alice.send_json({"message_id": 42, "text": "hello", "sent_at": "2026-11-28T10:00:00.123456Z",
                      "sender": guest.welcome["name"], "room": "elsewhere"})
-    expected = {"type": "message", "room": "t-welcome", "seq": 1, "sender": "alice", "message_id": 42,
-                "text": "hello", "sent_at": "2026-11-28T10:00:00.123456Z"}
+    expected = {"type": "message", "room": "t-welcome", "epoch": epoch, "seq": 1, "sender": "alice",
+                "message_id": 42, "text": "hello", "sent_at": "2026-11-28T10:00:00.123456Z"}
     assert alice.recv_json() == expected == guest.recv_json()
-    assert alice.recv_json(skip=("members",)) == {"type": "ack", "message_id": 42, "seq": 1}
+    assert alice.recv_json(skip=("members",)) == {"type": "ack", "message_id": 42, "epoch": epoch, "seq": 1}
     guest.send_json({"text": "hi"})             # no message_id: nothing to acknowledge
-    expected = {"type": "message", "room": "t-welcome", "seq": 2, "sender": guest.welcome["name"],
+    expected = {"type": "message", "room": "t-welcome", "epoch": epoch, "seq": 2, "sender": guest.welcome["name"],
                 "message_id": None, "text": "hi", "sent_at": None}
     assert alice.recv_json() == expected == guest.recv_json()
 
@@ -1432,6 +1495,8 @@ def test_route_serves_the_page_static_files_and_health_as_complete_responses():
     (_upgrade_request("/ws?since=-1"), 400, "bad_request"),
     (_upgrade_request("/ws?since=" + "9" * 20), 400, "bad_request"),
     (_upgrade_request("/ws?client=short"), 400, "bad_request"),
+    (_upgrade_request("/ws?since=3&epoch=0123456789ABCDEF"), 400, "bad_request"),
+    (_upgrade_request("/ws?since=3&epoch=0123456789abcdef0"), 400, "bad_request"),
     (_upgrade_request("/ws?name=%0a"), 400, "bad_request"),
     (_upgrade_request("/ws", Origin="http://evil.example"), 403, "origin"),
     (_request("/ws"), 426, "version"),
@@ -1538,17 +1603,19 @@ def test_each_way_a_connection_ends_walks_the_documented_states(in_process_serve
 def test_the_one_sequencer_numbers_keeps_and_knows_resends_while_held():
     """Sequenced, shared by LocalBus and the supervisor: the next seq goes between the parts,
     a resend of a held message gets its first seq back, and once history drops it, a new one."""
-    room = Sequenced("r", parse_args(["--history", "2"]))
+    room = Sequenced("r", parse_args(["--history", "2"]), b"0123456789abcdef")
     budget = HistoryBudget(1 << 20, lambda _room: None)
-    assert room.sequence(b'{"seq":', b"}", b"c:1", False) == (1, b'{"seq":1}')
-    room.keep(budget, 1, b'{"seq":1}', b"c:1")
-    assert room.seq == 1 and budget.used == ROOM_COST + len(b'{"seq":1}c:1') + HISTORY_ENTRY_COST
+    first = b'{"epoch":"0123456789abcdef","seq":1}'
+    assert room.sequence(b"{", b"}", b"c:1", False) == (1, first)
+    room.keep(budget, 1, first, b"c:1")
+    assert room.seq == 1 and budget.used == ROOM_COST + len(first + b"c:1") + HISTORY_ENTRY_COST
     assert room.sequence(b"", b"", b"c:1", True) == (1, None)          # the resend: not sequenced again
     assert room.sequence(b"", b"", b"c:1", False)[0] == 2              # not marked a resend: a new message
-    assert room.sequence(b"", b"", b"c:2", True) == (2, b"2")          # a resend never received: new
+    order = b'"epoch":"0123456789abcdef","seq":'
+    assert room.sequence(b"", b"", b"c:2", True) == (2, order + b"2")  # a resend never received: new
     for seq in (2, 3):
         room.keep(budget, seq, b"x", b"c:%d" % seq)
-    assert room.sequence(b"", b"", b"c:1", True) == (4, b"4")          # dropped from history: new
+    assert room.sequence(b"", b"", b"c:1", True) == (4, order + b"4")  # dropped from history: new
     assert room.sequence(b"", b"", b"c:3", True) == (3, None)
 
 

@@ -14,7 +14,6 @@ which worker process holds each client's socket.
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import json
 import os
@@ -26,12 +25,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Self
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, WebSocketException
-from websockets.protocol import State
+from websockets.exceptions import ConnectionClosed
 
 from scalechat import (
     FrameParser,
@@ -44,18 +41,29 @@ from testkit import (
     CLIENT_A,
     HERE,
     TCP_LISTEN,
+    Crowd,
+    Member,
     RawClient,
     RedisServer,
     ServerProc,
+    all_received,
+    assert_acked_as_delivered,
+    assert_one_order,
     chat_frame,
+    chatter,
     children,
     connection_owners,
     echo_time,
+    everyone_says,
     fill_room,
+    room_key,
+    run_async,
     sample_names,
     scrape,
     start_server,
+    talk_through,
     tcp_sockets,
+    until,
 )
 
 DRAIN = 2.0                     # --drain-timeout of every server here, in seconds
@@ -65,23 +73,6 @@ SERVER_ARGS = ("--drain-timeout", str(DRAIN), "--log-level", "WARNING")
 # ---------------------------------------------------------------------------
 # Waiting, processes and sockets
 # ---------------------------------------------------------------------------
-
-async def until(predicate, timeout: float, what: str) -> None:
-    """Poll predicate (without blocking the loop for long) until true; fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout:g} s for {what}")
-        await asyncio.sleep(0.02)
-
-
-def run_async(test):
-    """Run an async test function in a fresh event loop (pytest sees its fixtures)."""
-    @functools.wraps(test)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-    return wrapper
-
 
 async def start_workers(n: int, *args: str, **kwargs) -> ServerProc:
     """A --workers n server, returned once all n workers listen on the port."""
@@ -121,176 +112,6 @@ def redis_pair(redis):
     yield nodes
     for node in nodes:
         node.stop()
-
-
-# ---------------------------------------------------------------------------
-# Room members: real WebSocket clients that record what they get
-# ---------------------------------------------------------------------------
-
-class Member:
-    """A member of a room that records every frame; with resume it comes back
-    with since=<last seq> (to the next URL of its list) when its connection is lost."""
-
-    def __init__(self, urls: list[str], room: str, name: str, resume: bool = False,
-                 away: float = 0.05):
-        self.urls, self.room, self.name, self.resume = urls, room, name, resume
-        self.away = away                # seconds before coming back
-        self.turn = 0                   # index in urls of the current connection
-        self.ws = None
-        self.reader: asyncio.Task | None = None
-        self.messages: list[dict] = []  # message frames, as they arrived
-        self.errors: list[dict] = []
-        self.welcomes: list[tuple[int, dict]] = []     # (url index, welcome frame)
-        self.closes: list[int] = []     # close code of each lost connection (1006: none received)
-        self.sent: list[int] = []       # message ids sent while the connection was open
-        self.next_id = 0
-        self.leaving = False
-
-    async def join(self, since: int | None = None) -> Member:
-        """Connect and wait for the welcome."""
-        query = f"?name={self.name}" + ("" if since is None else f"&since={since}")
-        ws = await connect(f"{self.urls[self.turn]}/{self.room}{query}", open_timeout=10,
-                           ping_interval=None, close_timeout=2)
-        welcome = json.loads(await asyncio.wait_for(ws.recv(), 10))
-        assert welcome["type"] == "welcome", welcome
-        self.welcomes.append((self.turn, welcome))
-        self.ws = ws
-        self.reader = asyncio.create_task(self._read(ws))
-        return self
-
-    async def _read(self, ws) -> None:
-        try:
-            async for raw in ws:
-                event = json.loads(raw)
-                if event["type"] == "message":
-                    self.messages.append(event)
-                elif event["type"] == "error":
-                    self.errors.append(event)
-        except ConnectionClosed:
-            pass
-        if self.leaving:
-            return
-        self.closes.append(ws.close_code)
-        if self.resume:
-            await self._come_back()
-
-    async def _come_back(self) -> None:
-        deadline = time.monotonic() + 15
-        while True:
-            self.turn = (self.turn + 1) % len(self.urls)
-            await asyncio.sleep(self.away)
-            try:
-                await self.join(since=self.last_seq)
-                return
-            except (OSError, TimeoutError, WebSocketException):
-                if time.monotonic() > deadline:
-                    raise
-
-    @property
-    def connected(self) -> bool:
-        return self.ws is not None and self.ws.state is State.OPEN
-
-    @property
-    def last_seq(self) -> int:
-        """The seq of the last message received (the first welcome's before any)."""
-        return self.messages[-1]["seq"] if self.messages else self.welcomes[0][1]["seq"]
-
-    @property
-    def log(self) -> list[tuple[int, str, int]]:
-        """(seq, sender, message_id) of every message received, in arrival order."""
-        return [(m["seq"], m["sender"], m["message_id"]) for m in self.messages]
-
-    def keys(self) -> set[tuple[str, int]]:
-        """(sender, message_id) of every message received."""
-        return {(m["sender"], m["message_id"]) for m in self.messages}
-
-    def sent_keys(self) -> set[tuple[str, int]]:
-        """(sender, message_id) of the messages this member sent."""
-        return {(self.name, i) for i in self.sent}
-
-    async def say(self) -> bool:
-        """Send the next chat message if the connection is open; whether it was sent."""
-        if not self.connected:
-            return False
-        self.next_id += 1
-        try:
-            await self.ws.send(json.dumps({"message_id": self.next_id,
-                                           "text": f"{self.name} says {self.next_id}"}))
-        except ConnectionClosed:
-            return False
-        self.sent.append(self.next_id)
-        return True
-
-    async def leave(self) -> None:
-        """Close with 1000 and stop coming back."""
-        self.leaving = True
-        if self.ws is not None:
-            await self.ws.close()
-        if self.reader is not None:
-            await self.reader
-
-
-class Crowd:
-    """The members a test opens; all leave when the test ends, whatever happened."""
-
-    def __init__(self):
-        self.members: list[Member] = []
-
-    async def join(self, urls: list[str], room: str, count: int, prefix: str, resume: bool = False,
-                   since: int | None = None, away: float = 0.05) -> list[Member]:
-        """count new members of room, named prefix0, prefix1, ..., connected concurrently."""
-        start = len(self.members)
-        new = [Member(urls, room, f"{prefix}{start + i}", resume, away) for i in range(count)]
-        self.members += new
-        await asyncio.gather(*(m.join(since) for m in new))
-        return new
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await asyncio.gather(*(m.leave() for m in self.members), return_exceptions=True)
-
-
-async def everyone_says(members: list[Member], times: int = 1) -> set[tuple[str, int]]:
-    """Each member sends times messages, all at once; the keys of those that went out."""
-    before = {m.name: len(m.sent) for m in members}
-    for _ in range(times):
-        await asyncio.gather(*(m.say() for m in members))
-    return {(m.name, i) for m in members for i in m.sent[before[m.name]:]}
-
-
-async def chatter(members: list[Member], stop: asyncio.Event, period: float = 0.05,
-                  rounds: int = 400) -> None:
-    """Every connected member sends one message each period until stop (at most rounds times)."""
-    for _ in range(rounds):
-        if stop.is_set():
-            return
-        await asyncio.gather(*(m.say() for m in members))
-        await asyncio.sleep(period)
-
-
-async def all_received(members: list[Member], keys: set, timeout: float = 10.0) -> None:
-    """Wait until every member has every message of keys, then a moment for any stray extra."""
-    await until(lambda: all(keys <= m.keys() for m in members), timeout,
-                f"{len(keys)} messages to reach {len(members)} members")
-    await asyncio.sleep(0.2)
-
-
-def assert_one_order(members: list[Member], keys: set | None = None) -> int:
-    """Every member got seq 1..N, no gap, no duplicate, all in one order; with keys, exactly
-    those messages. Returns N."""
-    reference = members[0].log
-    n = len(reference)
-    for m in members:
-        seqs = [e[0] for e in m.log]
-        assert seqs == list(range(1, len(seqs) + 1)), f"{m.name}: gap or duplicate in seqs {seqs}"
-        assert m.log == reference, f"{m.name} saw another order or another set than {members[0].name}"
-    sequenced = [(sender, mid) for _, sender, mid in reference]
-    assert len(set(sequenced)) == n, "a message was sequenced twice"
-    if keys is not None:
-        assert set(sequenced) == keys, f"lost {keys - set(sequenced)}, foreign {set(sequenced) - keys}"
-    return n
 
 
 def placement(server: ServerProc, members: list[Member]) -> dict[str, int]:
@@ -869,17 +690,20 @@ def test_redis_keeps_a_room_bounded_in_bytes_indexed_and_expiring(redis):
         for i in range(1, 11):
             client.send_json({"message_id": i, "text": "a" * 65000})
             assert client.recv_json(skip=("members", "message"))["seq"] == i       # its ack
-        keys = [f"scalechat:{{capped}}{suffix}" for suffix in (":seq", ":history", ":index", ":order", ":bytes")]
+        keys = [f"scalechat:{{capped}}{suffix}" for suffix in (":state", ":history", ":order", ":bytes")]
         length = int(redis.cli("LLEN", keys[1]))
-        assert 1 <= length <= 3 and int(redis.cli("GET", keys[4])) <= 200000
-        assert int(redis.cli("HLEN", keys[2])) == length == int(redis.cli("LLEN", keys[3]))
+        assert 1 <= length <= 3 and int(redis.cli("GET", keys[3])) <= 200000
+        # The state: the order's epoch and seq, and one resend-index entry per held message.
+        assert int(redis.cli("HLEN", keys[0])) == length + 2 and length == int(redis.cli("LLEN", keys[2]))
         assert all(0 < int(redis.cli("TTL", key)) <= 100 for key in keys)
+        epoch = redis.cli("HGET", keys[0], "e").strip()
         client.send_json({"message_id": 10, "text": "a" * 65000, "resend": True})
         # (with Redis an ack may come before the message itself: messages are skipped here)
-        assert client.recv_json(skip=("members", "message")) == {"type": "ack", "message_id": 10, "seq": 10,
-                                                                 "duplicate": True}
+        assert client.recv_json(skip=("members", "message")) == {"type": "ack", "message_id": 10, "epoch": epoch,
+                                                                 "seq": 10, "duplicate": True}
         client.send_json({"message_id": 1, "text": "trimmed long ago", "resend": True})
-        assert client.recv_json(skip=("members", "message")) == {"type": "ack", "message_id": 1, "seq": 11}
+        assert client.recv_json(skip=("members", "message")) == {"type": "ack", "message_id": 1, "epoch": epoch,
+                                                                 "seq": 11}
         client.close()
     finally:
         node.stop()
@@ -965,3 +789,126 @@ async def test_member_counts_sum_every_worker():
 async def test_member_counts_sum_every_instance_on_redis(redis_pair):
     """--redis: each instance keeps its count of a room in Redis, which sums them."""
     await assert_room_counted_everywhere([node.url for node in redis_pair], lambda: {n.port for n in redis_pair})
+
+
+# ---------------------------------------------------------------------------
+# A room's order never goes backwards unnoticed: epochs
+# ---------------------------------------------------------------------------
+
+async def lose_state_then_talk(redis: RedisServer, members: list[Member], lose, rounds: int = 5) -> None:
+    """The members talk; lose() takes the room's state away in Redis; they talk on: each message
+    acked is delivered to every member once, a new order after the old one."""
+    before = await everyone_says(members, 3)
+    await all_received(members, before)
+    await asyncio.to_thread(lose)
+    assert redis.cli("EXISTS", room_key(members[0].room)).strip() == "0", "the room's state is still there"
+    after = await everyone_says(members, rounds)
+    await all_received(members, after)
+    assert_one_order(members, before | after)
+    assert len(set(members[0].epochs)) == 2, "the room's order did not begin again"
+    assert [e["seq"] for e in members[0].messages[len(before):]][:1] == [1]
+    assert_acked_as_delivered(members)
+    assert sum(len(m.acks) for m in members) == len(before | after)
+    assert all(not m.errors and not m.closes for m in members)
+
+
+@run_async
+async def test_a_room_whose_redis_state_expires_while_members_stay_loses_nothing(redis):
+    """--redis-room-ttl 1: the room's keys expire while its members (on two instances) stay;
+    its next messages are a new order, delivered to all, never dropped as old seqs."""
+    nodes = [start_server("--redis", redis.url, "--redis-room-ttl", "1", *SERVER_ARGS) for _ in range(2)]
+    try:
+        async with Crowd() as crowd:
+            members = await crowd.join([nodes[0].url], "idle", 2, "a")
+            members += await crowd.join([nodes[1].url], "idle", 2, "b")
+            await lose_state_then_talk(redis, members, lambda: wait_for_expiry(redis, "idle"))
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def wait_for_expiry(redis: RedisServer, room: str) -> None:
+    deadline = time.monotonic() + 10
+    while redis.cli("EXISTS", room_key(room)).strip() != "0":
+        assert time.monotonic() < deadline, f"{room}'s state never expired"
+        time.sleep(0.1)
+
+
+@run_async
+async def test_a_room_whose_redis_state_is_evicted_by_another_clients_fill_loses_nothing(redis):
+    """Redis at maxmemory with volatile-lru, as the stack runs it: one client fills other rooms
+    with 64 KiB texts until the victim room's state is evicted; the victim room's next messages
+    all reach its members."""
+    redis.cli("CONFIG", "SET", "maxmemory", "30mb")
+    redis.cli("CONFIG", "SET", "maxmemory-policy", "volatile-lru")
+    nodes = [start_server("--redis", redis.url, *SERVER_ARGS) for _ in range(2)]
+    try:
+        async with Crowd() as crowd:
+            members = await crowd.join([nodes[0].url], "victim", 2, "a")
+            members += await crowd.join([nodes[1].url], "victim", 2, "b")
+
+            def fill() -> None:
+                for i in range(200):
+                    fill_room(nodes[i % 2].port, f"fill{i}", 2)
+                    if redis.cli("EXISTS", room_key("victim")).strip() == "0":
+                        return
+                raise AssertionError("200 full rooms did not evict the victim's state")
+            await lose_state_then_talk(redis, members, fill)
+        assert int(redis.cli("INFO", "stats").split("evicted_keys:")[1].split()[0]) > 0
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+@run_async
+async def test_a_flushall_under_load_loses_no_acked_message(redis):
+    """FLUSHALL while members on two instances chat: every acked message reaches every member
+    once; what came after is a new order."""
+    nodes = [start_server("--redis", redis.url, *SERVER_ARGS) for _ in range(2)]
+    try:
+        async with Crowd() as crowd:
+            members = await crowd.join([nodes[0].url], "flushed", 3, "a")
+            members += await crowd.join([nodes[1].url], "flushed", 3, "b")
+            sent = await talk_through(members, lambda: redis.cli("FLUSHALL"), settle=0.8)
+            await all_received(members, sent)
+            assert_one_order(members, sent)
+            assert len(set(members[0].epochs)) == 2, "FLUSHALL did not begin a new order"
+            assert_acked_as_delivered(members)
+            assert all(not m.errors and not m.closes for m in members)
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "workers"])
+@run_async
+async def test_a_client_resuming_in_an_order_that_ended_gets_the_new_one_from_its_start(workers):
+    """In every mode a room's order begins again when the sequencer forgets the room (one process,
+    the --workers supervisor: its history ran out of the --history-bytes budget while nobody was
+    in it). A client coming back with since=<seq>&epoch=<old> is replayed the new order from its
+    first message, not told that seq 1 and 2 are old news."""
+    server = start_server("--history-bytes", "300000", "--workers", str(workers), *SERVER_ARGS)
+    try:
+        await until(lambda: len(tcp_sockets(server.port, TCP_LISTEN)) == workers, 20, "listening")
+        async with Crowd() as crowd:
+            (old,) = await crowd.join([server.url], "forgotten", 1, "o")
+            for _ in range(5):
+                await old.say()
+            await all_received([old], old.sent_keys())
+            await old.leave()
+            last = old.messages[-1]
+            fill_room(server.port, "filler", 3)         # 3 x 393 KB: past the budget
+            (new,) = await crowd.join([server.url], "forgotten", 1, "n")
+            assert new.welcomes[0][1]["epoch"] != last["epoch"] and new.welcomes[0][1]["seq"] == 0
+            await everyone_says([new], 2)
+            await all_received([new], new.sent_keys())
+            back = Member([server.url], "forgotten", "o2")
+            await back.join_at(last["seq"], last["epoch"])
+            try:
+                await until(lambda: len(back.messages) == 2, 5, "the new order's replay")
+                assert back.welcomes[0][1]["epoch"] == new.messages[0]["epoch"]
+                assert back.log == new.log == [(1, "n1", 1), (2, "n1", 2)]
+            finally:
+                await back.leave()
+    finally:
+        server.stop()

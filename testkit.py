@@ -12,6 +12,8 @@ scalechat's framing against a second implementation.
 """
 from __future__ import annotations
 
+import asyncio
+import functools
 import glob
 import hashlib
 import itertools
@@ -34,8 +36,12 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.protocol import State
 
 import scalechat as sc
 
@@ -469,6 +475,236 @@ def handshake_status(port: int, **client_options) -> int:
 
 
 # ---------------------------------------------------------------------------
+# Room members: real WebSocket clients (the websockets library) on asyncio
+# ---------------------------------------------------------------------------
+
+async def until(predicate, timeout: float, what: str) -> None:
+    """Poll predicate (without blocking the loop for long) until true; fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}")
+        await asyncio.sleep(0.02)
+
+
+def run_async(test):
+    """Run an async test function in a fresh event loop (pytest sees its fixtures)."""
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+    return wrapper
+
+
+class Member:
+    """A member of a room that records every frame; with resume it comes back
+    with since=<last seq> (to the next URL of its list) when its connection is lost."""
+
+    def __init__(self, urls: list[str], room: str, name: str, resume: bool = False,
+                 away: float = 0.05):
+        self.urls, self.room, self.name, self.resume = urls, room, name, resume
+        self.away = away                # seconds before coming back
+        self.turn = 0                   # index in urls of the current connection
+        self.ws = None
+        self.reader: asyncio.Task | None = None
+        self.messages: list[dict] = []  # message frames, as they arrived
+        self.errors: list[dict] = []
+        self.acks: list[dict] = []
+        self.welcomes: list[tuple[int, dict]] = []     # (url index, welcome frame)
+        self.closes: list[int] = []     # close code of each lost connection (1006: none received)
+        self.sent: list[int] = []       # message ids sent while the connection was open
+        self.next_id = 0
+        self.leaving = False
+
+    async def join(self, since: int | None = None) -> Member:
+        """Connect and wait for the welcome (since counts in the order of the last message received)."""
+        return await self.join_at(since, self.messages[-1]["epoch"] if since is not None and self.messages else None)
+
+    async def join_at(self, since: int | None, epoch: str | None) -> Member:
+        """Connect with since=<seq> of the order epoch, and wait for the welcome."""
+        query = f"?name={self.name}" + ("" if since is None else f"&since={since}")
+        if epoch is not None:
+            query += f"&epoch={epoch}"
+        ws = await connect(f"{self.urls[self.turn]}/{self.room}{query}", open_timeout=10,
+                           ping_interval=None, close_timeout=2)
+        welcome = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert welcome["type"] == "welcome", welcome
+        self.welcomes.append((self.turn, welcome))
+        self.ws = ws
+        self.reader = asyncio.create_task(self._read(ws))
+        return self
+
+    async def _read(self, ws) -> None:
+        try:
+            async for raw in ws:
+                event = json.loads(raw)
+                if event["type"] == "message":
+                    self.messages.append(event)
+                elif event["type"] == "error":
+                    self.errors.append(event)
+                elif event["type"] == "ack":
+                    self.acks.append(event)
+        except ConnectionClosed:
+            pass
+        if self.leaving:
+            return
+        self.closes.append(ws.close_code)
+        if self.resume:
+            await self._come_back()
+
+    async def _come_back(self) -> None:
+        deadline = time.monotonic() + 15
+        while True:
+            self.turn = (self.turn + 1) % len(self.urls)
+            await asyncio.sleep(self.away)
+            try:
+                await self.join(since=self.last_seq)
+                return
+            except (OSError, TimeoutError, WebSocketException):
+                if time.monotonic() > deadline:
+                    raise
+
+    @property
+    def connected(self) -> bool:
+        return self.ws is not None and self.ws.state is State.OPEN
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last message received (the first welcome's before any)."""
+        return self.messages[-1]["seq"] if self.messages else self.welcomes[0][1]["seq"]
+
+    @property
+    def log(self) -> list[tuple[int, str, int]]:
+        """(seq, sender, message_id) of every message received, in arrival order."""
+        return [(m["seq"], m["sender"], m["message_id"]) for m in self.messages]
+
+    @property
+    def epochs(self) -> list[str]:
+        """The order (epoch) of every message received, in arrival order."""
+        return [m["epoch"] for m in self.messages]
+
+    def keys(self) -> set[tuple[str, int]]:
+        """(sender, message_id) of every message received."""
+        return {(m["sender"], m["message_id"]) for m in self.messages}
+
+    def sent_keys(self) -> set[tuple[str, int]]:
+        """(sender, message_id) of the messages this member sent."""
+        return {(self.name, i) for i in self.sent}
+
+    async def say(self) -> bool:
+        """Send the next chat message if the connection is open; whether it was sent."""
+        if not self.connected:
+            return False
+        self.next_id += 1
+        try:
+            await self.ws.send(json.dumps({"message_id": self.next_id,
+                                           "text": f"{self.name} says {self.next_id}"}))
+        except ConnectionClosed:
+            return False
+        self.sent.append(self.next_id)
+        return True
+
+    async def leave(self) -> None:
+        """Close with 1000 and stop coming back."""
+        self.leaving = True
+        if self.ws is not None:
+            await self.ws.close()
+        if self.reader is not None:
+            await self.reader
+
+
+class Crowd:
+    """The members a test opens; all leave when the test ends, whatever happened."""
+
+    def __init__(self):
+        self.members: list[Member] = []
+
+    async def join(self, urls: list[str], room: str, count: int, prefix: str, resume: bool = False,
+                   since: int | None = None, away: float = 0.05) -> list[Member]:
+        """count new members of room, named prefix0, prefix1, ..., connected concurrently."""
+        start = len(self.members)
+        new = [Member(urls, room, f"{prefix}{start + i}", resume, away) for i in range(count)]
+        self.members += new
+        await asyncio.gather(*(m.join(since) for m in new))
+        return new
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await asyncio.gather(*(m.leave() for m in self.members), return_exceptions=True)
+
+
+async def everyone_says(members: list[Member], times: int = 1) -> set[tuple[str, int]]:
+    """Each member sends times messages, all at once; the keys of those that went out."""
+    before = {m.name: len(m.sent) for m in members}
+    for _ in range(times):
+        await asyncio.gather(*(m.say() for m in members))
+    return {(m.name, i) for m in members for i in m.sent[before[m.name]:]}
+
+
+async def chatter(members: list[Member], stop: asyncio.Event, period: float = 0.05,
+                  rounds: int = 400) -> None:
+    """Every connected member sends one message each period until stop (at most rounds times)."""
+    for _ in range(rounds):
+        if stop.is_set():
+            return
+        await asyncio.gather(*(m.say() for m in members))
+        await asyncio.sleep(period)
+
+
+async def talk_through(members: list[Member], action, period: float = 0.02, settle: float = 0.5) -> set:
+    """Every member chats (chatter) for settle seconds, then while action() runs in a thread,
+    then settle seconds more; the keys of every message sent."""
+    stop = asyncio.Event()
+    talk = asyncio.create_task(chatter(members, stop, period))
+    await asyncio.sleep(settle)
+    await asyncio.to_thread(action)
+    await asyncio.sleep(settle)
+    stop.set()
+    await talk
+    return set().union(*(m.sent_keys() for m in members))
+
+
+async def all_received(members: list[Member], keys: set, timeout: float = 10.0) -> None:
+    """Wait until every member has every message of keys, then a moment for any stray extra."""
+    await until(lambda: all(keys <= m.keys() for m in members), timeout,
+                f"{len(keys)} messages to reach {len(members)} members")
+    await asyncio.sleep(0.2)
+
+
+def assert_one_order(members: list[Member], keys: set | None = None) -> int:
+    """Every member got seq 1..N, no gap, no duplicate, all in one order; with keys, exactly
+    those messages. Returns N. Where the room's order began again (a new epoch: its Redis
+    state was lost), the new order counts from 1 again, after every message of the old one."""
+    reference = members[0].log
+    n = len(reference)
+    for m in members:
+        seqs = [e[0] for e in m.log]
+        epochs = [e for e, _ in itertools.groupby(m.epochs)]
+        assert len(epochs) == len(set(epochs)), f"{m.name}: an order came back after another: {epochs}"
+        restarts = [i for i in range(len(seqs)) if i == 0 or m.epochs[i] != m.epochs[i - 1]]
+        for start, end in zip(restarts, [*restarts[1:], len(seqs)]):
+            assert seqs[start:end] == list(range(1, end - start + 1)), \
+                f"{m.name}: gap or duplicate in seqs {seqs[start:end]} of epoch {m.epochs[start]}"
+        assert m.log == reference and m.epochs == members[0].epochs, \
+            f"{m.name} saw another order or another set than {members[0].name}"
+    sequenced = [(sender, mid) for _, sender, mid in reference]
+    assert len(set(sequenced)) == n, "a message was sequenced twice"
+    if keys is not None:
+        assert set(sequenced) == keys, f"lost {keys - set(sequenced)}, foreign {set(sequenced) - keys}"
+    return n
+
+
+def assert_acked_as_delivered(members: list[Member]) -> None:
+    """Every ack a member got names the order (epoch) and seq its message was delivered with."""
+    for m in members:
+        delivered = {(e["sender"], e["message_id"]): (e["epoch"], e["seq"]) for e in m.messages}
+        for ack in m.acks:
+            assert delivered.get((m.name, ack["message_id"])) == (ack["epoch"], ack["seq"]), \
+                f"{m.name}: acked {ack}, delivered as {delivered.get((m.name, ack['message_id']))}"
+
+
+# ---------------------------------------------------------------------------
 # /proc: processes, memory, CPU time, sockets
 # ---------------------------------------------------------------------------
 
@@ -799,7 +1035,7 @@ def redirected(port: int, *args, timeout: float = 5.0):
 
 def room_key(room: str) -> str:
     """A key of room's state (the contract: keys scalechat:{<room>}:...)."""
-    return f"scalechat:{{{room}}}:seq"
+    return f"scalechat:{{{room}}}:state"
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):

@@ -541,11 +541,12 @@ def query_outcomes(resource: str) -> tuple[frozenset, list]:
 ERROR_CODES = frozenset({"bad_json", "bad_message", "missing_text", "too_big", "rate_limit", "unavailable"})
 # type -> {field: (types, required)}; None in types: null allowed
 SCHEMA = {
-    "message": {"type": (str,), "room": (str,), "seq": (int,), "sender": (str,), "text": (str,),
+    "message": {"type": (str,), "room": (str,), "epoch": (str,), "seq": (int,), "sender": (str,), "text": (str,),
                 "message_id": (int, None), "sent_at": (str, None)},
-    "ack": {"type": (str,), "message_id": (int,), "seq": (int,), "duplicate": (bool,)},
+    "ack": {"type": (str,), "message_id": (int,), "epoch": (str,), "seq": (int,), "duplicate": (bool,)},
     "error": {"type": (str,), "code": (str,), "reason": (str,), "message_id": (int,)},
-    "welcome": {"type": (str,), "room": (str,), "name": (str,), "seq": (int,), "members": (int,), "oldest": (int,)},
+    "welcome": {"type": (str,), "room": (str,), "name": (str,), "epoch": (str,), "seq": (int,), "members": (int,),
+                "oldest": (int,)},
     "members": {"type": (str,), "room": (str,), "count": (int,)},
 }
 OPTIONAL = {"message": {"message_id", "sent_at"}, "ack": {"duplicate"}, "error": {"message_id"},
@@ -601,6 +602,8 @@ def check_server_object(obj, room: str | None) -> None:
         raise Finding("answer", f"undocumented error code {obj['code']!r}")
     if obj.get("seq", 1) < (0 if kind == "welcome" else 1):
         raise Finding("answer", f"{kind} frame with seq {obj['seq']}")
+    if "epoch" in obj and sc.EPOCH.fullmatch(obj["epoch"]) is None and not (kind == "welcome" and obj["epoch"] == ""):
+        raise Finding("answer", f"{kind} frame with epoch {obj['epoch']!r:.40}")
 
 
 class Peer(RawClient):
