@@ -831,6 +831,7 @@ class Room(Sequenced):
     __slots__ = (
         "catching_up",
         "early",
+        "idle_since",
         "members",
         "others",
         "ready",
@@ -849,6 +850,7 @@ class Room(Sequenced):
         self.syncing = False
         self.early: list = []               # (epoch, seq, frame, t0) held while syncing, as they came
         self.waiting: list = []             # (conn, since, epoch) held until ready
+        self.idle_since = 0.0               # when its last member here left (a lingering room)
 
     def oldest_seq(self) -> int:
         """The seq of the oldest message still held (seq + 1 when none is)."""
@@ -865,6 +867,13 @@ class Room(Sequenced):
     def member_count(self) -> int:
         """Members everywhere: here, and on the other processes the bus counts."""
         return len(self.members) + len(self.catching_up) + self.others
+
+
+# A remote room nobody here is in any more stays followed for --room-linger
+# seconds, so members that come back (a reload, a reconnect storm, a client
+# joining and leaving in a loop) find it ready, without asking the bus for a
+# snapshot again; at most this many such rooms per process, the oldest dropped first.
+LINGER_ROOMS = 1024
 
 
 class Chat:
@@ -887,6 +896,7 @@ class Chat:
         # Rooms whose member count moved since the last member_count_frames(): only
         # they are visited, so idle rooms cost nothing however many there are.
         self.recount: dict[Room, None] = {}
+        self.lingering: dict[str, Room] = {}    # remote rooms nobody here is in, the longest idle first
 
     def assign_name(self, requested: str | None) -> str:
         """The requested name, or a fresh ``guest-<n>``."""
@@ -905,13 +915,14 @@ class Chat:
         if room is None:
             local = self.bus.local
             room = self.rooms[room_name] = Room(room_name, self.config, local, new_epoch() if local else b"")
-        opened = not room.in_use()
+        opened = not room.in_use() and self.lingering.pop(room_name, None) is None
         conn.room = room
         if room.ready:
             self._admit(conn, room, since, epoch)
         else:
             room.waiting.append((conn, since, epoch))
         if opened:
+            self.stats.room_syncs += not self.bus.local
             self.bus.room_opened(room)
 
     def _admit(self, conn, room: Room, since: int | None, epoch: bytes | None) -> None:
@@ -948,8 +959,8 @@ class Chat:
             conn.replay = None
         return frames
 
-    def leave(self, conn) -> None:
-        """Take conn out of its room; forget a room nobody here needs."""
+    def leave(self, conn, now: float = 0.0) -> None:
+        """Take conn out of its room; a room nobody here needs is forgotten, or lingers (remote bus)."""
         room = conn.room
         if room is None:
             return
@@ -957,18 +968,47 @@ class Chat:
         if room.members.pop(conn, 0) is not None and room.catching_up.pop(conn, 0) is not None:
             room.waiting = [w for w in room.waiting if w[0] is not conn]
         self.recount[room] = None
-        if not room.in_use():
-            self.bus.room_closed(room)
-            if not self.bus.local or not room.history:
+        if room.in_use():
+            return
+        if self.bus.local:
+            if not room.history:
                 self._forget(room)
+        elif self.config.room_linger > 0:
+            room.idle_since = now
+            self.lingering[room.name] = room
+            if len(self.lingering) > LINGER_ROOMS:
+                self._close(next(iter(self.lingering.values())))
+        else:
+            self._close(room)
+
+    def close_idle(self, now: float) -> None:
+        """Stop following the remote rooms that lingered --room-linger seconds with nobody here."""
+        limit = now - self.config.room_linger
+        lingering = self.lingering
+        while lingering and (room := next(iter(lingering.values()))).idle_since <= limit:
+            self._close(room)
+
+    def active_rooms(self) -> int:
+        """Rooms here that someone is in (or, in one process, that hold history)."""
+        return len(self.rooms) - len(self.lingering)
+
+    def _close(self, room: Room) -> None:
+        """A remote room nobody here needs: the bus stops sending it, and it is forgotten."""
+        self.lingering.pop(room.name, None)
+        self.bus.room_closed(room)
+        self._forget(room)
 
     def _forget(self, room: Room) -> None:
         self.budget.removed(room)
         del self.rooms[room.name]
 
     def _forget_if_unused(self, room: Room) -> None:
-        if not room.in_use():
+        if room.in_use():
+            return
+        if self.bus.local:
             del self.rooms[room.name]
+        else:
+            self._close(room)
 
     def receive(self, conn, payload: bytes, t0: float) -> bytes | None:
         """Handle a client text frame; an error frame for the sender if refused."""
@@ -2565,7 +2605,7 @@ class Stats:
 
     COUNTERS = ("connections", "connections_total", "messages_in", "deliveries", "bytes_in",
                 "bytes_out", "draining", "rooms", "bus_up", "gc_frozen", "internal_errors", "history_bytes",
-                "sequenced_rooms", "bus_unreplicated", "pings", "handoffs")
+                "sequenced_rooms", "bus_unreplicated", "pings", "handoffs", "room_syncs")
     TABLES = ("dropped", "protocol_errors", "refused", "http_requests")
     HISTOGRAMS = ("broadcast", "loop_lag", "gc0", "gc1", "gc2")
 
@@ -3391,7 +3431,7 @@ class Server(EventLoop):
         self.stats.http_requests["101"] += 1
         self.send(conn, upgrade_response(upgrade.accept))
         self.chat.join(conn, upgrade.room, upgrade.since, upgrade.epoch)
-        self.stats.rooms = len(self.chat.rooms)
+        self.stats.rooms = self.chat.active_rooms()
         if rest:
             self._on_websocket_data(conn, rest)
 
@@ -3556,9 +3596,9 @@ class Server(EventLoop):
         self._closing(conn, encode_close(CLOSE_TRY_AGAIN_LATER, "too slow: reconnect with since"), FLUSHING)
 
     def _leave(self, conn: Connection) -> None:
-        self.chat.leave(conn)
+        self.chat.leave(conn, self.now)
         self.stats.connections -= 1
-        self.stats.rooms = len(self.chat.rooms)
+        self.stats.rooms = self.chat.active_rooms()
 
     def _abort(self, conn: Connection) -> None:
         """Close the socket now and forget the connection."""
@@ -3633,6 +3673,9 @@ class Server(EventLoop):
         for room, frame in self.chat.member_count_frames():
             for conn in room.members:
                 self.send(conn, frame)
+        if self.chat.lingering:
+            self.chat.close_idle(self.now)
+            self.stats.rooms = self.chat.active_rooms()
 
 
 def fd_limit() -> int:
@@ -3911,6 +3954,8 @@ class StatsCollector:
                 ("scalechat_pings_sent", "Pings sent to quiet connections (--ping-interval)", s.pings),
                 ("scalechat_handoffs", "WebSockets handed to the worker that owns their room (--room-affinity)",
                  s.handoffs),
+                ("scalechat_room_syncs", ("Rooms opened here from the bus (--workers, --redis): each asks the "
+                                          "supervisor or Redis for the room's snapshot"), s.room_syncs),
                 ("scalechat_bytes_received", "Bytes read from client sockets", s.bytes_in),
                 ("scalechat_bytes_sent", "Bytes written to client sockets", s.bytes_out),
                 ("scalechat_internal_errors", "Exceptions caught by the loop's barriers (a bug: see the log)",
@@ -4014,6 +4059,8 @@ SETTINGS = (
      "supervisor) across all rooms; past it the least recently active rooms lose their oldest messages")),
     ("room-history-bytes", int, 1 << 20, ("bytes of history one room keeps (here, in the supervisor and "
      "in Redis): bounds what one replay or snapshot carries")),
+    ("room-linger", float, 30.0, ("with --workers or --redis: seconds a process keeps following a room after "
+     "its last member there left, so a member coming back costs no new snapshot (0: stop at once)")),
     ("max-connections", int, 0, "WebSocket connections per process at most (0: what the open-file limit allows)"),
     ("max-per-ip", int, 0, "WebSocket connections per client address at most (0: no cap)"),
     ("max-buffer", int, 1 << 20, "bytes queued for one client before it is cut off with 1013"),
@@ -4115,6 +4162,8 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
                  "bus-hold-bytes", "redis-room-ttl", "redis-wait-ms"):
         if getattr(args, flag.replace("-", "_")) <= 0:
             parser.error(f"--{flag} must be positive")
+    if args.room_linger < 0:
+        parser.error("--room-linger must be 0 or more")
     if args.rate_limit < 0 or args.rate_burst < 1:
         parser.error("--rate-limit must be >= 0 and --rate-burst >= 1")
     return args

@@ -43,6 +43,7 @@ from scalechat import (
     EPOCH,
     HISTORY_ENTRY_COST,
     HTTP_STATUSES,
+    LINGER_ROOMS,
     OP_BINARY,
     OP_CLOSE,
     OP_CONTINUATION,
@@ -728,9 +729,11 @@ def test_bus_messages_reach_members_once_in_seq_order_through_gaps_and_snapshots
     assert chat.replay(late, 1 << 20) is not None and late.replay is None
     chat.on_bus_message("r", e, 11, payload(11, 11).encode(), None)
     assert late in room.members and alice in room.members
-    chat.leave(alice)
-    chat.leave(late)
-    assert bus.calls[-1] == ("closed", "r") and "r" not in chat.rooms
+    chat.leave(alice, 100.0)
+    chat.leave(late, 100.0)
+    assert bus.calls[-1] == ("resync", "r") and chat.lingering == {"r": room}   # still followed a while
+    chat.close_idle(100.0 + chat.config.room_linger)
+    assert bus.calls[-1] == ("closed", "r") and "r" not in chat.rooms and not chat.lingering
 
 
 def test_a_new_order_on_the_bus_is_followed_never_taken_for_duplicates():
@@ -789,6 +792,42 @@ def test_a_snapshot_merges_what_came_meanwhile_in_the_order_it_came():
         ("welcome", e2.decode(), 2), ("message", e2.decode(), 3)]
 
 
+def test_a_room_left_lingers_so_a_member_coming_back_costs_no_snapshot():
+    """With a remote bus, a room whose last member here left stays followed for --room-linger
+    seconds: a member joining again is welcomed at once, without a new subscription or snapshot.
+    Idle rooms are let go once they lingered that long, the oldest first past LINGER_ROOMS, and
+    when the history budget takes their last message."""
+    chat = Chat(parse_args(["--room-linger", "5", "--history-bytes", "200000"]), Stats(),
+                lambda c, data: (c.out.append(data)), [])
+    chat.bus = bus = RecordingBus()
+    payload = '{{"type":"message","room":"r","epoch":"0123456789abcdef","seq":{}}}'.format
+    alice = Member("alice")
+    chat.join(alice, "r", None)
+    chat.on_snapshot("r", b"0123456789abcdef", 1, [payload(1).encode()])
+    chat.leave(alice, 10.0)
+    assert "r" in chat.rooms and chat.active_rooms() == 0
+    for churn in range(50):                               # a join and leave loop
+        bob = Member(f"bob{churn}")
+        chat.join(bob, "r", None)
+        assert [o["type"] for o in texts(bob)] == ["welcome"] and texts(bob)[0]["seq"] == 1
+        chat.leave(bob, 11.0)
+    assert bus.calls == [("opened", "r")]                 # one subscription, one snapshot
+    chat.close_idle(15.9)
+    assert "r" in chat.rooms
+    chat.close_idle(16.0)
+    assert bus.calls[-1] == ("closed", "r") and "r" not in chat.rooms
+    for i in range(LINGER_ROOMS + 2):                     # too many idle rooms: the oldest go
+        m = Member(f"m{i}")
+        chat.join(m, f"q{i}", None)
+        chat.on_snapshot(f"q{i}", b"", 0, [])
+        chat.leave(m, 20.0)
+    assert len(chat.lingering) == LINGER_ROOMS and "q0" not in chat.rooms and "q1" not in chat.rooms
+    big = '{{"type":"message","room":"q9","epoch":"0123456789abcdef","seq":{},"x":"{}"}}'.format
+    chat.on_bus_message("q9", b"0123456789abcdef", 1, big(1, "x" * 150000).encode(), None)
+    chat.on_bus_message("q8", b"0123456789abcdef", 1, big(1, "x" * 150000).encode(), None)
+    assert "q9" not in chat.rooms and ("closed", "q9") in bus.calls   # its history went to the budget
+
+
 class CountingBus(RecordingBus):
     """A remote bus that records member-count reports."""
 
@@ -799,7 +838,7 @@ class CountingBus(RecordingBus):
 def test_member_counts_visit_only_rooms_whose_count_moved():
     """The once-a-second member count pass reports and frames the rooms that changed, and
     nothing else: 2,000 idle rooms cost it nothing."""
-    chat = Chat(parse_args([]), Stats(), lambda c, data: (c.out.append(data)), [])
+    chat = Chat(parse_args(["--room-linger", "0"]), Stats(), lambda c, data: (c.out.append(data)), [])
     chat.bus = bus = CountingBus()
     members = [Member(f"m{i}") for i in range(2000)]
     for i, m in enumerate(members):
