@@ -3046,10 +3046,92 @@ def origin_allowed(request: Request, front: Front) -> bool:
     return origin in (f"http://{host}", f"https://{host}")
 
 
+# -- --room-affinity: a WebSocket goes to the worker that owns its room -------
+
+# Each room has an owner among the workers; the worker that accepts a WebSocket
+# passes it to the owner over a datagram socket with SCM_RIGHTS. A room's members
+# then share one worker, so a message crosses to one worker, not to one per
+# member (SCALING.md, section 13).
+HANDOFF_MAX = 16384           # request bytes a hand-off carries (a head is at most --max-header-size)
+
+
+def room_owner(room: str, workers: int) -> int:
+    """The worker slot that owns room: the same answer in every process (crc32, not hash())."""
+    return zlib.crc32(room.encode()) % workers
+
+
+class Handoff:
+    """A worker's ends of the hand-off links: its own inbox, and a way into each other worker's.
+
+    The supervisor makes one unix datagram socketpair per worker slot, keeps it
+    for its whole life and never reads it; a worker gets its own slot's
+    receiving end and the other slots' sending ends, nothing else. No end has a
+    name (abstract or on disk), so no process outside this server can reach an
+    inbox, and a restarted worker finds its predecessor's inbox with what was
+    queued there (sockets in flight and their requests): it serves them. An
+    inbox holds what the buffer of the end others send on does (SO_SNDBUF,
+    208 KiB by default: some 160 requests); past that a send fails at once and
+    the accepting worker serves the client itself.
+    """
+
+    def __init__(self, ends: list[socket.socket], slot: int):
+        self.ends = ends                # per slot, the sending end into that worker; at our slot, our inbox
+        self.inbox = ends[slot]
+
+    def send(self, conn_fd: int, request: bytes, owner: int) -> bool:
+        """Pass a client socket and the request bytes read from it to another worker; whether it went."""
+        try:
+            self.ends[owner].sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", conn_fd))],
+                                     socket.MSG_DONTWAIT)
+        except OSError:                 # its inbox is full (EAGAIN), or the like
+            return False
+        return True
+
+    def receive(self, batch: int):
+        """Up to batch (socket, peer address, request bytes) handed to this worker, as they are read.
+
+        Who sent a datagram is not checked (no SO_PASSCRED): only the processes
+        of this server hold a sending end, and one that could take an end from
+        them (ptrace) could do anything they can. What it carries is checked all
+        the same: one TCP socket, or it is closed.
+        """
+        for _ in range(batch):
+            try:
+                request, ancillary, _flags, _addr = self.inbox.recvmsg(
+                    HANDOFF_MAX, socket.CMSG_SPACE(4), socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                return
+            fds = [fd for level, kind, data in ancillary if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+                   for (fd,) in struct.iter_unpack("i", data[:len(data) - len(data) % 4])]
+            if len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            try:
+                sock = socket.socket(fileno=fds[0])
+            except OSError:             # not a socket
+                os.close(fds[0])
+                continue
+            try:
+                if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+                    raise OSError("not a TCP socket")
+                peer = sock.getpeername()[0]
+            except OSError:             # not TCP, or the client left meanwhile
+                sock.close()
+                continue
+            sock.setblocking(False)
+            yield sock, peer, request
+
+    def close(self) -> None:
+        """Close this worker's ends (the supervisor keeps its own)."""
+        for end in self.ends:
+            end.close()
+
+
 class Server(EventLoop):
     """One process's loop serving HTTP, WebSocket and the chat."""
 
-    def __init__(self, config, hub_sock: socket.socket | None = None):
+    def __init__(self, config, hub_sock: socket.socket | None = None, handoff: Handoff | None = None):
         super().__init__()
         self.config = config
         self.gc_watch = GcWatch(self.stats, config.gc_freeze)
@@ -3070,13 +3152,9 @@ class Server(EventLoop):
         self.listener.setblocking(False)
         self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
         self.hub = HubBus(self, self.chat, hub_sock) if hub_sock is not None else None
-        self.inbox = None
-        if self.hub is not None and config.room_affinity and config.worker_count > 1:
-            self.inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self.inbox.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)    # the sender's uid, from the kernel
-            self.inbox.bind(inbox_address(config.worker_id))
-            self.inbox.setblocking(False)
-            self.sel.register(self.inbox, selectors.EVENT_READ, self._on_handoff)
+        self.handoff = handoff
+        if handoff is not None:
+            self.sel.register(handoff.inbox, selectors.EVENT_READ, self._on_handoff)
         if config.redis:
             self.chat.bus = RedisBus(self, self.chat, config.redis)
         elif self.hub is not None:
@@ -3115,8 +3193,8 @@ class Server(EventLoop):
             self.end_turn()
         self.sel.close()
         self.listener.close()
-        if self.inbox is not None:
-            self.inbox.close()
+        if self.handoff is not None:
+            self.handoff.close()
         self.gc_watch.close()
         log.info("stopped")
 
@@ -3228,16 +3306,13 @@ class Server(EventLoop):
         """Pass conn (its socket and the request bytes read so far) to the worker owning room.
 
         Whether it went: not when this worker owns the room, the request is too big
-        for one datagram, or the owner cannot take it now (restarting, or its queue
-        full): then this worker serves it, and the supervisor's order still holds.
+        for one datagram, or the owner's inbox is full: then this worker serves it,
+        and the supervisor's order still holds.
         """
         owner = room_owner(room, self.config.worker_count)
         if owner == self.config.worker_id or conn.handed or len(request) > HANDOFF_MAX:
             return False
-        try:
-            self.inbox.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", conn.fd))],
-                               0, inbox_address(owner))
-        except OSError:
+        if not self.handoff.send(conn.fd, request, owner):
             return False
         self.stats.handoffs += 1
         self._abort(conn)                   # our descriptor; the owner has its own
@@ -3245,35 +3320,7 @@ class Server(EventLoop):
 
     def _on_handoff(self, _events: int) -> None:
         """Adopt the sockets other workers handed over, and read their requests again."""
-        for _ in range(ACCEPT_BATCH):
-            try:
-                request, ancillary, _flags, _addr = self.inbox.recvmsg(
-                    HANDOFF_MAX, socket.CMSG_SPACE(4) + socket.CMSG_SPACE(CREDENTIALS.size))
-            except (BlockingIOError, InterruptedError):
-                return
-            fds, uid = [], None
-            for level, kind, data in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds += [fd for (fd,) in struct.iter_unpack("i", data[:len(data) - len(data) % 4])]
-                elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                    uid = CREDENTIALS.unpack_from(data)[1]
-            if len(fds) != 1 or uid != os.getuid():     # only a process of our own user hands over
-                for fd in fds:
-                    os.close(fd)
-                continue
-            try:
-                sock = socket.socket(fileno=fds[0])
-            except OSError:                 # not a socket
-                os.close(fds[0])
-                continue
-            try:
-                if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
-                    raise OSError("not a TCP socket")
-                peer = sock.getpeername()[0]
-            except OSError:                 # not TCP, or the client left meanwhile
-                sock.close()
-                continue
-            sock.setblocking(False)
+        for sock, peer, request in self.handoff.receive(ACCEPT_BATCH):
             conn = self._adopt(sock, peer)
             conn.handed = True
             if conn.state == HTTP:
@@ -3410,7 +3457,7 @@ class Server(EventLoop):
         answer = route(request, self.front, draining=self.draining, bus_up=self.chat.bus.up,
                        full=self.stats.connections >= self.max_conns)
         if isinstance(answer, Upgrade):
-            if self.inbox is None or not self._hand_off(conn, answer.room, raw):
+            if self.handoff is None or not self._hand_off(conn, answer.room, raw):
                 self._upgrade(conn, answer, rest)
         else:
             status, response = answer
@@ -3713,24 +3760,6 @@ def make_listener(host: str, port: int, reuse_port: bool = False, listen: bool =
     return sock
 
 
-# With --room-affinity, each room has an owner among the workers; the worker that
-# accepts a WebSocket passes it to the owner over a datagram socket with
-# SCM_RIGHTS. A room's members then share one worker, so a message crosses to
-# one worker, not to one per member (SCALING.md, section 13).
-HANDOFF_MAX = 16384           # request bytes a hand-off carries (a head is at most --max-header-size)
-CREDENTIALS = struct.Struct("iII")      # struct ucred: pid, uid, gid
-
-
-def room_owner(room: str, workers: int) -> int:
-    """The worker slot that owns room: the same answer in every process (crc32, not hash())."""
-    return zlib.crc32(room.encode()) % workers
-
-
-def inbox_address(slot: int) -> bytes:
-    """The abstract unix address of a worker's hand-off inbox, unique to its supervisor."""
-    return b"\0scalechat-%d-%d" % (os.getppid(), slot)
-
-
 # -- --workers N: the supervisor ---------------------------------------------
 
 class Worker:
@@ -3764,6 +3793,11 @@ class Supervisor(EventLoop):
         self.draining = False
         self.drain_deadline = 0.0
         self.backoff: dict[int, float] = {}
+        # --room-affinity: each slot's hand-off link (its inbox, the end others send on), made
+        # once and never read here: a restarted worker gets the same inbox, and the others'
+        # sending ends stay valid (Handoff).
+        self.handoff_links = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+                              for _ in range(config.workers)] if config.room_affinity else []
         for slot in range(config.workers):
             self._spawn(slot)
         self.every(0.2, self._reap)
@@ -3771,10 +3805,14 @@ class Supervisor(EventLoop):
     def _spawn(self, slot: int) -> None:
         ours, theirs = socket.socketpair()
         flags, env = worker_settings(self.config)
+        handoff = [inbox if s == slot else into for s, (inbox, into) in enumerate(self.handoff_links)]
+        fds = [theirs.fileno(), *(end.fileno() for end in handoff)]
         cmd = [sys.executable, os.path.abspath(__file__), *flags, "--workers", "1",
                "--metrics-port", "0", "--worker-id", str(slot), "--worker-count", str(self.config.workers),
                "--hub-fd", str(theirs.fileno())]
-        proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), env=env)
+        if handoff:
+            cmd += ["--handoff-fds", ",".join(map(str, fds[1:]))]
+        proc = subprocess.Popen(cmd, pass_fds=fds, env=env)      # these alone: the rest are close-on-exec
         theirs.close()
         worker = Worker(slot, proc, None)
         worker.link = Link(self, ours, lambda data: self._on_data(worker, data),
@@ -4144,6 +4182,7 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
     parser.add_argument("--worker-id", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--hub-fd", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--handoff-fds", default=None, help=argparse.SUPPRESS)     # Handoff's ends, by slot
     parser.add_argument("--version", action="version", version=f"scalechat {__version__}")
     args = parser.parse_args(argv)
     if args.workers == "auto":
@@ -4176,13 +4215,21 @@ def main(argv: list | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     limit = raise_fd_limit()
     supervising = args.workers > 1 and args.hub_fd is None
+    handoff = None
+    if args.handoff_fds:
+        try:
+            handoff = Handoff([socket.socket(fileno=int(fd)) for fd in args.handoff_fds.split(",")],
+                              args.worker_id)
+        except OSError as e:
+            log.error("worker %d: cannot use its hand-off link: %s", args.worker_id, e.strerror)
+            return 2
     try:
         if supervising:
             make_listener(args.host, args.port, reuse_port=True, listen=False).close()
             loop = Supervisor(args)
         else:
             hub = socket.socket(fileno=args.hub_fd) if args.hub_fd is not None else None
-            loop = Server(args, hub)
+            loop = Server(args, hub, handoff)
     except OSError as e:
         log.error("cannot listen on %s:%d: %s", args.host, args.port, e.strerror)
         return 2

@@ -14,9 +14,15 @@ which worker process holds each client's socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import errno
 import itertools
 import json
+import multiprocessing
 import os
+import resource
+import selectors
 import signal
 import socket
 import struct
@@ -25,12 +31,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from typing import Self
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from scalechat import (
+    HANDOFF_MAX,
     FrameParser,
     client_handshake_request,
     new_key,
@@ -56,6 +64,8 @@ from testkit import (
     echo_time,
     everyone_says,
     fill_room,
+    named_unix_sockets,
+    process_tree,
     room_key,
     run_async,
     sample_names,
@@ -184,60 +194,212 @@ def pipelined_join(port: int, room: str) -> dict:
     return next(json.loads(payload) for _, payload in seen if b'"pipelined"' in payload)
 
 
-def hand_over(address: bytes, fd: int, request: bytes, uid: int | None = None) -> None:
-    """Send fd and request to a worker's inbox, as uid (from a forked child) or as this process."""
-    pid = os.fork() if uid is not None else 0
-    if pid:
-        assert os.waitpid(pid, 0)[1] == 0
-        return
+def handoff_fds(pid: int) -> list[int]:
+    """A worker's --handoff-fds: per slot, its descriptor of the end into that worker (its own: its inbox)."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        args = f.read().split(b"\0")
+    return [int(fd) for fd in args[args.index(b"--handoff-fds") + 1].split(b",")]
+
+
+LIBC = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+def checked(result: int) -> int:
+    """What a libc call returned, or its errno raised as OSError."""
+    if result < 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    return result
+
+
+def take_fd(pid: int, fd: int) -> int:
+    """A copy of another process's descriptor: pidfd_getfd(2), which needs the right to ptrace it."""
+    pidfd = os.pidfd_open(pid)
     try:
-        if uid is not None:
-            os.setuid(uid)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as out:
-            out.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))], 0, address)
+        return checked(LIBC.syscall(438, pidfd, fd, 0))    # SYS_pidfd_getfd: one number on every architecture
     finally:
-        if uid is not None:
-            os._exit(0)
+        os.close(pidfd)
+
+
+def errno_as(uid: int, action) -> int:
+    """The errno of the OSError that action raises in a forked child running as uid (0: none)."""
+    pid = os.fork()
+    if pid:
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    code = 0
+    try:
+        os.setuid(uid)
+        action()
+    except OSError as e:
+        code = e.errno
+    finally:
+        os._exit(code)
 
 
 @run_async
-async def test_a_worker_adopts_handed_sockets_only_from_its_own_user():
-    """The hand-off inbox takes a TCP socket from a process of the server's user and serves it;
-    one from another user, a pipe or a unix socket is closed unanswered, and the worker serves on."""
+async def test_no_process_outside_the_server_can_hand_a_worker_a_socket():
+    """A worker's inbox has no name, so no other process can address it; another user cannot take a
+    descriptor of the links from the server's processes either. What arrives is checked all the
+    same: from a process that took a sending end (root, with the right to ptrace), a pipe or a unix
+    socket is closed unanswered, a TCP socket is served, and the worker serves on."""
     server = await start_workers(2)
     try:
-        inbox = b"\0scalechat-%d-%d" % (server.proc.pid, 0)
+        assert named_unix_sockets(process_tree(server.proc.pid)) == []
+        worker = worker_slots(server)[0]
+        into_1 = handoff_fds(worker)[1]                             # worker 0's end into worker 1's inbox
+        assert errno_as(65534, lambda: os.close(take_fd(worker, into_1))) == errno.EPERM
+        end = socket.socket(fileno=take_fd(worker, into_1))
         listener = socket.create_server(("127.0.0.1", 0))
         key = new_key()
         request = client_handshake_request(f"127.0.0.1:{server.port}", "/ws/inbox-test", key)
 
-        def handed(uid: int | None) -> bytes:
-            client = socket.create_connection(listener.getsockname(), timeout=5)
-            accepted, _ = listener.accept()
-            hand_over(inbox, accepted.fileno(), request, uid)
-            accepted.close()
-            try:
-                return client.recv(1024)
-            except OSError:
-                return b""
-            finally:
-                client.close()
-        assert handed(65534) == b""                                 # nobody's: closed unanswered
+        def hand_over(fd: int) -> None:
+            end.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
         read, write = os.pipe()
-        hand_over(inbox, read, request)
+        hand_over(read)
         pair = socket.socketpair()
         pair[1].settimeout(10)
-        hand_over(inbox, pair[0].fileno(), request)
+        hand_over(pair[0].fileno())
         pair[0].close()                                             # the worker's copy is the last
         assert pair[1].recv(1024) == b""                            # closed unanswered
-        assert handed(None).startswith(b"HTTP/1.1 101")             # our own user's: served
+        client = socket.create_connection(listener.getsockname(), timeout=5)
+        accepted, _ = listener.accept()
+        hand_over(accepted.fileno())
+        accepted.close()
+        assert client.recv(1024).startswith(b"HTTP/1.1 101")        # a TCP socket: served
         for fd in (read, write):
             os.close(fd)
-        for sock in (pair[1], listener):
+        for sock in (client, pair[1], listener, end):
             sock.close()
         assert scrape(server.metrics_url)["scalechat_internal_errors_total"] == 0
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def own_network_namespace():
+    """Run the body, and the processes it starts, in a network namespace of its own (loopback only):
+    what is bound there, abstract unix names included, no other process of the host meets."""
+    with open("/proc/self/ns/net") as home:
+        checked(LIBC.unshare(CLONE_NEWNET))
+        try:
+            subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+            yield
+        finally:
+            checked(LIBC.setns(home.fileno(), CLONE_NEWNET))
+
+
+class InboxSquatter:
+    """A process of uid nobody holding the abstract names the hand-off inboxes once had
+    (scalechat-<supervisor pid>-<slot>), every slot, for the next span PIDs the system hands out;
+    afterwards, how many datagrams reached them."""
+
+    def __init__(self, span: int, slots: int):
+        self.pipe, theirs = multiprocessing.Pipe()
+        self.proc = multiprocessing.get_context("fork").Process(target=self._squat, args=(theirs, span, slots))
+        self.pids: list[int] = []
+        self.received = 0
+
+    def __enter__(self) -> Self:
+        self.proc.start()
+        self.pids = self.pipe.recv()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pipe.send("stop")
+        self.received = self.pipe.recv()
+        self.proc.join()
+
+    @staticmethod
+    def _squat(pipe, span: int, slots: int) -> None:
+        os.setuid(65534)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+        with open("/proc/sys/kernel/ns_last_pid") as f:
+            last = int(f.read())
+        with open("/proc/sys/kernel/pid_max") as f:
+            pid_max = int(f.read())
+        pids = [pid for pid in range(last + 1, last + 1 + span) if pid < pid_max]
+        pids += range(300, 300 + span - len(pids))                 # where PIDs start again after pid_max
+        sel = selectors.DefaultSelector()
+        for pid in pids:
+            for slot in range(slots):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                sock.bind(b"\0scalechat-%d-%d" % (pid, slot))
+                sel.register(sock, selectors.EVENT_READ)
+        pipe.send(pids)
+        received = 0
+        while not pipe.poll(0.05):
+            for key, _ in sel.select(0):
+                key.fileobj.recv(HANDOFF_MAX)                       # a descriptor it carried is closed
+                received += 1
+        pipe.send(received)
+
+
+@run_async
+async def test_inbox_names_taken_by_another_user_before_start_leave_both_workers_serving():
+    """Another user binds, before the server starts, every abstract name a hand-off inbox once had,
+    for each PID the supervisor may get: both workers start and stay up, WebSockets of rooms owned
+    by either worker get the server's welcome and talk, hand-offs happen between the workers alone,
+    and no server process holds a named unix socket. (In a network namespace of its own, where the
+    names squatted stop no other server on the host.)"""
+    with own_network_namespace(), InboxSquatter(1000, 2) as squatter:
+        server = await start_workers(2)
+        try:
+            assert server.proc.pid in squatter.pids, "the supervisor got a PID whose names were not taken"
+            slots = worker_slots(server)
+            async with Crowd() as crowd:
+                rooms = room_per_worker("squat", 2)
+                members = {room: await crowd.join([server.url], room, 6, f"{room}-") for room in rooms}
+                for slot, room in enumerate(rooms):
+                    assert set(placement(server, members[room]).values()) == {slots[slot]}
+                    assert all(m.welcomes[0][1]["room"] == room for m in members[room])
+                    await all_received(members[room], await everyone_says(members[room], 2))
+                await until(lambda: scrape(server.metrics_url)["scalechat_handoffs_total"] > 0, 5,
+                            "hand-offs counted (workers report every second)")
+            await asyncio.sleep(2)
+            assert worker_slots(server) == slots, "a worker restarted"
+            assert named_unix_sockets(process_tree(server.proc.pid)) == []
+        finally:
+            server.stop()
+    assert squatter.received == 0, "a hand-off reached a name another user bound"
+
+
+@run_async
+async def test_two_instances_whose_supervisors_are_both_pid_1_serve_with_their_own_workers():
+    """Two --workers 2 instances, each supervisor PID 1 of a PID namespace of its own, on one network
+    namespace (Docker with --network host): both serve WebSockets of rooms owned by either worker,
+    both hand sockets over, and no worker restarts."""
+    wrapper = ("unshare", "--pid", "--fork", "--mount-proc", "--kill-child")
+    servers = []
+    try:
+        for _ in range(2):
+            servers.append(await start_workers(2, wrapper=wrapper))
+        supervisors = [children(server.proc.pid)[0] for server in servers]   # unshare's child
+        workers = [children(pid) for pid in supervisors]
+        async with Crowd() as crowd:
+            for server in servers:
+                for room in room_per_worker("ns", 2):
+                    members = await crowd.join([server.url], room, 6, f"{room}-")
+                    await all_received(members, await everyone_says(members, 2))
+            for server in servers:
+                await until(lambda s=server: scrape(s.metrics_url)["scalechat_handoffs_total"] > 0, 5,
+                            "hand-offs counted on each instance (workers report every second)")
+        await asyncio.sleep(2)
+        assert [children(pid) for pid in supervisors] == workers, "a worker restarted"
+    finally:
+        for server in servers:
+            for pid in children(server.proc.pid):
+                os.kill(pid, signal.SIGTERM)                         # unshare itself ignores SIGTERM
+            server.stop()
+
+
+def test_a_worker_that_cannot_use_its_hand_off_link_says_so():
+    """A hand-off link a worker cannot use is reported as that, not as a port it cannot listen on."""
+    worker = subprocess.run([sys.executable, os.path.join(HERE, "scalechat.py"), "--port", "0",
+                             "--worker-id", "1", "--worker-count", "2", "--handoff-fds", "1000,1001"],
+                            check=False, capture_output=True, text=True, timeout=30)
+    assert worker.returncode == 2
+    assert "worker 1: cannot use its hand-off link: Bad file descriptor" in worker.stderr, worker.stderr
 
 
 @run_async
@@ -830,7 +992,7 @@ async def assert_room_counted_everywhere(urls: list[str], owners) -> None:
 @run_async
 async def test_member_counts_sum_every_worker():
     """--workers: the supervisor sums each worker's members of a room and tells every worker (a room
-    spans workers without --room-affinity, or while its owner restarts)."""
+    spans workers without --room-affinity, or when its owner's inbox is full)."""
     server = await start_workers(2, "--room-affinity", "false")
     try:
         await assert_room_counted_everywhere(

@@ -120,11 +120,12 @@ class ServerProc:
 
 
 def start_server(*args: str, port: int | None = None, metrics_port: int | None = None,
-                 env: dict | None = None) -> ServerProc:
-    """Start scalechat.py with args on free ports and wait until /healthz answers."""
+                 env: dict | None = None, wrapper: tuple = ()) -> ServerProc:
+    """Start scalechat.py with args on free ports and wait until /healthz answers;
+    wrapper is a command that runs it (e.g. unshare)."""
     port = port or free_port()
     metrics_port = metrics_port or free_port()
-    cmd = [sys.executable, os.path.join(HERE, "scalechat.py"), "--host", "127.0.0.1",
+    cmd = [*wrapper, sys.executable, os.path.join(HERE, "scalechat.py"), "--host", "127.0.0.1",
            "--port", str(port), "--metrics-port", str(metrics_port), *args]
     proc = subprocess.Popen(cmd, cwd=HERE, env={**os.environ, **(env or {})})
     server = ServerProc(proc, port, metrics_port, args=list(args))
@@ -818,6 +819,32 @@ def tcp_sockets(port: int, state: str) -> dict[str, int]:
     return found
 
 
+def socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets pid holds open; none once it has exited."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return set()
+    inodes = set()
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
+def named_unix_sockets(pids) -> list[str]:
+    """The addresses ('@' for abstract ones) of the unix sockets of a pid, or of pids, that are bound
+    to a name: any process on the host could send to those."""
+    inodes = set().union(*map(socket_inodes, _pids(pids)))
+    with open("/proc/net/unix") as f:
+        next(f)
+        return [fields[7] for fields in map(str.split, f) if len(fields) > 7 and fields[6] in inodes]
+
+
 # ---------------------------------------------------------------------------
 # Bench results: the machine they come from
 # ---------------------------------------------------------------------------
@@ -825,21 +852,7 @@ def tcp_sockets(port: int, state: str) -> dict[str, int]:
 def connection_owners(port: int, pids: list[int]) -> dict[int, int]:
     """Client port -> pid of the process that holds that client's connection to port."""
     inodes = tcp_sockets(port, TCP_ESTABLISHED)
-    owners = {}
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue                        # exited meanwhile
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            inode = target[8:-1] if target.startswith("socket:[") else None
-            if inode in inodes:
-                owners[inodes[inode]] = pid
-    return owners
+    return {inodes[inode]: pid for pid in pids for inode in socket_inodes(pid) if inode in inodes}
 
 
 def machine() -> dict:
