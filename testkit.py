@@ -120,12 +120,12 @@ class ServerProc:
 
 
 def start_server(*args: str, port: int | None = None, metrics_port: int | None = None,
-                 env: dict | None = None, wrapper: tuple = ()) -> ServerProc:
-    """Start scalechat.py with args on free ports and wait until /healthz answers;
-    wrapper is a command that runs it (e.g. unshare)."""
+                 env: dict | None = None, wrapper: tuple = (), script: str | None = None) -> ServerProc:
+    """Start scalechat.py (or another copy of it, script) with args on free ports and wait until
+    /healthz answers; wrapper is a command that runs it (e.g. unshare)."""
     port = port or free_port()
     metrics_port = metrics_port or free_port()
-    cmd = [*wrapper, sys.executable, os.path.join(HERE, "scalechat.py"), "--host", "127.0.0.1",
+    cmd = [*wrapper, sys.executable, str(script or os.path.join(HERE, "scalechat.py")), "--host", "127.0.0.1",
            "--port", str(port), "--metrics-port", str(metrics_port), *args]
     proc = subprocess.Popen(cmd, cwd=HERE, env={**os.environ, **(env or {})})
     server = ServerProc(proc, port, metrics_port, args=list(args))
