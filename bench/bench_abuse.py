@@ -603,6 +603,26 @@ def attack_resend(t: Target) -> str:
             "connection")
 
 
+CHURN_ROOMS = 8
+
+
+def setup_full_rooms(t: Target) -> None:
+    """Fill CHURN_ROOMS rooms with 1 MiB of history each (3 texts of 64 KiB \\x01), then everyone leaves."""
+    for i in range(CHURN_ROOMS):
+        fill_room(t.port, f"full-{i}", 3).close()
+    time.sleep(0.5)
+
+
+def attack_churn(t: Target) -> str:
+    """Join and leave the full rooms in turn, from several threads, as fast as the server answers."""
+    start = time.monotonic()
+    reconnecting(t, itertools.cycle(f"/ws/full-{i}" for i in range(CHURN_ROOMS)), lambda peer: None,
+                 conns=t.plan.flood_threads)
+    joins = t.tally.answers["HTTP 101"]
+    return (f"{CHURN_ROOMS} rooms filled first with 3 messages of 64 KiB \\x01 each (not counted); "
+            f"{joins:,} joins from {t.plan.flood_threads} threads, {joins / (time.monotonic() - start):,.0f}/s")
+
+
 def attack_rooms(t: Target) -> str:
     """Handshakes to ever new rooms, each closed once upgraded, from several threads."""
     start = time.monotonic()
@@ -796,6 +816,8 @@ ROWS = [
     Row("10", "bad JSON and wrong types at the rate limit", attack_bad_json),
     Row("11", "slowloris handshakes", attack_slowloris, seconds=lambda plan: plan.slowloris_hold),
     Row("12", "never-reading members of a busy room", attack_never_reader, setup_busy_room),
+    Row("13", "join and leave churn on 8 full rooms", attack_churn, setup_full_rooms,
+        skip={"single": "one process sends no snapshot: row 5 shows what joins cost"}),
 ]
 
 # ---------------------------------------------------------------------------
