@@ -218,6 +218,7 @@ class FrameParser:
         "accept_binary",
         "error",
         "expect_masked",
+        "fragments",
         "frame_limit",
         "frames",
         "max_message_size",
@@ -235,6 +236,7 @@ class FrameParser:
         self._parts = bytearray()   # the message in progress: memory is what the peer sent
         self._decoder = None
         self.frames = 0             # frame headers parsed so far: every frame pays the rate limit
+        self.fragments = 0          # of them, data frames without FIN: each one completes nothing
         self.frame_limit = 1 << 62  # past this count, fail with 1008: the owner sets what it can pay for
 
     def feed(self, data: bytes) -> list:
@@ -277,9 +279,6 @@ class FrameParser:
                     raise ProtocolError(CLOSE_PROTOCOL_ERROR, "64-bit length has its top bit set")
             opcode, fin = b0 & 0x0F, b0 & 0x80
             self._check_header(b0, b1, opcode, fin, n)
-            self.frames += 1
-            if self.frames > self.frame_limit:
-                raise ProtocolError(CLOSE_POLICY, "too many frames")
             if b1 & 0x80:
                 hlen += 4
                 if end - pos < hlen:
@@ -287,6 +286,9 @@ class FrameParser:
                 key = buf[pos + hlen - 4:pos + hlen]
             else:
                 key = None
+            self.frames += 1                       # once, even if the header came in pieces
+            if self.frames > self.frame_limit:
+                raise ProtocolError(CLOSE_POLICY, "too many frames")
             start = pos + hlen
             if opcode >= 8:                        # control: always whole, may interleave
                 if end - start < n:
@@ -315,6 +317,8 @@ class FrameParser:
             if opcode:
                 self._msg_op = opcode
                 self._decoder = _new_utf8_decoder() if opcode == OP_TEXT else None
+            if not fin:
+                self.fragments += 1
             self._frame = [fin, n, key, 0]
             if not n:
                 self._stream(buf, pos, end, out)
@@ -3125,19 +3129,22 @@ class Server(EventLoop):
 
     def _on_websocket_data(self, conn: Connection, data: bytes) -> None:
         parser = conn.parser
-        frames_before = parser.frames
-        rate = self.config.rate_limit
-        if rate > 0:                        # parse no more frames than the tokens could pay for
-            parser.frame_limit = frames_before + int(self._refill(conn) / FRAME_TOKEN) + 1
+        frames_before, fragments_before = parser.frames, parser.fragments
+        if self.config.rate_limit > 0:
+            # Parse no more frames than the connection can pay for (at the cheapest price, a
+            # fragment's) or be refused for: each refusal is a strike, and past --rate-burst of
+            # them it is closed, so the frames one read costs the server stay bounded.
+            strikes_left = int(self.config.rate_burst - conn.strikes)
+            parser.frame_limit = frames_before + int(self._refill(conn) / FRAME_TOKEN) + strikes_left + 1
         try:
             frames, error = parser.feed(data), None
         except ProtocolError as e:
             # Frames completed before the violation still count. Keep code and reason,
             # not e: its traceback holds this frame, a cycle with the local.
             frames, error = e.frames, (e.code, e.reason)
-        # Frames that completed nothing (fragments) pay too, or a stream of empty
+        # Frames that complete nothing (fragments) pay too, or a stream of empty
         # continuations would cost the server a core at no cost to the client.
-        fragments = parser.frames - frames_before - len(frames)
+        fragments = parser.fragments - fragments_before
         if fragments > 0 and conn.state == OPEN and not self._take_token(conn, fragments * FRAME_TOKEN):
             self._fail(conn, CLOSE_POLICY, "too many frames")
             return
@@ -3147,7 +3154,8 @@ class Server(EventLoop):
             elif opcode == OP_CLOSE:        # the answer to our close: done
                 self._abort(conn)
                 return
-        if error is not None and conn.state != CLOSED:
+        # A frame above may have failed the connection already (failing drops its parser).
+        if error is not None and conn.state != CLOSED and conn.parser is parser:
             self._fail(conn, *error)
 
     def _on_frame(self, conn: Connection, opcode: int, payload: bytes) -> None:

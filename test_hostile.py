@@ -41,6 +41,7 @@ from testkit import (
     CLIENT_B,
     PARSER_CLOSE_CODES,
     RawClient,
+    chat_json,
     check_any_split,
     check_chat_payload,
     check_close_payload,
@@ -424,6 +425,43 @@ def test_flooder_gets_error_frames_then_1008(serve):
     metrics = scrape(server.metrics_url)
     assert refused(metrics, "rate_limit") == 6
     assert protocol_errors(metrics, sc.CLOSE_POLICY) == 1
+
+
+def one_write_of_messages(client: RawClient, count: int, text: str) -> None:
+    """Send count chat messages (message_id 0, 1, ...) in one write."""
+    client.sock.sendall(b"".join(frame(sc.OP_TEXT, chat_json(text, i)) for i in range(count)))
+
+
+def message_ids(objects: list, kind: str) -> list:
+    """The message_ids of the acks, or of the errors of one code ("error rate_limit"), in order."""
+    kind, _, code = kind.partition(" ")
+    return [o.get("message_id") for o in objects if o["type"] == kind and o.get("code", "") == code]
+
+
+def test_a_burst_past_the_bucket_in_one_write_gets_an_error_per_message(serve):
+    """Messages past the bucket that arrive in one read are each refused with an error frame,
+    not closed as "too many frames"; past --rate-burst refusals the connection gets 1008."""
+    burst = 100
+    server = serve("--rate-limit", "0.01", "--rate-burst", str(burst))  # no token refills meanwhile
+    text = "x" * 1000                   # ordinary 1 KB messages, about 64 to a read
+    client = RawClient(server.port, "/ws/burst")
+    one_write_of_messages(client, burst + 100, text)
+    answers = []
+    while len(message_ids(answers, "ack") + message_ids(answers, "error rate_limit")) < burst + 100:
+        answers.append(client.recv_json(skip=("members", "message")))
+    assert message_ids(answers, "ack") == list(range(burst))
+    assert message_ids(answers, "error rate_limit") == list(range(burst, burst + 100))
+    metrics = scrape(server.metrics_url)
+    assert gauge(metrics, "scalechat_connections") == 1 and protocol_errors(metrics, sc.CLOSE_POLICY) == 0
+    assert refused(metrics, "rate_limit") == 100
+    client.close()
+    client = RawClient(server.port, "/ws/burst")
+    one_write_of_messages(client, 2 * burst + 50, text)
+    answers, code = client.read_until_close()
+    assert code == sc.CLOSE_POLICY
+    assert message_ids(answers, "ack") == list(range(burst))
+    assert message_ids(answers, "error rate_limit") == list(range(burst, 2 * burst))
+    assert protocol_errors(scrape(server.metrics_url), sc.CLOSE_POLICY) == 1
 
 
 def test_client_within_the_rate_is_never_refused(serve):

@@ -1366,6 +1366,21 @@ def test_the_parser_stops_at_the_frames_its_owner_can_pay_for():
     assert unlimited.feed(flood) == [] and unlimited.frames == 100_001
 
 
+def test_the_parser_counts_as_fragments_only_frames_without_fin():
+    """frames and fragments, what the owner charges for: a one-frame message split across reads
+    (even inside its header) is one frame and no fragment; a message of n frames has n - 1."""
+    message = encode_frame(OP_TEXT, b"x" * 1000, mask_key=RFC_KEY)
+    parser = FrameParser()
+    for piece in pieces(message, (3, 6, 300, 600, 900)):      # cut in the length and in the mask key
+        parser.feed(piece)
+    assert (parser.frames, parser.fragments) == (1, 0)
+    second = encode_frame(OP_CONTINUATION, b"bb", fin=False, mask_key=RFC_KEY)
+    parser.feed(encode_frame(OP_TEXT, b"a", fin=False, mask_key=RFC_KEY) + second[:7])
+    assert (parser.frames, parser.fragments) == (3, 2)
+    assert parser.feed(second[7:] + encode_frame(OP_CONTINUATION, b"c", mask_key=RFC_KEY)) == [(OP_TEXT, b"abbc")]
+    assert (parser.frames, parser.fragments) == (4, 2)
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_every_fixed_label_value_is_exported_at_zero_from_the_start(server_with, workers):
     """A fresh server's scrape has every close code and HTTP status the server can count, at 0
