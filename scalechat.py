@@ -2678,6 +2678,7 @@ class Connection:
     """
 
     __slots__ = (
+        "byte_tokens",
         "client",
         "deadline",
         "discarded",
@@ -2720,6 +2721,7 @@ class Connection:
         self.ping_sent = 0.0
         self.deadline = 0.0           # handshake, write or close deadline
         self.tokens = 0.0
+        self.byte_tokens = 0.0
         self.token_time = now
         self.strikes = 0
         self.discarded = 0            # bytes dropped since a refusal or a failure
@@ -3160,8 +3162,9 @@ class Server(EventLoop):
 
     def _on_frame(self, conn: Connection, opcode: int, payload: bytes) -> None:
         if opcode == OP_TEXT:
-            if not self._take_token(conn):
-                self._over_rate(conn, payload)
+            over = self._take_message(conn, len(payload))
+            if over is not None:
+                self._over_rate(conn, payload, over)
                 return
             err = self.chat.receive(conn, payload, self.now)
             if err is not None:
@@ -3182,11 +3185,35 @@ class Server(EventLoop):
             self._fail(conn, CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted")
 
     def _refill(self, conn: Connection) -> float:
-        """conn's tokens now: refilled at --rate-limit per second since the last look, up to --rate-burst."""
-        conn.tokens = min(self.config.rate_burst,
-                          conn.tokens + (self.now - conn.token_time) * self.config.rate_limit)
+        """conn's tokens now: refilled at --rate-limit per second since the last look, up to --rate-burst
+        (and its byte tokens at --rate-limit-bytes, up to --rate-burst-bytes)."""
+        cfg, elapsed = self.config, self.now - conn.token_time
+        conn.byte_tokens = min(cfg.rate_burst_bytes, conn.byte_tokens + elapsed * cfg.rate_limit_bytes)
+        conn.tokens = min(cfg.rate_burst, conn.tokens + elapsed * cfg.rate_limit)
         conn.token_time = self.now
         return conn.tokens
+
+    def _take_message(self, conn: Connection, size: int) -> str | None:
+        """Charge a message of size bytes to conn's buckets: None, or what it is over ("messages" or "bytes").
+
+        size is the frame's payload, what the client sent: it is at least what the text
+        weighs re-encoded, in history and on the bus (escapes and all: a client must
+        escape what the server escapes), short only of the envelope (room, sender, seq).
+        """
+        cfg = self.config
+        if cfg.rate_limit <= 0 and cfg.rate_limit_bytes <= 0:
+            return None
+        self._refill(conn)
+        if cfg.rate_limit > 0 and conn.tokens < 1:
+            over = "messages"
+        elif cfg.rate_limit_bytes > 0 and conn.byte_tokens < size:
+            over = "bytes"
+        else:
+            conn.tokens -= 1
+            conn.byte_tokens -= size
+            return None
+        self.stats.refused["rate_limit"] += 1
+        return over
 
     def _take_token(self, conn: Connection, cost: float = 1.0) -> bool:
         """Token bucket per connection: whether conn may spend cost (a message costs 1)."""
@@ -3198,14 +3225,16 @@ class Server(EventLoop):
         self.stats.refused["rate_limit"] += 1
         return False
 
-    def _over_rate(self, conn: Connection, payload: bytes | None) -> None:
-        """A frame over the rate: an error frame (none for a pong), and 1008 once it keeps on."""
+    def _over_rate(self, conn: Connection, payload: bytes | None, over: str = "messages") -> None:
+        """A frame over the rate (of messages or of bytes): an error frame (none for a pong), and
+        1008 once it keeps on."""
         conn.strikes += 1
         if conn.strikes > self.config.rate_burst:
             self._fail(conn, CLOSE_POLICY, "rate limit exceeded repeatedly")
         elif payload is not None:
             found = MESSAGE_ID.search(payload)     # cheap: a flood is not worth a JSON parse
-            self.send(conn, error_frame("rate_limit", f"more than {self.config.rate_limit:g} messages per second",
+            limit = self.config.rate_limit if over == "messages" else self.config.rate_limit_bytes
+            self.send(conn, error_frame("rate_limit", f"more than {limit:g} {over} per second",
                                         int(found.group(1)) if found else None))
 
     # -- HTTP ---------------------------------------------------------------
@@ -3253,6 +3282,7 @@ class Server(EventLoop):
         conn.client = upgrade.client.encode() if upgrade.client else b".%s" % os.urandom(8).hex().encode()
         conn.parser = FrameParser(True, max_frame_size(cfg.max_message_size), accept_binary=False)
         conn.tokens = cfg.rate_burst
+        conn.byte_tokens = cfg.rate_burst_bytes
         self.stats.connections += 1
         self.stats.connections_total += 1
         self.stats.http_requests["101"] += 1
@@ -3892,6 +3922,10 @@ SETTINGS = (
     ("drain-timeout", float, 10.0, "seconds to wait for clients to leave on SIGTERM"),
     ("rate-limit", float, 50.0, "messages per second per connection (0: no limit)"),
     ("rate-burst", float, 100.0, "messages a connection may send at once"),
+    ("rate-limit-bytes", int, 64 << 10, ("bytes of messages per second per connection, as sent (0: no "
+     "limit); a refusal is a rate_limit error and a strike, as for messages")),
+    ("rate-burst-bytes", int, 1 << 20, ("bytes of messages a connection may send at once: at least the "
+     "largest frame a message may take (6 x --max-message-size + 1024)")),
     ("allowed-origins", str, "", "comma-separated Origins allowed besides the server's own host ('*': any)"),
     ("allowed-hosts", str, "", ("comma-separated Host header values served (host[:port]); empty: any. "
      "Set it where DNS rebinding matters (intranets)")),
@@ -3982,8 +4016,11 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
                  "bus-hold-bytes", "redis-room-ttl", "redis-wait-ms"):
         if getattr(args, flag.replace("-", "_")) <= 0:
             parser.error(f"--{flag} must be positive")
-    if args.rate_limit < 0 or args.rate_burst < 1:
-        parser.error("--rate-limit must be >= 0 and --rate-burst >= 1")
+    if args.rate_limit < 0 or args.rate_burst < 1 or args.rate_limit_bytes < 0:
+        parser.error("--rate-limit and --rate-limit-bytes must be >= 0 and --rate-burst >= 1")
+    if args.rate_limit_bytes and args.rate_burst_bytes < max_frame_size(args.max_message_size):
+        parser.error(f"--rate-burst-bytes must hold the largest message frame, "
+                     f"{max_frame_size(args.max_message_size)} bytes for --max-message-size {args.max_message_size}")
     return args
 
 

@@ -1017,7 +1017,8 @@ def test_slow_consumer_is_cut_off_while_others_keep_receiving(server_with):
     """A client that stops reading gets 1013 at a frame boundary, the others lose nothing, and
     since=<seq> brings the cut-off client back without loss."""
     # History must hold what the kernel buffers took past the cut, for since= to bring it back.
-    server = server_with("--max-buffer", str(256 << 10), "--rate-limit", "0", "--room-history-bytes", str(64 << 20))
+    server = server_with("--max-buffer", str(256 << 10), "--rate-limit", "0", "--rate-limit-bytes", "0",
+                         "--room-history-bytes", str(64 << 20))
     # A small receive window keeps the kernel from absorbing much for the slow client.
     slow = join(server, "t-slow", rcvbuf=64 << 10)  # never reads until it has been cut off
     sender = join(server, "t-slow")                 # reads each batch: a quarter of the cap
@@ -1046,7 +1047,8 @@ def test_cut_off_never_splits_a_frame(server_with):
     """A frame larger than the kernel takes at once, then the cut-off: frames stay whole."""
     kernel_buffer = int(pathlib.Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
     size = kernel_buffer + (2 << 20)
-    server = server_with("--max-buffer", str(64 << 10), "--max-message-size", str(size), "--rate-limit", "0")
+    server = server_with("--max-buffer", str(64 << 10), "--max-message-size", str(size), "--rate-limit", "0",
+                         "--rate-limit-bytes", "0")
     c = join(server, "t-split", rcvbuf=8192)
     chat(c, "x" * size, 1)
     time.sleep(0.3)                                 # the server tries to send it before we read

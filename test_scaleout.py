@@ -821,7 +821,7 @@ def test_joins_to_a_room_of_big_messages_do_not_stall_other_rooms(bus, redis):
     import concurrent.futures
 
     args = ("--workers", "2") if bus == "workers" else ("--redis", redis.url)
-    server = start_server(*args, *SERVER_ARGS)
+    server = start_server(*args, "--rate-limit-bytes", "0", *SERVER_ARGS)     # one member fills the room
     try:
         fill_room(server.port, "big", 100)
         welcomes = []
