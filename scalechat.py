@@ -1085,6 +1085,13 @@ class LocalBus:
 # Bytes a link's queue must fall below before it takes the next chunk of a
 # lazily produced answer (a snapshot): live records are never queued behind more.
 LINK_CHUNK = 64 << 10
+# Bytes a link reads in one loop turn at most: it drains its socket, so that its
+# peer never buffers for us (Redis drops a subscriber past its output-buffer
+# limit), yet one busy link cannot keep the loop from everything else. Its
+# SO_RCVBUF is left to the kernel: a fixed size would turn off the receive
+# buffer's autotuning (up to net.ipv4.tcp_rmem's maximum) and cap it at
+# net.core.rmem_max, and measured, 4 MiB did no better than autotuning.
+LINK_READ_MAX = 4 << 20
 
 
 class Link:
@@ -1185,16 +1192,25 @@ class Link:
             self.loop.sel.modify(self.sock, selectors.EVENT_READ, self.on_event)
             self.flush()
         if events & selectors.EVENT_READ and not self.closed and not self.connecting:
+            self._read()
+
+    def _read(self) -> None:
+        """Hand the owner what has arrived, until the socket is empty or LINK_READ_MAX was read."""
+        read = 0
+        while read < LINK_READ_MAX and not self.closed:
             try:
                 data = self.sock.recv(RECV_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 data = b""
-            if data:
-                self.on_data(data)
-            else:
+            if not data:
                 self.close()
+                return
+            self.on_data(data)
+            if len(data) < RECV_SIZE:       # the socket is empty: spare the recv that would say so
+                return
+            read += len(data)
 
     def close(self) -> None:
         """Close the socket and tell the owner (once)."""

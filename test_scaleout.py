@@ -18,14 +18,17 @@ import functools
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from typing import Self
 
 import pytest
@@ -34,13 +37,17 @@ from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.protocol import State
 
 from scalechat import (
+    OP_CLOSE,
+    OP_TEXT,
     FrameParser,
     client_handshake_request,
     new_key,
+    parse_close,
     parse_handshake_response,
     room_owner,
 )
 from testkit import (
+    BIG_TEXT,
     CLIENT_A,
     HERE,
     TCP_LISTEN,
@@ -48,10 +55,12 @@ from testkit import (
     RedisServer,
     ServerProc,
     chat_frame,
+    chat_json,
     children,
     connection_owners,
     echo_time,
     fill_room,
+    frame,
     sample_names,
     scrape,
     start_server,
@@ -844,6 +853,84 @@ def test_joins_to_a_room_of_big_messages_do_not_stall_other_rooms(bus, redis):
         assert welcome["seq"] == 100 and 1 <= held <= 3, welcome
     finally:
         server.stop()
+
+
+def heavy_bursts(port: int, room: str, until: float, burst: bytes) -> Counter:
+    """Until then, write burst every 2 s on one connection to room, reading every answer
+    meanwhile, and connect again when closed; the answers, by kind."""
+    answers: Counter = Counter()
+
+    def read(client: RawClient) -> None:
+        try:
+            while (received := client.recv_frame())[0] != OP_CLOSE:
+                payload = received[1]
+                if received[0] == OP_TEXT and not payload.startswith(b'{"type":"message"'):
+                    obj = json.loads(payload)
+                    answers[" ".join(filter(None, (obj["type"], obj.get("code"))))] += 1
+            answers[f"close {parse_close(received[1])[0]}"] += 1
+        except OSError:                         # reset, or shut down at the end
+            pass
+    while time.monotonic() < until:
+        client = RawClient(port, f"/ws/{room}", timeout=30)
+        reader = threading.Thread(target=read, args=(client,))
+        reader.start()
+        try:
+            while reader.is_alive() and time.monotonic() < until:
+                client.sock.sendall(burst)
+                time.sleep(max(0.0, min(2.0, until - time.monotonic())))
+        except OSError:                         # closed by the server while sending
+            pass
+        try:
+            client.sock.shutdown(socket.SHUT_RDWR)      # wakes the reader
+        except OSError:                         # already reset
+            pass
+        reader.join()
+        client.close()
+    return answers
+
+
+def pubsub_clients(redis: RedisServer) -> list[str]:
+    """The ids of Redis's pub/sub connections (a node's subscriber link is one)."""
+    return re.findall(r"\bid=(\d+)", redis.cli("CLIENT", "LIST", "TYPE", "pubsub"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("byte_rate", [True, False], ids=["byte-rate", "drain-alone"])
+def test_bursts_of_heavy_messages_do_not_make_redis_drop_the_subscriber(redis, byte_rate):
+    """8 connections write 100 texts of 64 KiB of \\x01 (393 KB frames) at once every 2 s, within the
+    message rate. The node reads the bus as fast as it comes, so Redis never drops its subscriber
+    at the pub/sub output-buffer limit (32 MB) and the bus stays up, even with no byte rate (before:
+    a drop every 1-2 s). With it, most of the bursts are refused, and a member of another room
+    is never refused and misses nothing."""
+    import concurrent.futures
+
+    burst = b"".join(frame(OP_TEXT, chat_json(BIG_TEXT, i)) for i in range(100))    # 50 messages/s
+    node = start_server("--redis", redis.url, *(() if byte_rate else ("--rate-limit-bytes", "0")), *SERVER_ARGS)
+    try:
+        victim = RawClient(node.port, "/ws/calm", timeout=30)
+        victim.send_json({"message_id": 0, "text": "before"})
+        assert victim.recv_message()["seq"] == 1
+        subscriber = pubsub_clients(redis)
+        assert len(subscriber) == 1
+        until = time.monotonic() + 6
+        answers, bus_up = [], []
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            attackers = [pool.submit(heavy_bursts, node.port, f"heavy-{i}", until, burst) for i in range(8)]
+            while time.monotonic() < until:
+                victim.send_json({"message_id": len(answers) + 1, "text": "still here"})
+                answers.append(victim.recv_json())
+                bus_up.append(scrape(node.metrics_url)["scalechat_bus_up"])
+                time.sleep(0.1)
+            attacked = sum((a.result() for a in attackers), Counter())
+        print(f"\nattackers got {dict(attacked)}; the victim sent {len(answers)} messages")
+        assert set(bus_up) == {1} and pubsub_clients(redis) == subscriber
+        if byte_rate:       # without it, the attackers can fill what the node holds for the bus
+            assert [(a["type"], a.get("message_id"), a.get("seq")) for a in answers] == \
+                [("message", i, i + 1) for i in range(1, len(answers) + 1)]
+            assert attacked["error rate_limit"] > 0 and attacked["ack"] > 0
+        victim.close()
+    finally:
+        node.stop()
 
 
 def test_the_supervisor_forgets_rooms_nobody_uses():
