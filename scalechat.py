@@ -218,6 +218,7 @@ class FrameParser:
         "accept_binary",
         "error",
         "expect_masked",
+        "fragments",
         "frame_limit",
         "frames",
         "max_message_size",
@@ -235,6 +236,7 @@ class FrameParser:
         self._parts = bytearray()   # the message in progress: memory is what the peer sent
         self._decoder = None
         self.frames = 0             # frame headers parsed so far: every frame pays the rate limit
+        self.fragments = 0          # of them, data frames without FIN: each one completes nothing
         self.frame_limit = 1 << 62  # past this count, fail with 1008: the owner sets what it can pay for
 
     def feed(self, data: bytes) -> list:
@@ -277,9 +279,6 @@ class FrameParser:
                     raise ProtocolError(CLOSE_PROTOCOL_ERROR, "64-bit length has its top bit set")
             opcode, fin = b0 & 0x0F, b0 & 0x80
             self._check_header(b0, b1, opcode, fin, n)
-            self.frames += 1
-            if self.frames > self.frame_limit:
-                raise ProtocolError(CLOSE_POLICY, "too many frames")
             if b1 & 0x80:
                 hlen += 4
                 if end - pos < hlen:
@@ -287,6 +286,9 @@ class FrameParser:
                 key = buf[pos + hlen - 4:pos + hlen]
             else:
                 key = None
+            self.frames += 1                       # once, even if the header came in pieces
+            if self.frames > self.frame_limit:
+                raise ProtocolError(CLOSE_POLICY, "too many frames")
             start = pos + hlen
             if opcode >= 8:                        # control: always whole, may interleave
                 if end - start < n:
@@ -315,6 +317,8 @@ class FrameParser:
             if opcode:
                 self._msg_op = opcode
                 self._decoder = _new_utf8_decoder() if opcode == OP_TEXT else None
+            if not fin:
+                self.fragments += 1
             self._frame = [fin, n, key, 0]
             if not n:
                 self._stream(buf, pos, end, out)
@@ -1211,6 +1215,13 @@ class LocalBus:
 # Bytes a link's queue must fall below before it takes the next chunk of a
 # lazily produced answer (a snapshot): live records are never queued behind more.
 LINK_CHUNK = 64 << 10
+# Bytes a link reads in one loop turn at most: it drains its socket, so that its
+# peer never buffers for us (Redis drops a subscriber past its output-buffer
+# limit), yet one busy link cannot keep the loop from everything else. Its
+# SO_RCVBUF is left to the kernel: a fixed size would turn off the receive
+# buffer's autotuning (up to net.ipv4.tcp_rmem's maximum) and cap it at
+# net.core.rmem_max, and measured, 4 MiB did no better than autotuning.
+LINK_READ_MAX = 4 << 20
 
 
 class Link:
@@ -1311,16 +1322,25 @@ class Link:
             self.loop.sel.modify(self.sock, selectors.EVENT_READ, self.on_event)
             self.flush()
         if events & selectors.EVENT_READ and not self.closed and not self.connecting:
+            self._read()
+
+    def _read(self) -> None:
+        """Hand the owner what has arrived, until the socket is empty or LINK_READ_MAX was read."""
+        read = 0
+        while read < LINK_READ_MAX and not self.closed:
             try:
                 data = self.sock.recv(RECV_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 data = b""
-            if data:
-                self.on_data(data)
-            else:
+            if not data:
                 self.close()
+                return
+            self.on_data(data)
+            if len(data) < RECV_SIZE:       # the socket is empty: spare the recv that would say so
+                return
+            read += len(data)
 
     def close(self) -> None:
         """Close the socket and tell the owner (once)."""
@@ -2849,6 +2869,7 @@ class Connection:
     """
 
     __slots__ = (
+        "byte_tokens",
         "client",
         "deadline",
         "discarded",
@@ -2891,6 +2912,7 @@ class Connection:
         self.ping_sent = 0.0
         self.deadline = 0.0           # handshake, write or close deadline
         self.tokens = 0.0
+        self.byte_tokens = 0.0
         self.token_time = now
         self.strikes = 0
         self.discarded = 0            # bytes dropped since a refusal or a failure
@@ -3353,19 +3375,22 @@ class Server(EventLoop):
 
     def _on_websocket_data(self, conn: Connection, data: bytes) -> None:
         parser = conn.parser
-        frames_before = parser.frames
-        rate = self.config.rate_limit
-        if rate > 0:                        # parse no more frames than the tokens could pay for
-            parser.frame_limit = frames_before + int(self._refill(conn) / FRAME_TOKEN) + 1
+        frames_before, fragments_before = parser.frames, parser.fragments
+        if self.config.rate_limit > 0:
+            # Parse no more frames than the connection can pay for (at the cheapest price, a
+            # fragment's) or be refused for: each refusal is a strike, and past --rate-burst of
+            # them it is closed, so the frames one read costs the server stay bounded.
+            strikes_left = int(self.config.rate_burst - conn.strikes)
+            parser.frame_limit = frames_before + int(self._refill(conn) / FRAME_TOKEN) + strikes_left + 1
         try:
             frames, error = parser.feed(data), None
         except ProtocolError as e:
             # Frames completed before the violation still count. Keep code and reason,
             # not e: its traceback holds this frame, a cycle with the local.
             frames, error = e.frames, (e.code, e.reason)
-        # Frames that completed nothing (fragments) pay too, or a stream of empty
+        # Frames that complete nothing (fragments) pay too, or a stream of empty
         # continuations would cost the server a core at no cost to the client.
-        fragments = parser.frames - frames_before - len(frames)
+        fragments = parser.fragments - fragments_before
         if fragments > 0 and conn.state == OPEN and not self._take_token(conn, fragments * FRAME_TOKEN):
             self._fail(conn, CLOSE_POLICY, "too many frames")
             return
@@ -3375,13 +3400,15 @@ class Server(EventLoop):
             elif opcode == OP_CLOSE:        # the answer to our close: done
                 self._abort(conn)
                 return
-        if error is not None and conn.state != CLOSED:
+        # A frame above may have failed the connection already (failing drops its parser).
+        if error is not None and conn.state != CLOSED and conn.parser is parser:
             self._fail(conn, *error)
 
     def _on_frame(self, conn: Connection, opcode: int, payload: bytes) -> None:
         if opcode == OP_TEXT:
-            if not self._take_token(conn):
-                self._over_rate(conn, payload)
+            over = self._take_message(conn, len(payload))
+            if over is not None:
+                self._over_rate(conn, payload, over)
                 return
             err = self.chat.receive(conn, payload, self.now)
             if err is not None:
@@ -3402,11 +3429,35 @@ class Server(EventLoop):
             self._fail(conn, CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted")
 
     def _refill(self, conn: Connection) -> float:
-        """conn's tokens now: refilled at --rate-limit per second since the last look, up to --rate-burst."""
-        conn.tokens = min(self.config.rate_burst,
-                          conn.tokens + (self.now - conn.token_time) * self.config.rate_limit)
+        """conn's tokens now: refilled at --rate-limit per second since the last look, up to --rate-burst
+        (and its byte tokens at --rate-limit-bytes, up to --rate-burst-bytes)."""
+        cfg, elapsed = self.config, self.now - conn.token_time
+        conn.byte_tokens = min(cfg.rate_burst_bytes, conn.byte_tokens + elapsed * cfg.rate_limit_bytes)
+        conn.tokens = min(cfg.rate_burst, conn.tokens + elapsed * cfg.rate_limit)
         conn.token_time = self.now
         return conn.tokens
+
+    def _take_message(self, conn: Connection, size: int) -> str | None:
+        """Charge a message of size bytes to conn's buckets: None, or what it is over ("messages" or "bytes").
+
+        size is the frame's payload, what the client sent: it is at least what the text
+        weighs re-encoded, in history and on the bus (escapes and all: a client must
+        escape what the server escapes), short only of the envelope (room, sender, seq).
+        """
+        cfg = self.config
+        if cfg.rate_limit <= 0 and cfg.rate_limit_bytes <= 0:
+            return None
+        self._refill(conn)
+        if cfg.rate_limit > 0 and conn.tokens < 1:
+            over = "messages"
+        elif cfg.rate_limit_bytes > 0 and conn.byte_tokens < size:
+            over = "bytes"
+        else:
+            conn.tokens -= 1
+            conn.byte_tokens -= size
+            return None
+        self.stats.refused["rate_limit"] += 1
+        return over
 
     def _take_token(self, conn: Connection, cost: float = 1.0) -> bool:
         """Token bucket per connection: whether conn may spend cost (a message costs 1)."""
@@ -3418,14 +3469,16 @@ class Server(EventLoop):
         self.stats.refused["rate_limit"] += 1
         return False
 
-    def _over_rate(self, conn: Connection, payload: bytes | None) -> None:
-        """A frame over the rate: an error frame (none for a pong), and 1008 once it keeps on."""
+    def _over_rate(self, conn: Connection, payload: bytes | None, over: str = "messages") -> None:
+        """A frame over the rate (of messages or of bytes): an error frame (none for a pong), and
+        1008 once it keeps on."""
         conn.strikes += 1
         if conn.strikes > self.config.rate_burst:
             self._fail(conn, CLOSE_POLICY, "rate limit exceeded repeatedly")
         elif payload is not None:
             found = MESSAGE_ID.search(payload)     # cheap: a flood is not worth a JSON parse
-            self.send(conn, error_frame("rate_limit", f"more than {self.config.rate_limit:g} messages per second",
+            limit = self.config.rate_limit if over == "messages" else self.config.rate_limit_bytes
+            self.send(conn, error_frame("rate_limit", f"more than {limit:g} {over} per second",
                                         int(found.group(1)) if found else None))
 
     # -- HTTP ---------------------------------------------------------------
@@ -3473,6 +3526,7 @@ class Server(EventLoop):
         conn.client = upgrade.client.encode() if upgrade.client else b".%s" % os.urandom(8).hex().encode()
         conn.parser = FrameParser(True, max_frame_size(cfg.max_message_size), accept_binary=False)
         conn.tokens = cfg.rate_burst
+        conn.byte_tokens = cfg.rate_burst_bytes
         self.stats.connections += 1
         self.stats.connections_total += 1
         self.stats.http_requests["101"] += 1
@@ -4110,6 +4164,10 @@ SETTINGS = (
     ("drain-timeout", float, 10.0, "seconds to wait for clients to leave on SIGTERM"),
     ("rate-limit", float, 50.0, "messages per second per connection (0: no limit)"),
     ("rate-burst", float, 100.0, "messages a connection may send at once"),
+    ("rate-limit-bytes", int, 64 << 10, ("bytes of messages per second per connection, as sent (0: no "
+     "limit); a refusal is a rate_limit error and a strike, as for messages")),
+    ("rate-burst-bytes", int, 1 << 20, ("bytes of messages a connection may send at once: at least the "
+     "largest frame a message may take (6 x --max-message-size + 1024)")),
     ("allowed-origins", str, "", "comma-separated Origins allowed besides the server's own host ('*': any)"),
     ("allowed-hosts", str, "", ("comma-separated Host header values served (host[:port]); empty: any. "
      "Set it where DNS rebinding matters (intranets)")),
@@ -4203,8 +4261,11 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
             parser.error(f"--{flag} must be positive")
     if args.room_linger < 0:
         parser.error("--room-linger must be 0 or more")
-    if args.rate_limit < 0 or args.rate_burst < 1:
-        parser.error("--rate-limit must be >= 0 and --rate-burst >= 1")
+    if args.rate_limit < 0 or args.rate_burst < 1 or args.rate_limit_bytes < 0:
+        parser.error("--rate-limit and --rate-limit-bytes must be >= 0 and --rate-burst >= 1")
+    if args.rate_limit_bytes and args.rate_burst_bytes < max_frame_size(args.max_message_size):
+        parser.error(f"--rate-burst-bytes must hold the largest message frame, "
+                     f"{max_frame_size(args.max_message_size)} bytes for --max-message-size {args.max_message_size}")
     return args
 
 

@@ -347,7 +347,8 @@ def test_slow_reader_cut_off_with_1013_catches_up_without_gap_or_duplicate(serve
     # A small per-connection buffer and no rate limit: a page that stops reading
     # while another member posts ~9 MB falls behind and the server cuts it off.
     # The room keeps all of it (16 MiB), so the page can catch up without a gap.
-    server = serve("--max-buffer", "262144", "--rate-limit", "0", "--room-history-bytes", str(16 << 20))
+    server = serve("--max-buffer", "262144", "--rate-limit", "0", "--rate-limit-bytes", "0",
+                   "--room-history-bytes", str(16 << 20))
     reader = people(server.http, "reader", "busy")
     writer = people(server.http, "writer", "busy")
     count = 300

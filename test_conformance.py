@@ -480,8 +480,9 @@ LIMITS = [
 
 @pytest.fixture(scope="module")
 def shared_server():
-    """One server for every case: no rate limit, room for the 9.x sizes, no stray pings."""
-    s = start_server("--rate-limit", "0", "--ping-interval", "60", "--max-message-size", str(MAX_TEXT),
+    """One server for every case: no rate limits, room for the 9.x sizes, no stray pings."""
+    s = start_server("--rate-limit", "0", "--rate-limit-bytes", "0", "--ping-interval", "60",
+                     "--max-message-size", str(MAX_TEXT),
                      "--max-buffer", str(64 << 20), "--log-level", "WARNING")
     yield s
     s.stop()

@@ -37,10 +37,12 @@ import scalechat as sc
 from loadclient import iso_time, now_us
 from testkit import (
     BAD_PAYLOADS,
+    BIG_TEXT,
     CLIENT_A,
     CLIENT_B,
     PARSER_CLOSE_CODES,
     RawClient,
+    chat_json,
     check_any_split,
     check_chat_payload,
     check_close_payload,
@@ -426,6 +428,67 @@ def test_flooder_gets_error_frames_then_1008(serve):
     assert protocol_errors(metrics, sc.CLOSE_POLICY) == 1
 
 
+def one_write_of_messages(client: RawClient, count: int, text: str) -> None:
+    """Send count chat messages (message_id 0, 1, ...) in one write."""
+    client.sock.sendall(b"".join(frame(sc.OP_TEXT, chat_json(text, i)) for i in range(count)))
+
+
+def message_ids(objects: list, kind: str) -> list:
+    """The message_ids of the acks, or of the errors of one code ("error rate_limit"), in order."""
+    kind, _, code = kind.partition(" ")
+    return [o.get("message_id") for o in objects if o["type"] == kind and o.get("code", "") == code]
+
+
+def test_a_burst_past_the_bucket_in_one_write_gets_an_error_per_message(serve):
+    """Messages past the bucket that arrive in one read are each refused with an error frame,
+    not closed as "too many frames"; past --rate-burst refusals the connection gets 1008."""
+    burst = 100
+    server = serve("--rate-limit", "0.01", "--rate-burst", str(burst))  # no token refills meanwhile
+    text = "x" * 1000                   # ordinary 1 KB messages, about 64 to a read
+    client = RawClient(server.port, "/ws/burst")
+    one_write_of_messages(client, burst + 100, text)
+    answers = []
+    while len(message_ids(answers, "ack") + message_ids(answers, "error rate_limit")) < burst + 100:
+        answers.append(client.recv_json(skip=("members", "message")))
+    assert message_ids(answers, "ack") == list(range(burst))
+    assert message_ids(answers, "error rate_limit") == list(range(burst, burst + 100))
+    metrics = scrape(server.metrics_url)
+    assert gauge(metrics, "scalechat_connections") == 1 and protocol_errors(metrics, sc.CLOSE_POLICY) == 0
+    assert refused(metrics, "rate_limit") == 100
+    client.close()
+    client = RawClient(server.port, "/ws/burst")
+    one_write_of_messages(client, 2 * burst + 50, text)
+    answers, code = client.read_until_close()
+    assert code == sc.CLOSE_POLICY
+    assert message_ids(answers, "ack") == list(range(burst))
+    assert message_ids(answers, "error rate_limit") == list(range(burst, 2 * burst))
+    assert protocol_errors(scrape(server.metrics_url), sc.CLOSE_POLICY) == 1
+
+
+def test_a_byte_rate_refuses_heavy_messages_the_message_rate_lets_through(serve):
+    """--rate-limit-bytes: a message pays its frame's payload; one over the bytes left gets
+    rate_limit (the reason says bytes) and a strike, while a small one still passes. The burst
+    must hold the largest frame, and a full bucket lets it through."""
+    largest = sc.max_frame_size(65536)
+    server = serve("--rate-limit-bytes", "1", "--rate-burst-bytes", str(largest), "--rate-burst", "3")
+    client = RawClient(server.port, "/ws/bytes")
+    answers = ("members", "message")
+    client.send_frame(sc.OP_TEXT, chat_json(BIG_TEXT, 1))         # 393 KB of JSON escapes
+    epoch = client.welcome["epoch"]
+    assert client.recv_json(skip=answers) == {"type": "ack", "message_id": 1, "epoch": epoch, "seq": 1}
+    client.send_frame(sc.OP_TEXT, chat_json("x" * 2000, 2))
+    assert client.recv_json(skip=answers) == {"type": "error", "code": "rate_limit", "message_id": 2,
+                                              "reason": "more than 1 bytes per second"}
+    client.send_frame(sc.OP_TEXT, chat_json("hi", 3))
+    assert client.recv_json(skip=answers) == {"type": "ack", "message_id": 3, "epoch": epoch, "seq": 2}
+    one_write_of_messages(client, 3, "x" * 2000)                  # strikes 2 and 3, then 1008
+    answers, code = client.read_until_close()
+    assert message_ids(answers, "error rate_limit") == [0, 1] and code == sc.CLOSE_POLICY
+    assert refused(scrape(server.metrics_url), "rate_limit") == 4
+    with pytest.raises(SystemExit):
+        sc.parse_args(["--rate-burst-bytes", str(largest - 1)])
+
+
 def test_client_within_the_rate_is_never_refused(serve):
     server = serve("--rate-limit", "20", "--rate-burst", "2")
     client = RawClient(server.port, "/ws/calm")
@@ -797,7 +860,8 @@ def post_without_reading(client: RawClient, seconds: float) -> tuple[bool, int]:
 
 
 def test_client_whose_buffer_never_drains_hits_the_write_timeout(serve):
-    server = serve("--write-timeout", "1", "--max-buffer", str(256 << 20), "--close-timeout", "1")
+    server = serve("--write-timeout", "1", "--max-buffer", str(256 << 20), "--close-timeout", "1",
+                   "--rate-limit-bytes", "0")
     assert post_without_reading(RawClient(server.port, rcvbuf=4096, timeout=10), 15)[0]
     metrics = scrape(server.metrics_url)
     assert dropped(metrics, "write_timeout") == 1 and dropped(metrics, "slow_consumer") == 0
@@ -805,7 +869,8 @@ def test_client_whose_buffer_never_drains_hits_the_write_timeout(serve):
 
 
 def test_client_that_never_reads_is_cut_off_at_the_buffer_cap(serve):
-    server = serve("--max-buffer", "65536", "--write-timeout", "30", "--close-timeout", "1")
+    server = serve("--max-buffer", "65536", "--write-timeout", "30", "--close-timeout", "1",
+                   "--rate-limit-bytes", "0")
     assert post_without_reading(RawClient(server.port, rcvbuf=4096, timeout=10), 15)[0]
     metrics = scrape(server.metrics_url)
     assert dropped(metrics, "slow_consumer") == 1 and dropped(metrics, "write_timeout") == 0
@@ -827,12 +892,12 @@ def test_ping_flood_is_rate_limited_like_messages(serve):
 
 
 def test_filling_the_history_of_many_rooms_does_not_grow_memory_without_bound(serve):
-    server = serve()
+    server = serve("--rate-limit-bytes", "0")
     rss_start = peak_rss_kib(server.proc.pid)
     text = "x" * 65536
     for r in range(48):                           # 192 MiB of text, 64 messages a room
         client = RawClient(server.port, f"/ws/hoard{r}")
-        for i in range(64):                       # within the default burst: never rate limited
+        for i in range(64):                       # within the default message burst: never rate limited
             client.send_json({"message_id": i, "text": text})
             client.recv_message()
         client.close()
@@ -845,8 +910,10 @@ def test_filling_the_history_of_many_rooms_does_not_grow_memory_without_bound(se
 # All attackers at once, while two normal clients chat
 # ---------------------------------------------------------------------------
 
+# The never-readers post 64 KiB texts faster than --rate-limit-bytes allows: the
+# buffer cap that cuts them off is what they test, so the byte rate is off here.
 ABUSE_FLAGS = ("--handshake-timeout", "2", "--rate-limit", "20", "--rate-burst", "20",
-               "--max-buffer", "65536", "--close-timeout", "1")
+               "--max-buffer", "65536", "--close-timeout", "1", "--rate-limit-bytes", "0")
 RATE_BURST = 20
 CHAT_INTERVAL = 0.05          # 20 messages a second between the two normal clients
 QUIET_MESSAGES = 100
@@ -1092,7 +1159,7 @@ def test_a_resend_is_checked_only_against_history_and_sequenced_again_once_trimm
 def test_a_replay_is_produced_as_the_socket_drains(serve):
     """20 since=0 replays of a 16 MiB room on sockets that never read: the server holds about
     a chunk for each, not a copy of the room; a reader that does read gets everything in order."""
-    server = serve("--room-history-bytes", str(16 << 20), "--rate-burst", "100")
+    server = serve("--room-history-bytes", str(16 << 20), "--rate-burst", "100", "--rate-limit-bytes", "0")
     fill_room(server.port, "hoard", 40)
     victim = RawClient(server.port, "/ws/elsewhere")
     peak_before = peak_rss_kib(server.proc.pid)
@@ -1112,7 +1179,7 @@ def test_a_replay_is_produced_as_the_socket_drains(serve):
 
 
 def test_a_replay_that_falls_out_of_history_is_cut_off_with_1013(serve):
-    server = serve("--history", "20", "--rate-limit", "0")
+    server = serve("--history", "20", "--rate-limit", "0", "--rate-limit-bytes", "0")
     writer = RawClient(server.port, "/ws/fast")
     for i in range(20):
         writer.send_json({"message_id": i, "text": "x" * 60000})

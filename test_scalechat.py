@@ -1119,7 +1119,8 @@ def test_slow_consumer_is_cut_off_while_others_keep_receiving(server_with):
     """A client that stops reading gets 1013 at a frame boundary, the others lose nothing, and
     since=<seq> brings the cut-off client back without loss."""
     # History must hold what the kernel buffers took past the cut, for since= to bring it back.
-    server = server_with("--max-buffer", str(256 << 10), "--rate-limit", "0", "--room-history-bytes", str(64 << 20))
+    server = server_with("--max-buffer", str(256 << 10), "--rate-limit", "0", "--rate-limit-bytes", "0",
+                         "--room-history-bytes", str(64 << 20))
     # A small receive window keeps the kernel from absorbing much for the slow client.
     slow = join(server, "t-slow", rcvbuf=64 << 10)  # never reads until it has been cut off
     sender = join(server, "t-slow")                 # reads each batch: a quarter of the cap
@@ -1148,7 +1149,8 @@ def test_cut_off_never_splits_a_frame(server_with):
     """A frame larger than the kernel takes at once, then the cut-off: frames stay whole."""
     kernel_buffer = int(pathlib.Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
     size = kernel_buffer + (2 << 20)
-    server = server_with("--max-buffer", str(64 << 10), "--max-message-size", str(size), "--rate-limit", "0")
+    server = server_with("--max-buffer", str(64 << 10), "--max-message-size", str(size), "--rate-limit", "0",
+                         "--rate-limit-bytes", "0")
     c = join(server, "t-split", rcvbuf=8192)
     chat(c, "x" * size, 1)
     time.sleep(0.3)                                 # the server tries to send it before we read
@@ -1466,6 +1468,21 @@ def test_the_parser_stops_at_the_frames_its_owner_can_pay_for():
     assert e.value.code == 1008 and parser.frames == 11
     unlimited = FrameParser()
     assert unlimited.feed(flood) == [] and unlimited.frames == 100_001
+
+
+def test_the_parser_counts_as_fragments_only_frames_without_fin():
+    """frames and fragments, what the owner charges for: a one-frame message split across reads
+    (even inside its header) is one frame and no fragment; a message of n frames has n - 1."""
+    message = encode_frame(OP_TEXT, b"x" * 1000, mask_key=RFC_KEY)
+    parser = FrameParser()
+    for piece in pieces(message, (3, 6, 300, 600, 900)):      # cut in the length and in the mask key
+        parser.feed(piece)
+    assert (parser.frames, parser.fragments) == (1, 0)
+    second = encode_frame(OP_CONTINUATION, b"bb", fin=False, mask_key=RFC_KEY)
+    parser.feed(encode_frame(OP_TEXT, b"a", fin=False, mask_key=RFC_KEY) + second[:7])
+    assert (parser.frames, parser.fragments) == (3, 2)
+    assert parser.feed(second[7:] + encode_frame(OP_CONTINUATION, b"c", mask_key=RFC_KEY)) == [(OP_TEXT, b"abbc")]
+    assert (parser.frames, parser.fragments) == (4, 2)
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

@@ -21,6 +21,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import resource
 import selectors
 import signal
@@ -28,9 +29,11 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from typing import Self
 
 import pytest
@@ -39,13 +42,17 @@ from websockets.exceptions import ConnectionClosed
 
 from scalechat import (
     HANDOFF_MAX,
+    OP_CLOSE,
+    OP_TEXT,
     FrameParser,
     client_handshake_request,
     new_key,
+    parse_close,
     parse_handshake_response,
     room_owner,
 )
 from testkit import (
+    BIG_TEXT,
     CLIENT_A,
     HERE,
     TCP_LISTEN,
@@ -58,12 +65,14 @@ from testkit import (
     assert_acked_as_delivered,
     assert_one_order,
     chat_frame,
+    chat_json,
     chatter,
     children,
     connection_owners,
     echo_time,
     everyone_says,
     fill_room,
+    frame,
     named_unix_sockets,
     process_tree,
     room_key,
@@ -806,7 +815,7 @@ def test_joins_to_a_room_of_big_messages_do_not_stall_other_rooms(bus, redis):
     import concurrent.futures
 
     args = ("--workers", "2") if bus == "workers" else ("--redis", redis.url)
-    server = start_server(*args, *SERVER_ARGS)
+    server = start_server(*args, "--rate-limit-bytes", "0", *SERVER_ARGS)     # one member fills the room
     try:
         fill_room(server.port, "big", 100)
         welcomes = []
@@ -853,7 +862,7 @@ def test_join_and_leave_churn_on_full_rooms_costs_one_snapshot_each(bus, redis):
     import multiprocessing
 
     args = ("--workers", "2") if bus == "workers" else ("--redis", redis.url)
-    server = start_server(*args, *SERVER_ARGS)
+    server = start_server(*args, "--rate-limit-bytes", "0", *SERVER_ARGS)     # one member fills a room
     try:
         rooms = [f"full{i}" for i in range(8)]
         for room in rooms:
@@ -880,6 +889,84 @@ def test_join_and_leave_churn_on_full_rooms_costs_one_snapshot_each(bus, redis):
             assert int(stats.split("total_connections_received:")[1].split()[0]) == 1, "the node lost Redis"
     finally:
         server.stop()
+
+
+def heavy_bursts(port: int, room: str, until: float, burst: bytes) -> Counter:
+    """Until then, write burst every 2 s on one connection to room, reading every answer
+    meanwhile, and connect again when closed; the answers, by kind."""
+    answers: Counter = Counter()
+
+    def read(client: RawClient) -> None:
+        try:
+            while (received := client.recv_frame())[0] != OP_CLOSE:
+                payload = received[1]
+                if received[0] == OP_TEXT and not payload.startswith(b'{"type":"message"'):
+                    obj = json.loads(payload)
+                    answers[" ".join(filter(None, (obj["type"], obj.get("code"))))] += 1
+            answers[f"close {parse_close(received[1])[0]}"] += 1
+        except OSError:                         # reset, or shut down at the end
+            pass
+    while time.monotonic() < until:
+        client = RawClient(port, f"/ws/{room}", timeout=30)
+        reader = threading.Thread(target=read, args=(client,))
+        reader.start()
+        try:
+            while reader.is_alive() and time.monotonic() < until:
+                client.sock.sendall(burst)
+                time.sleep(max(0.0, min(2.0, until - time.monotonic())))
+        except OSError:                         # closed by the server while sending
+            pass
+        try:
+            client.sock.shutdown(socket.SHUT_RDWR)      # wakes the reader
+        except OSError:                         # already reset
+            pass
+        reader.join()
+        client.close()
+    return answers
+
+
+def pubsub_clients(redis: RedisServer) -> list[str]:
+    """The ids of Redis's pub/sub connections (a node's subscriber link is one)."""
+    return re.findall(r"\bid=(\d+)", redis.cli("CLIENT", "LIST", "TYPE", "pubsub"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("byte_rate", [True, False], ids=["byte-rate", "drain-alone"])
+def test_bursts_of_heavy_messages_do_not_make_redis_drop_the_subscriber(redis, byte_rate):
+    """8 connections write 100 texts of 64 KiB of \\x01 (393 KB frames) at once every 2 s, within the
+    message rate. The node reads the bus as fast as it comes, so Redis never drops its subscriber
+    at the pub/sub output-buffer limit (32 MB) and the bus stays up, even with no byte rate (before:
+    a drop every 1-2 s). With it, most of the bursts are refused, and a member of another room
+    is never refused and misses nothing."""
+    import concurrent.futures
+
+    burst = b"".join(frame(OP_TEXT, chat_json(BIG_TEXT, i)) for i in range(100))    # 50 messages/s
+    node = start_server("--redis", redis.url, *(() if byte_rate else ("--rate-limit-bytes", "0")), *SERVER_ARGS)
+    try:
+        victim = RawClient(node.port, "/ws/calm", timeout=30)
+        victim.send_json({"message_id": 0, "text": "before"})
+        assert victim.recv_message()["seq"] == 1
+        subscriber = pubsub_clients(redis)
+        assert len(subscriber) == 1
+        until = time.monotonic() + 6
+        answers, bus_up = [], []
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            attackers = [pool.submit(heavy_bursts, node.port, f"heavy-{i}", until, burst) for i in range(8)]
+            while time.monotonic() < until:
+                victim.send_json({"message_id": len(answers) + 1, "text": "still here"})
+                answers.append(victim.recv_json())
+                bus_up.append(scrape(node.metrics_url)["scalechat_bus_up"])
+                time.sleep(0.1)
+            attacked = sum((a.result() for a in attackers), Counter())
+        print(f"\nattackers got {dict(attacked)}; the victim sent {len(answers)} messages")
+        assert set(bus_up) == {1} and pubsub_clients(redis) == subscriber
+        if byte_rate:       # without it, the attackers can fill what the node holds for the bus
+            assert [(a["type"], a.get("message_id"), a.get("seq")) for a in answers] == \
+                [("message", i, i + 1) for i in range(1, len(answers) + 1)]
+            assert attacked["error rate_limit"] > 0 and attacked["ack"] > 0
+        victim.close()
+    finally:
+        node.stop()
 
 
 def test_the_supervisor_forgets_rooms_nobody_uses():
@@ -1057,7 +1144,7 @@ async def test_a_room_whose_redis_state_is_evicted_by_another_clients_fill_loses
     all reach its members."""
     redis.cli("CONFIG", "SET", "maxmemory", "30mb")
     redis.cli("CONFIG", "SET", "maxmemory-policy", "volatile-lru")
-    nodes = [start_server("--redis", redis.url, *SERVER_ARGS) for _ in range(2)]
+    nodes = [start_server("--redis", redis.url, "--rate-limit-bytes", "0", *SERVER_ARGS) for _ in range(2)]
     try:
         async with Crowd() as crowd:
             members = await crowd.join([nodes[0].url], "victim", 2, "a")
@@ -1103,7 +1190,8 @@ async def test_a_client_resuming_in_an_order_that_ended_gets_the_new_one_from_it
     the --workers supervisor: its history ran out of the --history-bytes budget while nobody was
     in it). A client coming back with since=<seq>&epoch=<old> is replayed the new order from its
     first message, not told that seq 1 and 2 are old news."""
-    server = start_server("--history-bytes", "300000", "--workers", str(workers), *SERVER_ARGS)
+    server = start_server("--history-bytes", "300000", "--workers", str(workers), "--rate-limit-bytes", "0",
+                          *SERVER_ARGS)
     try:
         await until(lambda: len(tcp_sockets(server.port, TCP_LISTEN)) == workers, 20, "listening")
         async with Crowd() as crowd:

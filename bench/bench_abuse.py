@@ -128,10 +128,15 @@ class Plan:
     slowloris: int = 500
     slowloris_hold: float = 12.0    # past the default --handshake-timeout of 10 s
     busy_rate: float = 40.0         # slow consumer: 64 KiB messages a second in the busy room
+    burst_conns: int = 8            # heavy bursts: connections, each in a room of its own
+    burst_messages: int = 100       # messages of 64 KiB of \x01 each one writes at once (the message burst)
+    burst_every: float = 2.0        # seconds between one connection's bursts: 50 messages/s, the rate limit
+    burst_seconds: float = 15.0     # how long the bursts go on
 
 
 QUICK = Plan(baseline=1.0, attack=2.0, settle=2.0, grace=0.5, big_messages=30, replay_history=4 << 20,
-             replay_hold=2.0, resend_history=8 << 20, rooms_max=3000, slowloris=100, slowloris_hold=2.0)
+             replay_hold=2.0, resend_history=8 << 20, rooms_max=3000, slowloris=100, slowloris_hold=2.0,
+             burst_seconds=6.0)
 
 # ---------------------------------------------------------------------------
 # Raw clients on the project's own codec
@@ -220,8 +225,11 @@ class Peer:
                     return time.monotonic() - start
         return None
 
-    def send(self, data: bytes, timeout: float = 5.0) -> bool:
-        """Send all of data within timeout; False if the connection failed or stayed full."""
+    def send(self, data: bytes, timeout: float = 5.0, reading: bool = False) -> bool:
+        """Send all of data within timeout; False if the connection failed or stayed full.
+
+        reading: meanwhile read (and drop) what arrives, as a client that reads its echoes does.
+        """
         if self.closed:
             return False
         view, end = memoryview(data), time.monotonic() + timeout
@@ -230,8 +238,11 @@ class Peer:
                 n = self.sock.send(view)
             except BlockingIOError:
                 left = end - time.monotonic()
-                if left > 0 and ready(self.sock, select.POLLOUT, left):
-                    continue
+                if left > 0 and ready(self.sock, select.POLLOUT | (select.POLLIN if reading else 0), left):
+                    if reading:
+                        self.read()
+                    if not self.closed:
+                        continue
                 return False            # the server is not reading (or the deadline came)
             except OSError:
                 self._end("reset while sending")
@@ -353,7 +364,7 @@ def victim_pair(port: int, pipe, grace: float) -> None:
     """Take turns sending a message every VICTIM_INTERVAL; time each member's own echo.
 
     Runs until told to stop, then waits grace for late echoes and sends back
-    [(wall-clock send time, echo latency in s or None)].
+    [(wall-clock send time, echo latency in s or None)] and the error frames it got, by code.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # the parent ends this process
     try:
@@ -393,7 +404,9 @@ def victim_pair(port: int, pipe, grace: float) -> None:
                     mid = message.get("message_id")
                     if message.get("sender") == f"victim-{'ab'[mid % 2]}" and mid in sends:
                         echoes.setdefault(mid, time.monotonic() - sends[mid][1])
-    pipe.send([(wall, echoes.get(mid)) for mid, (wall, _) in sends.items()])
+    errors = sum((Counter({k: v for k, v in p.tally.answers.items() if k.startswith("error")}) for p in peers),
+                 Counter())
+    pipe.send(([(wall, echoes.get(mid)) for mid, (wall, _) in sends.items()], dict(errors)))
 
 
 class Victim:
@@ -412,10 +425,11 @@ class Victim:
         if answer != "ready":
             raise RuntimeError(answer)
 
-    def stop(self) -> list:
-        """Stop sending; [(send time, latency or None)] once late echoes had their grace."""
+    def stop(self) -> tuple[list, dict]:
+        """Stop sending; [(send time, latency or None)] once late echoes had their grace, and
+        the error frames the victim got, by code."""
         self.pipe.send("stop")
-        sends = self.pipe.recv() if self.pipe.poll(self.grace + 10) else []
+        sends = self.pipe.recv() if self.pipe.poll(self.grace + 10) else ([], {})
         self.kill()
         return sends
 
@@ -744,6 +758,26 @@ def attack_slowloris(t: Target) -> str:
     return f"{t.plan.slowloris} sockets, one byte a second each, for {t.plan.slowloris_hold:g} s{dropped}"
 
 
+def attack_bursts(t: Target) -> str:
+    """Connections in rooms of their own, each writing plan.burst_messages texts of 64 KiB of \\x01 at
+    once every plan.burst_every seconds (at the message rate limit), reading their echoes;
+    reconnecting if closed."""
+    plan = t.plan
+    burst = b"".join(chat_frame(i, HEAVY_TEXT) for i in range(plan.burst_messages))
+
+    def body(peer):
+        start = time.monotonic()
+        for i in itertools.count():
+            if peer.closed or t.left() <= 0:
+                return
+            peer.send(burst, max(t.left(), 0.01), reading=True)
+            peer.linger(min(start + (i + 1) * plan.burst_every - time.monotonic(), t.left()))
+    rooms = itertools.cycle([f"/ws/bursts-{i}" for i in range(plan.burst_conns)])
+    reconnecting(t, rooms, body, conns=plan.burst_conns)
+    return (f"{plan.burst_conns} connections at once in {plan.burst_conns} rooms: {plan.burst_messages} x {len(burst) // 100:,} B "
+            f"at once every {plan.burst_every:g} s, reading the echoes, reconnecting if closed")
+
+
 def setup_busy_room(t: Target) -> None:
     """A member that posts 64 KiB texts at plan.busy_rate into the busy room, until the row ends."""
     talker = Peer(t.port, "/ws/busy?name=talker")
@@ -795,19 +829,23 @@ class Row:
     flags: Callable = lambda plan: ()
     seconds: Callable = lambda plan: plan.attack        # the attack's deadline
     skip: dict = field(default_factory=dict)            # mode -> why this row means nothing there
+    env: dict = field(default_factory=dict)             # the server's environment: settings older servers lack
 
+
+# Fills a room from one connection faster than the byte rate allows (setup, not the attack).
+NO_BYTE_RATE = {"SCALECHAT_RATE_LIMIT_BYTES": "0"}
 
 ROWS = [
     Row("1", "lone surrogates in each field and in ?name=", attack_surrogates),
     Row("2", "snapshot stall: 6 joins to a room of 64 KiB \\x01 messages", lambda t: attack_snapshot(t, 6),
-        setup_big_room),
+        setup_big_room, env=NO_BYTE_RATE),
     Row("2b", "snapshot stall, worst case: 10 joins", lambda t: attack_snapshot(t, 10), setup_big_room,
-        skip={"single": "one process sends no snapshot: row 2 shows the same joins"}),
+        skip={"single": "one process sends no snapshot: row 2 shows the same joins"}, env=NO_BYTE_RATE),
     Row("3", "replay hold: since=0 on sockets that never read", attack_replay, setup_replay,
-        flags=lambda plan: ("--history-bytes", str(plan.replay_history))),
+        flags=lambda plan: ("--history-bytes", str(plan.replay_history)), env=NO_BYTE_RATE),
     Row("4", "resend scan: the newest message_id, resent", attack_resend, setup_resend,
         flags=lambda plan: ("--history-bytes", str(plan.resend_history), "--rate-limit", "1000",
-                            "--rate-burst", "1000")),
+                            "--rate-burst", "1000"), env=NO_BYTE_RATE),
     Row("5", "room creation flood: handshakes to new rooms, no message", attack_rooms),
     Row("6", "fragment flood: 2-byte continuation frames, never finished", attack_fragments),
     Row("7", "empty continuation frames and unsolicited pongs", attack_empty_frames),
@@ -815,8 +853,10 @@ ROWS = [
     Row("9", "max-size messages (64 KiB of \\x01) at the rate limit", attack_max_size),
     Row("10", "bad JSON and wrong types at the rate limit", attack_bad_json),
     Row("11", "slowloris handshakes", attack_slowloris, seconds=lambda plan: plan.slowloris_hold),
-    Row("12", "never-reading members of a busy room", attack_never_reader, setup_busy_room),
-    Row("13", "join and leave churn on 8 full rooms", attack_churn, setup_full_rooms,
+    Row("12", "never-reading members of a busy room", attack_never_reader, setup_busy_room, env=NO_BYTE_RATE),
+    Row("13", "bursts of 100 max-size messages (64 KiB of \\x01) on 8 connections", attack_bursts,
+        seconds=lambda plan: plan.burst_seconds),
+    Row("14", "join and leave churn on 8 full rooms", attack_churn, setup_full_rooms, env=NO_BYTE_RATE,
         skip={"single": "one process sends no snapshot: row 5 shows what joins cost"}),
 ]
 
@@ -911,13 +951,13 @@ def newcomer_welcome(port: int, resource: str, timeout: float) -> float | None:
     return waited
 
 
-def launch(server_file: Path, flags: list, log) -> ServerProc:
-    """Start the server under test on free ports, its log to log; return once /healthz answers
-    and every worker is up."""
+def launch(server_file: Path, flags: list, log, env: dict) -> ServerProc:
+    """Start the server under test on free ports with env added to its environment, its log to log;
+    return once /healthz answers and every worker is up."""
     port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, str(server_file), "--host", "127.0.0.1", "--port", str(port),
                              "--metrics-port", str(metrics_port), "--static-dir", str(ROOT / "static"), *flags],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
     server = ServerProc(proc, port, metrics_port, args=flags)
     workers = int(flags[flags.index("--workers") + 1]) if "--workers" in flags else 0
     try:
@@ -980,6 +1020,7 @@ def run_row(mode: str, row: Row, plan: Plan, server_file: Path, work: Path) -> d
     redis = server = victim = sampler = None
     flags = [*COMMON_FLAGS, *MODE_FLAGS[mode], *row.flags(plan)]
     result["flags"] = list(flags) + (["--redis", "redis://127.0.0.1:<port>/0"] if mode == "redis" else [])
+    result["env"] = row.env
     target, stop_sampling = Target(0, plan), threading.Event()
     log_path = work / f"{mode}-{row.key}.log"
     try:
@@ -987,7 +1028,7 @@ def run_row(mode: str, row: Row, plan: Plan, server_file: Path, work: Path) -> d
             redis = RedisServer(str(work)).start()
             flags += ["--redis", redis.url]
         with open(log_path, "wb") as log:
-            server = launch(server_file, flags, log)
+            server = launch(server_file, flags, log, row.env)
         target.port = server.port
         victim = Victim(server.port, plan.grace)      # forked now, while this process has one thread
         victim.ready()
@@ -1005,7 +1046,7 @@ def run_row(mode: str, row: Row, plan: Plan, server_file: Path, work: Path) -> d
         base = meter.busy(t_base, t_attack, SERVER_CPU) / plan.baseline
         base_redis = meter.busy(t_base, t_attack, REDIS_CPU) / plan.baseline
         t_end, ending = settle(meter, server.port, base, base_redis, plan.settle)
-        sends = victim.stop()
+        sends, victim_errors = victim.stop()
         stop_sampling.set()
         sampler.join()
         alive = server.proc.poll() is None
@@ -1015,6 +1056,7 @@ def run_row(mode: str, row: Row, plan: Plan, server_file: Path, work: Path) -> d
             sent_bytes=target.tally.sent, answers=dict(target.tally.answers.most_common()),
             ending=ending, victim_before=echo_figures(sends, t_base, t_attack),
             victim_during=echo_figures(sends, t_attack, t_end),
+            victim_errors=victim_errors,
             exit_code=server.proc.returncode, health=health(server) if alive else "exited",
             processes_gone=len(pids_before - pids_after), processes_new=len(set(meter.server_seen) - pids_before),
             metrics=server_counters(server) if alive else {})
@@ -1039,6 +1081,7 @@ def run_row(mode: str, row: Row, plan: Plan, server_file: Path, work: Path) -> d
             redis.kill()
     log_text = log_path.read_text(errors="replace") if log_path.exists() else ""
     result["tracebacks_logged"] = log_text.count("Traceback (most recent call last)")
+    result["redis_lost"] = log_text.count(" lost: holding its messages")   # the node's link to Redis dropped
     result["seconds"] = round(time.monotonic() - started, 1)
     return result
 
@@ -1161,10 +1204,14 @@ def table_row(r: dict, redis: bool) -> str:
     extra = [r.get("note", "")]
     special = [f for f in r["flags"] if f not in COMMON_FLAGS and f not in MODE_FLAGS["workers"]
                and not f.startswith(("redis://", "--redis"))]
-    if special:
-        extra.append("server " + " ".join(special))
+    if special or r.get("env"):
+        extra.append("server " + " ".join([*special, *(f"{k}={v}" for k, v in r.get("env", {}).items())]))
     if r["tracebacks_logged"]:
         extra.append(f"{r['tracebacks_logged']} traceback(s) in the server's log")
+    if r.get("redis_lost"):
+        extra.append(f"the server lost its Redis link {r['redis_lost']} time(s)")
+    if r.get("victim_errors"):
+        extra.append("the victim got " + ", ".join(f"{k} ×{v}" for k, v in r["victim_errors"].items()))
     if r["attacker_busy"] >= BUSY_ATTACKER:
         extra.append(f"attacker busy {r['attacker_busy']:.0%}: it may have been the limit")
     if r["others_cores"] >= 0.3:

@@ -84,8 +84,10 @@ async def scenario(name: str, server_file: Path, workers: int, work: Path) -> di
         redis.cli("CONFIG", "SET", "maxmemory-policy", "volatile-lru")
     nodes: list[ServerProc] = []
     try:
-        nodes = [start_server("--redis", redis.url, *ttl, *extra, *SERVER_ARGS, script=server_file)
-                 for _ in range(2)]
+        # The filler posts its 393 KB frames from one connection: no byte rate (SCALECHAT_RATE_LIMIT_BYTES
+        # rather than the flag, which older copies of the server do not know).
+        nodes = [start_server("--redis", redis.url, *ttl, *extra, *SERVER_ARGS, script=server_file,
+                              env={"SCALECHAT_RATE_LIMIT_BYTES": "0"}) for _ in range(2)]
         room = f"victim-{os.urandom(3).hex()}"
         async with Crowd() as crowd:
             members = []

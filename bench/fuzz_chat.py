@@ -80,7 +80,7 @@ WEIGHTS = (10, 5, 3, 2)
 MAX_MESSAGE_SIZE = 1024         # small: texts at and past the limit stay cheap to send
 # The fuzzer is one fast client: the rate limit must not be what answers it.
 SERVER_ARGS = ("--log-level", "WARNING", "--drain-timeout", "1", "--max-message-size", str(MAX_MESSAGE_SIZE),
-               "--rate-limit", "100000", "--rate-burst", "100000")
+               "--rate-limit", "100000", "--rate-burst", "100000", "--rate-limit-bytes", "0")
 BOUND = 2.0                     # seconds any answer may take
 BATCH = 40                      # cases per room (a room's history stays far below its bounds)
 # A text of N bytes is at most 6N once JSON-escaped. Frames up to SOFT bytes must be
