@@ -102,8 +102,8 @@ def test_broadcast_takes_the_load_clients_fast_path(peer):
         receive(ws)
         say(ws, 5, STAMPED)
         frame = ws.recv(timeout=5)
-    seq, sender, message_id, sent, intended = split_message(frame.encode())
-    assert (seq, sender, message_id) == (b"1", b"c1", b"5")
+    epoch, seq, sender, message_id, sent, intended = split_message(frame.encode())
+    assert (seq, sender, message_id) == (b"1", b"c1", b"5") and re.fullmatch(rb"[0-9a-f]{16}", epoch)
     assert (int(sent), int(intended)) == (1, 2)
 
 
