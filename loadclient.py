@@ -67,8 +67,10 @@ from scalechat import (
 
 __version__ = "1.0.0"
 
-# The event CSV's columns: csvprocess.py and the tests read them from here.
-EVENT_COLUMNS = ("message_id", "sender_id", "client_id", "type", "timestamp_us", "room", "seq", "intended_us")
+# The event CSV's columns: csvprocess.py and the tests read them from here. Rows are
+# Sent, Received, and Order: a client's room began an order (its epoch; see docs/loadclient.md).
+EVENT_COLUMNS = ("message_id", "sender_id", "client_id", "type", "timestamp_us", "room", "seq", "intended_us",
+                 "epoch")
 CSV_HEADER = (",".join(EVENT_COLUMNS) + "\n").encode()
 DEFAULT_URL = "ws://127.0.0.1:8080/ws"
 # Close codes after which a client comes back with since=<last seq>: the server
@@ -753,7 +755,7 @@ class LoadClient(ClientConnection):
             if seq <= replay_until:
                 late += 1
             if recording:
-                buf += b"%s,%s%s%s,\n" % (mid, sender, tail, seq_b)
+                buf += b"%s,%s%s%s,,\n" % (mid, sender, tail, seq_b)
                 lat_append(ts - int(sent))
                 ilat_append(ts - int(intended))
         self.last_seq = last_seq
@@ -831,11 +833,14 @@ class LoadClient(ClientConnection):
     def begin_order(self, epoch: bytes, seq: int) -> None:
         """The room's order is epoch from now on, counting from seq: its first order, or a new one
         after the server lost the room's state (the old order's seqs mean nothing now, and what
-        of it this client had not received is gone)."""
+        of it this client had not received is gone). Recording clients write an Order row."""
         if self.epoch:
             self.worker.orders_restarted += 1
         self.epoch, self.last_seq = epoch, seq
         self.replay_until = self.lag_seq = self.lag_end = 0
+        if self.recording:
+            self.worker.sink.buf += b",%s,%s,Order,%d,%s,%d,,%s\n" % (
+                self.name_b, self.name_b, self.loop.ready_us, self.room_b, seq, epoch)
 
     # -- sending ---------------------------------------------------------------
     def send_message(self, intended: int) -> None:
@@ -850,7 +855,7 @@ class LoadClient(ClientConnection):
             self.message_id, ts, intended, worker.text_tail, worker.rfc3339(ts))
         self.send(encode_frame(OP_TEXT, payload, mask_key=new_mask_key()))
         self.unconfirmed[b"%d" % self.message_id] = payload
-        worker.sink.buf += b"%d,%s,%s,Sent,%d,%s,,%d\n" % (
+        worker.sink.buf += b"%d,%s,%s,Sent,%d,%s,,%d,\n" % (
             self.message_id, self.name_b, self.name_b, ts, self.room_b, intended)
         worker.sent += 1
 

@@ -5,6 +5,7 @@ import contextlib
 import csv
 import gc
 import gzip
+import itertools
 import json
 import multiprocessing
 import os
@@ -23,6 +24,7 @@ import websocket
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import csvprocess
 import loadclient
 from scalechat import (
     CLOSE_TRY_AGAIN_LATER,
@@ -88,7 +90,12 @@ def check_complete(result: dict) -> list:
     assert meta["tool"] == "loadclient.py" and meta["scenario"] == result["scenario"]
     sent = [r for r in rows if r["type"] == "Sent"]
     received = [r for r in rows if r["type"] == "Received"]
-    assert len(sent) + len(received) == len(rows)
+    orders = [r for r in rows if r["type"] == "Order"]
+    assert len(sent) + len(received) + len(orders) == len(rows)
+    assert all(r["epoch"] == "" for r in sent + received)
+    for r in orders:
+        assert r["message_id"] == r["intended_us"] == "" and r["sender_id"] == r["client_id"]
+        assert re.fullmatch(r"[0-9a-f]{16}", r["epoch"]) and int(r["seq"]) >= 0
     assert len(sent) == meta["sent"] == result["sent"] > 0
     assert len(received) == meta["received"] == result["received"]
     room_of = {}
@@ -103,16 +110,23 @@ def check_complete(result: dict) -> list:
         assert r["intended_us"] == "" and int(r["seq"]) > 0
         assert room_of[(r["sender_id"], r["message_id"])] == r["room"]
         members.setdefault(r["room"], set()).add(r["client_id"])
-    # Every member of a room saw every message of that room exactly once, in seq order.
+    # Every member of a room saw every message of that room exactly once, in seq order within
+    # each order its room had (the client's Order row before them names it).
     seen: dict = {}
-    for r in received:
-        seen.setdefault(r["client_id"], []).append((int(r["seq"]), r["sender_id"], r["message_id"]))
+    epoch_of: dict = {}
+    for r in rows:
+        if r["type"] == "Order":
+            epoch_of[r["client_id"]] = r["epoch"]
+        elif r["type"] == "Received":
+            seen.setdefault(r["client_id"], []).append(
+                (epoch_of[r["client_id"]], int(r["seq"]), r["sender_id"], r["message_id"]))
     for client, events in seen.items():
         room = next(r["room"] for r in received if r["client_id"] == client)
         expected = {k for k, v in room_of.items() if v == room}
-        assert {(s, m) for _, s, m in events} == expected
-        seqs = [seq for seq, _, _ in events]
-        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        assert {(s, m) for _, _, s, m in events} == expected
+        for _, order in itertools.groupby(events, key=lambda e: e[0]):
+            seqs = [seq for _, seq, _, _ in order]
+            assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     return rows
 
 
@@ -189,7 +203,8 @@ def test_sweep_gzip_and_sampled_receivers(server, tmp_path):
                 sent_in[r["room"]] = sent_in.get(r["room"], 0) + 1
         assert result["sent"] == sum(sent_in.values())
         recorded = sum(sent_in[room] for room in room_of.values())
-        assert len(rows) - result["sent"] == recorded == result["latency_ms"]["count"]
+        assert sum(r["type"] == "Received" for r in rows) == recorded == result["latency_ms"]["count"]
+        assert {r["client_id"] for r in rows if r["type"] == "Order"} == set(room_of)   # recording clients only
 
 
 class CuttingProxy(LoopbackProxy):
@@ -292,7 +307,7 @@ def test_load_run_through_a_lost_room_state_counts_new_orders_and_loses_nothing(
     """Two instances share one Redis, each room has members on both; mid-run FLUSHALL takes every
     room's state, and each room begins a new order (a new epoch, seq 1 again). Every client counts
     that once, as a new order, not as duplicates or a gap: exit 0, delivery ratio 1.0, nothing
-    lost or duplicated."""
+    lost or duplicated, and the CSV names both orders of every room."""
     redis = RedisServer(str(tmp_path)).start()
     nodes = [start_server("--redis", redis.url, "--log-level", "ERROR") for _ in range(2)]
     proxy = CuttingProxy(*(node.port for node in nodes))         # connections take turns
@@ -316,13 +331,22 @@ def test_load_run_through_a_lost_room_state_counts_new_orders_and_loses_nothing(
     assert result["errors"] == {} and result["reconnects"] == 0
     assert result["orders_restarted"] == 12, "each client should have seen its room's order begin again once"
     assert "new orders     12" in out
+    rows = check_complete(result)
+    epochs: dict = {}
+    for r in rows:
+        if r["type"] == "Order":
+            epochs.setdefault(r["room"], []).append(r["epoch"])
+    assert len(epochs) == 3 and all(len(e) == 8 and len(set(e)) == 2 for e in epochs.values())
+    (processed,) = csvprocess.process([str(tmp_path / "run")], out=str(tmp_path / "processed"))
+    assert (processed["delivery_ratio"], processed["lost"], processed["duplicated"]) == (1.0, 0, 0)
+    assert processed["orders_restarted"] == 12
 
 
 def test_a_client_follows_its_rooms_order_frame_by_frame(tmp_path):
     """One load client fed the server's frames: a welcome of its order that lags behind what it
     has (an instance not caught up yet) owes it messages it has, dropped when they come, not
     counted as duplicates; a message of another epoch begins a new order, counted once, whose
-    seq 1, 2 are neither duplicates nor a gap."""
+    seq 1, 2 are neither duplicates nor a gap; each order gets an Order row in the CSV."""
     old, new = b"19aee4c3f0b00000", b"19aee4c3f0b1a2b3"
 
     def welcome(epoch: bytes, seq: int) -> bytes:
@@ -343,6 +367,8 @@ def test_a_client_follows_its_rooms_order_frame_by_frame(tmp_path):
         assert (worker.received, worker.duplicates, worker.orders_restarted, worker.errors) == (6, 1, 1, {})
         assert (client.epoch, client.last_seq) == (new, 2)
         rows = [row.split(",") for row in worker.sink.buf.decode().splitlines()]
+    assert [(r[3], r[6], r[8]) for r in rows if r[3] == "Order"] == [("Order", "0", old.decode()),
+                                                                     ("Order", "0", new.decode())]
     assert [r[6] for r in rows if r[3] == "Received"] == ["1", "2", "3", "4", "1", "2"]
 
 
@@ -457,7 +483,8 @@ def test_idle_run_ends_when_its_duration_is_up(server, tmp_path):
     meta = load_json(result["meta"])
     assert META_KEYS <= set(meta) and meta["clients"] == 4
     assert sum(r["type"] == "Sent" for r in rows) == meta["sent"] == result["sent"]
-    assert len(rows) - result["sent"] == meta["received"] == result["received"] and result["lost"] == 0
+    assert sum(r["type"] == "Received" for r in rows) == meta["received"] == result["received"]
+    assert result["lost"] == 0
     assert not [f for f in os.listdir(tmp_path) if ".part" in f]
 
 
