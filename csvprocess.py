@@ -13,7 +13,10 @@ flight (and those never completed), not with the file. Two cases hold more:
 receipts that come before their Sent row in the file wait for it, and when the
 room sizes are unknown (no meta.json, or only a sample of clients recorded
 receipts) every message waits until the end. Latencies themselves are kept
-as flat 8-byte integers (24 bytes a delivery) for exact percentiles.
+as flat 8-byte integers (24 bytes a delivery) for exact percentiles. Order
+rows (a client's room began an order: its first, or a new one after the server
+lost the room's state) are counted, never joined: a delivery is known by its
+(sender_id, message_id), whatever the order its seq counts in.
 
 Per scenario it writes into the output folder (default `<input folder>/processed/`):
 latency_<s>.csv, sent-vs-received_<s>.csv, timeseries_<s>.csv, summary_<s>.json,
@@ -44,10 +47,11 @@ __version__ = "1.0"
 # The event format
 # ---------------------------------------------------------------------------
 
-# Column order written by loadclient.py; the first five are the original Go tool's.
+# Column order written by loadclient.py; the first five are the original Go tool's. Files
+# written before rooms had epochs lack the last column (epoch) and Order rows: both are read.
 COLUMNS = EVENT_COLUMNS
 REQUIRED = COLUMNS[:5]
-SENT, RECEIVED = "Sent", "Received"
+SENT, RECEIVED, ORDER = "Sent", "Received", "Order"
 
 # Percentiles in parts per million, so that nearest-rank indexes are exact integers.
 SUMMARY_PERCENTILES = {"p10": 100_000, "p25": 250_000, "p50": 500_000, "p75": 750_000,
@@ -269,8 +273,8 @@ def detect_layout(fields: list[str], report: FileReport) -> tuple[tuple[int, ...
         if present != [c for c in COLUMNS if c in names]:
             report.header = "reordered"
         return tuple(names.index(c) if c in names else -1 for c in COLUMNS), True
-    if 5 <= len(fields) <= len(COLUMNS) and fields[3] in (SENT, RECEIVED) \
-            and fields[0].strip().isdigit() and fields[4].strip().lstrip("-").isdigit():
+    if 5 <= len(fields) <= len(COLUMNS) and fields[3] in (SENT, RECEIVED, ORDER) \
+            and (fields[0].strip().isdigit() or fields[3] == ORDER) and fields[4].strip().lstrip("-").isdigit():
         report.header = "missing"
         warn(f"{report.path}: no header row; reading columns in the documented order "
              f"{','.join(COLUMNS[:len(fields)])}")
@@ -281,16 +285,21 @@ def detect_layout(fields: list[str], report: FileReport) -> tuple[tuple[int, ...
 
 def row_problem(fields: list[str], layout: tuple[int, ...]) -> str:
     """Why a row of the right width was refused (only called for refused rows)."""
-    i_mid, _sender, _client, i_type, i_ts, _room, _seq, i_intended = layout
-    if fields[i_type] not in (SENT, RECEIVED):
-        return f"type must be Sent or Received, not {fields[i_type][:40]!r}"
-    for name, index in (("message_id", i_mid), ("timestamp_us", i_ts), ("intended_us", i_intended)):
+    i_mid, _sender, _client, i_type, i_ts, _room, _seq, i_intended, i_epoch = layout
+    kind = fields[i_type]
+    if kind not in (SENT, RECEIVED, ORDER):
+        return f"type must be Sent, Received or Order, not {kind[:40]!r}"
+    checked = (("timestamp_us", i_ts),) if kind == ORDER else \
+        (("message_id", i_mid), ("timestamp_us", i_ts), ("intended_us", i_intended))
+    for name, index in checked:
         value = fields[index] if index >= 0 else ""
         if index >= 0 and (value or name != "intended_us"):
             try:
                 int(value)
             except ValueError:
                 return f"{name} is not an integer: {value[:40]!r}"
+    if kind == ORDER and not (i_epoch >= 0 and fields[i_epoch]):
+        return "an Order row without an epoch"
     return "empty sender_id or client_id"
 
 
@@ -299,8 +308,8 @@ def read_events(path: Path, join: Join, report: FileReport) -> None:
     width = 0  # fields per row, known once the first line is read
     lineno = 0
     layout: tuple[int, ...] = ()
-    i_mid = i_sender = i_client = i_type = i_ts = i_room = i_intended = 0
-    sent, received = join.sent, join.received
+    i_mid = i_sender = i_client = i_type = i_ts = i_room = i_intended = i_epoch = 0
+    sent, received, order = join.sent, join.received, join.order
     for lines, careful, is_tail in line_chunks(path, report):
         for fields in split_fields(lines, careful):
             lineno += 1
@@ -316,7 +325,9 @@ def read_events(path: Path, join: Join, report: FileReport) -> None:
                     continue
                 width = len(fields)
                 layout, is_header = detect_layout(fields, report)
-                i_mid, i_sender, i_client, i_type, i_ts, i_room, _seq, i_intended = layout
+                i_mid, i_sender, i_client, i_type, i_ts, i_room, _seq, i_intended, i_epoch = layout
+                if i_epoch >= 0:
+                    join.orders_known()
                 if is_header:
                     continue
             try:
@@ -332,6 +343,9 @@ def read_events(path: Path, join: Join, report: FileReport) -> None:
                     intended = fields[i_intended] if i_intended >= 0 else ""
                     sent(sender, int(fields[i_mid]), int(fields[i_ts]), room,
                          int(intended) if intended else None)
+                elif kind == ORDER and i_epoch >= 0 and fields[i_epoch]:
+                    int(fields[i_ts])
+                    order(client, fields[i_epoch])
                 else:
                     raise ValueError
             except ValueError:
@@ -402,6 +416,22 @@ class Join:
         self.incomplete = 0
         self.never_received = 0
         self.receipts_without_send = 0
+        # Order rows: the epoch each recording client counts in, and how often one saw its
+        # room's order begin again; None for files of the format before epochs.
+        self.epochs: dict[str, str] = {}
+        self.orders_restarted: int | None = None
+
+    def orders_known(self) -> None:
+        """The file has an epoch column: its clients' Order rows are counted."""
+        if self.orders_restarted is None:
+            self.orders_restarted = 0
+
+    def order(self, client: str, epoch: str) -> None:
+        """An Order event: client's room began the order epoch (its first, or a new one after the
+        server lost the room's state). Deliveries are joined by (sender, message_id), whatever the order."""
+        if self.epochs.get(client, epoch) != epoch:
+            self.orders_restarted += 1
+        self.epochs[client] = epoch
 
     def sent(self, sender: str, mid: int, ts: int, room: str, intended: int | None) -> None:
         """A Sent event."""
@@ -582,6 +612,7 @@ def process_file(path: Path, out_dir: Path) -> dict:
         "messages_incomplete": join.incomplete,
         "messages_never_received": join.never_received,
         "messages_with_intended": join.with_intended,
+        "orders_restarted": join.orders_restarted,
         "latency_us": latency_stats(latency),
         "latency_intended_us": latency_stats(latency_intended) if join.with_intended else None,
         "start_us": start,
@@ -642,6 +673,7 @@ def table_rows(summary: dict) -> list[tuple[str, str]]:
         ("lost deliveries", _count(summary["lost"])),
         ("duplicated events", _count(summary["duplicated"])),
         ("receipts without send", _count(summary["receipts_without_send"])),
+        ("orders restarted", _count(summary["orders_restarted"])),
         ("latency mean ms", _ms(lat, "mean")),
         ("latency stddev ms", _ms(lat, "stddev")),
     ]

@@ -67,8 +67,10 @@ from scalechat import (
 
 __version__ = "1.0.0"
 
-# The event CSV's columns: csvprocess.py and the tests read them from here.
-EVENT_COLUMNS = ("message_id", "sender_id", "client_id", "type", "timestamp_us", "room", "seq", "intended_us")
+# The event CSV's columns: csvprocess.py and the tests read them from here. Rows are
+# Sent, Received, and Order: a client's room began an order (its epoch; see docs/loadclient.md).
+EVENT_COLUMNS = ("message_id", "sender_id", "client_id", "type", "timestamp_us", "room", "seq", "intended_us",
+                 "epoch")
 CSV_HEADER = (",".join(EVENT_COLUMNS) + "\n").encode()
 DEFAULT_URL = "ws://127.0.0.1:8080/ws"
 # Close codes after which a client comes back with since=<last seq>: the server
@@ -170,10 +172,14 @@ class Target:
         return ipaddress.ip_address(self.address[0]).is_loopback
 
     def resource(self, room: str | None, name: str | None = None, since: int | None = None,
-                 client: str | None = None) -> str:
-        """The request target for a room, with name, since and client id as query parameters."""
+                 client: str | None = None, epoch: str | None = None) -> str:
+        """The request target for a room, with name, since (and the epoch it counts in) and client id
+        as query parameters."""
         path = f"{self.base_path}/{quote(room)}" if room else self.base_path
-        query = {k: v for k, v in (("name", name), ("since", since), ("client", client)) if v is not None}
+        if since is None:
+            epoch = None
+        query = {k: v for k, v in (("name", name), ("since", since), ("epoch", epoch), ("client", client))
+                 if v is not None}
         return f"{path}?{urlencode(query)}" if query else path
 
 
@@ -287,8 +293,9 @@ class ClientConnection:
         """The connection is gone (or never came up): code 1006 for a lost or failed connection."""
 
     # -- connecting ------------------------------------------------------------
-    def connect(self, since: int | None = None) -> None:
-        """Start a non-blocking connect and handshake; since asks the server to replay what was missed."""
+    def connect(self, since: int | None = None, epoch: str = "") -> None:
+        """Start a non-blocking connect and handshake; since (a seq of the order epoch) asks the
+        server to replay what was missed."""
         self.attempt += 1
         self.state, self.close_sent, self.closed_by_us, self.writing = CONNECTING, False, False, False
         self.close_code, self.close_reason = CLOSE_ABNORMAL, ""
@@ -318,7 +325,7 @@ class ClientConnection:
             self._fail(f"connect: {os.strerror(err)}")
             return
         self.key = new_key()
-        resource_ = self.target.resource(self.room, self.name, since, self.client_id)
+        resource_ = self.target.resource(self.room, self.name, since, self.client_id, epoch or None)
         self.outbuf += client_handshake_request(self.target.host_header, resource_, self.key)
         self.loop.selector.register(sock, selectors.EVENT_WRITE, self._on_event)
         self.writing = True
@@ -485,7 +492,7 @@ STAMPS_END = 2 * STAMP_DIGITS + 1
 
 
 def split_message(payload: bytes) -> tuple | None:
-    """(seq, sender, message_id, sent_us, intended_us) as bytes from a server message frame, or None."""
+    """(epoch, seq, sender, message_id, sent_us, intended_us) as bytes from a server message frame, or None."""
     parts = payload.split(b'"', 23)
     if len(parts) < 24 or parts[3] != b"message" or parts[9] != b"epoch" or parts[19] != b"message_id" \
             or parts[21] != b"text":
@@ -496,7 +503,7 @@ def split_message(payload: bytes) -> tuple | None:
     sent, intended = text[:STAMP_DIGITS], text[STAMP_DIGITS + 1:STAMPS_END]
     if not (sent.isdigit() and intended.isdigit() and text[STAMPS_END:STAMPS_END + 1] in (b" ", b'"')):
         return None
-    return parts[14].strip(b": ,"), parts[17], parts[20].strip(b": ,"), sent, intended
+    return parts[11], parts[14].strip(b": ,"), parts[17], parts[20].strip(b": ,"), sent, intended
 
 
 # An ack (our own message sequenced) comes to its sender alone. The server writes
@@ -513,7 +520,7 @@ def message_fields(event: dict) -> tuple | None:
     stamps = STAMPS_RE.match(event.get("text", ""))
     if stamps is None or not isinstance(event.get("seq"), int):
         return None
-    return (b"%d" % event["seq"], str(event.get("sender", "")).encode(),
+    return (str(event.get("epoch", "")).encode(), b"%d" % event["seq"], str(event.get("sender", "")).encode(),
             b"%d" % event.get("message_id", 0), stamps[1].encode(), stamps[2].encode())
 
 
@@ -673,8 +680,8 @@ class ScenarioPlan:
 class LoadClient(ClientConnection):
     """One simulated chat client: sends on its schedule, counts and records what arrives."""
 
-    __slots__ = ("backlog", "ever_welcomed", "failures", "finished", "index", "last_seq",
-                 "message_id", "name_b", "phase_us", "recording", "replay_until", "resend_due",
+    __slots__ = ("backlog", "epoch", "ever_welcomed", "failures", "finished", "index", "lag_end", "lag_seq",
+                 "last_seq", "message_id", "name_b", "phase_us", "recording", "replay_until", "resend_due",
                  "room_b", "scheduled", "settled", "unconfirmed", "welcomed", "worker")
 
     def __init__(self, worker: LoadWorker, index: int) -> None:
@@ -688,6 +695,11 @@ class LoadClient(ClientConnection):
         self.recording = plan.records(index)
         self.last_seq = self.replay_until = self.message_id = self.scheduled = self.failures = 0
         self.phase_us = 0
+        # The room's order that last_seq counts in (b"": none known yet). After a welcome that
+        # lagged behind what we had (a seq below last_seq in this order), the server still owes
+        # us seq lag_seq + 1 .. lag_end, which we have: those come once more and are dropped.
+        self.epoch = b""
+        self.lag_seq = self.lag_end = 0
         self.backlog: list = []
         # message_id (bytes) -> payload, until the server acks it. Only an ack settles a
         # message: anyone may connect with our name and post a message_id of ours.
@@ -696,14 +708,14 @@ class LoadClient(ClientConnection):
         self.resend_due = False
 
     def start(self) -> None:
-        """Connect, with since=<last seq> after the first time so nothing is missed."""
-        self.connect(self.last_seq if self.ever_welcomed else None)
+        """Connect, with since=<last seq>&epoch=<its order> after the first time so nothing is missed."""
+        self.connect(self.last_seq if self.ever_welcomed else None, self.epoch.decode())
 
     # -- receiving (the hot path) -------------------------------------------
     def on_frames(self, frames: list) -> None:
         ts = self.loop.ready_us
         worker = self.worker
-        last_seq, replay_until = self.last_seq, self.replay_until
+        last_seq, replay_until, held = self.last_seq, self.replay_until, self.epoch
         received = late = 0
         recording = self.recording
         if recording:
@@ -721,14 +733,21 @@ class LoadClient(ClientConnection):
                     continue
                 self.last_seq = last_seq
                 fields = self.on_other_text(payload)
-                last_seq, replay_until = self.last_seq, self.replay_until
+                last_seq, replay_until, held = self.last_seq, self.replay_until, self.epoch
                 if fields is None:
                     continue
-            seq_b, sender, mid, sent, intended = fields
+            epoch, seq_b, sender, mid, sent, intended = fields
+            if epoch != held:   # compared as bytes, never decoded: the room's order began (again)
+                self.begin_order(epoch, 0)
+                last_seq = replay_until = 0
+                held = epoch
             seq = int(seq_b)
             if seq != last_seq + 1:
                 if seq <= last_seq:
-                    worker.duplicates += 1
+                    if seq == self.lag_seq + 1 <= self.lag_end:   # owed by a lagging server, seen before
+                        self.lag_seq = seq
+                    else:
+                        worker.duplicates += 1
                     continue
                 worker.count_error("seq gap (messages missing)", seq - last_seq - 1)
             last_seq = seq
@@ -736,7 +755,7 @@ class LoadClient(ClientConnection):
             if seq <= replay_until:
                 late += 1
             if recording:
-                buf += b"%s,%s%s%s,\n" % (mid, sender, tail, seq_b)
+                buf += b"%s,%s%s%s,,\n" % (mid, sender, tail, seq_b)
                 lat_append(ts - int(sent))
                 ilat_append(ts - int(intended))
         self.last_seq = last_seq
@@ -767,7 +786,10 @@ class LoadClient(ClientConnection):
             return None
         if kind == "message":
             fields = message_fields(event)
-            if fields is None:  # someone else's message in our room: keep seq, count nothing
+            if fields is None:  # someone else's message in our room: keep its place, count nothing
+                epoch = str(event.get("epoch", "")).encode()
+                if epoch and epoch != self.epoch:
+                    self.begin_order(epoch, 0)
                 self.last_seq = max(self.last_seq, event.get("seq", 0))
                 self.worker.foreign += 1
             return fields
@@ -781,14 +803,18 @@ class LoadClient(ClientConnection):
         """Joined: start counting, or after a reconnect mark the replayed range as late."""
         worker = self.worker
         room_seq = int(event.get("seq", 0))
+        epoch = str(event.get("epoch", "")).encode()   # "": the room has no order yet
         if self.ever_welcomed:
             worker.reconnects += 1
-            if room_seq < self.last_seq:  # the server restarted: its history is gone
-                worker.count_error("room reset (server restarted)")
-                self.last_seq = room_seq
+            if epoch and epoch != self.epoch:   # a new order, replayed from its start
+                self.begin_order(epoch, 0)
+            elif epoch == self.epoch and room_seq < self.last_seq:   # this server lags: it owes us what we have
+                self.lag_seq, self.lag_end = room_seq, self.last_seq
             self.replay_until = room_seq
         else:
             self.last_seq = room_seq
+            if epoch:
+                self.begin_order(epoch, room_seq)
             worker.connect_times.append(int((time.monotonic() - self.started) * 1e6))
         if event.get("name") not in (None, self.name):
             worker.count_error("server renamed client")
@@ -804,6 +830,18 @@ class LoadClient(ClientConnection):
         for intended in backlog:
             self.send_message(intended)
 
+    def begin_order(self, epoch: bytes, seq: int) -> None:
+        """The room's order is epoch from now on, counting from seq: its first order, or a new one
+        after the server lost the room's state (the old order's seqs mean nothing now, and what
+        of it this client had not received is gone). Recording clients write an Order row."""
+        if self.epoch:
+            self.worker.orders_restarted += 1
+        self.epoch, self.last_seq = epoch, seq
+        self.replay_until = self.lag_seq = self.lag_end = 0
+        if self.recording:
+            self.worker.sink.buf += b",%s,%s,Order,%d,%s,%d,,%s\n" % (
+                self.name_b, self.name_b, self.loop.ready_us, self.room_b, seq, epoch)
+
     # -- sending ---------------------------------------------------------------
     def send_message(self, intended: int) -> None:
         """Send one scheduled message now (or hold it until the connection is back)."""
@@ -817,7 +855,7 @@ class LoadClient(ClientConnection):
             self.message_id, ts, intended, worker.text_tail, worker.rfc3339(ts))
         self.send(encode_frame(OP_TEXT, payload, mask_key=new_mask_key()))
         self.unconfirmed[b"%d" % self.message_id] = payload
-        worker.sink.buf += b"%d,%s,%s,Sent,%d,%s,,%d\n" % (
+        worker.sink.buf += b"%d,%s,%s,Sent,%d,%s,,%d,\n" % (
             self.message_id, self.name_b, self.name_b, ts, self.room_b, intended)
         worker.sent += 1
 
@@ -893,7 +931,7 @@ class LoadWorker:
         self.text_tail = b" " + b"x" * (plan.msg_size - STAMPS_END - 1) if plan.msg_size > STAMPS_END else b""
         self.phase, self.closing = RAMP, False
         self.connected = self.sent = self.received = self.late = self.duplicates = self.resent = 0
-        self.reconnects = self.foreign = 0
+        self.reconnects = self.foreign = self.orders_restarted = 0
         self.errors: dict = {}
         self.latencies: list = []
         self.intended_latencies: list = []
@@ -1036,7 +1074,7 @@ class LoadWorker:
         totals = {"phase": self.phase, "time": time.monotonic(), "ramped": self.ramped, "connected": self.connected,
                   "sent": self.sent, "received": self.received, "late": self.late,
                   "duplicates": self.duplicates, "reconnects": self.reconnects, "foreign": self.foreign,
-                  "resent": self.resent,
+                  "resent": self.resent, "orders_restarted": self.orders_restarted,
                   "errors": dict(self.errors), "window": window.state(), "handshakes": handshakes.state()}
         if final:
             connect = LatencyHistogram()
@@ -1080,7 +1118,7 @@ class Interrupts:
 def sum_totals(reports: list) -> dict:
     """Add up the workers' counters and error counts."""
     out = {"connected": 0, "sent": 0, "received": 0, "late": 0, "duplicates": 0, "reconnects": 0,
-           "foreign": 0, "resent": 0, "errors": {}}
+           "foreign": 0, "resent": 0, "orders_restarted": 0, "errors": {}}
     for report in reports:
         for key in out:
             if key == "errors":
@@ -1288,7 +1326,8 @@ class ScenarioRun:
             "latency_ms": merged_histogram(finals, "hist_intended").summary_ms(),
             "latency_actual_ms": merged_histogram(finals, "hist_actual").summary_ms(),
             "recorded_clients": sum(f["recorded_clients"] for f in finals),
-            "reconnects": totals["reconnects"], "errors": totals["errors"],
+            "reconnects": totals["reconnects"], "orders_restarted": totals["orders_restarted"],
+            "errors": totals["errors"],
             "interrupted": self.interrupts.count > 0, "csv": csv_path,
         }
         meta = {
@@ -1338,6 +1377,8 @@ def format_summary(r: dict) -> str:
          f" {r['recorded_clients']} recording clients)"),
         f"  latency/actual {lat(r['latency_actual_ms'])}",
         f"  reconnects     {r['reconnects']}",
+        (f"  new orders     {r['orders_restarted']}   (a client saw its room's order begin again:"
+         " the server had lost the room's state)"),
         f"  errors         {errors}",
         f"  files          {r['csv']}  {r['meta']}",
     ])
@@ -1436,13 +1477,14 @@ class ChatClient(ClientConnection):
     empty, at most QUIT_WAIT seconds.
     """
 
-    __slots__ = ("exit_code", "failures", "fatal", "last_seq", "message_id", "out", "pending",
+    __slots__ = ("epoch", "exit_code", "failures", "fatal", "last_seq", "message_id", "out", "pending",
                  "quitting", "unacked", "was_open")
 
     def __init__(self, loop: Loop, target: Target, room: str | None, name: str | None, out) -> None:
         super().__init__(loop, target, room, name)
         self.out = out
         self.last_seq: int | None = None
+        self.epoch = ""                     # the room's order last_seq counts in ("": none yet)
         self.message_id = self.failures = 0
         self.pending: list = []             # typed while disconnected: not sent yet
         self.unacked: dict = {}             # message_id -> text, sent and not yet acked
@@ -1467,9 +1509,7 @@ class ChatClient(ClientConnection):
                 self.say(f"! unreadable frame from the server: {payload[:80]!r}")
                 continue
             if kind == "message":
-                self.last_seq = event.get("seq", self.last_seq)
-                stamp = time.strftime("%H:%M:%S")
-                self.say(f"{stamp} {event.get('sender', '?')}: {event.get('text', '')}")
+                self.on_message(event)
             elif kind == "ack":
                 self.unacked.pop(event.get("message_id"), None)
                 if self.quitting and not self.unacked and self.state == OPEN:
@@ -1481,13 +1521,34 @@ class ChatClient(ClientConnection):
             elif kind == "error":
                 self.say(f"! {event.get('code')}: {event.get('reason')}")
 
+    def on_message(self, event: dict) -> None:
+        """Print a message of the room, once: in a new order (another epoch) whatever its seq."""
+        epoch, seq = event.get("epoch") or "", event.get("seq")
+        if epoch and epoch != self.epoch:
+            self.new_order(epoch)
+        elif isinstance(seq, int) and self.last_seq is not None and seq <= self.last_seq:
+            return                          # had it: a server that lagged behind the one we saw it from
+        if isinstance(seq, int):
+            self.last_seq = seq
+        stamp = time.strftime("%H:%M:%S")
+        self.say(f"{stamp} {event.get('sender', '?')}: {event.get('text', '')}")
+
+    def new_order(self, epoch: str) -> None:
+        """The room's order began again (the server lost its state): count from its start."""
+        if self.epoch:
+            self.say("* the room's history was lost on the server: its messages count from 1 again,"
+                     " and any you had not received are gone")
+        self.epoch, self.last_seq = epoch, 0
+
     def on_welcome(self, event: dict) -> None:
         """Joined (again): say so, then send what was typed while disconnected."""
         again = self.was_open
         self.was_open, self.failures = True, 0
-        if again and self.last_seq is not None and event.get("seq", 0) < self.last_seq:
-            self.say("* the server restarted: its history starts over")
-        self.last_seq = event.get("seq", 0) if self.last_seq is None or not again else self.last_seq
+        epoch = event.get("epoch") or ""    # "": the room has no order yet
+        if not again:
+            self.epoch, self.last_seq = epoch, event.get("seq", 0)
+        elif epoch and epoch != self.epoch:
+            self.new_order(epoch)           # and the server replays the new order from its start
         verb = "reconnected to" if again else "joined"
         self.say(f"* {verb} {event.get('room')} as {event.get('name')}"
                  f" ({event.get('members', '?')} here); type /quit to leave")
@@ -1549,7 +1610,7 @@ class ChatClient(ClientConnection):
     def reconnect(self) -> None:
         """Try again, asking for the messages missed meanwhile."""
         if self.exit_code is None and self.state == IDLE:
-            self.connect(self.last_seq if self.was_open else None)
+            self.connect(self.last_seq if self.was_open else None, self.epoch)
 
 
 QUIT_WAIT = 5.0               # seconds quitting waits for the server to ack what was typed

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -56,15 +57,19 @@ def say(ws, message_id: int, text: str) -> None:
 
 def test_welcome_then_every_member_sees_every_message_in_seq_order(peer):
     with connect(f"{peer}/ws/r1?name=alice") as alice, connect(f"{peer}/ws/r1?name=bob") as bob:
-        assert receive(alice) == {"type": "welcome", "room": "r1", "name": "alice", "seq": 0, "members": 1}
-        assert receive(bob) == {"type": "welcome", "room": "r1", "name": "bob", "seq": 0, "members": 2}
+        welcome = receive(alice)
+        epoch = welcome["epoch"]
+        assert re.fullmatch(r"[0-9a-f]{16}", epoch)
+        assert welcome == {"type": "welcome", "room": "r1", "name": "alice", "epoch": epoch, "seq": 0, "members": 1}
+        assert receive(bob) == {"type": "welcome", "room": "r1", "name": "bob", "epoch": epoch, "seq": 0,
+                                "members": 2}
         say(alice, 1, "hi")
         say(bob, 7, "yo")
         seen = {name: [receive(ws), receive(ws)] for name, ws in (("alice", alice), ("bob", bob))}
     assert seen["alice"] == seen["bob"]
     assert [m["seq"] for m in seen["alice"]] == [1, 2]
     by_sender = {m["sender"]: m for m in seen["alice"]}
-    assert by_sender["alice"] == {"type": "message", "room": "r1", "seq": by_sender["alice"]["seq"],
+    assert by_sender["alice"] == {"type": "message", "room": "r1", "epoch": epoch, "seq": by_sender["alice"]["seq"],
                                   "sender": "alice", "message_id": 1, "text": "hi",
                                   "sent_at": "2026-11-28T10:00:00.000001Z"}
     assert (by_sender["bob"]["message_id"], by_sender["bob"]["text"]) == (7, "yo")
@@ -72,18 +77,23 @@ def test_welcome_then_every_member_sees_every_message_in_seq_order(peer):
 
 def test_since_replays_what_was_missed_then_goes_live(peer):
     with connect(f"{peer}/ws/r2?name=alice") as alice:
-        receive(alice)
+        epoch = receive(alice)["epoch"]
         for i in (1, 2, 3):
             say(alice, i, f"m{i}")
             assert receive(alice)["seq"] == i
-        with connect(f"{peer}/ws/r2?name=carol&since=1") as carol:
-            assert receive(carol)["seq"] == 3
+        with connect(f"{peer}/ws/r2?name=carol&since=1&epoch={epoch}") as carol:
+            welcome = receive(carol)
+            assert (welcome["epoch"], welcome["seq"]) == (epoch, 3)
             assert [receive(carol)["text"] for _ in range(2)] == ["m2", "m3"]
             say(alice, 4, "live")
             assert (receive(carol)["seq"], receive(alice)["seq"]) == (4, 4)
+        # since counted in another order: this room's order is replayed from its start
+        with connect(f"{peer}/ws/r2?name=dave&since=3&epoch=0123456789abcdef") as dave:
+            assert receive(dave)["seq"] == 4
+            assert [receive(dave)["text"] for _ in range(4)] == ["m1", "m2", "m3", "live"]
         with connect(f"{peer}/ws/other") as guest:   # another room counts from 0; a guest gets a name
             welcome = receive(guest)
-            assert (welcome["room"], welcome["seq"]) == ("other", 0)
+            assert (welcome["room"], welcome["seq"]) == ("other", 0) and welcome["epoch"] != epoch
             assert welcome["name"].startswith("guest-")
 
 
@@ -92,8 +102,8 @@ def test_broadcast_takes_the_load_clients_fast_path(peer):
         receive(ws)
         say(ws, 5, STAMPED)
         frame = ws.recv(timeout=5)
-    seq, sender, message_id, sent, intended = split_message(frame.encode())
-    assert (seq, sender, message_id) == (b"1", b"c1", b"5")
+    epoch, seq, sender, message_id, sent, intended = split_message(frame.encode())
+    assert (seq, sender, message_id) == (b"1", b"c1", b"5") and re.fullmatch(rb"[0-9a-f]{16}", epoch)
     assert (int(sent), int(intended)) == (1, 2)
 
 

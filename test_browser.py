@@ -5,7 +5,8 @@ Run: python -m pytest -q test_browser.py
 Needs: pip install playwright (no browser download: /usr/bin/chromium is used).
 
 The client's state is read from the DOM hooks it keeps for this purpose:
-#status[data-state], #members[data-count], #messages li.msg[data-seq].
+#status[data-state], #members[data-count], #messages li.msg[data-seq] (and
+data-epoch, the order the seq counts in).
 Every test also fails on an uncaught page error or a Content-Security-Policy
 violation (the server sends a strict CSP with the page).
 """
@@ -28,7 +29,7 @@ import pytest
 import websocket
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 
-from testkit import HERE, ServerProc, sample, scrape
+from testkit import HERE, RedisServer, ServerProc, sample, scrape
 
 pytestmark = pytest.mark.timeout(120)
 expect.set_options(timeout=15_000)
@@ -70,6 +71,11 @@ class Chat:
         """The seq of every message shown, in order."""
         return [int(s) for s in self.page.eval_on_selector_all(
             "#messages li[data-seq]", "items => items.map(li => li.dataset.seq)")]
+
+    def epochs(self) -> list[str]:
+        """The order (epoch) of every message shown, in order."""
+        return self.page.eval_on_selector_all(
+            "#messages li[data-seq]", "items => items.map(li => li.dataset.epoch)")
 
     def message(self, text: str):
         """The list item of the room's message with exactly this text (confirmed, with a seq)."""
@@ -324,6 +330,8 @@ def test_same_name_cannot_settle_or_suppress_the_page_message(server, people):
 # Falling behind, flooding, restarts
 # ---------------------------------------------------------------------------
 
+HISTORY_GONE = "earlier history is gone"     # the line a page shows when the room's order began again
+
 def flood(server: ServerProc, room: str, count: int, size: int) -> None:
     """Another member posts count messages of size bytes at once, discarding its echoes unread."""
     ws = websocket.create_connection(f"{server.url}/{room}?name=bot", timeout=10)
@@ -391,7 +399,7 @@ def test_flooding_page_is_told_why_and_stays_disconnected(serve, people):
 
     alice.page.click("#retry")                 # the person decides to come back
     alice.expect_state("online")
-    assert "since=1" in alice.sockets[-1]      # seq 2 seen; one message of overlap to check it
+    assert re.search(r"since=2&epoch=[0-9a-f]{16}&", alice.sockets[-1])   # seq 2 seen, of the room's order
     # The message the server closed on (neither echoed nor refused) goes out again.
     alice.message("still flooding 1").wait_for()
     assert alice.seqs() == [1, 2, 3]
@@ -418,7 +426,7 @@ def test_server_restart_pages_come_back_and_talk_again(serve, people):
     for chat in (alice, bob):
         chat.expect_state("online")
         chat.expect_members(2)
-        expect(chat.page.locator("#messages li.system")).to_contain_text("restarted")
+        expect(chat.page.locator("#messages li.system")).to_contain_text(HISTORY_GONE)
     alice.message("written while the server was down").wait_for()
     alice.send("and back")
     bob.message("and back").wait_for()
@@ -455,7 +463,108 @@ def test_page_that_missed_a_restart_takes_the_new_history_whole(serve, people):
     alice.message("new three").wait_for()
     assert alice.texts() == ["old one", "old two", "new one", "new two", "new three"]
     assert alice.seqs() == [1, 2, 1, 2, 3]
-    expect(alice.page.locator("#messages li.system")).to_contain_text("restarted")
+    expect(alice.page.locator("#messages li.system")).to_contain_text(HISTORY_GONE)
+
+
+def room_messages(ws, count: int) -> list[dict]:
+    """The next count message frames a websocket-client connection reads (others skipped)."""
+    messages = []
+    while len(messages) < count:
+        frame = json.loads(ws.recv())
+        if frame["type"] == "message":
+            messages.append(frame)
+    return messages
+
+
+def test_page_open_through_a_restart_shows_the_new_orders_messages(serve, people):
+    # The page resumes with since=2 of the old order; the restarted server's order is
+    # another one, so its seq 1 and 2 (another client's, after the restart) are new.
+    first = serve()
+    alice = people(first.http, "alice", "reborn")
+    alice.send("old one")
+    alice.send("old two")
+    alice.expect_message_count(2)
+    (old,) = set(alice.epochs())
+    first.stop(signal.SIGTERM)
+    alice.expect_state("reconnecting")
+    second = serve(port=first.port)
+    alice.expect_state("online")
+    expect(alice.page.locator("#messages li.system")).to_have_text([re.compile(HISTORY_GONE)])
+    assert f"since=2&epoch={old}&" in alice.sockets[-1]
+    bob = websocket.create_connection(f"{second.url}/reborn?name=bob", timeout=10)
+    for i, text in enumerate(("new one", "new two"), 1):
+        bob.send(json.dumps({"message_id": i, "text": text}))
+    alice.message("new two").wait_for()
+    bob.close()
+    assert alice.texts() == ["old one", "old two", "new one", "new two"]
+    assert alice.seqs() == [1, 2, 1, 2]
+    epochs = alice.epochs()
+    assert epochs[:2] == [old, old] and epochs[2] == epochs[3] != old
+
+
+def test_a_restart_is_not_hidden_by_recreating_the_pages_last_message(serve, people):
+    # The gap SECURITY.md listed while the page told a restart by the message at its last
+    # seq: while alice's network is down, the server restarts and mallory, under alice's
+    # name, recreates alice's last message (same sender and message_id) at its seq in the
+    # new order. The epoch is the server's: the page still takes the new order whole.
+    first = serve()
+    network = Network()
+    alice = people(first.http, "alice", "disguise", network=network)
+    watcher = websocket.create_connection(f"{first.url}/disguise?name=watcher", timeout=10)
+    alice.send("one")
+    alice.send("two")
+    alice.message("two").wait_for()
+    last = room_messages(watcher, 2)[-1]
+    watcher.close()
+
+    network.cut()
+    alice.page.context.set_offline(True)
+    first.stop(signal.SIGTERM)
+    second = serve(port=first.port)
+    mallory = websocket.create_connection(f"{second.url}/disguise?name=alice", timeout=10)
+    for message_id, text in ((1, "new one"), (last["message_id"], "two"), (2, "new three")):
+        mallory.send(json.dumps({"message_id": message_id, "text": text}))
+    forged = room_messages(mallory, 3)[1]
+    mallory.close()
+    assert (forged["seq"], forged["sender"], forged["message_id"]) == (last["seq"], "alice", last["message_id"])
+
+    network.up = True
+    alice.page.context.set_offline(False)
+    alice.message("new three").wait_for()
+    assert alice.texts() == ["one", "two", "new one", "two", "new three"]
+    assert alice.seqs() == [1, 2, 1, 2, 3]
+    expect(alice.page.locator("#messages li.system")).to_contain_text(HISTORY_GONE)
+
+
+@pytest.fixture
+def redis(tmp_path):
+    """A private Redis for one test."""
+    server = RedisServer(str(tmp_path)).start()
+    yield server
+    server.kill()
+
+
+def test_a_message_typed_after_redis_lost_the_room_is_shown_once(serve, people, redis):
+    # FLUSHALL takes the room's state while the page is open: the server begins a new order
+    # at seq 1, below the page's last seq. The page's next message is acked in the new order
+    # (its ack may come before its copy): shown once, at its place, with nothing left pending.
+    server = serve("--redis", redis.url)
+    alice = people(server.http, "alice", "flushed")
+    bob = websocket.create_connection(f"{server.url}/flushed?name=bob", timeout=10)
+    alice.send("before")
+    bob.send(json.dumps({"message_id": 1, "text": "bob before"}))
+    alice.message("bob before").wait_for()
+    redis.cli("FLUSHALL")
+    alice.send("mine, after the loss")
+    alice.message("mine, after the loss").wait_for()
+    bob.send(json.dumps({"message_id": 2, "text": "bob after"}))
+    alice.message("bob after").wait_for()
+    bob.close()
+    expect(alice.page.locator("#messages li.pending")).to_have_count(0)
+    alice.expect_message_count(4)
+    assert alice.texts() == ["before", "bob before", "mine, after the loss", "bob after"]
+    assert alice.seqs() == [1, 2, 1, 2]
+    expect(alice.page.locator("#messages li.system")).to_have_text([re.compile(HISTORY_GONE)])
 
 
 # ---------------------------------------------------------------------------

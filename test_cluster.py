@@ -330,7 +330,8 @@ class RunResult:
 def finish_load(run: LoadRun, timeout: float = 60) -> RunResult:
     """Wait for the load client, then check what every run must show: delivery ratio 1.0, no
     duplicate, no loss, no reconnect, no error; csvprocess.py agrees; and in every room each
-    member received seq 1..N in one order, exactly the room's sent messages."""
+    member received seq 1..N in each order (epoch) of the room, the orders one after another,
+    the same as every other member: exactly the room's sent messages."""
     try:
         code = run.proc.wait(timeout)
     finally:
@@ -358,17 +359,22 @@ def finish_load(run: LoadRun, timeout: float = 60) -> RunResult:
         assert len({run.proxy.placed[m] for m in members}) == 2, f"room {room_index} on one instance"
 
     sent: dict[str, set] = {}
-    got: dict[tuple[str, str], list] = {}               # (room, client) -> [(seq, sender, id)]
+    got: dict[tuple[str, str], list] = {}               # (room, client) -> [(epoch, seq, sender, id)]
+    epoch_of: dict[str, str] = {}                       # client -> the order its Received rows count in
     received_us: dict[str, list] = {}
     sent_end_us = 0
     with open(os.path.join(run.out, f"{SCENARIO}.csv"), newline="") as f:
         for row in csv.DictReader(f):
+            if row["type"] == "Order":
+                epoch_of[row["client_id"]] = row["epoch"]
+                continue
             key = (row["sender_id"], int(row["message_id"]))
             if row["type"] == "Sent":
                 sent.setdefault(row["room"], set()).add(key)
                 sent_end_us = max(sent_end_us, int(row["timestamp_us"]))
             else:
-                got.setdefault((row["room"], row["client_id"]), []).append((int(row["seq"]), *key))
+                got.setdefault((row["room"], row["client_id"]), []).append(
+                    (epoch_of[row["client_id"]], int(row["seq"]), *key))
                 received_us.setdefault(row["room"], []).append(int(row["timestamp_us"]))
     assert set(sent) == set(run.rooms)
     logs = {}
@@ -377,12 +383,15 @@ def finish_load(run: LoadRun, timeout: float = 60) -> RunResult:
         assert len(members) == ROOM_SIZE, f"{room}: {len(members)} members received anything"
         reference = next(iter(members.values()))
         for client, log in members.items():
-            seqs = [seq for seq, _, _ in log]
-            assert seqs == list(range(1, len(seqs) + 1)), f"{room} {client}: seqs not 1..N in order"
+            epochs = [epoch for epoch, _ in itertools.groupby(e[0] for e in log)]
+            assert len(epochs) == len(set(epochs)), f"{room} {client}: an order came back after another"
+            for epoch, order in itertools.groupby(log, key=lambda e: e[0]):
+                seqs = [seq for _, seq, _, _ in order]
+                assert seqs == list(range(1, len(seqs) + 1)), f"{room} {client}: seqs of {epoch} not 1..N"
             assert log == reference, f"{room}: {client} saw another order than the room's first member"
-        assert len({(s, m) for _, s, m in reference}) == len(reference), f"{room}: a message got two seqs"
-        assert {(s, m) for _, s, m in reference} == sent[room], f"{room}: lost or foreign messages"
-        logs[room] = reference
+        assert len({(s, m) for _, _, s, m in reference}) == len(reference), f"{room}: a message got two seqs"
+        assert {(s, m) for _, _, s, m in reference} == sent[room], f"{room}: lost or foreign messages"
+        logs[room] = [(seq, s, m) for _, seq, s, m in reference]
         received_us[room].sort()
     return RunResult(summary, processed, logs, received_us, sent_end_us)
 

@@ -48,9 +48,14 @@ FROM_INTENDED = [100, 300, 300, 500, 500, 1000, 502_000]
 
 
 def line(event: tuple) -> str:
-    """One CSV row of a hand-made event."""
+    """One CSV row of a hand-made event (no epoch: only Order rows carry one)."""
     mid, sender, client, kind, dt, room, seq, intended = event
-    return f"{mid},{sender},{client},{kind},{T0 + dt},{room},{seq},{'' if intended is None else T0 + intended}"
+    return f"{mid},{sender},{client},{kind},{T0 + dt},{room},{seq},{'' if intended is None else T0 + intended},"
+
+
+def order_line(client: str, dt: int, room: str, epoch: str) -> str:
+    """An Order row: client's room began the order epoch, dt us after T0."""
+    return f",{client},{client},Order,{T0 + dt},{room},0,,{epoch}"
 
 
 def write_run(folder: Path, lines: list[str], name: str = "2x2", meta: bool = True,
@@ -105,6 +110,7 @@ def test_hand_made_run_numbers(tmp_path):
     assert summary["messages_incomplete"] == 2
     assert summary["messages_never_received"] == 1
     assert summary["duplicated"] == summary["receipts_without_send"] == 0
+    assert summary["orders_restarted"] == 0
     lat = summary["latency_us"]
     mean = sum(LATENCIES) / 7
     assert lat["stddev"] == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in LATENCIES) / 7))
@@ -175,6 +181,34 @@ def test_sampled_receivers_take_room_sizes_from_the_events(tmp_path):
     assert (lat["min"], lat["p50"], lat["max"]) == (100, 200, 2000)
 
 
+def test_order_rows_count_new_orders_and_change_no_delivery(tmp_path):
+    # Every client's room begins an order; later r1's state is lost on the server and a and b
+    # take a new order (r2 keeps its own). Deliveries join as before, whatever the order.
+    orders = [order_line(c, -10, room, "19aee4c3f0b00000") for c, room in (("a", "r1"), ("b", "r1"),
+                                                                          ("c", "r2"), ("d", "r2"))]
+    rows = orders + [line(e) for e in EVENTS[:6]] + [order_line("a", 1500, "r1", "19aee4c3f0b1a2b3"),
+                                                     order_line("b", 1600, "r1", "19aee4c3f0b1a2b3")] \
+        + [line(e) for e in EVENTS[6:]] + [f",a,a,Order,{T0},r1,0,,"]            # malformed: no epoch
+    write_run(tmp_path, rows)
+    result = run_cli("csvprocess.py", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "malformed row skipped: an Order row without an epoch" in result.stderr
+    assert any(row.split()[:3] == ["orders", "restarted", "2"] for row in result.stdout.splitlines())
+    summary = json.loads((tmp_path / "processed" / "summary_2x2.json").read_text())
+    assert summary["orders_restarted"] == 2 and summary["input"]["malformed_rows"] == 1
+    assert_clean_numbers(summary)
+    assert (summary["lost"], summary["duplicated"], summary["receipts_without_send"]) == (3, 0, 0)
+
+
+def test_the_format_before_epochs_still_reads(tmp_path):
+    """A CSV of the eight columns before the epoch column (and without Order rows)."""
+    write_run(tmp_path, [line(e)[:-1] for e in EVENTS], header=",".join(csvprocess.COLUMNS[:8]))
+    [summary] = csvprocess.process([str(tmp_path)])
+    assert summary["input"]["header"] == "ok" and summary["input"]["malformed_rows"] == 0
+    assert_clean_numbers(summary)
+    assert summary["lost"] == 3 and summary["orders_restarted"] is None
+
+
 def test_original_five_column_format_without_header(tmp_path):
     rows = [",".join(line(e).split(",")[:5]) for e in EVENTS]
     write_run(tmp_path, rows, name="legacy", meta=False, header=None)
@@ -196,9 +230,9 @@ def test_dirty_input_is_counted_and_reported(tmp_path):
              + ["", "   "]                                      # blank lines
              + rows[3:9]
              + [rows[1]]                                        # duplicate receipt, a#1 already complete
-             + [f"7,zz,a,Received,{T0 + 5000},r1,9,"]           # receipt without a send
-             + [f"1,q,q,Snet,{T0},r1,,"]                        # malformed: type
-             + [f"x1,q,q,Sent,{T0},r1,,"]                       # malformed: message_id
+             + [f"7,zz,a,Received,{T0 + 5000},r1,9,,"]          # receipt without a send
+             + [f"1,q,q,Snet,{T0},r1,,,"]                       # malformed: type
+             + [f"x1,q,q,Sent,{T0},r1,,,"]                      # malformed: message_id
              + rows[9:11]
              + [rows[10]]                                       # duplicate receipt while d#1 waits
              + ["1,q,q,Sent,5"]                                 # malformed: width
@@ -208,8 +242,8 @@ def test_dirty_input_is_counted_and_reported(tmp_path):
     result = run_cli("csvprocess.py", tmp_path / "run")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    for lineno, why in ((16, "type must be Sent or Received"), (17, "message_id is not an integer"),
-                        (21, "expected 8 fields, got 5")):
+    for lineno, why in ((16, "type must be Sent, Received or Order"), (17, "message_id is not an integer"),
+                        (21, "expected 9 fields, got 5")):
         assert f"2x2.csv:{lineno}: malformed row skipped: {why}" in result.stderr
 
     summary = json.loads((tmp_path / "run" / "processed" / "summary_2x2.json").read_text())
@@ -279,9 +313,9 @@ def test_gzip_input_and_a_gzip_cut_short(tmp_path):
 
 
 def test_quoted_names_and_an_unbalanced_quote(tmp_path):
-    rows = [f'1,"x,y","x,y",Sent,{T0},r1,,', f'1,"x,y",b,Received,{T0 + 700},r1,1,',
-            f'1,"x,y,b,Received,{T0 + 800},r1,1,',                  # unbalanced quote
-            f'1,"x,y","x,y",Received,{T0 + 900},r1,1,']
+    rows = [f'1,"x,y","x,y",Sent,{T0},r1,,,', f'1,"x,y",b,Received,{T0 + 700},r1,1,,',
+            f'1,"x,y,b,Received,{T0 + 800},r1,1,,',                 # unbalanced quote
+            f'1,"x,y","x,y",Received,{T0 + 900},r1,1,,']
     write_run(tmp_path, rows)
     [summary] = csvprocess.process([str(tmp_path)])
     assert summary["input"]["malformed_rows"] == 1

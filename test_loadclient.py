@@ -5,6 +5,7 @@ import contextlib
 import csv
 import gc
 import gzip
+import itertools
 import json
 import multiprocessing
 import os
@@ -23,6 +24,7 @@ import websocket
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import csvprocess
 import loadclient
 from scalechat import (
     CLOSE_TRY_AGAIN_LATER,
@@ -36,6 +38,7 @@ from scalechat import (
 from testkit import (
     HERE,
     LoopbackProxy,
+    RedisServer,
     alive,
     children,
     free_port,
@@ -87,7 +90,12 @@ def check_complete(result: dict) -> list:
     assert meta["tool"] == "loadclient.py" and meta["scenario"] == result["scenario"]
     sent = [r for r in rows if r["type"] == "Sent"]
     received = [r for r in rows if r["type"] == "Received"]
-    assert len(sent) + len(received) == len(rows)
+    orders = [r for r in rows if r["type"] == "Order"]
+    assert len(sent) + len(received) + len(orders) == len(rows)
+    assert all(r["epoch"] == "" for r in sent + received)
+    for r in orders:
+        assert r["message_id"] == r["intended_us"] == "" and r["sender_id"] == r["client_id"]
+        assert re.fullmatch(r"[0-9a-f]{16}", r["epoch"]) and int(r["seq"]) >= 0
     assert len(sent) == meta["sent"] == result["sent"] > 0
     assert len(received) == meta["received"] == result["received"]
     room_of = {}
@@ -102,16 +110,23 @@ def check_complete(result: dict) -> list:
         assert r["intended_us"] == "" and int(r["seq"]) > 0
         assert room_of[(r["sender_id"], r["message_id"])] == r["room"]
         members.setdefault(r["room"], set()).add(r["client_id"])
-    # Every member of a room saw every message of that room exactly once, in seq order.
+    # Every member of a room saw every message of that room exactly once, in seq order within
+    # each order its room had (the client's Order row before them names it).
     seen: dict = {}
-    for r in received:
-        seen.setdefault(r["client_id"], []).append((int(r["seq"]), r["sender_id"], r["message_id"]))
+    epoch_of: dict = {}
+    for r in rows:
+        if r["type"] == "Order":
+            epoch_of[r["client_id"]] = r["epoch"]
+        elif r["type"] == "Received":
+            seen.setdefault(r["client_id"], []).append(
+                (epoch_of[r["client_id"]], int(r["seq"]), r["sender_id"], r["message_id"]))
     for client, events in seen.items():
         room = next(r["room"] for r in received if r["client_id"] == client)
         expected = {k for k, v in room_of.items() if v == room}
-        assert {(s, m) for _, s, m in events} == expected
-        seqs = [seq for seq, _, _ in events]
-        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        assert {(s, m) for _, _, s, m in events} == expected
+        for _, order in itertools.groupby(events, key=lambda e: e[0]):
+            seqs = [seq for _, seq, _, _ in order]
+            assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     return rows
 
 
@@ -188,7 +203,8 @@ def test_sweep_gzip_and_sampled_receivers(server, tmp_path):
                 sent_in[r["room"]] = sent_in.get(r["room"], 0) + 1
         assert result["sent"] == sum(sent_in.values())
         recorded = sum(sent_in[room] for room in room_of.values())
-        assert len(rows) - result["sent"] == recorded == result["latency_ms"]["count"]
+        assert sum(r["type"] == "Received" for r in rows) == recorded == result["latency_ms"]["count"]
+        assert {r["client_id"] for r in rows if r["type"] == "Order"} == set(room_of)   # recording clients only
 
 
 class CuttingProxy(LoopbackProxy):
@@ -196,11 +212,12 @@ class CuttingProxy(LoopbackProxy):
 
     Server-to-client bytes are forwarded frame by frame, so a cut lands between
     frames; client-to-server bytes are always forwarded to the end, so a cut
-    loses nothing the client wrote, only what the server had sent it.
+    loses nothing the client wrote, only what the server had sent it. With several
+    upstream ports (instances of one server), accepted connections take them in turn.
     """
 
-    def __init__(self, upstream_port: int, refuse: tuple = ()) -> None:
-        self.upstream = ("127.0.0.1", upstream_port)
+    def __init__(self, *upstream_ports: int, refuse: tuple = ()) -> None:
+        self.upstreams = [("127.0.0.1", port) for port in upstream_ports]
         self.links: list = []
         self.refuse = refuse                      # accepts (0: the first) closed before any byte
         super().__init__()
@@ -209,7 +226,8 @@ class CuttingProxy(LoopbackProxy):
         if index in self.refuse:
             client.close()
             return
-        link = {"client": client, "server": socket.create_connection(self.upstream),
+        upstream = self.upstreams[index % len(self.upstreams)]
+        link = {"client": client, "server": socket.create_connection(upstream),
                 "cut": None, "at": b"", "done": threading.Event(), "up": bytearray()}
         self.links.append(link)
         threading.Thread(target=self._up, args=(link,), daemon=True).start()
@@ -285,6 +303,75 @@ def test_reconnect_with_since_loses_nothing(server, tmp_path):
     check_complete(result)
 
 
+def test_load_run_through_a_lost_room_state_counts_new_orders_and_loses_nothing(tmp_path):
+    """Two instances share one Redis, each room has members on both; mid-run FLUSHALL takes every
+    room's state, and each room begins a new order (a new epoch, seq 1 again). Every client counts
+    that once, as a new order, not as duplicates or a gap: exit 0, delivery ratio 1.0, nothing
+    lost or duplicated, and the CSV names both orders of every room."""
+    redis = RedisServer(str(tmp_path)).start()
+    nodes = [start_server("--redis", redis.url, "--log-level", "ERROR") for _ in range(2)]
+    proxy = CuttingProxy(*(node.port for node in nodes))         # connections take turns
+    summary = tmp_path / "summary.json"
+    try:
+        proc = subprocess.Popen([sys.executable, LOADCLIENT, "--load-test", "--server-url", proxy.url,
+                                 "--rooms", "3", "--room-size", "4", "--rate", "10", "--duration", "4",
+                                 "--seed", "5", "--out", str(tmp_path / "run"), "--summary-json", str(summary)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+        while " send " not in (line := proc.stderr.readline()):  # a second into sending
+            assert line, "the load test ended early"
+        redis.cli("FLUSHALL")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        for node in nodes:
+            node.stop()
+        redis.kill()
+    assert proc.returncode == 0, err
+    (result,) = load_json(summary)["scenarios"]
+    assert (result["delivery_ratio"], result["duplicates"], result["lost"]) == (1.0, 0, 0), result
+    assert result["errors"] == {} and result["reconnects"] == 0
+    assert result["orders_restarted"] == 12, "each client should have seen its room's order begin again once"
+    assert "new orders     12" in out
+    rows = check_complete(result)
+    epochs: dict = {}
+    for r in rows:
+        if r["type"] == "Order":
+            epochs.setdefault(r["room"], []).append(r["epoch"])
+    assert len(epochs) == 3 and all(len(e) == 8 and len(set(e)) == 2 for e in epochs.values())
+    (processed,) = csvprocess.process([str(tmp_path / "run")], out=str(tmp_path / "processed"))
+    assert (processed["delivery_ratio"], processed["lost"], processed["duplicated"]) == (1.0, 0, 0)
+    assert processed["orders_restarted"] == 12
+
+
+def test_a_client_follows_its_rooms_order_frame_by_frame(tmp_path):
+    """One load client fed the server's frames: a welcome of its order that lags behind what it
+    has (an instance not caught up yet) owes it messages it has, dropped when they come, not
+    counted as duplicates; a message of another epoch begins a new order, counted once, whose
+    seq 1, 2 are neither duplicates nor a gap; each order gets an Order row in the CSV."""
+    old, new = b"19aee4c3f0b00000", b"19aee4c3f0b1a2b3"
+
+    def welcome(epoch: bytes, seq: int) -> bytes:
+        return b'{"type":"welcome","room":"o0","name":"c0","epoch":"%s","seq":%d,"members":2,"oldest":1}' % (
+            epoch, seq)
+
+    def message(epoch: bytes, seq: int) -> bytes:
+        stamp = loadclient.now_us()
+        return server_frame_payload(seq, "c9", seq, f"{stamp:016d} {stamp:016d}", epoch)
+
+    with in_process_worker("ws://127.0.0.1:9/ws", tmp_path, "o", 1, 1) as (worker, _):
+        (client,) = worker.clients
+        frames = [welcome(old, 0), *(message(old, seq) for seq in (1, 2, 3)),
+                  welcome(old, 1), message(old, 2), message(old, 3), message(old, 4),  # lagging: owes 2, 3
+                  message(old, 4),                                                     # a real duplicate
+                  message(new, 1), message(new, 2)]
+        client.on_frames([(loadclient.OP_TEXT, payload) for payload in frames])
+        assert (worker.received, worker.duplicates, worker.orders_restarted, worker.errors) == (6, 1, 1, {})
+        assert (client.epoch, client.last_seq) == (new, 2)
+        rows = [row.split(",") for row in worker.sink.buf.decode().splitlines()]
+    assert [(r[3], r[6], r[8]) for r in rows if r[3] == "Order"] == [("Order", "0", old.decode()),
+                                                                     ("Order", "0", new.decode())]
+    assert [r[6] for r in rows if r[3] == "Received"] == ["1", "2", "3", "4", "1", "2"]
+
+
 @contextlib.contextmanager
 def in_process_worker(url: str, tmp_path, scenario: str, rooms: int, room_size: int):
     """A LoadWorker of one process run by the test itself: (worker, the parent's pipe end)."""
@@ -333,7 +420,9 @@ def test_client_id_is_kept_across_reconnects_and_only_an_ack_settles(server, tmp
         assert worker.errors == {"lost: connection closed": 1}
     assert re.fullmatch(r"[A-Za-z0-9_-]{22}", client.client_id)
     assert proxy.request_line(0) == f"GET /ws/ack0?name=c0&client={client.client_id} HTTP/1.1"
-    assert proxy.request_line(1) == f"GET /ws/ack0?name=c0&since=2&client={client.client_id} HTTP/1.1"
+    epoch = client.epoch.decode()
+    assert re.fullmatch(r"[0-9a-f]{16}", epoch)
+    assert proxy.request_line(1) == f"GET /ws/ack0?name=c0&since=2&epoch={epoch}&client={client.client_id} HTTP/1.1"
     room = websocket.create_connection(f"{server.url}/ack0", timeout=5)
     assert json.loads(room.recv())["seq"] == 2        # two messages, none posted twice
     room.close()
@@ -394,7 +483,8 @@ def test_idle_run_ends_when_its_duration_is_up(server, tmp_path):
     meta = load_json(result["meta"])
     assert META_KEYS <= set(meta) and meta["clients"] == 4
     assert sum(r["type"] == "Sent" for r in rows) == meta["sent"] == result["sent"]
-    assert len(rows) - result["sent"] == meta["received"] == result["received"] and result["lost"] == 0
+    assert sum(r["type"] == "Received" for r in rows) == meta["received"] == result["received"]
+    assert result["lost"] == 0
     assert not [f for f in os.listdir(tmp_path) if ".part" in f]
 
 
@@ -548,17 +638,31 @@ def test_load_test_flags_without_load_test_are_refused():
 # ---------------------------------------------------------------------------
 
 class Terminal:
-    """loadclient.py running in a pty: type into it, wait for what it prints."""
+    """loadclient.py running in a pty (or, piped, reading a pipe and writing to one): type into
+    it, wait for what it prints."""
 
-    def __init__(self, *args: str) -> None:
-        self.pid, self.fd = pty.fork()
-        if self.pid == 0:  # the child: a session leader whose controlling terminal is the pty
-            os.chdir(HERE)
-            os.execv(sys.executable, [sys.executable, LOADCLIENT, *args])
+    def __init__(self, *args: str, piped: bool = False) -> None:
+        if piped:
+            stdin, self.input = os.pipe()
+            self.fd, stdout = os.pipe()
+            self.pid = subprocess.Popen([sys.executable, LOADCLIENT, *args], stdin=stdin, stdout=stdout,
+                                        cwd=HERE).pid
+            os.close(stdin)
+            os.close(stdout)
+        else:
+            self.pid, self.fd = pty.fork()
+            if self.pid == 0:  # the child: a session leader whose controlling terminal is the pty
+                os.chdir(HERE)
+                os.execv(sys.executable, [sys.executable, LOADCLIENT, *args])
+            self.input = self.fd
         self.screen = ""
 
     def type(self, text: str) -> None:
-        os.write(self.fd, text.encode())
+        os.write(self.input, text.encode())
+
+    def end_input(self) -> None:
+        """Close the pipe it reads (piped): the end of its input."""
+        os.close(self.input)
 
     def wait_for(self, text: str, timeout: float = 10) -> None:
         deadline = time.monotonic() + timeout
@@ -567,9 +671,11 @@ class Terminal:
             assert remaining > 0, f"{text!r} did not appear in:\n{self.screen}"
             if select.select([self.fd], [], [], remaining)[0]:
                 try:
-                    self.screen += os.read(self.fd, 4096).decode(errors="replace")
+                    data = os.read(self.fd, 4096)
                 except OSError:  # the child has gone and the pty closed
-                    assert text in self.screen, f"{text!r} did not appear in:\n{self.screen}"
+                    data = b""
+                assert data or text in self.screen, f"{text!r} did not appear in:\n{self.screen}"
+                self.screen += data.decode(errors="replace")
 
     def exit_code(self, timeout: float = 10) -> int:
         deadline = time.monotonic() + timeout
@@ -628,6 +734,45 @@ def test_terminal_reconnects_after_a_server_restart_and_ctrl_c_closes():
         second.stop()
 
 
+def test_terminal_with_piped_input_follows_a_new_order(tmp_path):
+    """--redis: the room's state is flushed while the terminal client (reading a pipe) is in it.
+    It says that the room's order began again, shows the new order's messages, and a line it
+    sends then is acked in the new order and shown once before it leaves at the end of input."""
+    redis = RedisServer(str(tmp_path)).start()
+    server = start_server("--redis", redis.url, "--log-level", "WARNING")
+    bob = None
+    try:
+        term = Terminal("--server-url", server.url + "/piped", "--name", "carol", piped=True)
+        term.wait_for("joined piped as carol")
+        bob = websocket.create_connection(server.url + "/piped?name=bob", timeout=5)
+        bob.recv()  # welcome
+        bob.send(json.dumps({"message_id": 1, "text": "before"}))
+        term.wait_for("bob: before")
+        redis.cli("FLUSHALL")
+        bob.send(json.dumps({"message_id": 2, "text": "after"}))
+        term.wait_for("bob: after")
+        term.type("mine\n")
+        term.end_input()
+        term.wait_for("closed (1000)")
+        assert term.exit_code() == 0
+        seen = []
+        while len(seen) < 3:    # bob's view: the room's three messages (acks and counts between)
+            if (event := json.loads(bob.recv()))["type"] == "message":
+                seen.append((event["epoch"], event["seq"], event["text"]))
+    finally:
+        if bob is not None:
+            bob.close()
+        server.stop()
+        redis.kill()
+    assert [(seq, text) for _, seq, text in seen] == [(1, "before"), (1, "after"), (2, "mine")]
+    assert seen[0][0] != seen[1][0] == seen[2][0]
+    lines = [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in term.screen.splitlines()]
+    shown = [line for line in lines if line.startswith(("bob:", "carol:", "* the room's"))]
+    assert shown == ["bob: before", ("* the room's history was lost on the server: its messages count from 1"
+                                     " again, and any you had not received are gone"),
+                     "bob: after", "carol: mine"], term.screen
+
+
 def test_terminal_cannot_connect_exits_2():
     term = Terminal("--server-url", f"ws://127.0.0.1:{free_port()}/ws", "--name", "x", "--room", "y")
     term.wait_for("loadclient: error: cannot connect")
@@ -638,21 +783,26 @@ def test_terminal_cannot_connect_exits_2():
 # Units: the receive path's field extraction, the histogram, URLs
 # ---------------------------------------------------------------------------
 
-def server_frame_payload(seq: int, sender: str, message_id: int, text: str) -> bytes:
+EPOCH = b"19aee4c3f0b00000"
+
+
+def server_frame_payload(seq: int, sender: str, message_id: int, text: str, epoch: bytes = EPOCH) -> bytes:
     """A message payload encoded by the server's own code (its field order is what the fast path reads)."""
     prefix, suffix = message_parts("r-1", sender, message_id, text, "2026-01-01T00:00:00.000000Z")
-    return prefix + order_field(b"19aee4c3f0b00000") + b"%d" % seq + suffix
+    return prefix + order_field(epoch) + b"%d" % seq + suffix
 
 
 @settings(max_examples=300, deadline=None)
 @given(seq=st.integers(1, 2**53), sender=st.text(min_size=1, max_size=32),
        message_id=st.integers(0, 2**53), sent=st.integers(10**15, 10**16 - 1),
-       intended=st.integers(10**15, 10**16 - 1), tail=st.sampled_from(["", " xxxx", ' "quoted"']))
-def test_fast_field_extraction_agrees_with_json(seq, sender, message_id, sent, intended, tail):
-    payload = server_frame_payload(seq, sender, message_id, f"{sent:016d} {intended:016d}{tail}")
+       intended=st.integers(10**15, 10**16 - 1), tail=st.sampled_from(["", " xxxx", ' "quoted"']),
+       epoch=st.from_regex(r"[0-9a-f]{16}", fullmatch=True))
+def test_fast_field_extraction_agrees_with_json(seq, sender, message_id, sent, intended, tail, epoch):
+    payload = server_frame_payload(seq, sender, message_id, f"{sent:016d} {intended:016d}{tail}", epoch.encode())
     slow = loadclient.message_fields(json.loads(payload))
     fast = loadclient.split_message(payload)
-    assert slow == (b"%d" % seq, sender.encode(), b"%d" % message_id, b"%016d" % sent, b"%016d" % intended)
+    assert slow == (epoch.encode(), b"%d" % seq, sender.encode(), b"%d" % message_id, b"%016d" % sent,
+                    b"%016d" % intended)
     assert fast is None or fast == slow  # None (an escape in the name): the json path takes over
     if "\\" not in json.dumps(sender, ensure_ascii=False):
         assert fast == slow
@@ -687,6 +837,9 @@ def test_server_url_parsing():
     t = loadclient.parse_server_url("ws://localhost:9000/ws/kitchen")
     assert t.room == "kitchen" and t.base_path == "/ws" and t.host_header == "localhost:9000"
     assert t.loopback and t.resource("r1", "c1", 5) == "/ws/r1?name=c1&since=5"
+    assert t.resource("r1", "c1", 5, "k" * 22, "19aee4c3f0b00000") == \
+        "/ws/r1?name=c1&since=5&epoch=19aee4c3f0b00000&client=" + "k" * 22
+    assert t.resource("r1", "c1", None, None, "19aee4c3f0b00000") == "/ws/r1?name=c1"   # no since: no epoch
     assert t.resource("r1", "c1", None, "k-_" * 8) == "/ws/r1?name=c1&client=" + "k-_" * 8
     assert loadclient.parse_server_url("ws://127.0.0.1").resource(None) == "/ws"
     for bad in ("wss://127.0.0.1/ws", "http://127.0.0.1/ws", "ws:///ws"):

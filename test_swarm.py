@@ -102,16 +102,21 @@ def check_events(out: Path) -> None:
     assert summary["delivery_ratio"] == 1.0, summary
     assert (summary["lost"], summary["duplicated"], summary["receipts_without_send"]) == (0, 0, 0), summary
     (events,) = (out / "run").glob("*.csv")
-    seq_of: dict[tuple, set] = defaultdict(set)      # (room, sender, message_id) -> seqs seen
-    message_at: dict[tuple, set] = defaultdict(set)  # (room, seq) -> messages seen there
+    seq_of: dict[tuple, set] = defaultdict(set)      # (room, sender, message_id) -> (epoch, seq) seen
+    message_at: dict[tuple, set] = defaultdict(set)  # (room, epoch, seq) -> messages seen there
+    epoch_of: dict[str, str] = {}                    # client -> the order its Received rows count in
     with open(events, newline="") as f:
         for row in csv.DictReader(f, fieldnames=EVENT_COLUMNS):
-            if row["type"] == "Received":
+            if row["type"] == "Order":
+                epoch_of[row["client_id"]] = row["epoch"]
+            elif row["type"] == "Received":
                 message = (row["room"], row["sender_id"], row["message_id"])
-                seq_of[message].add(row["seq"])
-                message_at[row["room"], row["seq"]].add(message)
+                place = (epoch_of[row["client_id"]], row["seq"])
+                seq_of[message].add(place)
+                message_at[(row["room"], *place)].add(message)
     assert seq_of, "no message was received"
-    # Every receiver of a room saw each message at the same seq, and each seq held one message.
+    # Every receiver of a room saw each message at the same place in the same order (epoch),
+    # and each place held one message.
     assert all(len(seqs) == 1 for seqs in seq_of.values()), "a message arrived at two places in its room"
     assert all(len(messages) == 1 for messages in message_at.values()), "two messages arrived at one seq"
 

@@ -69,6 +69,10 @@ def write_scenario(folder: Path, rooms: int, room_size: int, seconds: float, *,
     path = folder / f"{name}.csv"
     with open(path, "w", encoding="utf-8", buffering=1 << 20) as out:
         out.write(HEADER)
+        # Each client's welcome: its room's order, one epoch per room.
+        out.writelines(f",{sender[i]},{sender[i]},Order,{start_us - 1_000_000},{room_of[i]},0,,"
+                       f"{start_us // 1000 + i // room_size:016x}\n" for i in range(clients))
+        events += clients
         for step in range(steps):
             intended = start_us + step * interval_us + phase
             actual = intended + rng.exponential(40, clients).astype(np.int64)
@@ -94,13 +98,13 @@ def write_scenario(folder: Path, rooms: int, room_size: int, seconds: float, *,
             mid = step + 1
             for k in order:
                 if k < clients:
-                    lines.append(f"{mid},{sender[k]},{sender[k]},Sent,{actual_l[k]},{room_of[k]},,{intended_l[k]}\n")
+                    lines.append(f"{mid},{sender[k]},{sender[k]},Sent,{actual_l[k]},{room_of[k]},,{intended_l[k]},\n")
                     continue
                 d = k - clients
                 if not kept[d]:
                     continue
                 i = d // room_size
-                line = f"{mid},{sender[i]},{sender[member[d]]},Received,{stamps[k]},{room_of[i]},{seq_of[i]},\n"
+                line = f"{mid},{sender[i]},{sender[member[d]]},Received,{stamps[k]},{room_of[i]},{seq_of[i]},,\n"
                 lines.append(line)
                 if twice[d]:
                     lines.append(line)

@@ -61,6 +61,9 @@ PROGRESS_RE = re.compile(r" send .*recv/s (\d+)")
 # The firehose sender
 # ---------------------------------------------------------------------------
 
+EPOCH = "19aee4c3f0b00000"   # the room's order: one for the whole stream
+
+
 def message_stream(room_size: int, messages: int) -> bytes:
     """Frames of seq 1..messages encoded as scalechat.py encodes them, send stamps jittered by up to
     50 ms so the client's latency sort sees realistic disorder. Every connection gets the same
@@ -70,7 +73,8 @@ def message_stream(room_size: int, messages: int) -> bytes:
     frames = []
     for seq in range(1, messages + 1):
         stamp = base + rng.randrange(50_000)
-        payload = json.dumps({"type": "message", "room": "r", "seq": seq, "sender": f"c{seq % room_size}",
+        payload = json.dumps({"type": "message", "room": "r", "epoch": EPOCH, "seq": seq,
+                              "sender": f"c{seq % room_size}",
                               "message_id": seq, "text": f"{stamp:016d} {stamp:016d} {'x' * 66}",
                               "sent_at": "2026-01-01T00:00:00.000000Z"},
                              separators=(",", ":"), ensure_ascii=False).encode()
@@ -131,7 +135,7 @@ def serve_firehose(port: int, room_size: int, messages: int, rate: int) -> None:
                 if b"\r\n\r\n" in state[0]:
                     request = scalechat.parse_request_head(state[0].partition(b"\r\n\r\n")[0])
                     welcome = json.dumps({"type": "welcome", "room": request.path.rpartition("/")[2],
-                                          "name": request.query.get("name", ["x"])[-1], "seq": 0,
+                                          "name": request.query.get("name", ["x"])[-1], "epoch": EPOCH, "seq": 0,
                                           "members": room_size, "oldest": 1}).encode()
                     sock.sendall(scalechat.upgrade_response(scalechat.check_upgrade(request))
                                  + scalechat.encode_frame(scalechat.OP_TEXT, welcome))

@@ -12,6 +12,7 @@ import argparse
 import itertools
 import json
 import re
+import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
@@ -21,11 +22,13 @@ ROOM_PATH = re.compile(r"^/ws(?:/([A-Za-z0-9_.-]{1,64}))?$")
 
 
 class Room:
-    """A room: its members (whatever the library calls a connection), seq and recent history."""
+    """A room: its members (whatever the library calls a connection), its order (epoch and seq)
+    and recent history. A peer never forgets a room, so a room has one order, named when it is made."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.members: set = set()
+        self.epoch = secrets.token_hex(8)            # 16 lowercase hex digits, as the server's
         self.seq = 0
         self.history: deque = deque(maxlen=HISTORY)   # (seq, text)
 
@@ -33,15 +36,17 @@ class Room:
 class Session:
     """One client in one room: its name and the last seq it was sent."""
 
-    def __init__(self, room: Room, name: str, since: int | None) -> None:
+    def __init__(self, room: Room, name: str, since: int | None, epoch: str | None = None) -> None:
         self.room, self.name = room, name
+        if since is not None and epoch not in (None, room.epoch):
+            since = 0                                  # counted in another order: replay this one whole
         self.last_seq = room.seq if since is None else since
 
     def welcome(self) -> str:
-        """The first frame: room, name, the room's latest seq, member count."""
+        """The first frame: room, name, the room's order and latest seq, member count."""
         room = self.room
         return json.dumps({"type": "welcome", "room": room.name, "name": self.name,
-                           "seq": room.seq, "members": len(room.members) + 1})
+                           "epoch": room.epoch, "seq": room.seq, "members": len(room.members) + 1})
 
     def catch_up(self) -> list:
         """Texts of held messages newer than the last one sent to this client (marked as sent)."""
@@ -58,7 +63,7 @@ class Session:
             raise ValueError("a message is a JSON object with a text")  # noqa: TRY004 - refused like bad JSON
         room = self.room
         room.seq += 1
-        text = json.dumps({"type": "message", "room": room.name, "seq": room.seq,
+        text = json.dumps({"type": "message", "room": room.name, "epoch": room.epoch, "seq": room.seq,
                            "sender": self.name, "message_id": msg.get("message_id"),
                            "text": msg["text"], "sent_at": msg.get("sent_at")})
         room.history.append((room.seq, text))
@@ -92,7 +97,7 @@ class Chat:
         self.guests = itertools.count(1)
 
     def open(self, target: str) -> Session | None:
-        """A Session for a request target ``/ws/<room>?name=&since=``; None if it names no room."""
+        """A Session for a request target ``/ws/<room>?name=&since=&epoch=``; None if it names no room."""
         room_name = room_of(target)
         if room_name is None:
             return None
@@ -100,7 +105,7 @@ class Chat:
         name = query.get("name", [""])[0][:32] or f"guest-{next(self.guests)}"
         since = query.get("since", [""])[0]
         room = self.rooms.get(room_name) or self.rooms.setdefault(room_name, Room(room_name))
-        return Session(room, name, int(since) if since.isdigit() else None)
+        return Session(room, name, int(since) if since.isdigit() else None, query.get("epoch", [None])[0])
 
 
 def room_of(target: str) -> str | None:

@@ -9,13 +9,17 @@
 // under our name and post our next message_id. A message sent just as the
 // connection drops is sent again after the reconnect, marked `resend`; the
 // server de-duplicates it by this page's random client id (`client=`), which
-// it never shows to anyone. A resume asks for one message it already has and
-// checks it is the same, which tells a restarted server (history lost, seq
-// counting from 1 again) from the same one. Message text only ever
-// reaches the page through textContent. The page runs under a strict
-// Content-Security-Policy: no inline script or style, no eval. State is
-// exposed to tests through the DOM (#status[data-state], #members[data-count],
-// li[data-seq], li[data-pending]), not through globals.
+// it never shows to anyone. A seq counts within the room's order, named by its
+// `epoch`: the server begins a new order (seq from 1 again) whenever it lost
+// the room's state, and a resume names the order its `since` counts in. A
+// frame of another epoch than the page's means the order began again: the
+// page says so and takes the new order's messages, whatever their seqs. The
+// epoch is made by the server, so no client can forge or hide an order
+// change. Message text only ever reaches the page through textContent. The
+// page runs under a strict Content-Security-Policy: no inline script or
+// style, no eval. State is exposed to tests through the DOM
+// (#status[data-state], #members[data-count], li[data-seq], li[data-epoch],
+// li[data-pending]), not through globals.
 
 // ---- Settings -------------------------------------------------------------
 
@@ -56,9 +60,8 @@ const state = {
   me: "",            // the name the server gave this connection (welcome.name)
   ws: null,          // the current socket; events of older sockets are ignored
   connection: 0,     // counts sockets, so the outbox knows what went out on which
-  lastSeq: 0,        // highest seq shown in this room
-  lastKey: "",       // sender and message_id of that message, to recognise it in a replay
-  verify: false,     // the next message should be the one at lastSeq, replayed
+  epoch: "",         // the room's order that lastSeq counts in ("": none known yet)
+  lastSeq: 0,        // highest seq shown in this room, in that order
   replayUntil: 0,    // welcome.seq: the resume replay is over once lastSeq reaches it
   caughtUp: false,   // replay over: the outbox may (re)send
   attempt: 0,        // failed connects in a row, for the backoff
@@ -68,11 +71,12 @@ const state = {
   // Sent as client= on every connect, picked once per page load: the server
   // matches a `resend` by client id and message_id, and never broadcasts the id.
   clientId: newClientId(),
-  // Unique for this client id, which the resend check needs, and across
-  // reloads too, which keeps the restart check's key (sender, message_id) apart.
+  // Unique for this client id, which the resend check needs.
   messageId: Date.now() * 1000,
   outbox: new Map(), // message_id -> own message the server has not acked yet
-  acked: new Map(),  // seq -> own message acked, its pending copy shown until the room's frame comes
+  // orderKey(epoch, seq) -> own message acked, its pending copy shown until the
+  // room's frame comes; an ack of an order the page has not seen yet waits here too.
+  acked: new Map(),
   noticeTimer: 0,
   stuck: true,       // the reader is at the end of the list: new messages keep it there
   followedTop: 0,    // where followEnd last scrolled to, to tell its scroll events apart
@@ -121,6 +125,16 @@ function messageTime(sentAt) {
 
 const clock = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit" });
 const fullDate = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "medium" });
+
+/** A frame's epoch: "" when it has none (a room that has no order yet). */
+function epochOf(frame) {
+  return typeof frame.epoch === "string" ? frame.epoch : "";
+}
+
+/** What names a place in the room's history: a seq means something only with its epoch. */
+function orderKey(epoch, seq) {
+  return `${epoch}\u0000${seq}`;
+}
 
 /** localStorage can be unavailable (private modes, disabled storage): never fail on it. */
 function remember(key, value) {
@@ -230,6 +244,7 @@ function addMessage(msg) {
   const when = messageTime(msg.sent_at);
   const li = messageItem(msg.sender, String(msg.text ?? ""), when, msg.sender === state.me);
   li.dataset.seq = String(msg.seq);
+  li.dataset.epoch = epochOf(msg);
   const next = ui.messages.querySelector("li.pending");
   const prev = next ? next.previousElementSibling : ui.messages.lastElementChild;
   if (prev !== null && prev.classList.contains("msg") && prev.dataset.sender === msg.sender &&
@@ -284,28 +299,32 @@ function flushOutbox() {
 }
 
 /**
- * The server acked our message with its seq: nothing to send again. The
- * pending copy stays until the room's message at that seq is shown (an ack
- * may come before or after it), so the message never leaves the page in between.
+ * The server acked our message with its place in the room's order: nothing to
+ * send again. The pending copy stays until the room's message at that place
+ * is shown (an ack may come before or after it, and be of an order the page
+ * has not seen yet), so the message never leaves the page in between.
  */
 function onAck(frame) {
   const entry = state.outbox.get(frame.message_id);
   if (entry === undefined || !Number.isInteger(frame.seq)) return;
   state.outbox.delete(entry.id);
-  if (frame.seq <= state.lastSeq) entry.node.remove();   // shown already
-  else state.acked.set(frame.seq, entry);
+  entry.epoch = epochOf(frame);
+  entry.seq = frame.seq;
+  if (entry.epoch === state.epoch && entry.seq <= state.lastSeq) entry.node.remove();   // shown already
+  else state.acked.set(orderKey(entry.epoch, entry.seq), entry);
 }
 
 /**
- * The room's messages up to seq are shown: the pending copy of ours at seq
- * goes. One acked below seq was skipped (no longer held by the server, or of
- * a history lost in a restart): its copy stays, as sent, for it is not shown otherwise.
+ * The room's messages of order epoch up to seq are shown: the pending copy of
+ * ours at seq goes. One acked below seq was skipped (no longer held by the
+ * server, or its order ended before we got it): its copy stays, as sent, for
+ * it is not shown otherwise.
  */
-function settleAcked(seq) {
-  for (const [acked, entry] of state.acked) {
-    if (acked > seq) continue;
-    state.acked.delete(acked);
-    if (acked === seq) {
+function settleAcked(epoch, seq) {
+  for (const [key, entry] of state.acked) {
+    if (entry.epoch !== epoch || entry.seq > seq) continue;
+    state.acked.delete(key);
+    if (entry.seq === seq) {
       entry.node.remove();
     } else {
       entry.node.classList.remove("pending");
@@ -327,56 +346,48 @@ function refuse(entry, reason) {
 // ---- Frames from the server -----------------------------------------------------
 
 /**
- * The server's history is not the one we followed (it restarted and counts
- * from 1 again): forget our place and fetch the room's new history from the start.
+ * The room's order is now epoch: the server lost the room's state (a restart,
+ * a room it forgot, Redis keys that expired or were flushed) and counts from 1
+ * again. The old order's seqs mean nothing now, and what of it we had not
+ * received is gone: our messages acked in it and not shown stay, as sent.
  */
-function restartHistory() {
-  settleAcked(Infinity);    // acked by the old server, their seqs mean nothing in the new history
+function beginOrder(epoch) {
+  if (state.lastSeq > 0) {
+    addSystem("The room's earlier history is gone from the server: the conversation continues from here.");
+  }
+  settleAcked(state.epoch, Infinity);   // acked in the old order, not shown: they never will be
+  state.epoch = epoch;
   state.lastSeq = 0;
-  state.lastKey = "";
-  addSystem("The server restarted: the conversation continues from here.");
-  reconnectNow();
+  state.replayUntil = 0;     // the old order's replay, if any, is over: a connection sends orders one by one
 }
 
-/** What names a message in a replay, for the restart check: sender and message_id. */
-function messageKey(frame) {
-  return `${frame.sender}\u0000${frame.message_id}`;
-}
-
-/** First frame of a connection: who we are, the room's seq; a replay may follow. */
+/** First frame of a connection: who we are, the room's order and seq; a replay may follow. */
 function onWelcome(frame) {
   state.attempt = 0;
   state.me = typeof frame.name === "string" ? frame.name : state.name;
   showIdentity();
   setMembers(frame.members);
-  if (frame.seq < state.lastSeq) {
-    restartHistory();
-    return;
-  }
-  state.verify = state.lastSeq > 0;
+  // Another epoch: a new order, which the server replays from its start. The
+  // same one with a lower seq: this server lags; what it owes us we have.
+  const epoch = epochOf(frame);
+  if (epoch !== "" && epoch !== state.epoch) beginOrder(epoch);
   setStatus("online", "Online");
   state.replayUntil = frame.seq;
   if (state.lastSeq >= state.replayUntil) flushOutbox();   // else after the replay
 }
 
-/** A message of the room: shown once, in seq order, whether replayed or live. */
+/** A message of the room: shown once, in its order, whether replayed or live. */
 function onMessage(frame) {
   if (!Number.isInteger(frame.seq)) return;
-  if (state.verify) {
-    state.verify = false;
-    if (frame.seq === state.lastSeq && messageKey(frame) !== state.lastKey) {
-      restartHistory();
-      return;
-    }
-  }
+  const epoch = epochOf(frame);
+  if (epoch !== state.epoch) beginOrder(epoch);
   if (frame.seq <= state.lastSeq) return;   // already shown
   if (state.lastSeq > 0 && frame.seq > state.lastSeq + 1) {
     const missed = frame.seq - state.lastSeq - 1;
     addSystem(`${missed} earlier message${missed === 1 ? " is" : "s are"} no longer kept by the server.`);
   }
   state.lastSeq = frame.seq;
-  state.lastKey = messageKey(frame);
-  settleAcked(frame.seq);
+  settleAcked(epoch, frame.seq);
   addMessage(frame);
   if (!state.caughtUp && state.lastSeq >= state.replayUntil) flushOutbox();
 }
@@ -418,12 +429,12 @@ function onFrame(data) {
 
 // ---- Connection: connect, close, backoff -------------------------------------------
 
-/** ws(s)://<this host>/ws/<room>?name=..&since=..&client=.. */
+/** ws(s)://<this host>/ws/<room>?name=..&since=..&epoch=..&client=.. */
 function socketUrl() {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  // One message of overlap: onMessage checks it is the one we have.
-  const since = Math.max(0, state.lastSeq - 1);
-  const query = new URLSearchParams({ name: state.name, since: String(since), client: state.clientId });
+  const query = new URLSearchParams({ name: state.name, since: String(state.lastSeq) });
+  if (state.epoch) query.set("epoch", state.epoch);   // the order since counts in
+  query.set("client", state.clientId);
   return `${scheme}//${location.host}/ws/${encodeURIComponent(state.room)}?${query}`;
 }
 
@@ -521,8 +532,8 @@ function roomFromHash() {
 function enterRoom(room) {
   disconnect();
   state.room = room;
+  state.epoch = "";
   state.lastSeq = 0;
-  state.lastKey = "";
   state.attempt = 0;
   state.outbox.clear();
   state.acked.clear();
