@@ -1098,6 +1098,13 @@ async def test_member_counts_sum_every_instance_on_redis(redis_pair):
 # A room's order never goes backwards unnoticed: epochs
 # ---------------------------------------------------------------------------
 
+async def redis_nodes(redis: RedisServer, *args: str) -> list[ServerProc]:
+    """Two instances on redis, one of each mode: one process, and --workers 2 (where a room's
+    members sit on the worker that owns it)."""
+    return [start_server("--redis", redis.url, *args, *SERVER_ARGS),
+            await start_workers(2, "--redis", redis.url, *args)]
+
+
 async def lose_state_then_talk(redis: RedisServer, members: list[Member], lose, rounds: int = 5) -> None:
     """The members talk; lose() takes the room's state away in Redis; they talk on: each message
     acked is delivered to every member once, a new order after the old one."""
@@ -1117,9 +1124,10 @@ async def lose_state_then_talk(redis: RedisServer, members: list[Member], lose, 
 
 @run_async
 async def test_a_room_whose_redis_state_expires_while_members_stay_loses_nothing(redis):
-    """--redis-room-ttl 1: the room's keys expire while its members (on two instances) stay;
-    its next messages are a new order, delivered to all, never dropped as old seqs."""
-    nodes = [start_server("--redis", redis.url, "--redis-room-ttl", "1", *SERVER_ARGS) for _ in range(2)]
+    """--redis-room-ttl 1: the room's keys expire while its members (on two instances: one process,
+    and --workers 2) stay; its next messages are a new order, delivered to all, never dropped
+    as old seqs."""
+    nodes = await redis_nodes(redis, "--redis-room-ttl", "1")
     try:
         async with Crowd() as crowd:
             members = await crowd.join([nodes[0].url], "idle", 2, "a")
@@ -1144,7 +1152,7 @@ async def test_a_room_whose_redis_state_is_evicted_by_another_clients_fill_loses
     all reach its members."""
     redis.cli("CONFIG", "SET", "maxmemory", "30mb")
     redis.cli("CONFIG", "SET", "maxmemory-policy", "volatile-lru")
-    nodes = [start_server("--redis", redis.url, "--rate-limit-bytes", "0", *SERVER_ARGS) for _ in range(2)]
+    nodes = await redis_nodes(redis, "--rate-limit-bytes", "0")
     try:
         async with Crowd() as crowd:
             members = await crowd.join([nodes[0].url], "victim", 2, "a")
@@ -1167,7 +1175,7 @@ async def test_a_room_whose_redis_state_is_evicted_by_another_clients_fill_loses
 async def test_a_flushall_under_load_loses_no_acked_message(redis):
     """FLUSHALL while members on two instances chat: every acked message reaches every member
     once; what came after is a new order."""
-    nodes = [start_server("--redis", redis.url, *SERVER_ARGS) for _ in range(2)]
+    nodes = await redis_nodes(redis)
     try:
         async with Crowd() as crowd:
             members = await crowd.join([nodes[0].url], "flushed", 3, "a")
