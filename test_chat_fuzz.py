@@ -95,6 +95,8 @@ def test_model_allows_exactly_the_documented_answers(payload, answers):
     ("/ws/a?client=" + "a" * 15, {400}, []),
     ("/ws/a?client=" + "a" * 16 + "%0A", {400}, []),
     ("/ws/a?client=" + "a" * 64 + "&name=" + "x" * 32, set(), [fc.Upgrade("a", "x" * 32, None)]),
+    ("/ws/a?since=3&epoch=0123456789abcdef", set(), [fc.Upgrade("a", None, 3, "0123456789abcdef")]),
+    ("/ws/a?since=3&epoch=0123456789ABCDEF", {400}, []),
 ])
 def test_model_of_the_upgrade_query(resource, statuses, upgrades):
     assert fc.query_outcomes(resource) == (frozenset(statuses), upgrades)

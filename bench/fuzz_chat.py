@@ -41,6 +41,7 @@ import argparse
 import base64
 import codecs
 import datetime
+import itertools
 import json
 import os
 import random
@@ -464,10 +465,12 @@ def _data_frame(f: Frame, parts, decoder, size) -> tuple:
 
 @dataclass(frozen=True)
 class Upgrade:
-    """An upgrade the server may make: into room, under name (None: a guest name), replaying after since."""
+    """An upgrade the server may make: into room, under name (None: a guest name), replaying after since
+    of the order epoch (None: the room's order, whatever it is)."""
     room: str
     name: str | None
     since: int | None
+    epoch: str | None = None
 
 
 def _name_verdict(name: str | None) -> str:
@@ -515,7 +518,7 @@ def query_outcomes(resource: str) -> tuple[frozenset, list]:
         return frozenset({400, 404}), []
     params = parse_qsl(query, keep_blank_values=True)
     choices = {}
-    for key in ("name", "since", "client"):
+    for key in ("name", "since", "client", "epoch"):
         values = [v for k, v in params if k == key]
         if len(values) > 1:
             refuse.add(400)
@@ -524,13 +527,14 @@ def query_outcomes(resource: str) -> tuple[frozenset, list]:
     for room in rooms:
         for name in choices["name"]:
             for since in choices["since"]:
-                for client in choices["client"]:
+                for client, epoch in itertools.product(choices["client"], choices["epoch"]):
                     verdicts = {_name_verdict(name), _since_verdict(since),
-                                "ok" if client is None or CLIENT.fullmatch(client) else "bad"}
+                                "ok" if client is None or CLIENT.fullmatch(client) else "bad",
+                                "ok" if epoch is None or sc.EPOCH.fullmatch(epoch) else "bad"}
                     if verdicts != {"ok"}:
                         refuse.add(400)
                     if "bad" not in verdicts:
-                        upgrades.append(Upgrade(room, name or None, int(since) if since else None))
+                        upgrades.append(Upgrade(room, name or None, int(since) if since else None, epoch))
     return frozenset(refuse), upgrades
 
 
@@ -1442,6 +1446,9 @@ RAW_NAMES = ["%ED%A0%80", "%ED%BF%BF", "%FF", "%C0%AF", "%E2%80%8F", "%00", "%0A
 SINCE = ["0", "1", "3", "007", str(2**63 - 1), "9" * 19, "9" * 20, "9" * 100, "-1", "+1", "1.5", "0x10", "", "abc",
          "%31", "%D9%A1", "1e3", "%201", "1%00", "%EF%BC%91", "\n1"]
 CLIENT_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
+# epoch=: two well formed (an order no room has), then near misses.
+EPOCHS = ["0123456789abcdef", "ffffffffffffffff", "0123456789ABCDEF", "0123456789abcde", "0123456789abcdef0",
+          "", "%30123456789abcdef", "0123456789abcdeg", "0123456789abcde%0A", "0123456789abcdef%00"]
 
 
 def _client_value(rng: random.Random, good: bool) -> str:
@@ -1460,6 +1467,8 @@ def _param(rng: random.Random, key: str, good: bool) -> tuple:
         value = rng.choice(SINCE[:6] if good else SINCE)
     elif key == "client":
         value = _client_value(rng, good)
+    elif key == "epoch":
+        value = rng.choice(EPOCHS[:2] if good else EPOCHS)
     else:
         return rng.choice([("x", "1"), ("foo", None), ("", ""), ("a", "b=c"), ("name", None), ("since", None),
                            ("NAME", "x"), ("client", None)])
@@ -1514,7 +1523,9 @@ class QueryCase:
         pending = Pending([New(1, probe["text"], probe["sent_at"], None)], True, peer, b"probe")
         await_answers(peer, [], [pending], None, replay=(welcome["seq"], replayed))
         seqs = [m["seq"] for m in replayed]
-        allowed = [list(range(max(u.since + 1, welcome.get("oldest", 1)), welcome["seq"] + 1))
+        # since counts in the order epoch: in another one the replay starts at the oldest held.
+        allowed = [list(range(max((u.since if u.epoch in (None, welcome["epoch"]) else 0) + 1,
+                                  welcome.get("oldest", 1)), welcome["seq"] + 1))
                    if u.since is not None else [] for u in fits]
         if seqs not in allowed:
             raise Finding("answer", f"GET {resource!r}: replayed seqs {seqs} after {welcome}; expected one of {allowed}")
@@ -1538,7 +1549,7 @@ def gen_query(rng: random.Random) -> QueryCase:
     r = rng.random()
     room = None if r < 0.2 else rng.choice(ROOMS_OK) if r < 0.5 else rng.choice(ROOMS_BAD) if r < 0.7 else \
         "q" + "".join(rng.choice(CLIENT_ALPHABET + ".") for _ in range(rng.randint(0, 63)))
-    keys = [k for k in ("name", "since", "client") if rng.random() < 0.5]
+    keys = [k for k in ("name", "since", "client", "epoch") if rng.random() < 0.5]
     keys += ["extra"] * rng.choice([0, 0, 0, 1, 2])
     if keys and rng.random() < 0.15:
         keys.append(rng.choice(keys))                       # a parameter twice
