@@ -317,8 +317,12 @@ def test_load_run_through_a_lost_room_state_counts_new_orders_and_loses_nothing(
                                  "--rooms", "3", "--room-size", "4", "--rate", "10", "--duration", "4",
                                  "--seed", "5", "--out", str(tmp_path / "run"), "--summary-json", str(summary)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
-        while " send " not in (line := proc.stderr.readline()):  # a second into sending
+        while " send " not in (line := proc.stderr.readline()):  # sending
             assert line, "the load test ended early"
+        deadline = time.monotonic() + 10                         # every room has an order to lose
+        while len(redis.cli("KEYS", "scalechat:*:state").split()) < 3:
+            assert time.monotonic() < deadline, "the rooms' orders never began"
+            time.sleep(0.05)
         redis.cli("FLUSHALL")
         out, err = proc.communicate(timeout=60)
     finally:
