@@ -1,18 +1,21 @@
 #!/usr/bin/env python3
 """scale-chat: a WebSocket chat server on one selectors loop, in one file.
 
-Layers, top to bottom (see the section headers):
+Sections, top to bottom; each uses only what stands above it:
 
-1. Protocol core (sans-IO): RFC 6455 handshake, framing, UTF-8 and close rules.
+1. Wire (RFC 6455), sans-IO: frames, close codes, UTF-8, the opening handshake.
    Bytes in, events or bytes out; no sockets. loadclient.py imports it.
-2. Chat logic: rooms, names, sequence numbers, bounded and indexed history,
-   client JSON validation.
-3. Bus: how a message reaches every member of its room: in this process, through
-   the --workers supervisor, or through Redis.
-4. I/O loop: the HTTP front as plain functions (a request in, an answer or an
-   upgrade out), then accept, read, parse, dispatch, coalesced writes, timers,
-   signals, one exception barrier per connection; the --workers supervisor's loop.
-5. Edges: metrics, configuration, logging, main().
+2. HTTP: request heads, the routes, static files, what a chat upgrade may carry.
+   A request in, an answer or an upgrade out.
+3. Chat core: messages, history, rooms, the order of each room. Knows nothing
+   of sockets: it writes to an outbox and hands messages to a bus.
+4. Connection, sans-IO: states, rate limits, strikes, pings, deadlines. Bytes
+   and the time in, what to do out; closing is one table of moves.
+5. Loop and server: counters, the selectors loop, links, the server: sockets,
+   accept, read, write, timers, the hand-off of a socket to its room's worker.
+6. Supervisor (--workers): the record codec, the remote bus, the hub.
+7. Redis (--redis): RESP, the scripts, the cluster, the bus.
+8. Edges: metrics, settings, logging, main.
 
 Run ``python scalechat.py --help`` for every setting.
 """
@@ -50,8 +53,9 @@ __version__ = "1.0.0"
 
 log = logging.getLogger("scalechat")
 
+
 # ---------------------------------------------------------------------------
-# 1. Protocol core (sans-IO): RFC 6455
+# 1. Wire (RFC 6455), sans-IO: frames, close codes, UTF-8, the opening handshake
 # ---------------------------------------------------------------------------
 
 OP_CONTINUATION = 0x0
@@ -378,6 +382,83 @@ class FrameParser:
         return pos + take
 
 
+def check_upgrade(request: Request) -> str:
+    """Validate a WebSocket opening handshake; return the Sec-WebSocket-Accept value."""
+    if request.method != "GET":
+        raise HandshakeError(405, "WebSocket upgrades use GET", (("Allow", "GET"),))
+    if request.version != "HTTP/1.1":
+        raise HandshakeError(400, "WebSocket upgrades need HTTP/1.1")
+    if "host" not in request.headers:
+        raise HandshakeError(400, "missing Host header")
+    if "websocket" not in request.header_tokens("upgrade") or \
+            "upgrade" not in request.header_tokens("connection"):
+        raise HandshakeError(426, "this endpoint speaks WebSocket only",
+                             (("Upgrade", "websocket"), ("Connection", "Upgrade")))
+    if request.headers.get("sec-websocket-version") != "13":
+        raise HandshakeError(426, "only WebSocket version 13 is supported",
+                             (("Sec-WebSocket-Version", "13"),))
+    key = request.headers.get("sec-websocket-key", "")
+    try:
+        if len(base64.b64decode(key, validate=True)) != 16:
+            raise ValueError
+    except ValueError:
+        raise HandshakeError(400, "Sec-WebSocket-Key must be 16 bytes in base64") from None
+    return accept_key(key)
+
+
+def upgrade_response(accept: str) -> bytes:
+    """The 101 answer that completes a server handshake."""
+    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept.encode() + b"\r\n\r\n")
+
+
+def client_handshake_request(host: str, resource: str, key: str, origin: str | None = None) -> bytes:
+    """The opening handshake a client sends for resource (path and query) on host."""
+    lines = [f"GET {resource} HTTP/1.1", f"Host: {host}", "Upgrade: websocket",
+             "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+    if origin:
+        lines.append(f"Origin: {origin}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def parse_handshake_response(buf: bytes, key: str) -> int | None:
+    """None until the response head is complete; then its length in bytes.
+
+    Raises HandshakeError for any answer but a valid 101.
+    """
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buf) > 65536:
+            raise HandshakeError(0, "response head too large")
+        return None
+    lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+    status_parts = lines[0].split(" ", 2)
+    try:
+        status = int(status_parts[1])
+    except (IndexError, ValueError):
+        raise HandshakeError(0, "malformed status line") from None
+    if status != 101:
+        raise HandshakeError(status, status_parts[2] if len(status_parts) > 2 else "")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    # RFC 6455 4.1: fail unless the server upgraded to WebSocket and confirmed our key.
+    connection = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    if headers.get("upgrade", "").lower() != "websocket" or "upgrade" not in connection:
+        raise HandshakeError(101, "no Upgrade: websocket and Connection: Upgrade")
+    if headers.get("sec-websocket-accept") != accept_key(key):
+        raise HandshakeError(101, "wrong Sec-WebSocket-Accept")
+    # We ask for no extension or subprotocol: one in the answer would change the framing.
+    if "sec-websocket-extensions" in headers or "sec-websocket-protocol" in headers:
+        raise HandshakeError(101, "an extension or subprotocol that was not asked for")
+    return end + 4
+
+
+# ---------------------------------------------------------------------------
+# 2. HTTP: request heads, the routes, static files, what a chat upgrade may carry
+# ---------------------------------------------------------------------------
+
 class Request:
     """A parsed HTTP/1.1 request head."""
 
@@ -432,34 +513,13 @@ def parse_request_head(head: bytes) -> Request:
     return Request(method, target, version, headers)
 
 
-def check_upgrade(request: Request) -> str:
-    """Validate a WebSocket opening handshake; return the Sec-WebSocket-Accept value."""
-    if request.method != "GET":
-        raise HandshakeError(405, "WebSocket upgrades use GET", (("Allow", "GET"),))
-    if request.version != "HTTP/1.1":
-        raise HandshakeError(400, "WebSocket upgrades need HTTP/1.1")
-    if "host" not in request.headers:
-        raise HandshakeError(400, "missing Host header")
-    if "websocket" not in request.header_tokens("upgrade") or \
-            "upgrade" not in request.header_tokens("connection"):
-        raise HandshakeError(426, "this endpoint speaks WebSocket only",
-                             (("Upgrade", "websocket"), ("Connection", "Upgrade")))
-    if request.headers.get("sec-websocket-version") != "13":
-        raise HandshakeError(426, "only WebSocket version 13 is supported",
-                             (("Sec-WebSocket-Version", "13"),))
-    key = request.headers.get("sec-websocket-key", "")
-    try:
-        if len(base64.b64decode(key, validate=True)) != 16:
-            raise ValueError
-    except ValueError:
-        raise HandshakeError(400, "Sec-WebSocket-Key must be 16 bytes in base64") from None
-    return accept_key(key)
-
-
-def upgrade_response(accept: str) -> bytes:
-    """The 101 answer that completes a server handshake."""
-    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + accept.encode() + b"\r\n\r\n")
+def take_request_head(buf: bytes, limit: int) -> tuple[bytes, bytes] | None:
+    """(the request head, the bytes after its blank line) once buf holds it all, None until then;
+    HandshakeError(431) as soon as the head is longer than limit bytes."""
+    end = buf.find(b"\r\n\r\n")
+    if end > limit or (end < 0 and len(buf) > limit):
+        raise HandshakeError(431, "request head too large")
+    return None if end < 0 else (buf[:end], buf[end + 4:])
 
 
 HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 400: "Bad Request", 403: "Forbidden",
@@ -478,58 +538,168 @@ def http_response(status: int, body: bytes = b"", content_type: str = "text/plai
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if head_only else body)
 
 
-def client_handshake_request(host: str, resource: str, key: str, origin: str | None = None) -> bytes:
-    """The opening handshake a client sends for resource (path and query) on host."""
-    lines = [f"GET {resource} HTTP/1.1", f"Host: {host}", "Upgrade: websocket",
-             "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
-    if origin:
-        lines.append(f"Origin: {origin}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
+                ".html": "text/html; charset=utf-8", ".svg": "image/svg+xml",
+                ".json": "application/json", ".png": "image/png", ".ico": "image/x-icon",
+                ".txt": "text/plain; charset=utf-8"}
+PAGE_HEADERS = (("Content-Security-Policy",
+                 ("default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+                 "style-src 'self'; script-src 'self'; frame-ancestors 'none'")),
+                ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
+                ("Cache-Control", "no-cache"))
 
 
-def parse_handshake_response(buf: bytes, key: str) -> int | None:
-    """None until the response head is complete; then its length in bytes.
+def load_static(directory: str) -> dict:
+    """Map '/static/<rel>' to (content type, bytes) for regular files under directory.
 
-    Raises HandshakeError for any answer but a valid 101.
+    Built once at start: a request can only name a key of this map, so no path
+    (encoded '..', absolute, NUL, symlink) can ever reach outside the folder.
     """
-    end = buf.find(b"\r\n\r\n")
-    if end < 0:
-        if len(buf) > 65536:
-            raise HandshakeError(0, "response head too large")
-        return None
-    lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
-    status_parts = lines[0].split(" ", 2)
-    try:
-        status = int(status_parts[1])
-    except (IndexError, ValueError):
-        raise HandshakeError(0, "malformed status line") from None
-    if status != 101:
-        raise HandshakeError(status, status_parts[2] if len(status_parts) > 2 else "")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    # RFC 6455 4.1: fail unless the server upgraded to WebSocket and confirmed our key.
-    connection = {t.strip().lower() for t in headers.get("connection", "").split(",")}
-    if headers.get("upgrade", "").lower() != "websocket" or "upgrade" not in connection:
-        raise HandshakeError(101, "no Upgrade: websocket and Connection: Upgrade")
-    if headers.get("sec-websocket-accept") != accept_key(key):
-        raise HandshakeError(101, "wrong Sec-WebSocket-Accept")
-    # We ask for no extension or subprotocol: one in the answer would change the framing.
-    if "sec-websocket-extensions" in headers or "sec-websocket-protocol" in headers:
-        raise HandshakeError(101, "an extension or subprotocol that was not asked for")
-    return end + 4
+    files = {}
+    if not os.path.isdir(directory):
+        return files
+    for root, dirs, names in os.walk(directory, followlinks=False):
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
+        for name in names:
+            path = os.path.join(root, name)
+            if os.path.islink(path) or not os.path.isfile(path):
+                continue
+            rel = os.path.relpath(path, directory).replace(os.sep, "/")
+            ctype = STATIC_TYPES.get(os.path.splitext(name)[1]) or \
+                mimetypes.guess_type(name)[0] or "application/octet-stream"
+            with open(path, "rb") as f:
+                files["/static/" + rel] = (ctype, f.read())
+    return files
 
 
-# ---------------------------------------------------------------------------
-# 2. Chat logic: rooms, names, sequence numbers, history, validation
-# ---------------------------------------------------------------------------
+class Front:
+    """What requests are answered from, fixed at start: static files, allowed hosts and origins."""
+
+    __slots__ = ("allow_no_origin", "allowed_hosts", "allowed_origins", "static")
+
+    def __init__(self, static: dict, allowed_hosts: str = "", allowed_origins: str = "",
+                 allow_no_origin: bool = True):
+        self.static = static                # '/static/<rel>' -> (content type, bytes)
+        self.allowed_hosts = {h.strip().lower() for h in allowed_hosts.split(",") if h.strip()}
+        self.allowed_origins = {o.strip().rstrip("/").lower() for o in allowed_origins.split(",") if o.strip()}
+        self.allow_no_origin = allow_no_origin
+
 
 ROOM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")          # every pattern that validates: fullmatch
 CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
+
+# A room's order: its seqs count 1, 2, 3, ... within one epoch. An order that
+# starts again (the room was forgotten, or its Redis keys expired or were
+# evicted) gets a new epoch, so nobody takes its seq 1 for an old seq 1. An
+# epoch is 16 hex digits, milliseconds then a counter: a process's epochs only
+# grow, and a Redis script keeps a room's new epoch above the one before.
+EPOCH = re.compile(r"[0-9a-f]{16}")          # fullmatch
+
+MAX_NAME_CHARS = 32
+
+
+def valid_name(name: str) -> bool:
+    """A display name: 1-32 printable characters, not only spaces."""
+    return 0 < len(name) <= MAX_NAME_CHARS and name.isprintable() and not name.isspace()
+
+
+class Upgrade(NamedTuple):
+    """A WebSocket upgrade that passed every check: where to, as whom, from which seq."""
+
+    room: str
+    name: str
+    since: int | None
+    client: str | None
+    accept: str
+    epoch: bytes | None = None
+
+
+def route(request: Request, front: Front, draining: bool = False, full: bool = False,
+          bus_up: bool = True) -> Upgrade | tuple[int, bytes]:
+    """The answer to a request: an Upgrade, or (status, response bytes); HandshakeError if refused.
+
+    ``draining``, ``full`` and ``bus_up`` are the server's state when the request
+    arrives: no socket, no clock, so every answer can be tested with bytes.
+    """
+    path = request.path
+    if front.allowed_hosts and path != "/healthz" and \
+            request.headers.get("host", "").lower() not in front.allowed_hosts:
+        raise HandshakeError(400, "host not allowed", counter="host")    # DNS rebinding
+    if path == "/ws" or path.startswith("/ws/"):
+        upgrade = check_chat_upgrade(request, front)
+        if draining:
+            raise HandshakeError(503, "server is draining", (("Retry-After", "1"),), counter="draining")
+        if full:
+            raise HandshakeError(503, "too many connections", (("Retry-After", "1"),))
+        return upgrade
+    if request.method not in ("GET", "HEAD"):
+        raise HandshakeError(405, "only GET and HEAD", (("Allow", "GET, HEAD"),))
+    head = request.method == "HEAD"
+    if path == "/healthz":
+        status = 503 if draining else 200
+        bus = "up" if bus_up else "down (holding messages)"
+        body = f"{'draining' if draining else 'ok'}\nbus: {bus}\n".encode()
+        return status, http_response(status, body, head_only=head)
+    target = "/static/index.html" if path in ("/", "/index.html") else path
+    entry = front.static.get(target)
+    if entry is None:
+        raise HandshakeError(404, "not found")
+    ctype, body = entry
+    headers = PAGE_HEADERS if ctype.startswith("text/html") else PAGE_HEADERS[1:]
+    return 200, http_response(200, body, ctype, headers, head_only=head)
+
+
+def check_chat_upgrade(request: Request, front: Front) -> Upgrade:
+    """Validate a chat upgrade (/ws[/room]?name=&since=&epoch=&client=): each field once, where it enters."""
+    room = "lobby" if request.path == "/ws" else request.path[4:]
+    if not ROOM_NAME.fullmatch(room):
+        raise HandshakeError(400, "room must be 1-64 characters of A-Z a-z 0-9 _ . -")
+    accept = check_upgrade(request)
+    name = request.query.get("name", [""])[-1]
+    if name and not valid_name(name):
+        raise HandshakeError(400, "name must be 1-32 printable characters")
+    since = request.query.get("since", [None])[-1]
+    if since is not None:
+        if not (since.isascii() and since.isdigit()) or len(since) > 19:
+            raise HandshakeError(400, "since must be a non-negative integer")
+        since = int(since)
+    epoch = request.query.get("epoch", [None])[-1]
+    if epoch is not None:
+        if EPOCH.fullmatch(epoch) is None:
+            raise HandshakeError(400, "epoch must be 16 hex digits, as the server sent it")
+        epoch = epoch.encode()
+    client = request.query.get("client", [None])[-1]
+    if client is not None and CLIENT_ID.fullmatch(client) is None:
+        raise HandshakeError(400, "client must be 16-64 characters of A-Z a-z 0-9 _ -")
+    if not origin_allowed(request, front):
+        raise HandshakeError(403, "origin not allowed")
+    return Upgrade(room, name, since, client, accept, epoch)
+
+
+def origin_allowed(request: Request, front: Front) -> bool:
+    """Whether a browser page from the request's Origin may open a WebSocket here.
+
+    Default: the server's own host, whatever the scheme; ``--allowed-origins``
+    adds others ('*' for any); a request without Origin (not a browser) passes
+    unless ``--allow-no-origin`` is off.
+    """
+    origin = request.headers.get("origin")
+    if origin is None:
+        return front.allow_no_origin
+    origin = origin.rstrip("/").lower()
+    if "*" in front.allowed_origins or origin in front.allowed_origins:
+        return True
+    host = request.headers.get("host", "").lower()
+    return origin in (f"http://{host}", f"https://{host}")
+
+
+# ---------------------------------------------------------------------------
+# 3. Chat core: messages, history, rooms, the order of each room
+# ---------------------------------------------------------------------------
+
 SENT_AT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
                      r"([Zz]|[+-][0-9]{2}:[0-9]{2})")          # RFC 3339 date-time
-MAX_NAME_CHARS = 32
+
 # A text of N UTF-8 bytes takes at most 6N bytes once JSON-escaped (\u00XX);
 # frames larger than that plus this envelope can only hold a too-long text.
 JSON_ENVELOPE_BYTES = 1024
@@ -544,11 +714,6 @@ ROOM_COST = 2048
 def max_frame_size(max_message_size: int) -> int:
     """The largest client frame that could still hold a text of max_message_size bytes."""
     return 6 * max_message_size + JSON_ENVELOPE_BYTES
-
-
-def valid_name(name: str) -> bool:
-    """A display name: 1-32 printable characters, not only spaces."""
-    return 0 < len(name) <= MAX_NAME_CHARS and name.isprintable() and not name.isspace()
 
 
 class ChatError(Exception):
@@ -631,12 +796,6 @@ def order_field(epoch: bytes) -> bytes:
     return b'"epoch":"%s","seq":' % epoch
 
 
-# A room's order: its seqs count 1, 2, 3, ... within one epoch. An order that
-# starts again (the room was forgotten, or its Redis keys expired or were
-# evicted) gets a new epoch, so nobody takes its seq 1 for an old seq 1. An
-# epoch is 16 hex digits, milliseconds then a counter: a process's epochs only
-# grow, and a Redis script keeps a room's new epoch above the one before.
-EPOCH = re.compile(r"[0-9a-f]{16}")          # fullmatch
 _last_epoch = [0, 0]                          # [milliseconds, counter] of this process's newest epoch
 
 
@@ -651,9 +810,6 @@ def new_epoch() -> bytes:
         if last[1] > 0xFFFFF:
             last[0], last[1] = last[0] + 1, 0
     return b"%011x%05x" % (last[0], last[1])
-
-
-MESSAGE_ID = re.compile(rb'"message_id"\s*:\s*(-?\d{1,19})\b')
 
 
 def resend_key(client: bytes, message_id) -> bytes:
@@ -878,6 +1034,37 @@ class Room(Sequenced):
 # joining and leaving in a loop) find it ready, without asking the bus for a
 # snapshot again; at most this many such rooms per process, the oldest dropped first.
 LINGER_ROOMS = 1024
+
+
+class LocalBus:
+    """Sequences and delivers a room's messages inside one process."""
+
+    local = True
+    up = True
+
+    def __init__(self, chat: Chat):
+        self.chat = chat
+
+    def publish(self, room: Room, prefix: bytes, suffix: bytes, t0: float, conn, message_id,
+                key: bytes = b"", resend: bool = False):
+        """Assign the room's next seq, deliver the message to every member, ack it to its sender."""
+        seq, payload = room.sequence(prefix, suffix, key, resend)
+        if payload is not None:
+            self.chat.deliver(room, seq, encode_frame(OP_TEXT, payload), t0, key)
+        if message_id is not None:
+            self.chat.send(conn, ack_frame(message_id, room.epoch, seq, payload is None))
+
+    def room_opened(self, room: Room) -> None:
+        """The first local member joined room."""
+
+    def room_closed(self, room: Room) -> None:
+        """The last local member left room."""
+
+    def resync(self, room: Room) -> None:
+        """Never needed: nothing is lost inside one process."""
+
+    def report_members(self, room: Room, count: int) -> None:
+        """Never needed: every member is here."""
 
 
 class Chat:
@@ -1169,47 +1356,373 @@ class Chat:
 
 
 # ---------------------------------------------------------------------------
-# 3. Bus: how a message reaches every member of its room
-#
-#    LocalBus   one process: this process assigns seq and delivers.
-#    HubBus     --workers: the supervisor process (its loop is in section 4)
-#               assigns seq, keeps history (HubRoom) and forwards each message
-#               to the workers with members in its room.
-#    RedisBus   --redis: a Lua script assigns seq, keeps history and publishes on
-#               a per-room channel; a node subscribes only to its own rooms.
-#    Every bus has the same face: publish, room_opened, room_closed, resync.
-#    LocalBus and the supervisor share one sequencer (Sequenced, section 2).
+# 4. Connection, sans-IO: states, rate limits, strikes, pings, deadlines
 # ---------------------------------------------------------------------------
 
-class LocalBus:
-    """Sequences and delivers a room's messages inside one process."""
+# A connection's states, in the order it can pass through them (Connection says how).
+HTTP, OPEN, CLOSE_SENT, FLUSHING, REFUSING, LINGERING, CLOSED = range(7)
 
-    local = True
-    up = True
+FRAME_TOKEN = 1 / 32          # rate-limit tokens a frame costs that is not a message or ping
+MAX_DISCARD = 8 << 20         # bytes read and dropped after a refusal (more than a socket buffer) before closing
 
-    def __init__(self, chat: Chat):
-        self.chat = chat
+MESSAGE_ID = re.compile(rb'"message_id"\s*:\s*(-?\d{1,19})\b')
 
-    def publish(self, room: Room, prefix: bytes, suffix: bytes, t0: float, conn, message_id,
-                key: bytes = b"", resend: bool = False):
-        """Assign the room's next seq, deliver the message to every member, ack it to its sender."""
-        seq, payload = room.sequence(prefix, suffix, key, resend)
-        if payload is not None:
-            self.chat.deliver(room, seq, encode_frame(OP_TEXT, payload), t0, key)
-        if message_id is not None:
-            self.chat.send(conn, ack_frame(message_id, room.epoch, seq, payload is None))
 
-    def room_opened(self, room: Room) -> None:
-        """The first local member joined room."""
+class Connection:
+    """One client socket: HTTP until upgraded, then a WebSocket member of a room.
 
-    def room_closed(self, room: Room) -> None:
-        """The last local member left room."""
+    Its ``state`` moves only forward; every closing transition goes through
+    ``Server._closing`` and ends in ``Server._abort``::
 
-    def resync(self, room: Room) -> None:
-        """Never needed: nothing is lost inside one process."""
+        HTTP ----- request answered: 200 ---------------> FLUSHING
+        HTTP ----- request refused: 4xx, 5xx -----------> REFUSING
+        HTTP ----- upgraded ----------------------------> OPEN
+        OPEN ----- close(code): draining (1001) --------> CLOSE_SENT
+        OPEN ----- the peer's Close (echoed) -----------> FLUSHING
+        OPEN ----- too slow: 1013, queue dropped -------> FLUSHING
+        OPEN ----- protocol error, rate, 1011: _fail ---> REFUSING
+        CLOSE_SENT  the peer's Close ------------------> CLOSED
+        FLUSHING    everything sent -------------------> CLOSED
+        REFUSING    everything sent: shutdown(SHUT_WR) -> LINGERING
+        LINGERING   the peer's EOF --------------------> CLOSED
+        any ------- EOF, socket error, a deadline ------> CLOSED
 
-    def report_members(self, room: Room, count: int) -> None:
-        """Never needed: every member is here."""
+    In CLOSE_SENT the peer's frames are still parsed, to find its Close (RFC
+    6455 7.1.2). REFUSING and LINGERING drop what the peer still sends (up to
+    MAX_DISCARD) but read it: closing a socket with unread input makes the
+    kernel send RST, and the peer's kernel then drops the answer unread.
+    Every closing state has the close deadline (--close-timeout).
+    """
+
+    __slots__ = (
+        "byte_tokens",
+        "client",
+        "deadline",
+        "discarded",
+        "fd",
+        "handed",
+        "inbuf",
+        "last_seen",
+        "name",
+        "out",
+        "out_bytes",
+        "out_pos",
+        "parser",
+        "peer",
+        "ping_sent",
+        "replay",
+        "room",
+        "sock",
+        "state",
+        "strikes",
+        "token_time",
+        "tokens",
+        "writing",
+    )
+
+    def __init__(self, sock: socket.socket, peer: str, now: float):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.state = HTTP
+        self.inbuf = b""
+        self.parser = None
+        self.out: list = []           # frames to send, the first one from out_pos on
+        self.out_pos = 0
+        self.out_bytes = 0            # bytes of out still to send
+        self.writing = False          # registered for write readiness
+        self.replay = None            # next seq of a since= replay still to send
+        self.client = b""             # client id: names its messages for the resend check
+        self.room = None
+        self.name = ""
+        self.last_seen = now
+        self.ping_sent = 0.0
+        self.deadline = 0.0           # handshake, write or close deadline
+        self.tokens = 0.0
+        self.byte_tokens = 0.0
+        self.token_time = now
+        self.strikes = 0
+        self.discarded = 0            # bytes dropped since a refusal or a failure
+        self.peer = peer
+        self.handed = False           # handed over by the worker that accepted it
+
+
+# ---------------------------------------------------------------------------
+# 5. Loop and server: counters, the selectors loop, links, the server
+# ---------------------------------------------------------------------------
+
+RECV_SIZE = 65536
+ACCEPT_BATCH = 128
+IOV_BATCH = 512               # frames handed to one sendmsg() (Linux's IOV_MAX is 1024)
+JOIN_MAX = 16 << 10           # bytes of queued frames joined into one send() rather than sendmsg()
+REPLAY_CHUNK = 64 << 10       # bytes of a since= replay queued at a time, as the socket drains
+
+
+class Histogram:
+    """A Prometheus-style histogram kept as plain numbers (cheap to observe)."""
+
+    __slots__ = ("bounds", "count", "counts", "total")
+
+    def __init__(self, bounds: tuple):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        """Count one observation."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+
+BROADCAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                     0.25, 0.5, 1.0, 2.5)
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+GC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+DROP_REASONS = ("slow_consumer", "ping_timeout", "write_timeout", "close_timeout")
+# Label values, as strings (the supervisor adds up workers' counters sent as JSON).
+PROTOCOL_ERROR_CODES = tuple(str(c) for c in (CLOSE_PROTOCOL_ERROR, CLOSE_UNSUPPORTED_DATA, CLOSE_INVALID_DATA,
+                                              CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_INTERNAL_ERROR))
+REFUSE_REASONS = ("bad_request", "not_found", "method", "version", "header_too_large", "origin",
+                  "max_connections", "draining", "rate_limit", "bad_message", "too_big",
+                  "handshake_timeout", "bus_down", "host")
+
+
+class Stats:
+    """The server's counters as plain attributes; the metrics collector reads them."""
+
+    COUNTERS = ("connections", "connections_total", "messages_in", "deliveries", "bytes_in",
+                "bytes_out", "draining", "rooms", "bus_up", "gc_frozen", "internal_errors", "history_bytes",
+                "sequenced_rooms", "bus_unreplicated", "pings", "handoffs", "room_syncs")
+    TABLES = ("dropped", "protocol_errors", "refused", "http_requests")
+    HISTOGRAMS = ("broadcast", "loop_lag", "gc0", "gc1", "gc2")
+
+    def __init__(self):
+        for name in self.COUNTERS:
+            setattr(self, name, 0)
+        self.bus_up = 1
+        self.dropped = dict.fromkeys(DROP_REASONS, 0)
+        # Every label value a fixed set allows is there from the start, at 0: a series
+        # that appears mid-range loses its first increment to rate().
+        self.protocol_errors = dict.fromkeys(PROTOCOL_ERROR_CODES, 0)
+        self.refused = dict.fromkeys(REFUSE_REASONS, 0)
+        self.http_requests = dict.fromkeys(HTTP_STATUSES, 0)
+        self.broadcast = Histogram(BROADCAST_BUCKETS)
+        self.loop_lag = Histogram(LAG_BUCKETS)
+        self.gc0, self.gc1, self.gc2 = (Histogram(GC_BUCKETS) for _ in range(3))
+
+    def to_dict(self) -> dict:
+        """Everything as plain JSON-able data."""
+        d = {name: getattr(self, name) for name in self.COUNTERS + self.TABLES}
+        for name in self.HISTOGRAMS:
+            h = getattr(self, name)
+            d[name] = [h.counts, h.total, h.count]
+        return d
+
+    def add(self, d: dict) -> None:
+        """Add another process's to_dict() into this one (gauges add up too)."""
+        for name in self.COUNTERS:
+            setattr(self, name, getattr(self, name) + d[name])
+        for name in self.TABLES:
+            table = getattr(self, name)
+            for key, value in d[name].items():
+                table[key] = table.get(key, 0) + value
+        for name in self.HISTOGRAMS:
+            h, (counts, total, count) = getattr(self, name), d[name]
+            h.counts = [a + b for a, b in zip(h.counts, counts)]
+            h.total += total
+            h.count += count
+
+
+class GcWatch:
+    """Times each pause of the cyclic garbage collector, by generation, into Stats.
+
+    A full (generation 2) collection walks every tracked object, and a process
+    holding many connections holds many: about 15 ms at 17k connections, 66 ms
+    at 100k (bench/bench_gc.py), a pause every member of the process feels. With
+    freeze, what survives a full collection is moved out of the collector's
+    sight (gc.freeze()) by the loop's next quarter-second timer (not inside the
+    collection, which may run on the metrics thread), so the next full collection
+    walks only what was allocated since. That is safe because the server's
+    objects form no reference cycles once released (test_scalechat.py checks
+    this): frozen objects are still freed by reference counting.
+    """
+
+    def __init__(self, stats: Stats, freeze: bool):
+        self.stats, self.freeze = stats, freeze
+        self.started = 0.0
+        self.freeze_due = False
+        self.hists = (stats.gc0, stats.gc1, stats.gc2)
+        gc.callbacks.append(self.on_gc)
+
+    def on_gc(self, phase: str, info: dict) -> None:
+        """gc.callbacks hook: note the start, observe the pause at the stop."""
+        if phase == "start":
+            self.started = time.perf_counter()
+            return
+        generation = info["generation"]
+        self.hists[generation].observe(time.perf_counter() - self.started)
+        if generation == 2 and self.freeze:
+            self.freeze_due = True
+
+    def freeze_if_due(self) -> None:
+        """Loop timer: after a full collection, freeze what survived it."""
+        if self.freeze_due:
+            self.freeze_due = False
+            gc.freeze()
+            self.stats.gc_frozen = gc.get_freeze_count()
+
+    def close(self) -> None:
+        """Stop watching (a process may run more than one loop in its life, e.g. tests)."""
+        if self.on_gc in gc.callbacks:
+            gc.callbacks.remove(self.on_gc)
+
+
+class EventLoop:
+    """A selectors loop with timers, links and a signal-safe wake-up.
+
+    Handlers registered with the selector are callables ``handler(events)``;
+    client connections are dispatched by the Server subclass directly.
+    """
+
+    def __init__(self):
+        self.sel = selectors.DefaultSelector()
+        self.timers: list = []              # [due, interval (0: once), fn]
+        self.next_due = 0.0
+        self.links: list = []
+        self.now = time.monotonic()
+        self.running = True
+        self.stop_requested = False
+        self.stats = Stats()
+        self.errors_logged: dict = {}       # (exception type, file, line) -> when last logged
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, self._on_wake)
+
+    def every(self, interval: float, fn) -> list:
+        """Call fn every interval seconds."""
+        return self._add_timer([self.now + interval, interval, fn])
+
+    def call_later(self, delay: float, fn) -> list:
+        """Call fn once, delay seconds from now."""
+        return self._add_timer([self.now + delay, 0, fn])
+
+    def _add_timer(self, timer: list) -> list:
+        self.timers.append(timer)
+        self.next_due = min(self.next_due, timer[0])
+        return timer
+
+    def run_timers(self) -> None:
+        """Run due timers and note when the next one is due."""
+        now = self.now
+        for timer in [t for t in self.timers if t[0] <= now]:
+            if timer[1]:
+                timer[0] = max(timer[0] + timer[1], now)
+            else:
+                self.timers.remove(timer)
+            try:
+                timer[2]()
+            except Exception:  # noqa: BLE001 - the barrier: any bug, one victim
+                self.internal_error()
+        self.next_due = min((t[0] for t in self.timers), default=now + 1.0)
+
+    def run(self) -> None:
+        """Turn the loop until ``running`` is false."""
+        select, monotonic = self.sel.select, time.monotonic
+        while self.running:
+            self.now = monotonic()
+            if self.now >= self.next_due:   # most turns have no timer due: skip the list
+                self.run_timers()
+                self.end_turn()
+            for key, events in select(max(0.0, self.next_due - monotonic())):
+                handler = key.data
+                self.now = monotonic()
+                if handler.__class__ is Connection:
+                    self.on_connection_event(handler, events)
+                else:
+                    try:
+                        handler(events)
+                    except Exception:  # noqa: BLE001 - the barrier: any bug, one victim
+                        self.internal_error()
+                        owner = getattr(handler, "__self__", None)
+                        if isinstance(owner, Link):
+                            owner.close()       # its owner reconnects or restarts, from a clean state
+            self.end_turn()
+            self.after_turn()
+
+    def internal_error(self) -> None:
+        """Count the exception being handled; log it with its traceback, once a minute per place.
+
+        A bug that one client can trigger must not end the loop, nor flood the log.
+        """
+        self.stats.internal_errors += 1
+        exc = sys.exc_info()[1]
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        place = (type(exc).__name__, frame.filename, frame.lineno)
+        last = self.errors_logged.get(place)
+        if last is None or self.now - last > 60:
+            self.errors_logged[place] = self.now
+            log.error("internal error (%d so far; this place is logged at most once a minute)",
+                      self.stats.internal_errors, exc_info=exc)
+
+    def end_turn(self) -> None:
+        """Flush what the turn queued."""
+        for link in self.links:
+            if link.pending:
+                link.flush()
+
+    def after_turn(self) -> None:
+        """Hook: decide whether to keep running."""
+
+    def on_connection_event(self, conn: Connection, events: int) -> None:
+        raise NotImplementedError
+
+    def wake(self) -> None:
+        """Make select return (safe from signal handlers)."""
+        try:
+            self.wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def request_stop(self, *_args) -> None:
+        """Signal handler: begin stopping on the loop's next turn; twice: stop now."""
+        if self.stop_requested:
+            self.on_stop_again()
+        self.stop_requested = True
+        self.wake()
+
+    def _on_wake(self, _events: int) -> None:
+        try:
+            while self.wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+        if self.stop_requested:
+            self.on_stop()
+
+    def on_stop(self) -> None:
+        """Hook: a stop was requested."""
+        self.running = False
+
+    def on_stop_again(self) -> None:
+        """Hook: a second stop was requested."""
+        self.running = False
+
+
+def compact(buf: bytearray, pos: int) -> int:
+    """Drop the consumed (parsed or sent) start of a buffer once it is most of it; the new position.
+
+    Dropping it on every read or send would copy the rest each time: a large
+    message arriving, or leaving, in many pieces would cost quadratic time.
+    """
+    if pos == len(buf):
+        buf.clear()
+        return 0
+    if pos > 65536 and 2 * pos > len(buf):
+        del buf[:pos]
+        return 0
+    return pos
 
 
 # Bytes a link's queue must fall below before it takes the next chunk of a
@@ -1356,6 +1869,754 @@ class Link:
         self.on_close()
 
 
+def fd_limit() -> int:
+    """The open-file soft limit."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def raise_fd_limit() -> int:
+    """Raise the open-file soft limit to the hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+    return hard
+
+
+def make_listener(host: str, port: int, reuse_port: bool = False, listen: bool = True) -> socket.socket:
+    """A listening TCP socket (IPv6 when host contains ':'); SO_REUSEPORT for workers."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+        if listen:
+            sock.listen(4096)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+# Each room has an owner among the workers; the worker that accepts a WebSocket
+# passes it to the owner over a datagram socket with SCM_RIGHTS. A room's members
+# then share one worker, so a message crosses to one worker, not to one per
+# member (SCALING.md, section 13).
+HANDOFF_MAX = 16384           # request bytes a hand-off carries (a head is at most --max-header-size)
+
+
+def room_owner(room: str, workers: int) -> int:
+    """The worker slot that owns room: the same answer in every process (crc32, not hash())."""
+    return zlib.crc32(room.encode()) % workers
+
+
+class Handoff:
+    """A worker's ends of the hand-off links: its own inbox, and a way into each other worker's.
+
+    The supervisor makes one unix datagram socketpair per worker slot, keeps it
+    for its whole life and never reads it; a worker gets its own slot's
+    receiving end and the other slots' sending ends, nothing else. No end has a
+    name (abstract or on disk), so no process outside this server can reach an
+    inbox, and a restarted worker finds its predecessor's inbox with what was
+    queued there (sockets in flight and their requests): it serves them. An
+    inbox holds what the buffer of the end others send on does (SO_SNDBUF,
+    208 KiB by default: some 160 requests); past that a send fails at once and
+    the accepting worker serves the client itself.
+    """
+
+    def __init__(self, ends: list[socket.socket], slot: int):
+        self.ends = ends                # per slot, the sending end into that worker; at our slot, our inbox
+        self.inbox = ends[slot]
+
+    def send(self, conn_fd: int, request: bytes, owner: int) -> bool:
+        """Pass a client socket and the request bytes read from it to another worker; whether it went."""
+        try:
+            self.ends[owner].sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", conn_fd))],
+                                     socket.MSG_DONTWAIT)
+        except OSError:                 # its inbox is full (EAGAIN), or the like
+            return False
+        return True
+
+    def receive(self, batch: int):
+        """Up to batch (socket, peer address, request bytes) handed to this worker, as they are read.
+
+        Who sent a datagram is not checked (no SO_PASSCRED): only the processes
+        of this server hold a sending end, and one that could take an end from
+        them (ptrace) could do anything they can. What it carries is checked all
+        the same: one TCP socket, or it is closed.
+        """
+        for _ in range(batch):
+            try:
+                request, ancillary, _flags, _addr = self.inbox.recvmsg(
+                    HANDOFF_MAX, socket.CMSG_SPACE(4), socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                return
+            fds = [fd for level, kind, data in ancillary if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+                   for (fd,) in struct.iter_unpack("i", data[:len(data) - len(data) % 4])]
+            if len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            try:
+                sock = socket.socket(fileno=fds[0])
+            except OSError:             # not a socket
+                os.close(fds[0])
+                continue
+            try:
+                if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+                    raise OSError("not a TCP socket")
+                peer = sock.getpeername()[0]
+            except OSError:             # not TCP, or the client left meanwhile
+                sock.close()
+                continue
+            sock.setblocking(False)
+            yield sock, peer, request
+
+    def close(self) -> None:
+        """Close this worker's ends (the supervisor keeps its own)."""
+        for end in self.ends:
+            end.close()
+
+
+class Server(EventLoop):
+    """One process's loop serving HTTP, WebSocket and the chat."""
+
+    def __init__(self, config, make_buses=None, handoff: Handoff | None = None):
+        """make_buses(server, chat): (the link to the --workers supervisor or None, the bus the chat
+        uses or None for its own LocalBus), chosen by main(); handoff: the worker's hand-off links."""
+        super().__init__()
+        self.config = config
+        self.gc_watch = GcWatch(self.stats, config.gc_freeze)
+        self.dirty: list = []
+        self.chat = Chat(config, self.stats, self.send, self.dirty)
+        self.conns: dict[int, Connection] = {}
+        self.handshaking: dict[int, Connection] = {}
+        self.closing: dict[int, Connection] = {}
+        self.blocked: dict[int, Connection] = {}
+        self.per_ip: dict[str, int] = {}
+        self.front = Front(load_static(config.static_dir), config.allowed_hosts, config.allowed_origins,
+                           config.allow_no_origin)
+        self.draining = False
+        self.drain_deadline = 0.0
+        self.max_conns = config.max_connections or max(16, fd_limit() - 64)
+        self.sweep_queue: list = []
+        self.listener = make_listener(config.host, config.port, reuse_port=config.worker_id is not None)
+        self.listener.setblocking(False)
+        self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
+        self.handoff = handoff
+        if handoff is not None:
+            self.sel.register(handoff.inbox, selectors.EVENT_READ, self._on_handoff)
+        self.hub, bus = make_buses(self, self.chat) if make_buses is not None else (None, None)
+        if bus is not None:
+            self.chat.bus = bus
+        if self.hub is not None:
+            self.every(1.0, lambda: self.hub.send_stats(self.stats))
+        self.every(0.25, self._tick_lag)
+        self.every(0.25, self.gc_watch.freeze_if_due)
+        self.every(0.25, self._check_deadlines)
+        # Each open connection is looked at once per sweep period, a quarter of the
+        # shorter of the two intervals: a ping goes out at most that late, and an idle
+        # connection costs sweep visits in proportion to its pings, not to the clock.
+        self.sweep_period = min(config.ping_interval, config.pong_timeout) / 4
+        self.sweep_tick = min(1.0, self.sweep_period)
+        self.every(self.sweep_tick, self._sweep)
+        self.every(1.0, self._send_member_counts)
+        self.every(1.0, self._count_history)
+
+    def _tick_lag(self) -> None:
+        """Measure how late the loop runs a timer due every 0.25 s."""
+        self.stats.loop_lag.observe(max(0.0, self.now - self._lag_due))
+        self._lag_due = self.now + 0.25
+
+    _lag_due = 0.0
+
+    # -- the loop -----------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Run until stopped and drained."""
+        self._lag_due = self.now + 0.25
+        self.run()
+        for conn in list(self.conns.values()):
+            self._abort(conn)
+        if self.hub is not None:
+            self.hub.send_stats(self.stats)
+            self.end_turn()
+        self.sel.close()
+        self.listener.close()
+        if self.handoff is not None:
+            self.handoff.close()
+        self.gc_watch.close()
+        log.info("stopped")
+
+    def end_turn(self) -> None:
+        """Send what connections and links queued this turn."""
+        if self.dirty:
+            self._flush_dirty()
+        super().end_turn()
+
+    def after_turn(self) -> None:
+        """Stop once draining is done."""
+        if self.draining and (not self.conns or self.now > self.drain_deadline):
+            self.running = False
+
+    def on_connection_event(self, conn: Connection, events: int) -> None:
+        """Selector callback for a client socket: the exception barrier of one connection."""
+        try:
+            if events & selectors.EVENT_WRITE:
+                self._flush(conn)
+            if events & selectors.EVENT_READ and conn.state != CLOSED:
+                self._on_readable(conn)
+        except Exception:  # noqa: BLE001 - the barrier: any bug, one victim
+            self._internal_failure(conn)
+
+    def _internal_failure(self, conn: Connection) -> None:
+        """A bug met while serving conn: close it with 1011 (or 500), count and log it, serve the rest."""
+        self.internal_error()
+        try:
+            if conn.state == OPEN:
+                self._fail(conn, CLOSE_INTERNAL_ERROR, "internal error")
+            elif conn.state == HTTP:
+                self._http_reply(conn, http_response(500, b"internal error\n"), 500)
+            else:
+                self._abort(conn)
+        except Exception:
+            log.exception("dropping %s after a second internal error", conn.peer)
+            conn.state = CLOSED
+            for table in (self.conns, self.handshaking, self.closing, self.blocked):
+                table.pop(conn.fd, None)
+            try:
+                self.sel.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+            conn.sock.close()
+
+    def on_stop(self) -> None:
+        """SIGTERM/SIGINT: drain."""
+        if not self.draining:
+            self.drain()
+
+    def on_stop_again(self) -> None:
+        """A second signal: stop without waiting."""
+        self.drain_deadline = 0.0
+
+    def drain(self) -> None:
+        """Refuse new WebSockets, say 1001 to every client, stop when they are gone."""
+        log.info("draining %d connections (timeout %.1fs)", len(self.conns), self.config.drain_timeout)
+        self.draining = True
+        self.stats.draining = 1
+        self.drain_deadline = self.now + self.config.drain_timeout
+        for conn in list(self.conns.values()):
+            if conn.state == OPEN:
+                self.close(conn, CLOSE_GOING_AWAY, "server shutting down")
+            elif conn.state == HTTP and not conn.out:
+                self._abort(conn)
+
+    # -- accept -------------------------------------------------------------
+
+    def _accept(self, _events: int) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: the connection stays in the backlog, and
+                    # accepting again at once would spin at 100% CPU. Pause a little.
+                    log.warning("accept: %s; pausing accepts for 100 ms", os.strerror(e.errno))
+                    self.sel.unregister(self.listener)
+                    self.call_later(0.1, lambda: self.sel.register(self.listener, selectors.EVENT_READ,
+                                                                   self._accept))
+                    return
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._adopt(sock, addr[0])
+
+    def _adopt(self, sock: socket.socket, peer: str) -> Connection:
+        """A new client socket (accepted, or handed over): its handshake deadline starts now."""
+        conn = Connection(sock, peer, self.now)
+        conn.deadline = self.now + self.config.handshake_timeout
+        self.conns[conn.fd] = conn
+        self.handshaking[conn.fd] = conn
+        self.sel.register(sock, selectors.EVENT_READ, conn)
+        # Every socket of an address counts, not only upgraded ones: otherwise one
+        # address could hold any number of sockets in the handshake (slowloris).
+        self.per_ip[conn.peer] = n = self.per_ip.get(conn.peer, 0) + 1
+        if self.config.max_per_ip and n > self.config.max_per_ip:
+            self._http_error(conn, 503, "too many connections from this address",
+                             "max_connections", (("Retry-After", "1"),))
+        return conn
+
+    # -- --room-affinity: a WebSocket goes to the worker that owns its room ---
+
+    def _hand_off(self, conn: Connection, room: str, request: bytes) -> bool:
+        """Pass conn (its socket and the request bytes read so far) to the worker owning room.
+
+        Whether it went: not when this worker owns the room, the request is too big
+        for one datagram, or the owner's inbox is full: then this worker serves it,
+        and the supervisor's order still holds.
+        """
+        owner = room_owner(room, self.config.worker_count)
+        if owner == self.config.worker_id or conn.handed or len(request) > HANDOFF_MAX:
+            return False
+        if not self.handoff.send(conn.fd, request, owner):
+            return False
+        self.stats.handoffs += 1
+        self._abort(conn)                   # our descriptor; the owner has its own
+        return True
+
+    def _on_handoff(self, _events: int) -> None:
+        """Adopt the sockets other workers handed over, and read their requests again."""
+        for sock, peer, request in self.handoff.receive(ACCEPT_BATCH):
+            conn = self._adopt(sock, peer)
+            conn.handed = True
+            if conn.state == HTTP:
+                self._on_http_data(conn, request)
+
+    # -- read ---------------------------------------------------------------
+
+    def _on_readable(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._abort(conn)
+            return
+        if not data:
+            self._abort(conn)
+            return
+        self.stats.bytes_in += len(data)
+        conn.last_seen = self.now
+        if conn.state == HTTP:
+            self._on_http_data(conn, data)
+            return
+        if conn.parser is not None:
+            self._on_websocket_data(conn, data)
+        else:                               # refused or failed: a reply is on its way out
+            conn.discarded += len(data)
+            if conn.discarded > MAX_DISCARD:    # a peer that keeps sending gets no more reads
+                self._abort(conn)
+
+    def _on_websocket_data(self, conn: Connection, data: bytes) -> None:
+        parser = conn.parser
+        frames_before, fragments_before = parser.frames, parser.fragments
+        if self.config.rate_limit > 0:
+            # Parse no more frames than the connection can pay for (at the cheapest price, a
+            # fragment's) or be refused for: each refusal is a strike, and past --rate-burst of
+            # them it is closed, so the frames one read costs the server stay bounded.
+            strikes_left = int(self.config.rate_burst - conn.strikes)
+            parser.frame_limit = frames_before + int(self._refill(conn) / FRAME_TOKEN) + strikes_left + 1
+        try:
+            frames, error = parser.feed(data), None
+        except ProtocolError as e:
+            # Frames completed before the violation still count. Keep code and reason,
+            # not e: its traceback holds this frame, a cycle with the local.
+            frames, error = e.frames, (e.code, e.reason)
+        # Frames that complete nothing (fragments) pay too, or a stream of empty
+        # continuations would cost the server a core at no cost to the client.
+        fragments = parser.fragments - fragments_before
+        if fragments > 0 and conn.state == OPEN and not self._take_token(conn, fragments * FRAME_TOKEN):
+            self._fail(conn, CLOSE_POLICY, "too many frames")
+            return
+        for opcode, payload in frames:
+            if conn.state == OPEN:
+                self._on_frame(conn, opcode, payload)
+            elif opcode == OP_CLOSE:        # the answer to our close: done
+                self._abort(conn)
+                return
+        # A frame above may have failed the connection already (failing drops its parser).
+        if error is not None and conn.state != CLOSED and conn.parser is parser:
+            self._fail(conn, *error)
+
+    def _on_frame(self, conn: Connection, opcode: int, payload: bytes) -> None:
+        if opcode == OP_TEXT:
+            over = self._take_message(conn, len(payload))
+            if over is not None:
+                self._over_rate(conn, payload, over)
+                return
+            err = self.chat.receive(conn, payload, self.now)
+            if err is not None:
+                self.send(conn, err)
+        elif opcode == OP_PING:
+            if self._take_token(conn):      # each ping costs a pong: limited like messages
+                self.send(conn, encode_frame(OP_PONG, payload))
+            else:
+                self._over_rate(conn, b"")
+        elif opcode == OP_PONG:
+            conn.ping_sent = 0.0
+            if not self._take_token(conn, FRAME_TOKEN):
+                self._over_rate(conn, None)
+        elif opcode == OP_CLOSE:
+            # Echo the peer's status code (RFC 6455 5.5.1), then close TCP ourselves.
+            self._closing(conn, encode_frame(OP_CLOSE, payload[:2]), FLUSHING)
+        elif opcode == OP_BINARY:          # unreachable: the parser refuses binary frames
+            self._fail(conn, CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted")
+
+    def _refill(self, conn: Connection) -> float:
+        """conn's tokens now: refilled at --rate-limit per second since the last look, up to --rate-burst
+        (and its byte tokens at --rate-limit-bytes, up to --rate-burst-bytes)."""
+        cfg, elapsed = self.config, self.now - conn.token_time
+        conn.byte_tokens = min(cfg.rate_burst_bytes, conn.byte_tokens + elapsed * cfg.rate_limit_bytes)
+        conn.tokens = min(cfg.rate_burst, conn.tokens + elapsed * cfg.rate_limit)
+        conn.token_time = self.now
+        return conn.tokens
+
+    def _take_message(self, conn: Connection, size: int) -> str | None:
+        """Charge a message of size bytes to conn's buckets: None, or what it is over ("messages" or "bytes").
+
+        size is the frame's payload, what the client sent: it is at least what the text
+        weighs re-encoded, in history and on the bus (escapes and all: a client must
+        escape what the server escapes), short only of the envelope (room, sender, seq).
+        """
+        cfg = self.config
+        if cfg.rate_limit <= 0 and cfg.rate_limit_bytes <= 0:
+            return None
+        self._refill(conn)
+        if cfg.rate_limit > 0 and conn.tokens < 1:
+            over = "messages"
+        elif cfg.rate_limit_bytes > 0 and conn.byte_tokens < size:
+            over = "bytes"
+        else:
+            conn.tokens -= 1
+            conn.byte_tokens -= size
+            return None
+        self.stats.refused["rate_limit"] += 1
+        return over
+
+    def _take_token(self, conn: Connection, cost: float = 1.0) -> bool:
+        """Token bucket per connection: whether conn may spend cost (a message costs 1)."""
+        if self.config.rate_limit <= 0:
+            return True
+        if self._refill(conn) >= cost:
+            conn.tokens -= cost
+            return True
+        self.stats.refused["rate_limit"] += 1
+        return False
+
+    def _over_rate(self, conn: Connection, payload: bytes | None, over: str = "messages") -> None:
+        """A frame over the rate (of messages or of bytes): an error frame (none for a pong), and
+        1008 once it keeps on."""
+        conn.strikes += 1
+        if conn.strikes > self.config.rate_burst:
+            self._fail(conn, CLOSE_POLICY, "rate limit exceeded repeatedly")
+        elif payload is not None:
+            found = MESSAGE_ID.search(payload)     # cheap: a flood is not worth a JSON parse
+            limit = self.config.rate_limit if over == "messages" else self.config.rate_limit_bytes
+            self.send(conn, error_frame("rate_limit", f"more than {limit:g} {over} per second",
+                                        int(found.group(1)) if found else None))
+
+    # -- HTTP ---------------------------------------------------------------
+
+    def _on_http_data(self, conn: Connection, data: bytes) -> None:
+        buf = conn.inbuf + data
+        try:
+            head = take_request_head(buf, self.config.max_header_size)
+            if head is None:
+                conn.inbuf = buf
+                return
+            conn.inbuf = b""
+            self._route(conn, parse_request_head(head[0]), head[1], buf)
+        except HandshakeError as e:
+            self._http_error(conn, e.status, e.reason, e.counter, e.headers)
+
+    def _http_error(self, conn: Connection, status: int, reason: str, counter: str,
+                    headers: tuple = ()) -> None:
+        """Refuse a request: the client may still be sending, so let it read the answer."""
+        self.stats.refused[counter] += 1
+        self._http_reply(conn, http_response(status, (reason + "\n").encode(), headers=headers), status,
+                         REFUSING)
+
+    def _http_reply(self, conn: Connection, response: bytes, status: int, then: int = FLUSHING) -> None:
+        self.stats.http_requests[str(status)] += 1
+        self._closing(conn, response, then)
+
+    def _route(self, conn: Connection, request: Request, rest: bytes, raw: bytes = b"") -> None:
+        answer = route(request, self.front, draining=self.draining, bus_up=self.chat.bus.up,
+                       full=self.stats.connections >= self.max_conns)
+        if isinstance(answer, Upgrade):
+            if self.handoff is None or not self._hand_off(conn, answer.room, raw):
+                self._upgrade(conn, answer, rest)
+        else:
+            status, response = answer
+            self._http_reply(conn, response, status)
+
+    def _upgrade(self, conn: Connection, upgrade: Upgrade, rest: bytes) -> None:
+        cfg = self.config
+        self.handshaking.pop(conn.fd, None)
+        conn.state = OPEN
+        conn.name = self.chat.assign_name(upgrade.name)
+        # Without a client id of its own, a connection's messages still need a key
+        # nobody else has (a resend after a bus failure); '.' is never in a client's.
+        conn.client = upgrade.client.encode() if upgrade.client else b".%s" % os.urandom(8).hex().encode()
+        conn.parser = FrameParser(True, max_frame_size(cfg.max_message_size), accept_binary=False)
+        conn.tokens = cfg.rate_burst
+        conn.byte_tokens = cfg.rate_burst_bytes
+        self.stats.connections += 1
+        self.stats.connections_total += 1
+        self.stats.http_requests["101"] += 1
+        self.send(conn, upgrade_response(upgrade.accept))
+        self.chat.join(conn, upgrade.room, upgrade.since, upgrade.epoch)
+        self.stats.rooms = self.chat.active_rooms()
+        if rest:
+            self._on_websocket_data(conn, rest)
+
+    # -- write --------------------------------------------------------------
+
+    def send(self, conn: Connection, data: bytes) -> None:
+        """Queue bytes for conn; they go out at the end of this loop turn."""
+        out = conn.out
+        if not out:
+            self.dirty.append(conn)
+        out.append(data)
+        conn.out_bytes += len(data)
+
+    def _flush_dirty(self) -> None:
+        dirty = self.dirty
+        cap = self.config.max_buffer
+        batch = dirty[:]
+        dirty.clear()
+        for conn in batch:
+            try:
+                if conn.writing or conn.state == CLOSED:
+                    if conn.out_bytes > cap and conn.state == OPEN:
+                        self._cut_off(conn)
+                    continue
+                self._flush(conn)
+            except Exception:  # noqa: BLE001 - the barrier: any bug, one victim
+                self._internal_failure(conn)
+
+    def _flush(self, conn: Connection) -> None:
+        """Send what conn has queued in as few system calls as it takes; watch for writability if it stalls.
+
+        Frames go out from the list itself (send, or sendmsg for several; a few
+        small ones are joined once, which is cheaper), never sliced: a partial
+        send only moves ``out_pos``, so no byte is copied twice. A since= replay
+        is pulled from history a chunk at a time, once all queued before it went.
+        """
+        out = conn.out
+        if not out and conn.replay is not None:
+            frames = self.chat.replay(conn, REPLAY_CHUNK)
+            if frames is None:
+                self._cut_off(conn)
+                return
+            out.extend(frames)
+            conn.out_bytes += sum(map(len, frames))
+        while out:
+            pos = conn.out_pos
+            try:
+                if len(out) == 1:
+                    attempted = conn.out_bytes
+                    sent = conn.sock.send(memoryview(out[0])[pos:] if pos else out[0])
+                elif not pos and conn.out_bytes <= JOIN_MAX:    # a few small frames: one copy is cheaper
+                    out[:] = [b"".join(out)]
+                    attempted = conn.out_bytes
+                    sent = conn.sock.send(out[0])
+                else:
+                    batch = out[:IOV_BATCH]
+                    if pos:
+                        batch[0] = memoryview(batch[0])[pos:]
+                    attempted = conn.out_bytes if len(out) <= IOV_BATCH else sum(map(len, batch))
+                    sent = conn.sock.sendmsg(batch)
+            except (BlockingIOError, InterruptedError):
+                attempted, sent = 1, 0
+            except OSError:
+                self._abort(conn)
+                return
+            self.stats.bytes_out += sent
+            conn.out_bytes -= sent
+            if not conn.out_bytes:
+                out.clear()
+                conn.out_pos = 0
+                break
+            stalled = sent < attempted
+            sent += pos
+            done = 0
+            while sent >= len(out[done]):
+                sent -= len(out[done])
+                done += 1
+            del out[:done]
+            conn.out_pos = sent
+            if stalled:                     # the socket is full: wait until it can take more
+                self._watch_writable(conn, stalled=True)
+                if conn.out_bytes > self.config.max_buffer and conn.state == OPEN:
+                    self._cut_off(conn)     # a partly sent frame is kept
+                return
+        if conn.replay is not None:         # more to replay: go on when the socket can take it
+            self._watch_writable(conn, stalled=False)
+            return
+        if conn.writing:
+            conn.writing = False
+            self.blocked.pop(conn.fd, None)
+            self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
+        if conn.state == FLUSHING:
+            self._abort(conn)
+        elif conn.state == REFUSING:
+            self._linger(conn)
+
+    def _watch_writable(self, conn: Connection, stalled: bool) -> None:
+        """Wake up when conn can take more; a stalled socket also gets a write deadline."""
+        if stalled:
+            if conn.fd not in self.blocked:
+                if conn.state == OPEN:
+                    conn.deadline = self.now + self.config.write_timeout
+                self.blocked[conn.fd] = conn
+        else:
+            self.blocked.pop(conn.fd, None)
+        if not conn.writing:
+            conn.writing = True
+            self.sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+
+    # -- closing ------------------------------------------------------------
+
+    def _closing(self, conn: Connection, last: bytes, state: int) -> None:
+        """Queue conn's last bytes and enter a closing state: CLOSE_SENT, FLUSHING or REFUSING.
+
+        The one way into them (Connection has the map): a member leaves its room
+        at once, and every closing state has the close deadline.
+        """
+        if conn.state == OPEN:
+            self._leave(conn)
+        else:
+            self.handshaking.pop(conn.fd, None)
+        conn.state = state
+        conn.deadline = self.now + self.config.close_timeout
+        self.closing[conn.fd] = conn
+        if state == REFUSING:
+            conn.parser = None              # out of step with the peer: drop what it still sends
+        self.send(conn, last)
+        if state != CLOSE_SENT:             # CLOSE_SENT goes out with the turn's writes (a drain sends many)
+            self._flush(conn)
+
+    def close(self, conn: Connection, code: int, reason: str = "") -> None:
+        """Start the closing handshake: send Close, wait for the peer's (bounded)."""
+        if conn.state == OPEN:
+            self._closing(conn, encode_close(code, reason), CLOSE_SENT)
+
+    def _fail(self, conn: Connection, code: int, reason: str) -> None:
+        """Fail the connection (RFC 6455 7.1.7): send Close, then close TCP without waiting."""
+        self.stats.protocol_errors[str(code)] += 1
+        log.debug("closing %s with %d: %s", conn.peer, code, reason)
+        if conn.state == OPEN:
+            self._closing(conn, encode_close(code, reason), REFUSING)
+        else:
+            self._abort(conn)
+
+    def _linger(self, conn: Connection) -> None:
+        """A refusal is sent: half-close, and close at the peer's EOF (or the close deadline)."""
+        conn.state = LINGERING
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._abort(conn)
+
+    def _cut_off(self, conn: Connection) -> None:
+        """A slow consumer: drop what it has not been sent, tell it 1013, close."""
+        self.stats.dropped["slow_consumer"] += 1
+        if conn.out_pos:                    # a partly sent frame must finish
+            del conn.out[1:]
+            conn.out_bytes = len(conn.out[0]) - conn.out_pos
+        else:
+            conn.out.clear()
+            conn.out_bytes = 0
+        self._closing(conn, encode_close(CLOSE_TRY_AGAIN_LATER, "too slow: reconnect with since"), FLUSHING)
+
+    def _leave(self, conn: Connection) -> None:
+        self.chat.leave(conn, self.now)
+        self.stats.connections -= 1
+        self.stats.rooms = self.chat.active_rooms()
+
+    def _abort(self, conn: Connection) -> None:
+        """Close the socket now and forget the connection."""
+        if conn.state == CLOSED:
+            return
+        if conn.state == OPEN:
+            self._leave(conn)
+        conn.state = CLOSED
+        n = self.per_ip.get(conn.peer, 0) - 1
+        if n > 0:
+            self.per_ip[conn.peer] = n
+        else:
+            self.per_ip.pop(conn.peer, None)
+        fd = conn.fd
+        self.conns.pop(fd, None)
+        self.handshaking.pop(fd, None)
+        self.closing.pop(fd, None)
+        self.blocked.pop(fd, None)
+        try:
+            self.sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+        conn.out.clear()
+        conn.out_bytes = conn.out_pos = 0
+
+    # -- timers: deadlines, pings, member counts ----------------------------
+
+    def _check_deadlines(self) -> None:
+        now = self.now
+        for conn in [c for c in self.handshaking.values() if c.deadline < now]:
+            self.stats.refused["handshake_timeout"] += 1
+            self._abort(conn)
+        for conn in [c for c in self.closing.values() if c.deadline < now]:
+            self.stats.dropped["close_timeout"] += 1
+            self._abort(conn)
+        cap = self.config.max_buffer
+        for conn in [c for c in self.blocked.values() if c.state == OPEN]:
+            if conn.deadline < now:
+                self.stats.dropped["write_timeout"] += 1
+                self._abort(conn)
+            elif conn.out_bytes > cap:      # stalled writers are not flushed, so check here
+                self._cut_off(conn)
+
+    def _sweep(self) -> None:
+        """Ping quiet connections, drop those that never answered; a slice per tick."""
+        if not self.sweep_queue:
+            self.sweep_queue = list(self.conns.values())
+        slice_size = max(256, math.ceil(len(self.conns) * self.sweep_tick / self.sweep_period))
+        batch = self.sweep_queue[-slice_size:]
+        del self.sweep_queue[-slice_size:]
+        now, cfg = self.now, self.config
+        ping = encode_frame(OP_PING, b"")
+        for conn in batch:
+            if conn.state != OPEN:
+                continue
+            if conn.ping_sent:
+                if now - conn.ping_sent > cfg.pong_timeout:
+                    self.stats.dropped["ping_timeout"] += 1
+                    self._abort(conn)
+            elif now - conn.last_seen > cfg.ping_interval:
+                conn.ping_sent = now
+                self.stats.pings += 1
+                self.send(conn, ping)
+
+    def _count_history(self) -> None:
+        chat = self.chat
+        self.stats.history_bytes = chat.budget.used
+        self.stats.sequenced_rooms = len(chat.rooms) if chat.bus.local else 0
+
+    def _send_member_counts(self) -> None:
+        for room, frame in self.chat.member_count_frames():
+            for conn in room.members:
+                self.send(conn, frame)
+        if self.chat.lingering:
+            self.chat.close_idle(self.now)
+            self.stats.rooms = self.chat.active_rooms()
+
+
+# ---------------------------------------------------------------------------
+# 6. Supervisor (--workers): the record codec, the remote bus, the hub
+# ---------------------------------------------------------------------------
+
 # Records between the supervisor and its workers: length, type, body.
 REC_SUBSCRIBE, REC_UNSUBSCRIBE, REC_PUBLISH, REC_STATS = b"S", b"U", b"P", b"T"
 REC_SNAPSHOT, REC_MESSAGE, REC_ACK = b"N", b"M", b"A"
@@ -1400,6 +2661,58 @@ class RecordReader:
             pos += 5 + n
         self.pos = compact(buf, pos)
         return out
+
+
+def members_record(room: str, count: int) -> bytes:
+    """A REC_MEMBERS record: a room's member count (a worker's own, or the supervisor's total)."""
+    r = room.encode()
+    return record(REC_MEMBERS, MEMBERS_HEAD.pack(len(r), count) + r)
+
+
+def parse_members(body: bytes) -> tuple[str, int]:
+    rlen, count = MEMBERS_HEAD.unpack_from(body)
+    return body[MEMBERS_HEAD.size:MEMBERS_HEAD.size + rlen].decode(), count
+
+
+def encode_snapshot(room: str, flags: int, epoch: bytes, seq: int, payloads) -> bytes:
+    """A snapshot record body: part of a room's last messages (each part carries its order)."""
+    r = room.encode()
+    parts = [SNAPSHOT_HEAD.pack(len(r), flags, epoch, seq, len(payloads)), r]
+    for p in payloads:
+        parts.append(LENGTH.pack(len(p)))
+        parts.append(p)
+    return b"".join(parts)
+
+
+def snapshot_records(room: str, epoch: bytes, seq: int, payloads: list, chunk: int = LINK_CHUNK):
+    """A room's snapshot as records of about chunk bytes each, made one at a time."""
+    flags, i = SNAPSHOT_FIRST, 0
+    while True:
+        part, size = [], 0
+        while i < len(payloads) and (not part or size + len(payloads[i]) <= chunk):
+            part.append(payloads[i])
+            size += len(payloads[i])
+            i += 1
+        if i == len(payloads):
+            flags |= SNAPSHOT_LAST
+        yield record(REC_SNAPSHOT, encode_snapshot(room, flags, epoch, seq, part))
+        if flags & SNAPSHOT_LAST:
+            return
+        flags = 0
+
+
+def parse_snapshot(body: bytes) -> tuple[str, int, bytes, int, list]:
+    """(room, flags, epoch, seq, payloads) from a snapshot record body."""
+    rlen, flags, epoch, seq, count = SNAPSHOT_HEAD.unpack_from(body)
+    pos = SNAPSHOT_HEAD.size
+    room = body[pos:pos + rlen].decode()
+    pos += rlen
+    payloads = []
+    for _ in range(count):
+        (n,) = LENGTH.unpack_from(body, pos)
+        payloads.append(body[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    return room, flags, epoch, seq, payloads
 
 
 class Pending:
@@ -1661,59 +2974,201 @@ class HubRoom(Sequenced):
         return changed
 
 
-def members_record(room: str, count: int) -> bytes:
-    """A REC_MEMBERS record: a room's member count (a worker's own, or the supervisor's total)."""
-    r = room.encode()
-    return record(REC_MEMBERS, MEMBERS_HEAD.pack(len(r), count) + r)
+class Worker:
+    """A worker process as the supervisor sees it."""
+
+    def __init__(self, slot: int, proc: subprocess.Popen, link: Link):
+        self.slot, self.proc, self.link = slot, proc, link
+        self.reader = RecordReader()
+        self.stats: dict | None = None
+        self.started = time.monotonic()
 
 
-def parse_members(body: bytes) -> tuple[str, int]:
-    rlen, count = MEMBERS_HEAD.unpack_from(body)
-    return body[MEMBERS_HEAD.size:MEMBERS_HEAD.size + rlen].decode(), count
+class Supervisor(EventLoop):
+    """--workers N: starts N server processes on one port (SO_REUSEPORT), restarts
+    any that dies, and is the sequencer of every room: a worker sends it each
+    message, it assigns the seq, keeps the history and forwards the message to
+    the workers with members in the room, in one order for all."""
 
+    def __init__(self, config, worker_flags: list, worker_env: dict):
+        """worker_flags and worker_env: every worker's command line flags and environment."""
+        super().__init__()
+        self.config = config
+        self.worker_flags, self.worker_env = worker_flags, worker_env
+        self.workers: dict[int, Worker] = {}
+        self.rooms: dict[str, HubRoom] = {}
+        self.budget = HistoryBudget(config.history_bytes, self._forget_if_unused)
+        self.retired = Stats()               # counters of workers that have exited
+        self.retired.bus_up = 0
+        self.stats = Stats()                 # the supervisor's own: collector pauses, internal errors
+        self.stats.bus_up = 0
+        self.gc_watch = GcWatch(self.stats, config.gc_freeze)
+        self.every(0.25, self.gc_watch.freeze_if_due)
+        self.draining = False
+        self.drain_deadline = 0.0
+        self.backoff: dict[int, float] = {}
+        # --room-affinity: each slot's hand-off link (its inbox, the end others send on), made
+        # once and never read here: a restarted worker gets the same inbox, and the others'
+        # sending ends stay valid (Handoff).
+        self.handoff_links = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+                              for _ in range(config.workers)] if config.room_affinity else []
+        for slot in range(config.workers):
+            self._spawn(slot)
+        self.every(0.2, self._reap)
 
-def encode_snapshot(room: str, flags: int, epoch: bytes, seq: int, payloads) -> bytes:
-    """A snapshot record body: part of a room's last messages (each part carries its order)."""
-    r = room.encode()
-    parts = [SNAPSHOT_HEAD.pack(len(r), flags, epoch, seq, len(payloads)), r]
-    for p in payloads:
-        parts.append(LENGTH.pack(len(p)))
-        parts.append(p)
-    return b"".join(parts)
+    def _spawn(self, slot: int) -> None:
+        ours, theirs = socket.socketpair()
+        handoff = [inbox if s == slot else into for s, (inbox, into) in enumerate(self.handoff_links)]
+        fds = [theirs.fileno(), *(end.fileno() for end in handoff)]
+        cmd = [sys.executable, os.path.abspath(__file__), *self.worker_flags, "--workers", "1",
+               "--metrics-port", "0", "--worker-id", str(slot), "--worker-count", str(self.config.workers),
+               "--hub-fd", str(theirs.fileno())]
+        if handoff:
+            cmd += ["--handoff-fds", ",".join(map(str, fds[1:]))]
+        proc = subprocess.Popen(cmd, pass_fds=fds, env=self.worker_env)  # these alone: the rest are close-on-exec
+        theirs.close()
+        worker = Worker(slot, proc, None)
+        worker.link = Link(self, ours, lambda data: self._on_data(worker, data),
+                           lambda: self._unsubscribe_all(worker))
+        self.workers[slot] = worker
+        log.info("worker %d started (pid %d)", slot, proc.pid)
 
+    def _reap(self) -> None:
+        for slot, worker in list(self.workers.items()):
+            code = worker.proc.poll()
+            if code is None:
+                if self.draining and self.now > self.drain_deadline + 5:
+                    worker.proc.kill()
+                continue
+            del self.workers[slot]
+            worker.link.close()
+            self._retire(worker)
+            if self.draining:
+                continue
+            lived = time.monotonic() - worker.started
+            delay = 0.0 if lived > 5 else min(max(self.backoff.get(slot, 0.1) * 2, 0.2), 5.0)
+            self.backoff[slot] = delay
+            log.warning("worker %d (pid %d) exited with %s after %.1fs; restarting in %.1fs",
+                        slot, worker.proc.pid, code, lived, delay)
+            self.call_later(delay, lambda s=slot: None if self.draining else self._spawn(s))
+        if self.draining and not self.workers:
+            self.running = False
 
-def snapshot_records(room: str, epoch: bytes, seq: int, payloads: list, chunk: int = LINK_CHUNK):
-    """A room's snapshot as records of about chunk bytes each, made one at a time."""
-    flags, i = SNAPSHOT_FIRST, 0
-    while True:
-        part, size = [], 0
-        while i < len(payloads) and (not part or size + len(payloads[i]) <= chunk):
-            part.append(payloads[i])
-            size += len(payloads[i])
-            i += 1
-        if i == len(payloads):
-            flags |= SNAPSHOT_LAST
-        yield record(REC_SNAPSHOT, encode_snapshot(room, flags, epoch, seq, part))
-        if flags & SNAPSHOT_LAST:
+    def _retire(self, worker: Worker) -> None:
+        if worker.stats:
+            counters = dict(worker.stats, connections=0, rooms=0, draining=0, bus_up=0, history_bytes=0,
+                            sequenced_rooms=0)
+            self.retired.add(counters)
+
+    def _unsubscribe_all(self, worker: Worker) -> None:
+        for room in list(self.rooms.values()):
+            self._unsubscribe(worker, room)
+
+    def _unsubscribe(self, worker: Worker, room: HubRoom) -> None:
+        if room.subs.pop(worker, 0) is None:
+            worker.link.cancel(room.name)
+            if room.count(worker, 0):
+                self._send_total(room)
+            if not room.subs and not room.history:
+                del self.rooms[room.name]
+
+    def _send_total(self, room: HubRoom) -> None:
+        rec = members_record(room.name, room.total)
+        for sub in room.subs:
+            sub.link.write(rec)
+
+    def _forget_if_unused(self, room: HubRoom) -> None:
+        if not room.subs:
+            del self.rooms[room.name]
+
+    def _on_data(self, worker: Worker, data: bytes) -> None:
+        for kind, body in worker.reader.feed(data):
+            if kind == REC_PUBLISH:
+                self._sequence(worker, body)
+            elif kind == REC_SUBSCRIBE:
+                name = body.decode()
+                room = self.rooms.get(name)
+                if room is None:
+                    room = self.rooms[name] = HubRoom(name, self.config)
+                room.subs[worker] = None
+                worker.link.write(members_record(name, room.total))     # before the snapshot: its welcome counts all
+                payloads = [item for _, item in room.history.items()]
+                worker.link.write_lazily(name, snapshot_records(name, room.epoch, room.seq, payloads))
+            elif kind == REC_UNSUBSCRIBE:
+                room = self.rooms.get(body.decode())
+                if room is not None:
+                    self._unsubscribe(worker, room)
+            elif kind == REC_STATS:
+                worker.stats = json.loads(body)
+            elif kind == REC_MEMBERS:
+                name, count = parse_members(body)
+                room = self.rooms.get(name)
+                if room is not None and worker in room.subs:
+                    if room.count(worker, count):
+                        self._send_total(room)
+                    else:                   # the reporter still needs it: its own share moved
+                        worker.link.write(members_record(name, room.total))
+
+    def _sequence(self, worker: Worker, body: bytes) -> None:
+        """Assign a published message its room's next seq, keep it, forward it, ack it."""
+        rlen, t0, plen, klen, resend = PUBLISH_HEAD.unpack_from(body)
+        pos = PUBLISH_HEAD.size
+        name = body[pos:pos + rlen]
+        key = body[pos + rlen:pos + rlen + klen]
+        pos += rlen + klen
+        room = self.rooms.get(room_name := name.decode())
+        if room is None:                    # its members left before the message got here
+            room = self.rooms[room_name] = HubRoom(room_name, self.config)
+        seq, payload = room.sequence(body[pos:pos + plen], body[pos + plen:], key, resend)
+        if payload is None:
+            worker.link.write(record(REC_ACK, ACK_HEAD.pack(room.epoch, seq, True)))
             return
-        flags = 0
+        room.keep(self.budget, seq, payload, key)
+        rec = record(REC_MESSAGE, MESSAGE_HEAD.pack(rlen, room.epoch, seq, t0) + name + payload)
+        for sub in room.subs:
+            sub.link.write(rec)
+        worker.link.write(record(REC_ACK, ACK_HEAD.pack(room.epoch, seq, False)))
+
+    def total_stats(self) -> Stats:
+        """All workers' counters added up, with those of workers that exited."""
+        total = Stats()
+        total.bus_up = 0
+        total.add(self.retired.to_dict())
+        total.add(self.stats.to_dict())
+        live = [w.stats for w in list(self.workers.values()) if w.stats]
+        for d in live:
+            total.add(d)
+        total.bus_up = int(bool(live) and all(d["bus_up"] for d in live))
+        total.draining = int(self.draining)
+        if not self.config.redis:
+            total.rooms = sum(1 for r in list(self.rooms.values()) if r.subs)
+            total.history_bytes += self.budget.used
+            total.sequenced_rooms = len(self.rooms)
+        return total
+
+    def pids(self) -> list:
+        """The supervisor's and its workers' process ids."""
+        return [os.getpid(), *(w.proc.pid for w in list(self.workers.values()))]
+
+    def on_stop(self) -> None:
+        """SIGTERM/SIGINT: every worker drains; stop when all have exited."""
+        if self.draining:
+            return
+        log.info("draining %d workers", len(self.workers))
+        self.draining = True
+        self.drain_deadline = self.now + self.config.drain_timeout
+        for worker in self.workers.values():
+            worker.proc.send_signal(signal.SIGTERM)
+
+    def on_stop_again(self) -> None:
+        """A second signal: pass it on, so workers stop without waiting."""
+        for worker in self.workers.values():
+            worker.proc.send_signal(signal.SIGTERM)
 
 
-def parse_snapshot(body: bytes) -> tuple[str, int, bytes, int, list]:
-    """(room, flags, epoch, seq, payloads) from a snapshot record body."""
-    rlen, flags, epoch, seq, count = SNAPSHOT_HEAD.unpack_from(body)
-    pos = SNAPSHOT_HEAD.size
-    room = body[pos:pos + rlen].decode()
-    pos += rlen
-    payloads = []
-    for _ in range(count):
-        (n,) = LENGTH.unpack_from(body, pos)
-        payloads.append(body[pos + 4:pos + 4 + n])
-        pos += 4 + n
-    return room, flags, epoch, seq, payloads
-
-
-# -- Redis: RESP spoken on the loop's own non-blocking sockets ---------------
+# ---------------------------------------------------------------------------
+# 7. Redis (--redis): RESP, the scripts, the cluster, the bus
+# ---------------------------------------------------------------------------
 
 class RespError(Exception):
     """An error reply from Redis."""
@@ -1790,21 +3245,6 @@ class RespParser:
                 out.append(value)
         self.pos = compact(buf, pos)
         return out
-
-
-def compact(buf: bytearray, pos: int) -> int:
-    """Drop the consumed (parsed or sent) start of a buffer once it is most of it; the new position.
-
-    Dropping it on every read or send would copy the rest each time: a large
-    message arriving, or leaving, in many pieces would cost quadratic time.
-    """
-    if pos == len(buf):
-        buf.clear()
-        return 0
-    if pos > 65536 and 2 * pos > len(buf):
-        del buf[:pos]
-        return 0
-    return pos
 
 
 # A room's state is one hash: its order's epoch ("e"), its last seq ("n") and
@@ -2575,1440 +4015,7 @@ class RedisBus(RemoteBus):
 
 
 # ---------------------------------------------------------------------------
-# 4. I/O loop: the event loop, connections, accept, read, write, timers
-# ---------------------------------------------------------------------------
-
-# A connection's states, in the order it can pass through them (Connection says how).
-HTTP, OPEN, CLOSE_SENT, FLUSHING, REFUSING, LINGERING, CLOSED = range(7)
-RECV_SIZE = 65536
-ACCEPT_BATCH = 128
-IOV_BATCH = 512               # frames handed to one sendmsg() (Linux's IOV_MAX is 1024)
-JOIN_MAX = 16 << 10           # bytes of queued frames joined into one send() rather than sendmsg()
-REPLAY_CHUNK = 64 << 10       # bytes of a since= replay queued at a time, as the socket drains
-FRAME_TOKEN = 1 / 32          # rate-limit tokens a frame costs that is not a message or ping
-MAX_DISCARD = 8 << 20         # bytes read and dropped after a refusal (more than a socket buffer) before closing
-
-
-class Histogram:
-    """A Prometheus-style histogram kept as plain numbers (cheap to observe)."""
-
-    __slots__ = ("bounds", "count", "counts", "total")
-
-    def __init__(self, bounds: tuple):
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.total = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        """Count one observation."""
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.total += value
-        self.count += 1
-
-
-BROADCAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                     0.25, 0.5, 1.0, 2.5)
-LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-GC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-DROP_REASONS = ("slow_consumer", "ping_timeout", "write_timeout", "close_timeout")
-# Label values, as strings (the supervisor adds up workers' counters sent as JSON).
-PROTOCOL_ERROR_CODES = tuple(str(c) for c in (CLOSE_PROTOCOL_ERROR, CLOSE_UNSUPPORTED_DATA, CLOSE_INVALID_DATA,
-                                              CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_INTERNAL_ERROR))
-REFUSE_REASONS = ("bad_request", "not_found", "method", "version", "header_too_large", "origin",
-                  "max_connections", "draining", "rate_limit", "bad_message", "too_big",
-                  "handshake_timeout", "bus_down", "host")
-
-
-class Stats:
-    """The server's counters as plain attributes; the metrics collector reads them."""
-
-    COUNTERS = ("connections", "connections_total", "messages_in", "deliveries", "bytes_in",
-                "bytes_out", "draining", "rooms", "bus_up", "gc_frozen", "internal_errors", "history_bytes",
-                "sequenced_rooms", "bus_unreplicated", "pings", "handoffs", "room_syncs")
-    TABLES = ("dropped", "protocol_errors", "refused", "http_requests")
-    HISTOGRAMS = ("broadcast", "loop_lag", "gc0", "gc1", "gc2")
-
-    def __init__(self):
-        for name in self.COUNTERS:
-            setattr(self, name, 0)
-        self.bus_up = 1
-        self.dropped = dict.fromkeys(DROP_REASONS, 0)
-        # Every label value a fixed set allows is there from the start, at 0: a series
-        # that appears mid-range loses its first increment to rate().
-        self.protocol_errors = dict.fromkeys(PROTOCOL_ERROR_CODES, 0)
-        self.refused = dict.fromkeys(REFUSE_REASONS, 0)
-        self.http_requests = dict.fromkeys(HTTP_STATUSES, 0)
-        self.broadcast = Histogram(BROADCAST_BUCKETS)
-        self.loop_lag = Histogram(LAG_BUCKETS)
-        self.gc0, self.gc1, self.gc2 = (Histogram(GC_BUCKETS) for _ in range(3))
-
-    def to_dict(self) -> dict:
-        """Everything as plain JSON-able data."""
-        d = {name: getattr(self, name) for name in self.COUNTERS + self.TABLES}
-        for name in self.HISTOGRAMS:
-            h = getattr(self, name)
-            d[name] = [h.counts, h.total, h.count]
-        return d
-
-    def add(self, d: dict) -> None:
-        """Add another process's to_dict() into this one (gauges add up too)."""
-        for name in self.COUNTERS:
-            setattr(self, name, getattr(self, name) + d[name])
-        for name in self.TABLES:
-            table = getattr(self, name)
-            for key, value in d[name].items():
-                table[key] = table.get(key, 0) + value
-        for name in self.HISTOGRAMS:
-            h, (counts, total, count) = getattr(self, name), d[name]
-            h.counts = [a + b for a, b in zip(h.counts, counts)]
-            h.total += total
-            h.count += count
-
-
-class GcWatch:
-    """Times each pause of the cyclic garbage collector, by generation, into Stats.
-
-    A full (generation 2) collection walks every tracked object, and a process
-    holding many connections holds many: about 15 ms at 17k connections, 66 ms
-    at 100k (bench/bench_gc.py), a pause every member of the process feels. With
-    freeze, what survives a full collection is moved out of the collector's
-    sight (gc.freeze()) by the loop's next quarter-second timer (not inside the
-    collection, which may run on the metrics thread), so the next full collection
-    walks only what was allocated since. That is safe because the server's
-    objects form no reference cycles once released (test_scalechat.py checks
-    this): frozen objects are still freed by reference counting.
-    """
-
-    def __init__(self, stats: Stats, freeze: bool):
-        self.stats, self.freeze = stats, freeze
-        self.started = 0.0
-        self.freeze_due = False
-        self.hists = (stats.gc0, stats.gc1, stats.gc2)
-        gc.callbacks.append(self.on_gc)
-
-    def on_gc(self, phase: str, info: dict) -> None:
-        """gc.callbacks hook: note the start, observe the pause at the stop."""
-        if phase == "start":
-            self.started = time.perf_counter()
-            return
-        generation = info["generation"]
-        self.hists[generation].observe(time.perf_counter() - self.started)
-        if generation == 2 and self.freeze:
-            self.freeze_due = True
-
-    def freeze_if_due(self) -> None:
-        """Loop timer: after a full collection, freeze what survived it."""
-        if self.freeze_due:
-            self.freeze_due = False
-            gc.freeze()
-            self.stats.gc_frozen = gc.get_freeze_count()
-
-    def close(self) -> None:
-        """Stop watching (a process may run more than one loop in its life, e.g. tests)."""
-        if self.on_gc in gc.callbacks:
-            gc.callbacks.remove(self.on_gc)
-
-
-class EventLoop:
-    """A selectors loop with timers, links and a signal-safe wake-up.
-
-    Handlers registered with the selector are callables ``handler(events)``;
-    client connections are dispatched by the Server subclass directly.
-    """
-
-    def __init__(self):
-        self.sel = selectors.DefaultSelector()
-        self.timers: list = []              # [due, interval (0: once), fn]
-        self.next_due = 0.0
-        self.links: list = []
-        self.now = time.monotonic()
-        self.running = True
-        self.stop_requested = False
-        self.stats = Stats()
-        self.errors_logged: dict = {}       # (exception type, file, line) -> when last logged
-        self.wake_r, self.wake_w = socket.socketpair()
-        self.wake_r.setblocking(False)
-        self.wake_w.setblocking(False)
-        self.sel.register(self.wake_r, selectors.EVENT_READ, self._on_wake)
-
-    def every(self, interval: float, fn) -> list:
-        """Call fn every interval seconds."""
-        return self._add_timer([self.now + interval, interval, fn])
-
-    def call_later(self, delay: float, fn) -> list:
-        """Call fn once, delay seconds from now."""
-        return self._add_timer([self.now + delay, 0, fn])
-
-    def _add_timer(self, timer: list) -> list:
-        self.timers.append(timer)
-        self.next_due = min(self.next_due, timer[0])
-        return timer
-
-    def run_timers(self) -> None:
-        """Run due timers and note when the next one is due."""
-        now = self.now
-        for timer in [t for t in self.timers if t[0] <= now]:
-            if timer[1]:
-                timer[0] = max(timer[0] + timer[1], now)
-            else:
-                self.timers.remove(timer)
-            try:
-                timer[2]()
-            except Exception:  # noqa: BLE001 - the barrier: any bug, one victim
-                self.internal_error()
-        self.next_due = min((t[0] for t in self.timers), default=now + 1.0)
-
-    def run(self) -> None:
-        """Turn the loop until ``running`` is false."""
-        select, monotonic = self.sel.select, time.monotonic
-        while self.running:
-            self.now = monotonic()
-            if self.now >= self.next_due:   # most turns have no timer due: skip the list
-                self.run_timers()
-                self.end_turn()
-            for key, events in select(max(0.0, self.next_due - monotonic())):
-                handler = key.data
-                self.now = monotonic()
-                if handler.__class__ is Connection:
-                    self.on_connection_event(handler, events)
-                else:
-                    try:
-                        handler(events)
-                    except Exception:  # noqa: BLE001 - the barrier: any bug, one victim
-                        self.internal_error()
-                        owner = getattr(handler, "__self__", None)
-                        if isinstance(owner, Link):
-                            owner.close()       # its owner reconnects or restarts, from a clean state
-            self.end_turn()
-            self.after_turn()
-
-    def internal_error(self) -> None:
-        """Count the exception being handled; log it with its traceback, once a minute per place.
-
-        A bug that one client can trigger must not end the loop, nor flood the log.
-        """
-        self.stats.internal_errors += 1
-        exc = sys.exc_info()[1]
-        frame = traceback.extract_tb(exc.__traceback__)[-1]
-        place = (type(exc).__name__, frame.filename, frame.lineno)
-        last = self.errors_logged.get(place)
-        if last is None or self.now - last > 60:
-            self.errors_logged[place] = self.now
-            log.error("internal error (%d so far; this place is logged at most once a minute)",
-                      self.stats.internal_errors, exc_info=exc)
-
-    def end_turn(self) -> None:
-        """Flush what the turn queued."""
-        for link in self.links:
-            if link.pending:
-                link.flush()
-
-    def after_turn(self) -> None:
-        """Hook: decide whether to keep running."""
-
-    def on_connection_event(self, conn: Connection, events: int) -> None:
-        raise NotImplementedError
-
-    def wake(self) -> None:
-        """Make select return (safe from signal handlers)."""
-        try:
-            self.wake_w.send(b"x")
-        except OSError:
-            pass
-
-    def request_stop(self, *_args) -> None:
-        """Signal handler: begin stopping on the loop's next turn; twice: stop now."""
-        if self.stop_requested:
-            self.on_stop_again()
-        self.stop_requested = True
-        self.wake()
-
-    def _on_wake(self, _events: int) -> None:
-        try:
-            while self.wake_r.recv(4096):
-                pass
-        except OSError:
-            pass
-        if self.stop_requested:
-            self.on_stop()
-
-    def on_stop(self) -> None:
-        """Hook: a stop was requested."""
-        self.running = False
-
-    def on_stop_again(self) -> None:
-        """Hook: a second stop was requested."""
-        self.running = False
-
-
-class Connection:
-    """One client socket: HTTP until upgraded, then a WebSocket member of a room.
-
-    Its ``state`` moves only forward; every closing transition goes through
-    ``Server._closing`` and ends in ``Server._abort``::
-
-        HTTP ----- request answered: 200 ---------------> FLUSHING
-        HTTP ----- request refused: 4xx, 5xx -----------> REFUSING
-        HTTP ----- upgraded ----------------------------> OPEN
-        OPEN ----- close(code): draining (1001) --------> CLOSE_SENT
-        OPEN ----- the peer's Close (echoed) -----------> FLUSHING
-        OPEN ----- too slow: 1013, queue dropped -------> FLUSHING
-        OPEN ----- protocol error, rate, 1011: _fail ---> REFUSING
-        CLOSE_SENT  the peer's Close ------------------> CLOSED
-        FLUSHING    everything sent -------------------> CLOSED
-        REFUSING    everything sent: shutdown(SHUT_WR) -> LINGERING
-        LINGERING   the peer's EOF --------------------> CLOSED
-        any ------- EOF, socket error, a deadline ------> CLOSED
-
-    In CLOSE_SENT the peer's frames are still parsed, to find its Close (RFC
-    6455 7.1.2). REFUSING and LINGERING drop what the peer still sends (up to
-    MAX_DISCARD) but read it: closing a socket with unread input makes the
-    kernel send RST, and the peer's kernel then drops the answer unread.
-    Every closing state has the close deadline (--close-timeout).
-    """
-
-    __slots__ = (
-        "byte_tokens",
-        "client",
-        "deadline",
-        "discarded",
-        "fd",
-        "handed",
-        "inbuf",
-        "last_seen",
-        "name",
-        "out",
-        "out_bytes",
-        "out_pos",
-        "parser",
-        "peer",
-        "ping_sent",
-        "replay",
-        "room",
-        "sock",
-        "state",
-        "strikes",
-        "token_time",
-        "tokens",
-        "writing",
-    )
-
-    def __init__(self, sock: socket.socket, peer: str, now: float):
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.state = HTTP
-        self.inbuf = b""
-        self.parser = None
-        self.out: list = []           # frames to send, the first one from out_pos on
-        self.out_pos = 0
-        self.out_bytes = 0            # bytes of out still to send
-        self.writing = False          # registered for write readiness
-        self.replay = None            # next seq of a since= replay still to send
-        self.client = b""             # client id: names its messages for the resend check
-        self.room = None
-        self.name = ""
-        self.last_seen = now
-        self.ping_sent = 0.0
-        self.deadline = 0.0           # handshake, write or close deadline
-        self.tokens = 0.0
-        self.byte_tokens = 0.0
-        self.token_time = now
-        self.strikes = 0
-        self.discarded = 0            # bytes dropped since a refusal or a failure
-        self.peer = peer
-        self.handed = False           # handed over by the worker that accepted it
-
-
-STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
-                ".html": "text/html; charset=utf-8", ".svg": "image/svg+xml",
-                ".json": "application/json", ".png": "image/png", ".ico": "image/x-icon",
-                ".txt": "text/plain; charset=utf-8"}
-PAGE_HEADERS = (("Content-Security-Policy",
-                 ("default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
-                 "style-src 'self'; script-src 'self'; frame-ancestors 'none'")),
-                ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
-                ("Cache-Control", "no-cache"))
-
-
-def load_static(directory: str) -> dict:
-    """Map '/static/<rel>' to (content type, bytes) for regular files under directory.
-
-    Built once at start: a request can only name a key of this map, so no path
-    (encoded '..', absolute, NUL, symlink) can ever reach outside the folder.
-    """
-    files = {}
-    if not os.path.isdir(directory):
-        return files
-    for root, dirs, names in os.walk(directory, followlinks=False):
-        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
-        for name in names:
-            path = os.path.join(root, name)
-            if os.path.islink(path) or not os.path.isfile(path):
-                continue
-            rel = os.path.relpath(path, directory).replace(os.sep, "/")
-            ctype = STATIC_TYPES.get(os.path.splitext(name)[1]) or \
-                mimetypes.guess_type(name)[0] or "application/octet-stream"
-            with open(path, "rb") as f:
-                files["/static/" + rel] = (ctype, f.read())
-    return files
-
-
-# -- the HTTP front: plain functions from a request to an answer ------------
-
-class Front:
-    """What requests are answered from, fixed at start: static files, allowed hosts and origins."""
-
-    __slots__ = ("allow_no_origin", "allowed_hosts", "allowed_origins", "static")
-
-    def __init__(self, static: dict, allowed_hosts: str = "", allowed_origins: str = "",
-                 allow_no_origin: bool = True):
-        self.static = static                # '/static/<rel>' -> (content type, bytes)
-        self.allowed_hosts = {h.strip().lower() for h in allowed_hosts.split(",") if h.strip()}
-        self.allowed_origins = {o.strip().rstrip("/").lower() for o in allowed_origins.split(",") if o.strip()}
-        self.allow_no_origin = allow_no_origin
-
-
-class Upgrade(NamedTuple):
-    """A WebSocket upgrade that passed every check: where to, as whom, from which seq."""
-
-    room: str
-    name: str
-    since: int | None
-    client: str | None
-    accept: str
-    epoch: bytes | None = None
-
-
-def take_request_head(buf: bytes, limit: int) -> tuple[bytes, bytes] | None:
-    """(the request head, the bytes after its blank line) once buf holds it all, None until then;
-    HandshakeError(431) as soon as the head is longer than limit bytes."""
-    end = buf.find(b"\r\n\r\n")
-    if end > limit or (end < 0 and len(buf) > limit):
-        raise HandshakeError(431, "request head too large")
-    return None if end < 0 else (buf[:end], buf[end + 4:])
-
-
-def route(request: Request, front: Front, draining: bool = False, full: bool = False,
-          bus_up: bool = True) -> Upgrade | tuple[int, bytes]:
-    """The answer to a request: an Upgrade, or (status, response bytes); HandshakeError if refused.
-
-    ``draining``, ``full`` and ``bus_up`` are the server's state when the request
-    arrives: no socket, no clock, so every answer can be tested with bytes.
-    """
-    path = request.path
-    if front.allowed_hosts and path != "/healthz" and \
-            request.headers.get("host", "").lower() not in front.allowed_hosts:
-        raise HandshakeError(400, "host not allowed", counter="host")    # DNS rebinding
-    if path == "/ws" or path.startswith("/ws/"):
-        upgrade = check_chat_upgrade(request, front)
-        if draining:
-            raise HandshakeError(503, "server is draining", (("Retry-After", "1"),), counter="draining")
-        if full:
-            raise HandshakeError(503, "too many connections", (("Retry-After", "1"),))
-        return upgrade
-    if request.method not in ("GET", "HEAD"):
-        raise HandshakeError(405, "only GET and HEAD", (("Allow", "GET, HEAD"),))
-    head = request.method == "HEAD"
-    if path == "/healthz":
-        status = 503 if draining else 200
-        bus = "up" if bus_up else "down (holding messages)"
-        body = f"{'draining' if draining else 'ok'}\nbus: {bus}\n".encode()
-        return status, http_response(status, body, head_only=head)
-    target = "/static/index.html" if path in ("/", "/index.html") else path
-    entry = front.static.get(target)
-    if entry is None:
-        raise HandshakeError(404, "not found")
-    ctype, body = entry
-    headers = PAGE_HEADERS if ctype.startswith("text/html") else PAGE_HEADERS[1:]
-    return 200, http_response(200, body, ctype, headers, head_only=head)
-
-
-def check_chat_upgrade(request: Request, front: Front) -> Upgrade:
-    """Validate a chat upgrade (/ws[/room]?name=&since=&epoch=&client=): each field once, where it enters."""
-    room = "lobby" if request.path == "/ws" else request.path[4:]
-    if not ROOM_NAME.fullmatch(room):
-        raise HandshakeError(400, "room must be 1-64 characters of A-Z a-z 0-9 _ . -")
-    accept = check_upgrade(request)
-    name = request.query.get("name", [""])[-1]
-    if name and not valid_name(name):
-        raise HandshakeError(400, "name must be 1-32 printable characters")
-    since = request.query.get("since", [None])[-1]
-    if since is not None:
-        if not (since.isascii() and since.isdigit()) or len(since) > 19:
-            raise HandshakeError(400, "since must be a non-negative integer")
-        since = int(since)
-    epoch = request.query.get("epoch", [None])[-1]
-    if epoch is not None:
-        if EPOCH.fullmatch(epoch) is None:
-            raise HandshakeError(400, "epoch must be 16 hex digits, as the server sent it")
-        epoch = epoch.encode()
-    client = request.query.get("client", [None])[-1]
-    if client is not None and CLIENT_ID.fullmatch(client) is None:
-        raise HandshakeError(400, "client must be 16-64 characters of A-Z a-z 0-9 _ -")
-    if not origin_allowed(request, front):
-        raise HandshakeError(403, "origin not allowed")
-    return Upgrade(room, name, since, client, accept, epoch)
-
-
-def origin_allowed(request: Request, front: Front) -> bool:
-    """Whether a browser page from the request's Origin may open a WebSocket here.
-
-    Default: the server's own host, whatever the scheme; ``--allowed-origins``
-    adds others ('*' for any); a request without Origin (not a browser) passes
-    unless ``--allow-no-origin`` is off.
-    """
-    origin = request.headers.get("origin")
-    if origin is None:
-        return front.allow_no_origin
-    origin = origin.rstrip("/").lower()
-    if "*" in front.allowed_origins or origin in front.allowed_origins:
-        return True
-    host = request.headers.get("host", "").lower()
-    return origin in (f"http://{host}", f"https://{host}")
-
-
-# -- --room-affinity: a WebSocket goes to the worker that owns its room -------
-
-# Each room has an owner among the workers; the worker that accepts a WebSocket
-# passes it to the owner over a datagram socket with SCM_RIGHTS. A room's members
-# then share one worker, so a message crosses to one worker, not to one per
-# member (SCALING.md, section 13).
-HANDOFF_MAX = 16384           # request bytes a hand-off carries (a head is at most --max-header-size)
-
-
-def room_owner(room: str, workers: int) -> int:
-    """The worker slot that owns room: the same answer in every process (crc32, not hash())."""
-    return zlib.crc32(room.encode()) % workers
-
-
-class Handoff:
-    """A worker's ends of the hand-off links: its own inbox, and a way into each other worker's.
-
-    The supervisor makes one unix datagram socketpair per worker slot, keeps it
-    for its whole life and never reads it; a worker gets its own slot's
-    receiving end and the other slots' sending ends, nothing else. No end has a
-    name (abstract or on disk), so no process outside this server can reach an
-    inbox, and a restarted worker finds its predecessor's inbox with what was
-    queued there (sockets in flight and their requests): it serves them. An
-    inbox holds what the buffer of the end others send on does (SO_SNDBUF,
-    208 KiB by default: some 160 requests); past that a send fails at once and
-    the accepting worker serves the client itself.
-    """
-
-    def __init__(self, ends: list[socket.socket], slot: int):
-        self.ends = ends                # per slot, the sending end into that worker; at our slot, our inbox
-        self.inbox = ends[slot]
-
-    def send(self, conn_fd: int, request: bytes, owner: int) -> bool:
-        """Pass a client socket and the request bytes read from it to another worker; whether it went."""
-        try:
-            self.ends[owner].sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", conn_fd))],
-                                     socket.MSG_DONTWAIT)
-        except OSError:                 # its inbox is full (EAGAIN), or the like
-            return False
-        return True
-
-    def receive(self, batch: int):
-        """Up to batch (socket, peer address, request bytes) handed to this worker, as they are read.
-
-        Who sent a datagram is not checked (no SO_PASSCRED): only the processes
-        of this server hold a sending end, and one that could take an end from
-        them (ptrace) could do anything they can. What it carries is checked all
-        the same: one TCP socket, or it is closed.
-        """
-        for _ in range(batch):
-            try:
-                request, ancillary, _flags, _addr = self.inbox.recvmsg(
-                    HANDOFF_MAX, socket.CMSG_SPACE(4), socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
-            except (BlockingIOError, InterruptedError):
-                return
-            fds = [fd for level, kind, data in ancillary if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-                   for (fd,) in struct.iter_unpack("i", data[:len(data) - len(data) % 4])]
-            if len(fds) != 1:
-                for fd in fds:
-                    os.close(fd)
-                continue
-            try:
-                sock = socket.socket(fileno=fds[0])
-            except OSError:             # not a socket
-                os.close(fds[0])
-                continue
-            try:
-                if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
-                    raise OSError("not a TCP socket")
-                peer = sock.getpeername()[0]
-            except OSError:             # not TCP, or the client left meanwhile
-                sock.close()
-                continue
-            sock.setblocking(False)
-            yield sock, peer, request
-
-    def close(self) -> None:
-        """Close this worker's ends (the supervisor keeps its own)."""
-        for end in self.ends:
-            end.close()
-
-
-class Server(EventLoop):
-    """One process's loop serving HTTP, WebSocket and the chat."""
-
-    def __init__(self, config, hub_sock: socket.socket | None = None, handoff: Handoff | None = None):
-        super().__init__()
-        self.config = config
-        self.gc_watch = GcWatch(self.stats, config.gc_freeze)
-        self.dirty: list = []
-        self.chat = Chat(config, self.stats, self.send, self.dirty)
-        self.conns: dict[int, Connection] = {}
-        self.handshaking: dict[int, Connection] = {}
-        self.closing: dict[int, Connection] = {}
-        self.blocked: dict[int, Connection] = {}
-        self.per_ip: dict[str, int] = {}
-        self.front = Front(load_static(config.static_dir), config.allowed_hosts, config.allowed_origins,
-                           config.allow_no_origin)
-        self.draining = False
-        self.drain_deadline = 0.0
-        self.max_conns = config.max_connections or max(16, fd_limit() - 64)
-        self.sweep_queue: list = []
-        self.listener = make_listener(config.host, config.port, reuse_port=hub_sock is not None)
-        self.listener.setblocking(False)
-        self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
-        self.hub = HubBus(self, self.chat, hub_sock) if hub_sock is not None else None
-        self.handoff = handoff
-        if handoff is not None:
-            self.sel.register(handoff.inbox, selectors.EVENT_READ, self._on_handoff)
-        if config.redis:
-            self.chat.bus = RedisBus(self, self.chat, config.redis)
-        elif self.hub is not None:
-            self.chat.bus = self.hub
-        if self.hub is not None:
-            self.every(1.0, lambda: self.hub.send_stats(self.stats))
-        self.every(0.25, self._tick_lag)
-        self.every(0.25, self.gc_watch.freeze_if_due)
-        self.every(0.25, self._check_deadlines)
-        # Each open connection is looked at once per sweep period, a quarter of the
-        # shorter of the two intervals: a ping goes out at most that late, and an idle
-        # connection costs sweep visits in proportion to its pings, not to the clock.
-        self.sweep_period = min(config.ping_interval, config.pong_timeout) / 4
-        self.sweep_tick = min(1.0, self.sweep_period)
-        self.every(self.sweep_tick, self._sweep)
-        self.every(1.0, self._send_member_counts)
-        self.every(1.0, self._count_history)
-
-    def _tick_lag(self) -> None:
-        """Measure how late the loop runs a timer due every 0.25 s."""
-        self.stats.loop_lag.observe(max(0.0, self.now - self._lag_due))
-        self._lag_due = self.now + 0.25
-
-    _lag_due = 0.0
-
-    # -- the loop -----------------------------------------------------------
-
-    def serve_forever(self) -> None:
-        """Run until stopped and drained."""
-        self._lag_due = self.now + 0.25
-        self.run()
-        for conn in list(self.conns.values()):
-            self._abort(conn)
-        if self.hub is not None:
-            self.hub.send_stats(self.stats)
-            self.end_turn()
-        self.sel.close()
-        self.listener.close()
-        if self.handoff is not None:
-            self.handoff.close()
-        self.gc_watch.close()
-        log.info("stopped")
-
-    def end_turn(self) -> None:
-        """Send what connections and links queued this turn."""
-        if self.dirty:
-            self._flush_dirty()
-        super().end_turn()
-
-    def after_turn(self) -> None:
-        """Stop once draining is done."""
-        if self.draining and (not self.conns or self.now > self.drain_deadline):
-            self.running = False
-
-    def on_connection_event(self, conn: Connection, events: int) -> None:
-        """Selector callback for a client socket: the exception barrier of one connection."""
-        try:
-            if events & selectors.EVENT_WRITE:
-                self._flush(conn)
-            if events & selectors.EVENT_READ and conn.state != CLOSED:
-                self._on_readable(conn)
-        except Exception:  # noqa: BLE001 - the barrier: any bug, one victim
-            self._internal_failure(conn)
-
-    def _internal_failure(self, conn: Connection) -> None:
-        """A bug met while serving conn: close it with 1011 (or 500), count and log it, serve the rest."""
-        self.internal_error()
-        try:
-            if conn.state == OPEN:
-                self._fail(conn, CLOSE_INTERNAL_ERROR, "internal error")
-            elif conn.state == HTTP:
-                self._http_reply(conn, http_response(500, b"internal error\n"), 500)
-            else:
-                self._abort(conn)
-        except Exception:
-            log.exception("dropping %s after a second internal error", conn.peer)
-            conn.state = CLOSED
-            for table in (self.conns, self.handshaking, self.closing, self.blocked):
-                table.pop(conn.fd, None)
-            try:
-                self.sel.unregister(conn.sock)
-            except (KeyError, ValueError):
-                pass
-            conn.sock.close()
-
-    def on_stop(self) -> None:
-        """SIGTERM/SIGINT: drain."""
-        if not self.draining:
-            self.drain()
-
-    def on_stop_again(self) -> None:
-        """A second signal: stop without waiting."""
-        self.drain_deadline = 0.0
-
-    def drain(self) -> None:
-        """Refuse new WebSockets, say 1001 to every client, stop when they are gone."""
-        log.info("draining %d connections (timeout %.1fs)", len(self.conns), self.config.drain_timeout)
-        self.draining = True
-        self.stats.draining = 1
-        self.drain_deadline = self.now + self.config.drain_timeout
-        for conn in list(self.conns.values()):
-            if conn.state == OPEN:
-                self.close(conn, CLOSE_GOING_AWAY, "server shutting down")
-            elif conn.state == HTTP and not conn.out:
-                self._abort(conn)
-
-    # -- accept -------------------------------------------------------------
-
-    def _accept(self, _events: int) -> None:
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, addr = self.listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of descriptors: the connection stays in the backlog, and
-                    # accepting again at once would spin at 100% CPU. Pause a little.
-                    log.warning("accept: %s; pausing accepts for 100 ms", os.strerror(e.errno))
-                    self.sel.unregister(self.listener)
-                    self.call_later(0.1, lambda: self.sel.register(self.listener, selectors.EVENT_READ,
-                                                                   self._accept))
-                    return
-                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
-                raise
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._adopt(sock, addr[0])
-
-    def _adopt(self, sock: socket.socket, peer: str) -> Connection:
-        """A new client socket (accepted, or handed over): its handshake deadline starts now."""
-        conn = Connection(sock, peer, self.now)
-        conn.deadline = self.now + self.config.handshake_timeout
-        self.conns[conn.fd] = conn
-        self.handshaking[conn.fd] = conn
-        self.sel.register(sock, selectors.EVENT_READ, conn)
-        # Every socket of an address counts, not only upgraded ones: otherwise one
-        # address could hold any number of sockets in the handshake (slowloris).
-        self.per_ip[conn.peer] = n = self.per_ip.get(conn.peer, 0) + 1
-        if self.config.max_per_ip and n > self.config.max_per_ip:
-            self._http_error(conn, 503, "too many connections from this address",
-                             "max_connections", (("Retry-After", "1"),))
-        return conn
-
-    # -- --room-affinity: a WebSocket goes to the worker that owns its room ---
-
-    def _hand_off(self, conn: Connection, room: str, request: bytes) -> bool:
-        """Pass conn (its socket and the request bytes read so far) to the worker owning room.
-
-        Whether it went: not when this worker owns the room, the request is too big
-        for one datagram, or the owner's inbox is full: then this worker serves it,
-        and the supervisor's order still holds.
-        """
-        owner = room_owner(room, self.config.worker_count)
-        if owner == self.config.worker_id or conn.handed or len(request) > HANDOFF_MAX:
-            return False
-        if not self.handoff.send(conn.fd, request, owner):
-            return False
-        self.stats.handoffs += 1
-        self._abort(conn)                   # our descriptor; the owner has its own
-        return True
-
-    def _on_handoff(self, _events: int) -> None:
-        """Adopt the sockets other workers handed over, and read their requests again."""
-        for sock, peer, request in self.handoff.receive(ACCEPT_BATCH):
-            conn = self._adopt(sock, peer)
-            conn.handed = True
-            if conn.state == HTTP:
-                self._on_http_data(conn, request)
-
-    # -- read ---------------------------------------------------------------
-
-    def _on_readable(self, conn: Connection) -> None:
-        try:
-            data = conn.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._abort(conn)
-            return
-        if not data:
-            self._abort(conn)
-            return
-        self.stats.bytes_in += len(data)
-        conn.last_seen = self.now
-        if conn.state == HTTP:
-            self._on_http_data(conn, data)
-            return
-        if conn.parser is not None:
-            self._on_websocket_data(conn, data)
-        else:                               # refused or failed: a reply is on its way out
-            conn.discarded += len(data)
-            if conn.discarded > MAX_DISCARD:    # a peer that keeps sending gets no more reads
-                self._abort(conn)
-
-    def _on_websocket_data(self, conn: Connection, data: bytes) -> None:
-        parser = conn.parser
-        frames_before, fragments_before = parser.frames, parser.fragments
-        if self.config.rate_limit > 0:
-            # Parse no more frames than the connection can pay for (at the cheapest price, a
-            # fragment's) or be refused for: each refusal is a strike, and past --rate-burst of
-            # them it is closed, so the frames one read costs the server stay bounded.
-            strikes_left = int(self.config.rate_burst - conn.strikes)
-            parser.frame_limit = frames_before + int(self._refill(conn) / FRAME_TOKEN) + strikes_left + 1
-        try:
-            frames, error = parser.feed(data), None
-        except ProtocolError as e:
-            # Frames completed before the violation still count. Keep code and reason,
-            # not e: its traceback holds this frame, a cycle with the local.
-            frames, error = e.frames, (e.code, e.reason)
-        # Frames that complete nothing (fragments) pay too, or a stream of empty
-        # continuations would cost the server a core at no cost to the client.
-        fragments = parser.fragments - fragments_before
-        if fragments > 0 and conn.state == OPEN and not self._take_token(conn, fragments * FRAME_TOKEN):
-            self._fail(conn, CLOSE_POLICY, "too many frames")
-            return
-        for opcode, payload in frames:
-            if conn.state == OPEN:
-                self._on_frame(conn, opcode, payload)
-            elif opcode == OP_CLOSE:        # the answer to our close: done
-                self._abort(conn)
-                return
-        # A frame above may have failed the connection already (failing drops its parser).
-        if error is not None and conn.state != CLOSED and conn.parser is parser:
-            self._fail(conn, *error)
-
-    def _on_frame(self, conn: Connection, opcode: int, payload: bytes) -> None:
-        if opcode == OP_TEXT:
-            over = self._take_message(conn, len(payload))
-            if over is not None:
-                self._over_rate(conn, payload, over)
-                return
-            err = self.chat.receive(conn, payload, self.now)
-            if err is not None:
-                self.send(conn, err)
-        elif opcode == OP_PING:
-            if self._take_token(conn):      # each ping costs a pong: limited like messages
-                self.send(conn, encode_frame(OP_PONG, payload))
-            else:
-                self._over_rate(conn, b"")
-        elif opcode == OP_PONG:
-            conn.ping_sent = 0.0
-            if not self._take_token(conn, FRAME_TOKEN):
-                self._over_rate(conn, None)
-        elif opcode == OP_CLOSE:
-            # Echo the peer's status code (RFC 6455 5.5.1), then close TCP ourselves.
-            self._closing(conn, encode_frame(OP_CLOSE, payload[:2]), FLUSHING)
-        elif opcode == OP_BINARY:          # unreachable: the parser refuses binary frames
-            self._fail(conn, CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted")
-
-    def _refill(self, conn: Connection) -> float:
-        """conn's tokens now: refilled at --rate-limit per second since the last look, up to --rate-burst
-        (and its byte tokens at --rate-limit-bytes, up to --rate-burst-bytes)."""
-        cfg, elapsed = self.config, self.now - conn.token_time
-        conn.byte_tokens = min(cfg.rate_burst_bytes, conn.byte_tokens + elapsed * cfg.rate_limit_bytes)
-        conn.tokens = min(cfg.rate_burst, conn.tokens + elapsed * cfg.rate_limit)
-        conn.token_time = self.now
-        return conn.tokens
-
-    def _take_message(self, conn: Connection, size: int) -> str | None:
-        """Charge a message of size bytes to conn's buckets: None, or what it is over ("messages" or "bytes").
-
-        size is the frame's payload, what the client sent: it is at least what the text
-        weighs re-encoded, in history and on the bus (escapes and all: a client must
-        escape what the server escapes), short only of the envelope (room, sender, seq).
-        """
-        cfg = self.config
-        if cfg.rate_limit <= 0 and cfg.rate_limit_bytes <= 0:
-            return None
-        self._refill(conn)
-        if cfg.rate_limit > 0 and conn.tokens < 1:
-            over = "messages"
-        elif cfg.rate_limit_bytes > 0 and conn.byte_tokens < size:
-            over = "bytes"
-        else:
-            conn.tokens -= 1
-            conn.byte_tokens -= size
-            return None
-        self.stats.refused["rate_limit"] += 1
-        return over
-
-    def _take_token(self, conn: Connection, cost: float = 1.0) -> bool:
-        """Token bucket per connection: whether conn may spend cost (a message costs 1)."""
-        if self.config.rate_limit <= 0:
-            return True
-        if self._refill(conn) >= cost:
-            conn.tokens -= cost
-            return True
-        self.stats.refused["rate_limit"] += 1
-        return False
-
-    def _over_rate(self, conn: Connection, payload: bytes | None, over: str = "messages") -> None:
-        """A frame over the rate (of messages or of bytes): an error frame (none for a pong), and
-        1008 once it keeps on."""
-        conn.strikes += 1
-        if conn.strikes > self.config.rate_burst:
-            self._fail(conn, CLOSE_POLICY, "rate limit exceeded repeatedly")
-        elif payload is not None:
-            found = MESSAGE_ID.search(payload)     # cheap: a flood is not worth a JSON parse
-            limit = self.config.rate_limit if over == "messages" else self.config.rate_limit_bytes
-            self.send(conn, error_frame("rate_limit", f"more than {limit:g} {over} per second",
-                                        int(found.group(1)) if found else None))
-
-    # -- HTTP ---------------------------------------------------------------
-
-    def _on_http_data(self, conn: Connection, data: bytes) -> None:
-        buf = conn.inbuf + data
-        try:
-            head = take_request_head(buf, self.config.max_header_size)
-            if head is None:
-                conn.inbuf = buf
-                return
-            conn.inbuf = b""
-            self._route(conn, parse_request_head(head[0]), head[1], buf)
-        except HandshakeError as e:
-            self._http_error(conn, e.status, e.reason, e.counter, e.headers)
-
-    def _http_error(self, conn: Connection, status: int, reason: str, counter: str,
-                    headers: tuple = ()) -> None:
-        """Refuse a request: the client may still be sending, so let it read the answer."""
-        self.stats.refused[counter] += 1
-        self._http_reply(conn, http_response(status, (reason + "\n").encode(), headers=headers), status,
-                         REFUSING)
-
-    def _http_reply(self, conn: Connection, response: bytes, status: int, then: int = FLUSHING) -> None:
-        self.stats.http_requests[str(status)] += 1
-        self._closing(conn, response, then)
-
-    def _route(self, conn: Connection, request: Request, rest: bytes, raw: bytes = b"") -> None:
-        answer = route(request, self.front, draining=self.draining, bus_up=self.chat.bus.up,
-                       full=self.stats.connections >= self.max_conns)
-        if isinstance(answer, Upgrade):
-            if self.handoff is None or not self._hand_off(conn, answer.room, raw):
-                self._upgrade(conn, answer, rest)
-        else:
-            status, response = answer
-            self._http_reply(conn, response, status)
-
-    def _upgrade(self, conn: Connection, upgrade: Upgrade, rest: bytes) -> None:
-        cfg = self.config
-        self.handshaking.pop(conn.fd, None)
-        conn.state = OPEN
-        conn.name = self.chat.assign_name(upgrade.name)
-        # Without a client id of its own, a connection's messages still need a key
-        # nobody else has (a resend after a bus failure); '.' is never in a client's.
-        conn.client = upgrade.client.encode() if upgrade.client else b".%s" % os.urandom(8).hex().encode()
-        conn.parser = FrameParser(True, max_frame_size(cfg.max_message_size), accept_binary=False)
-        conn.tokens = cfg.rate_burst
-        conn.byte_tokens = cfg.rate_burst_bytes
-        self.stats.connections += 1
-        self.stats.connections_total += 1
-        self.stats.http_requests["101"] += 1
-        self.send(conn, upgrade_response(upgrade.accept))
-        self.chat.join(conn, upgrade.room, upgrade.since, upgrade.epoch)
-        self.stats.rooms = self.chat.active_rooms()
-        if rest:
-            self._on_websocket_data(conn, rest)
-
-    # -- write --------------------------------------------------------------
-
-    def send(self, conn: Connection, data: bytes) -> None:
-        """Queue bytes for conn; they go out at the end of this loop turn."""
-        out = conn.out
-        if not out:
-            self.dirty.append(conn)
-        out.append(data)
-        conn.out_bytes += len(data)
-
-    def _flush_dirty(self) -> None:
-        dirty = self.dirty
-        cap = self.config.max_buffer
-        batch = dirty[:]
-        dirty.clear()
-        for conn in batch:
-            try:
-                if conn.writing or conn.state == CLOSED:
-                    if conn.out_bytes > cap and conn.state == OPEN:
-                        self._cut_off(conn)
-                    continue
-                self._flush(conn)
-            except Exception:  # noqa: BLE001 - the barrier: any bug, one victim
-                self._internal_failure(conn)
-
-    def _flush(self, conn: Connection) -> None:
-        """Send what conn has queued in as few system calls as it takes; watch for writability if it stalls.
-
-        Frames go out from the list itself (send, or sendmsg for several; a few
-        small ones are joined once, which is cheaper), never sliced: a partial
-        send only moves ``out_pos``, so no byte is copied twice. A since= replay
-        is pulled from history a chunk at a time, once all queued before it went.
-        """
-        out = conn.out
-        if not out and conn.replay is not None:
-            frames = self.chat.replay(conn, REPLAY_CHUNK)
-            if frames is None:
-                self._cut_off(conn)
-                return
-            out.extend(frames)
-            conn.out_bytes += sum(map(len, frames))
-        while out:
-            pos = conn.out_pos
-            try:
-                if len(out) == 1:
-                    attempted = conn.out_bytes
-                    sent = conn.sock.send(memoryview(out[0])[pos:] if pos else out[0])
-                elif not pos and conn.out_bytes <= JOIN_MAX:    # a few small frames: one copy is cheaper
-                    out[:] = [b"".join(out)]
-                    attempted = conn.out_bytes
-                    sent = conn.sock.send(out[0])
-                else:
-                    batch = out[:IOV_BATCH]
-                    if pos:
-                        batch[0] = memoryview(batch[0])[pos:]
-                    attempted = conn.out_bytes if len(out) <= IOV_BATCH else sum(map(len, batch))
-                    sent = conn.sock.sendmsg(batch)
-            except (BlockingIOError, InterruptedError):
-                attempted, sent = 1, 0
-            except OSError:
-                self._abort(conn)
-                return
-            self.stats.bytes_out += sent
-            conn.out_bytes -= sent
-            if not conn.out_bytes:
-                out.clear()
-                conn.out_pos = 0
-                break
-            stalled = sent < attempted
-            sent += pos
-            done = 0
-            while sent >= len(out[done]):
-                sent -= len(out[done])
-                done += 1
-            del out[:done]
-            conn.out_pos = sent
-            if stalled:                     # the socket is full: wait until it can take more
-                self._watch_writable(conn, stalled=True)
-                if conn.out_bytes > self.config.max_buffer and conn.state == OPEN:
-                    self._cut_off(conn)     # a partly sent frame is kept
-                return
-        if conn.replay is not None:         # more to replay: go on when the socket can take it
-            self._watch_writable(conn, stalled=False)
-            return
-        if conn.writing:
-            conn.writing = False
-            self.blocked.pop(conn.fd, None)
-            self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
-        if conn.state == FLUSHING:
-            self._abort(conn)
-        elif conn.state == REFUSING:
-            self._linger(conn)
-
-    def _watch_writable(self, conn: Connection, stalled: bool) -> None:
-        """Wake up when conn can take more; a stalled socket also gets a write deadline."""
-        if stalled:
-            if conn.fd not in self.blocked:
-                if conn.state == OPEN:
-                    conn.deadline = self.now + self.config.write_timeout
-                self.blocked[conn.fd] = conn
-        else:
-            self.blocked.pop(conn.fd, None)
-        if not conn.writing:
-            conn.writing = True
-            self.sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
-
-    # -- closing ------------------------------------------------------------
-
-    def _closing(self, conn: Connection, last: bytes, state: int) -> None:
-        """Queue conn's last bytes and enter a closing state: CLOSE_SENT, FLUSHING or REFUSING.
-
-        The one way into them (Connection has the map): a member leaves its room
-        at once, and every closing state has the close deadline.
-        """
-        if conn.state == OPEN:
-            self._leave(conn)
-        else:
-            self.handshaking.pop(conn.fd, None)
-        conn.state = state
-        conn.deadline = self.now + self.config.close_timeout
-        self.closing[conn.fd] = conn
-        if state == REFUSING:
-            conn.parser = None              # out of step with the peer: drop what it still sends
-        self.send(conn, last)
-        if state != CLOSE_SENT:             # CLOSE_SENT goes out with the turn's writes (a drain sends many)
-            self._flush(conn)
-
-    def close(self, conn: Connection, code: int, reason: str = "") -> None:
-        """Start the closing handshake: send Close, wait for the peer's (bounded)."""
-        if conn.state == OPEN:
-            self._closing(conn, encode_close(code, reason), CLOSE_SENT)
-
-    def _fail(self, conn: Connection, code: int, reason: str) -> None:
-        """Fail the connection (RFC 6455 7.1.7): send Close, then close TCP without waiting."""
-        self.stats.protocol_errors[str(code)] += 1
-        log.debug("closing %s with %d: %s", conn.peer, code, reason)
-        if conn.state == OPEN:
-            self._closing(conn, encode_close(code, reason), REFUSING)
-        else:
-            self._abort(conn)
-
-    def _linger(self, conn: Connection) -> None:
-        """A refusal is sent: half-close, and close at the peer's EOF (or the close deadline)."""
-        conn.state = LINGERING
-        try:
-            conn.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._abort(conn)
-
-    def _cut_off(self, conn: Connection) -> None:
-        """A slow consumer: drop what it has not been sent, tell it 1013, close."""
-        self.stats.dropped["slow_consumer"] += 1
-        if conn.out_pos:                    # a partly sent frame must finish
-            del conn.out[1:]
-            conn.out_bytes = len(conn.out[0]) - conn.out_pos
-        else:
-            conn.out.clear()
-            conn.out_bytes = 0
-        self._closing(conn, encode_close(CLOSE_TRY_AGAIN_LATER, "too slow: reconnect with since"), FLUSHING)
-
-    def _leave(self, conn: Connection) -> None:
-        self.chat.leave(conn, self.now)
-        self.stats.connections -= 1
-        self.stats.rooms = self.chat.active_rooms()
-
-    def _abort(self, conn: Connection) -> None:
-        """Close the socket now and forget the connection."""
-        if conn.state == CLOSED:
-            return
-        if conn.state == OPEN:
-            self._leave(conn)
-        conn.state = CLOSED
-        n = self.per_ip.get(conn.peer, 0) - 1
-        if n > 0:
-            self.per_ip[conn.peer] = n
-        else:
-            self.per_ip.pop(conn.peer, None)
-        fd = conn.fd
-        self.conns.pop(fd, None)
-        self.handshaking.pop(fd, None)
-        self.closing.pop(fd, None)
-        self.blocked.pop(fd, None)
-        try:
-            self.sel.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
-        conn.sock.close()
-        conn.out.clear()
-        conn.out_bytes = conn.out_pos = 0
-
-    # -- timers: deadlines, pings, member counts ----------------------------
-
-    def _check_deadlines(self) -> None:
-        now = self.now
-        for conn in [c for c in self.handshaking.values() if c.deadline < now]:
-            self.stats.refused["handshake_timeout"] += 1
-            self._abort(conn)
-        for conn in [c for c in self.closing.values() if c.deadline < now]:
-            self.stats.dropped["close_timeout"] += 1
-            self._abort(conn)
-        cap = self.config.max_buffer
-        for conn in [c for c in self.blocked.values() if c.state == OPEN]:
-            if conn.deadline < now:
-                self.stats.dropped["write_timeout"] += 1
-                self._abort(conn)
-            elif conn.out_bytes > cap:      # stalled writers are not flushed, so check here
-                self._cut_off(conn)
-
-    def _sweep(self) -> None:
-        """Ping quiet connections, drop those that never answered; a slice per tick."""
-        if not self.sweep_queue:
-            self.sweep_queue = list(self.conns.values())
-        slice_size = max(256, math.ceil(len(self.conns) * self.sweep_tick / self.sweep_period))
-        batch = self.sweep_queue[-slice_size:]
-        del self.sweep_queue[-slice_size:]
-        now, cfg = self.now, self.config
-        ping = encode_frame(OP_PING, b"")
-        for conn in batch:
-            if conn.state != OPEN:
-                continue
-            if conn.ping_sent:
-                if now - conn.ping_sent > cfg.pong_timeout:
-                    self.stats.dropped["ping_timeout"] += 1
-                    self._abort(conn)
-            elif now - conn.last_seen > cfg.ping_interval:
-                conn.ping_sent = now
-                self.stats.pings += 1
-                self.send(conn, ping)
-
-    def _count_history(self) -> None:
-        chat = self.chat
-        self.stats.history_bytes = chat.budget.used
-        self.stats.sequenced_rooms = len(chat.rooms) if chat.bus.local else 0
-
-    def _send_member_counts(self) -> None:
-        for room, frame in self.chat.member_count_frames():
-            for conn in room.members:
-                self.send(conn, frame)
-        if self.chat.lingering:
-            self.chat.close_idle(self.now)
-            self.stats.rooms = self.chat.active_rooms()
-
-
-def fd_limit() -> int:
-    """The open-file soft limit."""
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def raise_fd_limit() -> int:
-    """Raise the open-file soft limit to the hard limit; return the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            return soft
-    return hard
-
-
-def make_listener(host: str, port: int, reuse_port: bool = False, listen: bool = True) -> socket.socket:
-    """A listening TCP socket (IPv6 when host contains ':'); SO_REUSEPORT for workers."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-        if listen:
-            sock.listen(4096)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-# -- --workers N: the supervisor ---------------------------------------------
-
-class Worker:
-    """A worker process as the supervisor sees it."""
-
-    def __init__(self, slot: int, proc: subprocess.Popen, link: Link):
-        self.slot, self.proc, self.link = slot, proc, link
-        self.reader = RecordReader()
-        self.stats: dict | None = None
-        self.started = time.monotonic()
-
-
-class Supervisor(EventLoop):
-    """--workers N: starts N server processes on one port (SO_REUSEPORT), restarts
-    any that dies, and is the sequencer of every room: a worker sends it each
-    message, it assigns the seq, keeps the history and forwards the message to
-    the workers with members in the room, in one order for all."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.workers: dict[int, Worker] = {}
-        self.rooms: dict[str, HubRoom] = {}
-        self.budget = HistoryBudget(config.history_bytes, self._forget_if_unused)
-        self.retired = Stats()               # counters of workers that have exited
-        self.retired.bus_up = 0
-        self.stats = Stats()                 # the supervisor's own: collector pauses, internal errors
-        self.stats.bus_up = 0
-        self.gc_watch = GcWatch(self.stats, config.gc_freeze)
-        self.every(0.25, self.gc_watch.freeze_if_due)
-        self.draining = False
-        self.drain_deadline = 0.0
-        self.backoff: dict[int, float] = {}
-        # --room-affinity: each slot's hand-off link (its inbox, the end others send on), made
-        # once and never read here: a restarted worker gets the same inbox, and the others'
-        # sending ends stay valid (Handoff).
-        self.handoff_links = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-                              for _ in range(config.workers)] if config.room_affinity else []
-        for slot in range(config.workers):
-            self._spawn(slot)
-        self.every(0.2, self._reap)
-
-    def _spawn(self, slot: int) -> None:
-        ours, theirs = socket.socketpair()
-        flags, env = worker_settings(self.config)
-        handoff = [inbox if s == slot else into for s, (inbox, into) in enumerate(self.handoff_links)]
-        fds = [theirs.fileno(), *(end.fileno() for end in handoff)]
-        cmd = [sys.executable, os.path.abspath(__file__), *flags, "--workers", "1",
-               "--metrics-port", "0", "--worker-id", str(slot), "--worker-count", str(self.config.workers),
-               "--hub-fd", str(theirs.fileno())]
-        if handoff:
-            cmd += ["--handoff-fds", ",".join(map(str, fds[1:]))]
-        proc = subprocess.Popen(cmd, pass_fds=fds, env=env)      # these alone: the rest are close-on-exec
-        theirs.close()
-        worker = Worker(slot, proc, None)
-        worker.link = Link(self, ours, lambda data: self._on_data(worker, data),
-                           lambda: self._unsubscribe_all(worker))
-        self.workers[slot] = worker
-        log.info("worker %d started (pid %d)", slot, proc.pid)
-
-    def _reap(self) -> None:
-        for slot, worker in list(self.workers.items()):
-            code = worker.proc.poll()
-            if code is None:
-                if self.draining and self.now > self.drain_deadline + 5:
-                    worker.proc.kill()
-                continue
-            del self.workers[slot]
-            worker.link.close()
-            self._retire(worker)
-            if self.draining:
-                continue
-            lived = time.monotonic() - worker.started
-            delay = 0.0 if lived > 5 else min(max(self.backoff.get(slot, 0.1) * 2, 0.2), 5.0)
-            self.backoff[slot] = delay
-            log.warning("worker %d (pid %d) exited with %s after %.1fs; restarting in %.1fs",
-                        slot, worker.proc.pid, code, lived, delay)
-            self.call_later(delay, lambda s=slot: None if self.draining else self._spawn(s))
-        if self.draining and not self.workers:
-            self.running = False
-
-    def _retire(self, worker: Worker) -> None:
-        if worker.stats:
-            counters = dict(worker.stats, connections=0, rooms=0, draining=0, bus_up=0, history_bytes=0,
-                            sequenced_rooms=0)
-            self.retired.add(counters)
-
-    def _unsubscribe_all(self, worker: Worker) -> None:
-        for room in list(self.rooms.values()):
-            self._unsubscribe(worker, room)
-
-    def _unsubscribe(self, worker: Worker, room: HubRoom) -> None:
-        if room.subs.pop(worker, 0) is None:
-            worker.link.cancel(room.name)
-            if room.count(worker, 0):
-                self._send_total(room)
-            if not room.subs and not room.history:
-                del self.rooms[room.name]
-
-    def _send_total(self, room: HubRoom) -> None:
-        rec = members_record(room.name, room.total)
-        for sub in room.subs:
-            sub.link.write(rec)
-
-    def _forget_if_unused(self, room: HubRoom) -> None:
-        if not room.subs:
-            del self.rooms[room.name]
-
-    def _on_data(self, worker: Worker, data: bytes) -> None:
-        for kind, body in worker.reader.feed(data):
-            if kind == REC_PUBLISH:
-                self._sequence(worker, body)
-            elif kind == REC_SUBSCRIBE:
-                name = body.decode()
-                room = self.rooms.get(name)
-                if room is None:
-                    room = self.rooms[name] = HubRoom(name, self.config)
-                room.subs[worker] = None
-                worker.link.write(members_record(name, room.total))     # before the snapshot: its welcome counts all
-                payloads = [item for _, item in room.history.items()]
-                worker.link.write_lazily(name, snapshot_records(name, room.epoch, room.seq, payloads))
-            elif kind == REC_UNSUBSCRIBE:
-                room = self.rooms.get(body.decode())
-                if room is not None:
-                    self._unsubscribe(worker, room)
-            elif kind == REC_STATS:
-                worker.stats = json.loads(body)
-            elif kind == REC_MEMBERS:
-                name, count = parse_members(body)
-                room = self.rooms.get(name)
-                if room is not None and worker in room.subs:
-                    if room.count(worker, count):
-                        self._send_total(room)
-                    else:                   # the reporter still needs it: its own share moved
-                        worker.link.write(members_record(name, room.total))
-
-    def _sequence(self, worker: Worker, body: bytes) -> None:
-        """Assign a published message its room's next seq, keep it, forward it, ack it."""
-        rlen, t0, plen, klen, resend = PUBLISH_HEAD.unpack_from(body)
-        pos = PUBLISH_HEAD.size
-        name = body[pos:pos + rlen]
-        key = body[pos + rlen:pos + rlen + klen]
-        pos += rlen + klen
-        room = self.rooms.get(room_name := name.decode())
-        if room is None:                    # its members left before the message got here
-            room = self.rooms[room_name] = HubRoom(room_name, self.config)
-        seq, payload = room.sequence(body[pos:pos + plen], body[pos + plen:], key, resend)
-        if payload is None:
-            worker.link.write(record(REC_ACK, ACK_HEAD.pack(room.epoch, seq, True)))
-            return
-        room.keep(self.budget, seq, payload, key)
-        rec = record(REC_MESSAGE, MESSAGE_HEAD.pack(rlen, room.epoch, seq, t0) + name + payload)
-        for sub in room.subs:
-            sub.link.write(rec)
-        worker.link.write(record(REC_ACK, ACK_HEAD.pack(room.epoch, seq, False)))
-
-    def total_stats(self) -> Stats:
-        """All workers' counters added up, with those of workers that exited."""
-        total = Stats()
-        total.bus_up = 0
-        total.add(self.retired.to_dict())
-        total.add(self.stats.to_dict())
-        live = [w.stats for w in list(self.workers.values()) if w.stats]
-        for d in live:
-            total.add(d)
-        total.bus_up = int(bool(live) and all(d["bus_up"] for d in live))
-        total.draining = int(self.draining)
-        if not self.config.redis:
-            total.rooms = sum(1 for r in list(self.rooms.values()) if r.subs)
-            total.history_bytes += self.budget.used
-            total.sequenced_rooms = len(self.rooms)
-        return total
-
-    def pids(self) -> list:
-        """The supervisor's and its workers' process ids."""
-        return [os.getpid(), *(w.proc.pid for w in list(self.workers.values()))]
-
-    def on_stop(self) -> None:
-        """SIGTERM/SIGINT: every worker drains; stop when all have exited."""
-        if self.draining:
-            return
-        log.info("draining %d workers", len(self.workers))
-        self.draining = True
-        self.drain_deadline = self.now + self.config.drain_timeout
-        for worker in self.workers.values():
-            worker.proc.send_signal(signal.SIGTERM)
-
-    def on_stop_again(self) -> None:
-        """A second signal: pass it on, so workers stop without waiting."""
-        for worker in self.workers.values():
-            worker.proc.send_signal(signal.SIGTERM)
-
-
-# ---------------------------------------------------------------------------
-# 5. Edges: metrics, configuration, logging, main
+# 8. Edges: metrics, settings, logging, main
 # ---------------------------------------------------------------------------
 
 class StatsCollector:
@@ -4284,13 +4291,18 @@ def main(argv: list | None = None) -> int:
         except OSError as e:
             log.error("worker %d: cannot use its hand-off link: %s", args.worker_id, e.strerror)
             return 2
+    hub_sock = socket.socket(fileno=args.hub_fd) if args.hub_fd is not None else None
+
+    def make_buses(server: Server, chat: Chat) -> tuple:
+        """A worker's link to its supervisor (its stats; its bus without Redis), and the chat's bus."""
+        hub = HubBus(server, chat, hub_sock) if hub_sock is not None else None
+        return hub, RedisBus(server, chat, args.redis) if args.redis else hub
     try:
         if supervising:
             make_listener(args.host, args.port, reuse_port=True, listen=False).close()
-            loop = Supervisor(args)
+            loop = Supervisor(args, *worker_settings(args))
         else:
-            hub = socket.socket(fileno=args.hub_fd) if args.hub_fd is not None else None
-            loop = Server(args, hub, handoff)
+            loop = Server(args, make_buses, handoff)
     except OSError as e:
         log.error("cannot listen on %s:%d: %s", args.host, args.port, e.strerror)
         return 2
