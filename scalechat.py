@@ -46,7 +46,7 @@ import time
 import traceback
 import zlib
 from collections import deque
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 from urllib.parse import parse_qs
 
 __version__ = "1.0.0"
@@ -1037,13 +1037,16 @@ LINGER_ROOMS = 1024
 
 
 class LocalBus:
-    """Sequences and delivers a room's messages inside one process."""
+    """Sequences and delivers a room's messages inside one process: its rooms are its own."""
 
-    local = True
     up = True
 
     def __init__(self, chat: Chat):
         self.chat = chat
+
+    def new_room(self, name: str) -> Room:
+        """A room this process sequences: ready at once, in a new order."""
+        return Room(name, self.chat.config, True, new_epoch())
 
     def publish(self, room: Room, prefix: bytes, suffix: bytes, t0: float, conn, message_id,
                 key: bytes = b"", resend: bool = False):
@@ -1057,8 +1060,13 @@ class LocalBus:
     def room_opened(self, room: Room) -> None:
         """The first local member joined room."""
 
+    def room_unused(self, room: Room, now: float) -> None:
+        """Nobody is in room any more: it is kept while it holds history (its order lives here)."""
+        if not room.history:
+            self.chat.close(room)
+
     def room_closed(self, room: Room) -> None:
-        """The last local member left room."""
+        """room is forgotten."""
 
     def resync(self, room: Room) -> None:
         """Never needed: nothing is lost inside one process."""
@@ -1066,20 +1074,62 @@ class LocalBus:
     def report_members(self, room: Room, count: int) -> None:
         """Never needed: every member is here."""
 
+    def sequenced_rooms(self) -> int:
+        """Rooms whose order this process keeps: all of its rooms."""
+        return len(self.chat.rooms)
+
+
+class Bus(Protocol):
+    """How a room's messages are sequenced and reach every member: LocalBus in this process,
+    HubBus through the --workers supervisor (section 6), RedisBus through Redis (section 7)."""
+
+    up: bool                                # the sequencer is reachable
+
+    def publish(self, room: Room, prefix: bytes, suffix: bytes, t0: float, conn, message_id,
+                key: bytes = b"", resend: bool = False) -> bytes | None:
+        """Sequence a client's message (its JSON around the order and seq); an error frame if refused."""
+
+    def new_room(self, name: str) -> Room:
+        """A room for this process: ready at once, or once its snapshot came (Chat.on_snapshot)."""
+
+    def room_opened(self, room: Room) -> None:
+        """Someone here joined a room nobody here was in."""
+
+    def room_unused(self, room: Room, now: float) -> None:
+        """Nobody here is in room any more: keep it, or Chat.linger or Chat.close it."""
+
+    def room_closed(self, room: Room) -> None:
+        """room is forgotten here: stop sending it."""
+
+    def resync(self, room: Room) -> None:
+        """A gap in room's order: catch up (with Chat.on_snapshot)."""
+
+    def report_members(self, room: Room, count: int) -> None:
+        """This process has count members of room now."""
+
+    def sequenced_rooms(self) -> int:
+        """How many rooms' orders this process keeps."""
+
+
+class Outbox(Protocol):
+    """Where the chat queues frames for connections (the server writes them out)."""
+
+    def send(self, conn, data: bytes) -> None:
+        """Queue data for one connection."""
+
+    def broadcast(self, members, frame: bytes) -> None:
+        """Queue the same frame for every member (the hot path)."""
+
 
 class Chat:
-    """Rooms and their members on this process; knows nothing of sockets.
+    """Rooms and their members on this process; knows nothing of sockets: it queues frames in an
+    Outbox and hands messages to a Bus (LocalBus until the server gives it another)."""
 
-    ``send(conn, bytes)`` queues bytes for a connection; ``dirty`` is the
-    loop's list of connections with newly queued bytes (the hot path appends
-    to it directly).
-    """
-
-    def __init__(self, config, stats: Stats, send, dirty: list):
+    def __init__(self, config, stats: Stats, outbox: Outbox):
         self.config = config
         self.stats = stats
-        self.send = send
-        self.dirty = dirty
+        self.outbox = outbox
+        self.send = outbox.send
         self.rooms: dict[str, Room] = {}
         self.bus = LocalBus(self)
         self.guest_counter = 0
@@ -1104,8 +1154,7 @@ class Chat:
         """
         room = self.rooms.get(room_name)
         if room is None:
-            local = self.bus.local
-            room = self.rooms[room_name] = Room(room_name, self.config, local, new_epoch() if local else b"")
+            room = self.rooms[room_name] = self.bus.new_room(room_name)
         opened = not room.in_use() and self.lingering.pop(room_name, None) is None
         conn.room = room
         if room.ready:
@@ -1113,7 +1162,6 @@ class Chat:
         else:
             room.waiting.append((conn, since, epoch))
         if opened:
-            self.stats.room_syncs += not self.bus.local
             self.bus.room_opened(room)
 
     def _admit(self, conn, room: Room, since: int | None, epoch: bytes | None) -> None:
@@ -1151,7 +1199,7 @@ class Chat:
         return frames
 
     def leave(self, conn, now: float = 0.0) -> None:
-        """Take conn out of its room; a room nobody here needs is forgotten, or lingers (remote bus)."""
+        """Take conn out of its room; the bus says what becomes of a room nobody here is in."""
         room = conn.room
         if room is None:
             return
@@ -1159,47 +1207,41 @@ class Chat:
         if room.members.pop(conn, 0) is not None and room.catching_up.pop(conn, 0) is not None:
             room.waiting = [w for w in room.waiting if w[0] is not conn]
         self.recount[room] = None
-        if room.in_use():
+        if not room.in_use():
+            self.bus.room_unused(room, now)
+
+    def linger(self, room: Room, now: float) -> None:
+        """Keep following a remote room nobody here is in, for --room-linger seconds (0: close it)."""
+        if self.config.room_linger <= 0:
+            self.close(room)
             return
-        if self.bus.local:
-            if not room.history:
-                self._forget(room)
-        elif self.config.room_linger > 0:
-            room.idle_since = now
-            self.lingering[room.name] = room
-            if len(self.lingering) > LINGER_ROOMS:
-                self._close(next(iter(self.lingering.values())))
-        else:
-            self._close(room)
+        room.idle_since = now
+        self.lingering[room.name] = room
+        if len(self.lingering) > LINGER_ROOMS:
+            self.close(next(iter(self.lingering.values())))
 
     def close_idle(self, now: float) -> None:
         """Stop following the remote rooms that lingered --room-linger seconds with nobody here."""
         limit = now - self.config.room_linger
         lingering = self.lingering
         while lingering and (room := next(iter(lingering.values()))).idle_since <= limit:
-            self._close(room)
+            self.close(room)
 
     def active_rooms(self) -> int:
         """Rooms here that someone is in (or, in one process, that hold history)."""
         return len(self.rooms) - len(self.lingering)
 
-    def _close(self, room: Room) -> None:
-        """A remote room nobody here needs: the bus stops sending it, and it is forgotten."""
+    def close(self, room: Room) -> None:
+        """Forget a room nobody here needs (the bus stops sending it)."""
         self.lingering.pop(room.name, None)
         self.bus.room_closed(room)
-        self._forget(room)
-
-    def _forget(self, room: Room) -> None:
         self.budget.removed(room)
         del self.rooms[room.name]
 
     def _forget_if_unused(self, room: Room) -> None:
-        if room.in_use():
-            return
-        if self.bus.local:
-            del self.rooms[room.name]
-        else:
-            self._close(room)
+        """The history budget took room's last message: forget it unless someone is in it."""
+        if not room.in_use():
+            self.close(room)
 
     def receive(self, conn, payload: bytes, t0: float) -> bytes | None:
         """Handle a client text frame; an error frame for the sender if refused."""
@@ -1218,14 +1260,7 @@ class Chat:
         room.keep(self.budget, seq, frame, key)
         members = room.members
         if members:
-            n = len(frame)
-            dirty = self.dirty
-            for c in members:
-                out = c.out
-                if not out:
-                    dirty.append(c)
-                out.append(frame)
-                c.out_bytes += n
+            self.outbox.broadcast(members, frame)
             self.stats.deliveries += len(members)
         if t0 is not None:
             self.stats.broadcast.observe(time.monotonic() - t0)
@@ -1347,51 +1382,97 @@ class Chat:
         for room in changed:
             if rooms.get(room.name) is not room:
                 continue                    # forgotten meanwhile: the bus heard of it then
-            if not bus.local and room.reported != (n := room.local_count()):
+            if room.reported != (n := room.local_count()):
                 room.reported = n
                 bus.report_members(room, n)
             if room.members:
                 yield room, encode_json_frame({"type": "members", "room": room.name,
                                                "count": room.member_count()})
 
+    def send_member_counts(self, now: float) -> None:
+        """Once a second: each room whose member count moved tells its members; the rooms that
+        lingered long enough with nobody here are let go."""
+        for room, frame in self.member_count_frames():
+            self.outbox.broadcast(room.members, frame)
+        if self.lingering:
+            self.close_idle(now)
+
 
 # ---------------------------------------------------------------------------
 # 4. Connection, sans-IO: states, rate limits, strikes, pings, deadlines
 # ---------------------------------------------------------------------------
 
-# A connection's states, in the order it can pass through them (Connection says how).
+# A connection's states. It moves only forward, and only as CLOSING lists.
 HTTP, OPEN, CLOSE_SENT, FLUSHING, REFUSING, LINGERING, CLOSED = range(7)
+STATE_NAMES = ("HTTP", "OPEN", "CLOSE_SENT", "FLUSHING", "REFUSING", "LINGERING", "CLOSED")
+
+# What moves a connection.
+ANSWERED = "answered"       # an HTTP answer queued: the connection closes once it is sent
+REFUSED = "refused"         # an HTTP refusal queued: the client may still be sending
+UPGRADED = "upgraded"       # a WebSocket now
+CLOSE = "close"             # the server starts the closing handshake (1001 when draining)
+PEER_CLOSE = "peer close"   # the peer's Close frame came
+TOO_SLOW = "too slow"       # its queue passed --max-buffer: 1013, the queue dropped
+FAIL = "fail"               # a protocol error, the rate limit, a bug (RFC 6455 7.1.7)
+SENT = "sent"               # everything queued went out
+ABORT = "abort"             # EOF, a socket error, a deadline, a hand-off: closed now
+
+# Every move a connection can make; any other (state, event) is a bug and raises.
+#
+# In CLOSE_SENT the peer's frames are still parsed, to find its Close (RFC 6455
+# 7.1.2). REFUSING and LINGERING drop what the peer still sends (up to
+# MAX_DISCARD) but read it: closing a socket with unread input makes the kernel
+# send RST, and the peer's kernel then drops the answer unread. HTTP has the
+# handshake deadline (--handshake-timeout), every closing state the close
+# deadline (--close-timeout).
+CLOSING = {
+    (HTTP, ANSWERED): FLUSHING,         # a page, /healthz, a 500
+    (HTTP, REFUSED): REFUSING,          # 4xx, 503
+    (HTTP, UPGRADED): OPEN,
+    (OPEN, CLOSE): CLOSE_SENT,          # draining: 1001
+    (OPEN, PEER_CLOSE): FLUSHING,       # its Close echoed
+    (OPEN, TOO_SLOW): FLUSHING,         # 1013
+    (OPEN, FAIL): REFUSING,             # 1002, 1003, 1007, 1008, 1009, 1011
+    (CLOSE_SENT, PEER_CLOSE): CLOSED,
+    (FLUSHING, PEER_CLOSE): CLOSED,     # while its last frames go out: closed now
+    (FLUSHING, SENT): CLOSED,
+    (REFUSING, SENT): LINGERING,        # half-closed: shutdown(SHUT_WR)
+    **{(state, ABORT): CLOSED for state in (HTTP, OPEN, CLOSE_SENT, FLUSHING, REFUSING, LINGERING)},
+}
+CLOSING_STATES = (CLOSE_SENT, FLUSHING, REFUSING, LINGERING)
 
 FRAME_TOKEN = 1 / 32          # rate-limit tokens a frame costs that is not a message or ping
 MAX_DISCARD = 8 << 20         # bytes read and dropped after a refusal (more than a socket buffer) before closing
-
 MESSAGE_ID = re.compile(rb'"message_id"\s*:\s*(-?\d{1,19})\b')
+
+# What Connection.receive asks of its server, each as (kind, ...).
+MESSAGE = "message"           # (MESSAGE, payload): a chat message for the room
+SEND = "send"                 # (SEND, bytes): queue these for the peer (a pong)
+REFUSE = "refuse"             # (REFUSE, error frame or None): a frame over the rate, refused
+CLOSED_BY_PEER = "closed"     # (CLOSED_BY_PEER, payload): the peer's Close frame
+FAILED = "failed"             # (FAILED, code, reason): fail the connection with this close code
+DROP = "drop"                 # (DROP,): close the socket now (it kept sending after a refusal)
+
+
+class Limits(NamedTuple):
+    """What a connection may send, from the settings: messages and bytes per second, and bursts."""
+
+    rate: float
+    burst: float
+    byte_rate: float
+    byte_burst: float
+    max_frame: int
 
 
 class Connection:
-    """One client socket: HTTP until upgraded, then a WebSocket member of a room.
+    """One client, sans-IO: bytes and the time in, what to do out (the server does the I/O).
 
-    Its ``state`` moves only forward; every closing transition goes through
-    ``Server._closing`` and ends in ``Server._abort``::
-
-        HTTP ----- request answered: 200 ---------------> FLUSHING
-        HTTP ----- request refused: 4xx, 5xx -----------> REFUSING
-        HTTP ----- upgraded ----------------------------> OPEN
-        OPEN ----- close(code): draining (1001) --------> CLOSE_SENT
-        OPEN ----- the peer's Close (echoed) -----------> FLUSHING
-        OPEN ----- too slow: 1013, queue dropped -------> FLUSHING
-        OPEN ----- protocol error, rate, 1011: _fail ---> REFUSING
-        CLOSE_SENT  the peer's Close ------------------> CLOSED
-        FLUSHING    everything sent -------------------> CLOSED
-        REFUSING    everything sent: shutdown(SHUT_WR) -> LINGERING
-        LINGERING   the peer's EOF --------------------> CLOSED
-        any ------- EOF, socket error, a deadline ------> CLOSED
-
-    In CLOSE_SENT the peer's frames are still parsed, to find its Close (RFC
-    6455 7.1.2). REFUSING and LINGERING drop what the peer still sends (up to
-    MAX_DISCARD) but read it: closing a socket with unread input makes the
-    kernel send RST, and the peer's kernel then drops the answer unread.
-    Every closing state has the close deadline (--close-timeout).
+    HTTP until upgraded, then a WebSocket member of a room; its ``state``
+    moves as CLOSING says, applied by Connections.move. It owns the frame
+    parser, the rate limit's token buckets (messages and bytes), the strikes of
+    refused frames, the ping it waits an answer to, and its deadline. The
+    server's part rides along: its socket and queue of frames to send, and the
+    chat's (room, name, client id, replay position).
     """
 
     __slots__ = (
@@ -1420,7 +1501,7 @@ class Connection:
         "writing",
     )
 
-    def __init__(self, sock: socket.socket, peer: str, now: float):
+    def __init__(self, sock, peer: str, now: float):
         self.sock = sock
         self.fd = sock.fileno()
         self.state = HTTP
@@ -1444,6 +1525,202 @@ class Connection:
         self.discarded = 0            # bytes dropped since a refusal or a failure
         self.peer = peer
         self.handed = False           # handed over by the worker that accepted it
+
+    def take_request(self, data: bytes, limit: int) -> tuple | None:
+        """(request head, the bytes after it, all bytes read) once the head is whole, None until then;
+        HandshakeError (431) as soon as it is longer than limit."""
+        buf = self.inbuf + data
+        head = take_request_head(buf, limit)
+        self.inbuf = b"" if head is not None else buf
+        return None if head is None else (head[0], head[1], buf)
+
+    def upgraded(self, limits: Limits) -> None:
+        """Now a WebSocket: its parser, and full buckets."""
+        self.parser = FrameParser(True, limits.max_frame, accept_binary=False)
+        self.tokens, self.byte_tokens = limits.burst, limits.byte_burst
+
+    def receive(self, data: bytes, now: float, limits: Limits) -> list:
+        """What the peer's bytes ask of the server: MESSAGE, SEND, REFUSE, CLOSED_BY_PEER, FAILED or
+        DROP actions, in order; nothing follows a FAILED, CLOSED_BY_PEER or DROP."""
+        self.last_seen = now
+        parser = self.parser
+        if parser is None:                  # refused or failed: a reply is on its way out
+            self.discarded += len(data)
+            return [(DROP,)] if self.discarded > MAX_DISCARD else []
+        frames_before, fragments_before = parser.frames, parser.fragments
+        if limits.rate > 0:
+            # Parse no more frames than the connection can pay for (at the cheapest price, a
+            # fragment's) or be refused for: each refusal is a strike, and past --rate-burst of
+            # them it is closed, so the frames one read costs the server stay bounded.
+            strikes_left = int(limits.burst - self.strikes)
+            parser.frame_limit = frames_before + int(self._refill(now, limits) / FRAME_TOKEN) + strikes_left + 1
+        try:
+            frames, error = parser.feed(data), None
+        except ProtocolError as e:
+            # Frames completed before the violation still count. Keep code and reason,
+            # not e: its traceback holds this frame, a cycle with the local.
+            frames, error = e.frames, (e.code, e.reason)
+        actions: list = []
+        # Frames that complete nothing (fragments) pay too, or a stream of empty
+        # continuations would cost the server a core at no cost to the client.
+        fragments = parser.fragments - fragments_before
+        if fragments > 0 and self.state == OPEN and not self._take(now, limits, fragments * FRAME_TOKEN):
+            return [(REFUSE, None), (FAILED, CLOSE_POLICY, "too many frames")]
+        for opcode, payload in frames:
+            if self.state != OPEN:
+                if opcode == OP_CLOSE:      # the answer to our close: done
+                    actions.append((CLOSED_BY_PEER, payload))
+                    return actions
+            elif opcode == OP_TEXT:
+                over = self._take_message(now, limits, len(payload))
+                if over is None:
+                    actions.append((MESSAGE, payload))
+                elif self._strike(actions, limits, payload, over):
+                    return actions
+            elif opcode == OP_PING:
+                if self._take(now, limits, 1.0):      # each ping costs a pong: limited like messages
+                    actions.append((SEND, encode_frame(OP_PONG, payload)))
+                elif self._strike(actions, limits, b"", "messages"):
+                    return actions
+            elif opcode == OP_PONG:
+                self.ping_sent = 0.0
+                if not self._take(now, limits, FRAME_TOKEN) and self._strike(actions, limits, None, "messages"):
+                    return actions
+            elif opcode == OP_CLOSE:
+                actions.append((CLOSED_BY_PEER, payload))
+                return actions
+            else:                           # unreachable: the parser refuses binary frames
+                actions.append((FAILED, CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted"))
+                return actions
+        if error is not None:
+            actions.append((FAILED, *error))
+        return actions
+
+    def keepalive(self, now: float, ping_interval: float, pong_timeout: float) -> int:
+        """For the ping sweep: 1 to ping now (silent past ping_interval), -1 to drop (a ping went
+        unanswered past pong_timeout), 0 for nothing."""
+        if self.ping_sent:
+            return -1 if now - self.ping_sent > pong_timeout else 0
+        if now - self.last_seen > ping_interval:
+            self.ping_sent = now
+            return 1
+        return 0
+
+    def _refill(self, now: float, limits: Limits) -> float:
+        """Tokens now: refilled at --rate-limit per second since the last look, up to --rate-burst
+        (and byte tokens at --rate-limit-bytes, up to --rate-burst-bytes)."""
+        elapsed = now - self.token_time
+        self.byte_tokens = min(limits.byte_burst, self.byte_tokens + elapsed * limits.byte_rate)
+        self.tokens = min(limits.burst, self.tokens + elapsed * limits.rate)
+        self.token_time = now
+        return self.tokens
+
+    def _take(self, now: float, limits: Limits, cost: float) -> bool:
+        """Whether the message bucket can pay cost (a message or a ping costs 1); if so, it does."""
+        if limits.rate <= 0:
+            return True
+        if self._refill(now, limits) >= cost:
+            self.tokens -= cost
+            return True
+        return False
+
+    def _take_message(self, now: float, limits: Limits, size: int) -> str | None:
+        """Charge a message of size bytes to both buckets: None, or what it is over ("messages" or "bytes").
+
+        size is the frame's payload, what the client sent: it is at least what the text
+        weighs re-encoded, in history and on the bus (escapes and all: a client must
+        escape what the server escapes), short only of the envelope (room, sender, seq).
+        """
+        if limits.rate <= 0 and limits.byte_rate <= 0:
+            return None
+        self._refill(now, limits)
+        if limits.rate > 0 and self.tokens < 1:
+            return "messages"
+        if limits.byte_rate > 0 and self.byte_tokens < size:
+            return "bytes"
+        self.tokens -= 1
+        self.byte_tokens -= size
+        return None
+
+    def _strike(self, actions: list, limits: Limits, payload: bytes | None, over: str) -> bool:
+        """A frame over the rate (of messages or of bytes): refused with an error frame (none for a
+        pong), and FAILED with 1008 once it keeps on; whether it failed."""
+        self.strikes += 1
+        if self.strikes > limits.burst:
+            actions.append((REFUSE, None))
+            actions.append((FAILED, CLOSE_POLICY, "rate limit exceeded repeatedly"))
+            return True
+        error = None
+        if payload is not None:
+            found = MESSAGE_ID.search(payload)     # cheap: a flood is not worth a JSON parse
+            limit = limits.rate if over == "messages" else limits.byte_rate
+            error = error_frame("rate_limit", f"more than {limit:g} {over} per second",
+                                int(found.group(1)) if found else None)
+        actions.append((REFUSE, error))
+        return False
+
+
+class Connections:
+    """Every connection of a process by descriptor, and the ones a timer must look at: those
+    handshaking, closing and blocked (writes stalled). move() keeps them, and each deadline."""
+
+    def __init__(self, config):
+        self.all: dict[int, Connection] = {}
+        self.handshaking: dict[int, Connection] = {}
+        self.closing: dict[int, Connection] = {}
+        self.blocked: dict[int, Connection] = {}
+        self.handshake_timeout = config.handshake_timeout
+        self.close_timeout = config.close_timeout
+        self.write_timeout = config.write_timeout
+
+    def add(self, conn: Connection, now: float) -> None:
+        """A new connection (HTTP): its handshake deadline starts now."""
+        conn.deadline = now + self.handshake_timeout
+        self.all[conn.fd] = self.handshaking[conn.fd] = conn
+
+    def move(self, conn: Connection, event: str, now: float) -> int:
+        """Apply one move of CLOSING to conn (ValueError if the table has none for its state); the
+        state it left."""
+        old = conn.state
+        new = CLOSING.get((old, event))
+        if new is None:
+            raise ValueError(f"no move from {STATE_NAMES[old]} on {event!r}")
+        conn.state = new
+        fd = conn.fd
+        if old == HTTP:
+            self.handshaking.pop(fd, None)
+        if new == CLOSED:
+            self.all.pop(fd, None)
+            self.closing.pop(fd, None)
+            self.blocked.pop(fd, None)
+        elif new in CLOSING_STATES and old not in CLOSING_STATES:
+            conn.deadline = now + self.close_timeout
+            self.closing[fd] = conn
+        return old
+
+    def stalled(self, conn: Connection, now: float) -> None:
+        """conn's socket is full: it is blocked, and an open one has the write deadline from now."""
+        if conn.fd not in self.blocked:
+            if conn.state == OPEN:
+                conn.deadline = now + self.write_timeout
+            self.blocked[conn.fd] = conn
+
+    def unstalled(self, conn: Connection) -> None:
+        """conn's socket took all it had."""
+        self.blocked.pop(conn.fd, None)
+
+    def expired(self, now: float, max_buffer: int) -> list:
+        """(conn, why) for each connection past its deadline: "handshake_timeout", "close_timeout" or
+        "write_timeout"; or, blocked and open, with more than max_buffer queued: "slow_consumer"."""
+        found = [(c, "handshake_timeout") for c in self.handshaking.values() if c.deadline < now]
+        found += [(c, "close_timeout") for c in self.closing.values() if c.deadline < now]
+        for c in self.blocked.values():
+            if c.state == OPEN:
+                if c.deadline < now:
+                    found.append((c, "write_timeout"))
+                elif c.out_bytes > max_buffer:      # stalled writers are not flushed, so check here
+                    found.append((c, "slow_consumer"))
+        return found
 
 
 # ---------------------------------------------------------------------------
@@ -1985,7 +2262,9 @@ class Handoff:
 
 
 class Server(EventLoop):
-    """One process's loop serving HTTP, WebSocket and the chat."""
+    """One process's loop serving HTTP, WebSocket and the chat: the sockets of its connections
+    (accept, read, write, close), the hand-off, and the timers; what a connection's bytes mean
+    is the Connection's to say, and what a message does is the chat's."""
 
     def __init__(self, config, make_buses=None, handoff: Handoff | None = None):
         """make_buses(server, chat): (the link to the --workers supervisor or None, the bus the chat
@@ -1994,11 +2273,10 @@ class Server(EventLoop):
         self.config = config
         self.gc_watch = GcWatch(self.stats, config.gc_freeze)
         self.dirty: list = []
-        self.chat = Chat(config, self.stats, self.send, self.dirty)
-        self.conns: dict[int, Connection] = {}
-        self.handshaking: dict[int, Connection] = {}
-        self.closing: dict[int, Connection] = {}
-        self.blocked: dict[int, Connection] = {}
+        self.chat = Chat(config, self.stats, self)
+        self.connections = Connections(config)
+        self.limits = Limits(config.rate_limit, config.rate_burst, config.rate_limit_bytes,
+                             config.rate_burst_bytes, max_frame_size(config.max_message_size))
         self.per_ip: dict[str, int] = {}
         self.front = Front(load_static(config.static_dir), config.allowed_hosts, config.allowed_origins,
                            config.allow_no_origin)
@@ -2026,8 +2304,7 @@ class Server(EventLoop):
         self.sweep_period = min(config.ping_interval, config.pong_timeout) / 4
         self.sweep_tick = min(1.0, self.sweep_period)
         self.every(self.sweep_tick, self._sweep)
-        self.every(1.0, self._send_member_counts)
-        self.every(1.0, self._count_history)
+        self.every(1.0, self._each_second)
 
     def _tick_lag(self) -> None:
         """Measure how late the loop runs a timer due every 0.25 s."""
@@ -2042,7 +2319,7 @@ class Server(EventLoop):
         """Run until stopped and drained."""
         self._lag_due = self.now + 0.25
         self.run()
-        for conn in list(self.conns.values()):
+        for conn in list(self.connections.all.values()):
             self._abort(conn)
         if self.hub is not None:
             self.hub.send_stats(self.stats)
@@ -2062,7 +2339,7 @@ class Server(EventLoop):
 
     def after_turn(self) -> None:
         """Stop once draining is done."""
-        if self.draining and (not self.conns or self.now > self.drain_deadline):
+        if self.draining and (not self.connections.all or self.now > self.drain_deadline):
             self.running = False
 
     def on_connection_event(self, conn: Connection, events: int) -> None:
@@ -2087,14 +2364,8 @@ class Server(EventLoop):
                 self._abort(conn)
         except Exception:
             log.exception("dropping %s after a second internal error", conn.peer)
-            conn.state = CLOSED
-            for table in (self.conns, self.handshaking, self.closing, self.blocked):
-                table.pop(conn.fd, None)
-            try:
-                self.sel.unregister(conn.sock)
-            except (KeyError, ValueError):
-                pass
-            conn.sock.close()
+            if conn.state != CLOSED:        # the same move as any abort, each step on its own
+                self._release(conn, self.connections.move(conn, ABORT, self.now), careful=True)
 
     def on_stop(self) -> None:
         """SIGTERM/SIGINT: drain."""
@@ -2107,17 +2378,17 @@ class Server(EventLoop):
 
     def drain(self) -> None:
         """Refuse new WebSockets, say 1001 to every client, stop when they are gone."""
-        log.info("draining %d connections (timeout %.1fs)", len(self.conns), self.config.drain_timeout)
+        log.info("draining %d connections (timeout %.1fs)", len(self.connections.all), self.config.drain_timeout)
         self.draining = True
         self.stats.draining = 1
         self.drain_deadline = self.now + self.config.drain_timeout
-        for conn in list(self.conns.values()):
+        for conn in list(self.connections.all.values()):
             if conn.state == OPEN:
-                self.close(conn, CLOSE_GOING_AWAY, "server shutting down")
+                self._move(conn, CLOSE, encode_close(CLOSE_GOING_AWAY, "server shutting down"))
             elif conn.state == HTTP and not conn.out:
                 self._abort(conn)
 
-    # -- accept -------------------------------------------------------------
+    # -- accept, and the hand-off of a WebSocket to the worker owning its room --
 
     def _accept(self, _events: int) -> None:
         for _ in range(ACCEPT_BATCH):
@@ -2144,9 +2415,7 @@ class Server(EventLoop):
     def _adopt(self, sock: socket.socket, peer: str) -> Connection:
         """A new client socket (accepted, or handed over): its handshake deadline starts now."""
         conn = Connection(sock, peer, self.now)
-        conn.deadline = self.now + self.config.handshake_timeout
-        self.conns[conn.fd] = conn
-        self.handshaking[conn.fd] = conn
+        self.connections.add(conn, self.now)
         self.sel.register(sock, selectors.EVENT_READ, conn)
         # Every socket of an address counts, not only upgraded ones: otherwise one
         # address could hold any number of sockets in the handshake (slowloris).
@@ -2155,8 +2424,6 @@ class Server(EventLoop):
             self._http_error(conn, 503, "too many connections from this address",
                              "max_connections", (("Retry-After", "1"),))
         return conn
-
-    # -- --room-affinity: a WebSocket goes to the worker that owns its room ---
 
     def _hand_off(self, conn: Connection, room: str, request: bytes) -> bool:
         """Pass conn (its socket and the request bytes read so far) to the worker owning room.
@@ -2196,136 +2463,42 @@ class Server(EventLoop):
             self._abort(conn)
             return
         self.stats.bytes_in += len(data)
-        conn.last_seen = self.now
         if conn.state == HTTP:
+            conn.last_seen = self.now
             self._on_http_data(conn, data)
-            return
-        if conn.parser is not None:
-            self._on_websocket_data(conn, data)
-        else:                               # refused or failed: a reply is on its way out
-            conn.discarded += len(data)
-            if conn.discarded > MAX_DISCARD:    # a peer that keeps sending gets no more reads
-                self._abort(conn)
-
-    def _on_websocket_data(self, conn: Connection, data: bytes) -> None:
-        parser = conn.parser
-        frames_before, fragments_before = parser.frames, parser.fragments
-        if self.config.rate_limit > 0:
-            # Parse no more frames than the connection can pay for (at the cheapest price, a
-            # fragment's) or be refused for: each refusal is a strike, and past --rate-burst of
-            # them it is closed, so the frames one read costs the server stay bounded.
-            strikes_left = int(self.config.rate_burst - conn.strikes)
-            parser.frame_limit = frames_before + int(self._refill(conn) / FRAME_TOKEN) + strikes_left + 1
-        try:
-            frames, error = parser.feed(data), None
-        except ProtocolError as e:
-            # Frames completed before the violation still count. Keep code and reason,
-            # not e: its traceback holds this frame, a cycle with the local.
-            frames, error = e.frames, (e.code, e.reason)
-        # Frames that complete nothing (fragments) pay too, or a stream of empty
-        # continuations would cost the server a core at no cost to the client.
-        fragments = parser.fragments - fragments_before
-        if fragments > 0 and conn.state == OPEN and not self._take_token(conn, fragments * FRAME_TOKEN):
-            self._fail(conn, CLOSE_POLICY, "too many frames")
-            return
-        for opcode, payload in frames:
-            if conn.state == OPEN:
-                self._on_frame(conn, opcode, payload)
-            elif opcode == OP_CLOSE:        # the answer to our close: done
-                self._abort(conn)
-                return
-        # A frame above may have failed the connection already (failing drops its parser).
-        if error is not None and conn.state != CLOSED and conn.parser is parser:
-            self._fail(conn, *error)
-
-    def _on_frame(self, conn: Connection, opcode: int, payload: bytes) -> None:
-        if opcode == OP_TEXT:
-            over = self._take_message(conn, len(payload))
-            if over is not None:
-                self._over_rate(conn, payload, over)
-                return
-            err = self.chat.receive(conn, payload, self.now)
-            if err is not None:
-                self.send(conn, err)
-        elif opcode == OP_PING:
-            if self._take_token(conn):      # each ping costs a pong: limited like messages
-                self.send(conn, encode_frame(OP_PONG, payload))
-            else:
-                self._over_rate(conn, b"")
-        elif opcode == OP_PONG:
-            conn.ping_sent = 0.0
-            if not self._take_token(conn, FRAME_TOKEN):
-                self._over_rate(conn, None)
-        elif opcode == OP_CLOSE:
-            # Echo the peer's status code (RFC 6455 5.5.1), then close TCP ourselves.
-            self._closing(conn, encode_frame(OP_CLOSE, payload[:2]), FLUSHING)
-        elif opcode == OP_BINARY:          # unreachable: the parser refuses binary frames
-            self._fail(conn, CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted")
-
-    def _refill(self, conn: Connection) -> float:
-        """conn's tokens now: refilled at --rate-limit per second since the last look, up to --rate-burst
-        (and its byte tokens at --rate-limit-bytes, up to --rate-burst-bytes)."""
-        cfg, elapsed = self.config, self.now - conn.token_time
-        conn.byte_tokens = min(cfg.rate_burst_bytes, conn.byte_tokens + elapsed * cfg.rate_limit_bytes)
-        conn.tokens = min(cfg.rate_burst, conn.tokens + elapsed * cfg.rate_limit)
-        conn.token_time = self.now
-        return conn.tokens
-
-    def _take_message(self, conn: Connection, size: int) -> str | None:
-        """Charge a message of size bytes to conn's buckets: None, or what it is over ("messages" or "bytes").
-
-        size is the frame's payload, what the client sent: it is at least what the text
-        weighs re-encoded, in history and on the bus (escapes and all: a client must
-        escape what the server escapes), short only of the envelope (room, sender, seq).
-        """
-        cfg = self.config
-        if cfg.rate_limit <= 0 and cfg.rate_limit_bytes <= 0:
-            return None
-        self._refill(conn)
-        if cfg.rate_limit > 0 and conn.tokens < 1:
-            over = "messages"
-        elif cfg.rate_limit_bytes > 0 and conn.byte_tokens < size:
-            over = "bytes"
         else:
-            conn.tokens -= 1
-            conn.byte_tokens -= size
-            return None
-        self.stats.refused["rate_limit"] += 1
-        return over
+            self._act(conn, conn.receive(data, self.now, self.limits))
 
-    def _take_token(self, conn: Connection, cost: float = 1.0) -> bool:
-        """Token bucket per connection: whether conn may spend cost (a message costs 1)."""
-        if self.config.rate_limit <= 0:
-            return True
-        if self._refill(conn) >= cost:
-            conn.tokens -= cost
-            return True
-        self.stats.refused["rate_limit"] += 1
-        return False
-
-    def _over_rate(self, conn: Connection, payload: bytes | None, over: str = "messages") -> None:
-        """A frame over the rate (of messages or of bytes): an error frame (none for a pong), and
-        1008 once it keeps on."""
-        conn.strikes += 1
-        if conn.strikes > self.config.rate_burst:
-            self._fail(conn, CLOSE_POLICY, "rate limit exceeded repeatedly")
-        elif payload is not None:
-            found = MESSAGE_ID.search(payload)     # cheap: a flood is not worth a JSON parse
-            limit = self.config.rate_limit if over == "messages" else self.config.rate_limit_bytes
-            self.send(conn, error_frame("rate_limit", f"more than {limit:g} {over} per second",
-                                        int(found.group(1)) if found else None))
+    def _act(self, conn: Connection, actions: list) -> None:
+        """Do what conn's bytes asked (Connection.receive)."""
+        for action in actions:
+            kind = action[0]
+            if kind is MESSAGE:
+                err = self.chat.receive(conn, action[1], self.now)
+                if err is not None:
+                    self.send(conn, err)
+            elif kind is SEND:
+                self.send(conn, action[1])
+            elif kind is REFUSE:
+                self.stats.refused["rate_limit"] += 1
+                if action[1] is not None:
+                    self.send(conn, action[1])
+            elif kind is CLOSED_BY_PEER:
+                # Echo the peer's status code (RFC 6455 5.5.1), then close TCP ourselves.
+                self._move(conn, PEER_CLOSE, encode_frame(OP_CLOSE, action[1][:2]) if conn.state == OPEN else b"")
+            elif kind is FAILED:
+                self._fail(conn, action[1], action[2])
+            else:                           # DROP: it keeps sending after a refusal
+                self._abort(conn)
 
     # -- HTTP ---------------------------------------------------------------
 
     def _on_http_data(self, conn: Connection, data: bytes) -> None:
-        buf = conn.inbuf + data
         try:
-            head = take_request_head(buf, self.config.max_header_size)
-            if head is None:
-                conn.inbuf = buf
-                return
-            conn.inbuf = b""
-            self._route(conn, parse_request_head(head[0]), head[1], buf)
+            request = conn.take_request(data, self.config.max_header_size)
+            if request is not None:
+                head, rest, raw = request
+                self._route(conn, parse_request_head(head), rest, raw)
         except HandshakeError as e:
             self._http_error(conn, e.status, e.reason, e.counter, e.headers)
 
@@ -2334,11 +2507,11 @@ class Server(EventLoop):
         """Refuse a request: the client may still be sending, so let it read the answer."""
         self.stats.refused[counter] += 1
         self._http_reply(conn, http_response(status, (reason + "\n").encode(), headers=headers), status,
-                         REFUSING)
+                         REFUSED)
 
-    def _http_reply(self, conn: Connection, response: bytes, status: int, then: int = FLUSHING) -> None:
+    def _http_reply(self, conn: Connection, response: bytes, status: int, event: str = ANSWERED) -> None:
         self.stats.http_requests[str(status)] += 1
-        self._closing(conn, response, then)
+        self._move(conn, event, response)
 
     def _route(self, conn: Connection, request: Request, rest: bytes, raw: bytes = b"") -> None:
         answer = route(request, self.front, draining=self.draining, bus_up=self.chat.bus.up,
@@ -2351,16 +2524,12 @@ class Server(EventLoop):
             self._http_reply(conn, response, status)
 
     def _upgrade(self, conn: Connection, upgrade: Upgrade, rest: bytes) -> None:
-        cfg = self.config
-        self.handshaking.pop(conn.fd, None)
-        conn.state = OPEN
+        self._move(conn, UPGRADED)
+        conn.upgraded(self.limits)
         conn.name = self.chat.assign_name(upgrade.name)
         # Without a client id of its own, a connection's messages still need a key
         # nobody else has (a resend after a bus failure); '.' is never in a client's.
         conn.client = upgrade.client.encode() if upgrade.client else b".%s" % os.urandom(8).hex().encode()
-        conn.parser = FrameParser(True, max_frame_size(cfg.max_message_size), accept_binary=False)
-        conn.tokens = cfg.rate_burst
-        conn.byte_tokens = cfg.rate_burst_bytes
         self.stats.connections += 1
         self.stats.connections_total += 1
         self.stats.http_requests["101"] += 1
@@ -2368,9 +2537,9 @@ class Server(EventLoop):
         self.chat.join(conn, upgrade.room, upgrade.since, upgrade.epoch)
         self.stats.rooms = self.chat.active_rooms()
         if rest:
-            self._on_websocket_data(conn, rest)
+            self._act(conn, conn.receive(rest, self.now, self.limits))
 
-    # -- write --------------------------------------------------------------
+    # -- write: the chat's outbox -------------------------------------------
 
     def send(self, conn: Connection, data: bytes) -> None:
         """Queue bytes for conn; they go out at the end of this loop turn."""
@@ -2379,6 +2548,17 @@ class Server(EventLoop):
             self.dirty.append(conn)
         out.append(data)
         conn.out_bytes += len(data)
+
+    def broadcast(self, members, frame: bytes) -> None:
+        """Queue one frame for every member (the hot path: the same bytes object for all)."""
+        n = len(frame)
+        dirty = self.dirty
+        for c in members:
+            out = c.out
+            if not out:
+                dirty.append(c)
+            out.append(frame)
+            c.out_bytes += n
 
     def _flush_dirty(self) -> None:
         dirty = self.dirty
@@ -2447,76 +2627,86 @@ class Server(EventLoop):
             del out[:done]
             conn.out_pos = sent
             if stalled:                     # the socket is full: wait until it can take more
-                self._watch_writable(conn, stalled=True)
+                self.connections.stalled(conn, self.now)
+                self._watch_writable(conn)
                 if conn.out_bytes > self.config.max_buffer and conn.state == OPEN:
                     self._cut_off(conn)     # a partly sent frame is kept
                 return
+        self.connections.unstalled(conn)
         if conn.replay is not None:         # more to replay: go on when the socket can take it
-            self._watch_writable(conn, stalled=False)
+            self._watch_writable(conn)
             return
         if conn.writing:
             conn.writing = False
-            self.blocked.pop(conn.fd, None)
             self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
-        if conn.state == FLUSHING:
-            self._abort(conn)
-        elif conn.state == REFUSING:
-            self._linger(conn)
+        if conn.state in (FLUSHING, REFUSING):
+            self._move(conn, SENT)
 
-    def _watch_writable(self, conn: Connection, stalled: bool) -> None:
-        """Wake up when conn can take more; a stalled socket also gets a write deadline."""
-        if stalled:
-            if conn.fd not in self.blocked:
-                if conn.state == OPEN:
-                    conn.deadline = self.now + self.config.write_timeout
-                self.blocked[conn.fd] = conn
-        else:
-            self.blocked.pop(conn.fd, None)
+    def _watch_writable(self, conn: Connection) -> None:
+        """Wake up when conn can take more."""
         if not conn.writing:
             conn.writing = True
             self.sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
 
-    # -- closing ------------------------------------------------------------
+    # -- closing: every change of state is one move of CLOSING ------------------
 
-    def _closing(self, conn: Connection, last: bytes, state: int) -> None:
-        """Queue conn's last bytes and enter a closing state: CLOSE_SENT, FLUSHING or REFUSING.
-
-        The one way into them (Connection has the map): a member leaves its room
-        at once, and every closing state has the close deadline.
-        """
-        if conn.state == OPEN:
+    def _move(self, conn: Connection, event: str, last: bytes = b"") -> None:
+        """Move conn as CLOSING says (Connections.move keeps its tables and deadline), with last as
+        its last bytes, and do what its new state asks of the socket and of the chat."""
+        old = self.connections.move(conn, event, self.now)
+        new = conn.state
+        if new == CLOSED:
+            self._release(conn, old)
+            return
+        if old == OPEN:
             self._leave(conn)
-        else:
-            self.handshaking.pop(conn.fd, None)
-        conn.state = state
-        conn.deadline = self.now + self.config.close_timeout
-        self.closing[conn.fd] = conn
-        if state == REFUSING:
+        if new == LINGERING:                # a refusal is sent: half-close, and close at the peer's EOF
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                self._move(conn, ABORT)
+            return
+        if new == REFUSING:
             conn.parser = None              # out of step with the peer: drop what it still sends
-        self.send(conn, last)
-        if state != CLOSE_SENT:             # CLOSE_SENT goes out with the turn's writes (a drain sends many)
+        if last:
+            self.send(conn, last)
+        if new in (FLUSHING, REFUSING):     # CLOSE_SENT goes out with the turn's writes (a drain sends many)
             self._flush(conn)
 
-    def close(self, conn: Connection, code: int, reason: str = "") -> None:
-        """Start the closing handshake: send Close, wait for the peer's (bounded)."""
-        if conn.state == OPEN:
-            self._closing(conn, encode_close(code, reason), CLOSE_SENT)
+    def _release(self, conn: Connection, old: int, careful: bool = False) -> None:
+        """conn is CLOSED: it leaves its room, its address's count and the selector; its socket closes.
+        careful: after a second bug, each step on its own, so the rest still happens."""
+        steps = (lambda: old == OPEN and self._leave(conn), lambda: self.sel.unregister(conn.sock))
+        for step in steps:
+            try:
+                step()
+            except (KeyError, ValueError):  # not registered (a hand-off not adopted yet)
+                pass
+            except Exception:
+                if not careful:
+                    raise
+                log.exception("releasing %s", conn.peer)
+        n = self.per_ip.get(conn.peer, 0) - 1
+        if n > 0:
+            self.per_ip[conn.peer] = n
+        else:
+            self.per_ip.pop(conn.peer, None)
+        conn.sock.close()
+        conn.out.clear()
+        conn.out_bytes = conn.out_pos = 0
+
+    def _abort(self, conn: Connection) -> None:
+        """Close the socket now and forget the connection."""
+        if conn.state != CLOSED:
+            self._move(conn, ABORT)
 
     def _fail(self, conn: Connection, code: int, reason: str) -> None:
         """Fail the connection (RFC 6455 7.1.7): send Close, then close TCP without waiting."""
         self.stats.protocol_errors[str(code)] += 1
         log.debug("closing %s with %d: %s", conn.peer, code, reason)
         if conn.state == OPEN:
-            self._closing(conn, encode_close(code, reason), REFUSING)
+            self._move(conn, FAIL, encode_close(code, reason))
         else:
-            self._abort(conn)
-
-    def _linger(self, conn: Connection) -> None:
-        """A refusal is sent: half-close, and close at the peer's EOF (or the close deadline)."""
-        conn.state = LINGERING
-        try:
-            conn.sock.shutdown(socket.SHUT_WR)
-        except OSError:
             self._abort(conn)
 
     def _cut_off(self, conn: Connection) -> None:
@@ -2528,61 +2718,29 @@ class Server(EventLoop):
         else:
             conn.out.clear()
             conn.out_bytes = 0
-        self._closing(conn, encode_close(CLOSE_TRY_AGAIN_LATER, "too slow: reconnect with since"), FLUSHING)
+        self._move(conn, TOO_SLOW, encode_close(CLOSE_TRY_AGAIN_LATER, "too slow: reconnect with since"))
 
     def _leave(self, conn: Connection) -> None:
         self.chat.leave(conn, self.now)
         self.stats.connections -= 1
         self.stats.rooms = self.chat.active_rooms()
 
-    def _abort(self, conn: Connection) -> None:
-        """Close the socket now and forget the connection."""
-        if conn.state == CLOSED:
-            return
-        if conn.state == OPEN:
-            self._leave(conn)
-        conn.state = CLOSED
-        n = self.per_ip.get(conn.peer, 0) - 1
-        if n > 0:
-            self.per_ip[conn.peer] = n
-        else:
-            self.per_ip.pop(conn.peer, None)
-        fd = conn.fd
-        self.conns.pop(fd, None)
-        self.handshaking.pop(fd, None)
-        self.closing.pop(fd, None)
-        self.blocked.pop(fd, None)
-        try:
-            self.sel.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
-        conn.sock.close()
-        conn.out.clear()
-        conn.out_bytes = conn.out_pos = 0
-
     # -- timers: deadlines, pings, member counts ----------------------------
 
     def _check_deadlines(self) -> None:
-        now = self.now
-        for conn in [c for c in self.handshaking.values() if c.deadline < now]:
-            self.stats.refused["handshake_timeout"] += 1
-            self._abort(conn)
-        for conn in [c for c in self.closing.values() if c.deadline < now]:
-            self.stats.dropped["close_timeout"] += 1
-            self._abort(conn)
-        cap = self.config.max_buffer
-        for conn in [c for c in self.blocked.values() if c.state == OPEN]:
-            if conn.deadline < now:
-                self.stats.dropped["write_timeout"] += 1
-                self._abort(conn)
-            elif conn.out_bytes > cap:      # stalled writers are not flushed, so check here
+        for conn, why in self.connections.expired(self.now, self.config.max_buffer):
+            if why == "slow_consumer":
                 self._cut_off(conn)
+                continue
+            (self.stats.refused if why == "handshake_timeout" else self.stats.dropped)[why] += 1
+            self._abort(conn)
 
     def _sweep(self) -> None:
         """Ping quiet connections, drop those that never answered; a slice per tick."""
+        conns = self.connections.all
         if not self.sweep_queue:
-            self.sweep_queue = list(self.conns.values())
-        slice_size = max(256, math.ceil(len(self.conns) * self.sweep_tick / self.sweep_period))
+            self.sweep_queue = list(conns.values())
+        slice_size = max(256, math.ceil(len(conns) * self.sweep_tick / self.sweep_period))
         batch = self.sweep_queue[-slice_size:]
         del self.sweep_queue[-slice_size:]
         now, cfg = self.now, self.config
@@ -2590,27 +2748,21 @@ class Server(EventLoop):
         for conn in batch:
             if conn.state != OPEN:
                 continue
-            if conn.ping_sent:
-                if now - conn.ping_sent > cfg.pong_timeout:
-                    self.stats.dropped["ping_timeout"] += 1
-                    self._abort(conn)
-            elif now - conn.last_seen > cfg.ping_interval:
-                conn.ping_sent = now
+            due = conn.keepalive(now, cfg.ping_interval, cfg.pong_timeout)
+            if due > 0:
                 self.stats.pings += 1
                 self.send(conn, ping)
+            elif due < 0:
+                self.stats.dropped["ping_timeout"] += 1
+                self._abort(conn)
 
-    def _count_history(self) -> None:
+    def _each_second(self) -> None:
+        """Member counts to the rooms whose count moved; the rooms nobody came back to are let go."""
         chat = self.chat
+        chat.send_member_counts(self.now)
+        self.stats.rooms = chat.active_rooms()
         self.stats.history_bytes = chat.budget.used
-        self.stats.sequenced_rooms = len(chat.rooms) if chat.bus.local else 0
-
-    def _send_member_counts(self) -> None:
-        for room, frame in self.chat.member_count_frames():
-            for conn in room.members:
-                self.send(conn, frame)
-        if self.chat.lingering:
-            self.chat.close_idle(self.now)
-            self.stats.rooms = self.chat.active_rooms()
+        self.stats.sequenced_rooms = chat.bus.sequenced_rooms()
 
 
 # ---------------------------------------------------------------------------
@@ -2752,8 +2904,6 @@ class RemoteBus:
     it went, oldest first.
     """
 
-    local = False
-
     def __init__(self, loop: Server, chat: Chat):
         self.loop, self.chat, self.config = loop, chat, loop.config
         self.held: deque = deque()          # Pending, waiting for the bus
@@ -2765,6 +2915,24 @@ class RemoteBus:
         self.inflight_bytes = 0
         self.up = False
         loop.every(0.5, self._expire_held)
+
+    def new_room(self, name: str) -> Room:
+        """A room this process follows: ready once the sequencer sent its snapshot (Chat.on_snapshot)."""
+        return Room(name, self.config, False)
+
+    def room_opened(self, room: Room) -> None:
+        """Someone here joined: subscribe; the sequencer answers with a snapshot, then live messages."""
+        self.loop.stats.room_syncs += 1
+        room.syncing = True
+        self._subscribe(room.name)
+
+    def room_unused(self, room: Room, now: float) -> None:
+        """Nobody here is in room any more: follow it a while (a member coming back costs no snapshot)."""
+        self.chat.linger(room, now)
+
+    def sequenced_rooms(self) -> int:
+        """None: the sequencer is elsewhere."""
+        return 0
 
     def lane(self, room: str) -> int:
         """Messages of one lane keep their order (a remote bus with one way has one lane)."""
@@ -2900,10 +3068,8 @@ class HubBus(RemoteBus):
         self.link.write(record(REC_PUBLISH, PUBLISH_HEAD.pack(len(r), msg.t0, len(msg.prefix), len(msg.key),
                                                               msg.resend) + r + msg.key + msg.prefix + msg.suffix))
 
-    def room_opened(self, room: Room) -> None:
-        """Subscribe; the supervisor answers with a snapshot, then live messages."""
-        room.syncing = True
-        self.link.write(record(REC_SUBSCRIBE, room.name.encode()))
+    def _subscribe(self, name: str) -> None:
+        self.link.write(record(REC_SUBSCRIBE, name.encode()))
 
     def room_closed(self, room: Room) -> None:
         """Unsubscribe."""
@@ -3888,11 +4054,6 @@ class RedisBus(RemoteBus):
                 if not self.unflushed:
                     self.loop.call_later(0.05, self._retry_flushes)
                 self.unflushed[room] = (epoch, upto)
-
-    def room_opened(self, room: Room) -> None:
-        """Subscribe to the room's channel on its node; a snapshot follows the confirmation."""
-        room.syncing = True
-        self._subscribe(room.name)
 
     def _subscribe_all(self) -> None:
         for name in self.chat.rooms:

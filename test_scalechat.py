@@ -673,13 +673,25 @@ def test_snapshots_go_in_chunks_that_rebuild_the_history():
 class RecordingBus:
     """The bus face of a remote bus, recording what the chat asks of it."""
 
-    local, up = False, True
+    up = True
 
-    def __init__(self):
-        self.calls = []
+    def __init__(self, chat):
+        self.chat, self.calls = chat, []
+
+    def new_room(self, name):
+        return Room(name, self.chat.config, False)
 
     def room_opened(self, room):
         self.calls.append(("opened", room.name))
+
+    def room_unused(self, room, now):
+        self.chat.linger(room, now)
+
+    def report_members(self, room, count):
+        """Heard, and nothing more (CountingBus records them)."""
+
+    def sequenced_rooms(self):
+        return 0
 
     def room_closed(self, room):
         self.calls.append(("closed", room.name))
@@ -687,6 +699,26 @@ class RecordingBus:
     def resync(self, room):
         self.calls.append(("resync", room.name))
         room.syncing = True
+
+
+class ListOutbox:
+    """The chat's outbox, queueing frames in each Member's out list."""
+
+    @staticmethod
+    def send(conn, data: bytes) -> None:
+        conn.out.append(data)
+
+    @staticmethod
+    def broadcast(members, frame: bytes) -> None:
+        for conn in members:
+            conn.out.append(frame)
+
+
+def remote_chat(bus_class, *flags: str):
+    """A Chat with the settings of flags, writing to a ListOutbox, on a bus_class (a remote bus's face)."""
+    chat = Chat(parse_args(list(flags)), Stats(), ListOutbox())
+    chat.bus = bus_class(chat)
+    return chat, chat.bus
 
 
 class Member:
@@ -704,8 +736,7 @@ def texts(conn) -> list:
 
 def test_bus_messages_reach_members_once_in_seq_order_through_gaps_and_snapshots():
     """Messages before the snapshot wait; a gap asks for a resync; duplicates are dropped."""
-    chat = Chat(parse_args([]), Stats(), lambda c, data: (c.out.append(data)), [])
-    chat.bus = bus = RecordingBus()
+    chat, bus = remote_chat(RecordingBus)
     alice = Member("alice")
     chat.join(alice, "r", None)
     room = chat.rooms["r"]
@@ -741,8 +772,7 @@ def test_a_new_order_on_the_bus_is_followed_never_taken_for_duplicates():
     messages come as seq 1, 2, ... of a new epoch. Members get every one of them; a member still
     replaying the old order goes on with the new one from its first message; a joiner that names
     the old epoch with since gets the new order's history from its start."""
-    chat = Chat(parse_args([]), Stats(), lambda c, data: (c.out.append(data)), [])
-    chat.bus = RecordingBus()
+    chat, _ = remote_chat(RecordingBus)
     payload = '{{"type":"message","room":"r","epoch":"{}","seq":{}}}'.format
     old, new = new_epoch(), new_epoch()
     assert old < new and EPOCH.fullmatch(old.decode()) and EPOCH.fullmatch(new.decode())
@@ -769,8 +799,7 @@ def test_a_new_order_on_the_bus_is_followed_never_taken_for_duplicates():
 def test_a_snapshot_merges_what_came_meanwhile_in_the_order_it_came():
     """While a snapshot is on its way, messages wait in the order they came: those of the room's
     own order that precede a new one go first, then the snapshot's, then a newer order."""
-    chat = Chat(parse_args([]), Stats(), lambda c, data: (c.out.append(data)), [])
-    chat.bus = bus = RecordingBus()
+    chat, bus = remote_chat(RecordingBus)
     payload = '{{"type":"message","room":"r","epoch":"{}","seq":{}}}'.format
     e1, e2, e3 = new_epoch(), new_epoch(), new_epoch()
     alice = Member("alice")
@@ -797,9 +826,7 @@ def test_a_room_left_lingers_so_a_member_coming_back_costs_no_snapshot():
     seconds: a member joining again is welcomed at once, without a new subscription or snapshot.
     Idle rooms are let go once they lingered that long, the oldest first past LINGER_ROOMS, and
     when the history budget takes their last message."""
-    chat = Chat(parse_args(["--room-linger", "5", "--history-bytes", "200000"]), Stats(),
-                lambda c, data: (c.out.append(data)), [])
-    chat.bus = bus = RecordingBus()
+    chat, bus = remote_chat(RecordingBus, "--room-linger", "5", "--history-bytes", "200000")
     payload = '{{"type":"message","room":"r","epoch":"0123456789abcdef","seq":{}}}'.format
     alice = Member("alice")
     chat.join(alice, "r", None)
@@ -838,8 +865,7 @@ class CountingBus(RecordingBus):
 def test_member_counts_visit_only_rooms_whose_count_moved():
     """The once-a-second member count pass reports and frames the rooms that changed, and
     nothing else: 2,000 idle rooms cost it nothing."""
-    chat = Chat(parse_args(["--room-linger", "0"]), Stats(), lambda c, data: (c.out.append(data)), [])
-    chat.bus = bus = CountingBus()
+    chat, bus = remote_chat(CountingBus, "--room-linger", "0")
     members = [Member(f"m{i}") for i in range(2000)]
     for i, m in enumerate(members):
         chat.join(m, f"r{i}", None)
@@ -1338,6 +1364,8 @@ class IdleConn:
 
     visits = 0
 
+    keepalive = Connection.keepalive
+
     def __init__(self, last_seen: float):
         self.last_seen, self.ping_sent, self._state = last_seen, 0.0, OPEN
 
@@ -1360,7 +1388,7 @@ def test_ping_sweep_visits_each_connection_once_per_period_not_per_second():
         server.send = lambda conn, data: pinged.append(conn)
         server._abort = aborted.append
         now = server.now
-        server.conns = {fd: IdleConn(now - (121 if fd % 1000 == 0 else 1)) for fd in range(30000)}
+        server.connections.all = {fd: IdleConn(now - (121 if fd % 1000 == 0 else 1)) for fd in range(30000)}
         IdleConn.visits = 0
         for tick in range(15):
             server._sweep()
@@ -1403,7 +1431,8 @@ def test_released_connections_form_no_reference_cycles(in_process_server):
         idle = socket.create_connection(("127.0.0.1", server.port))     # never sends a request
         assert get(server.port, "/nope")[0] == 404
         assert get(server.port, "/")[0] == 200
-        wait_for(lambda: not server.conns and not server.handshaking and not server.closing)
+        c = server.connections
+        wait_for(lambda: not c.all and not c.handshaking and not c.closing)
         idle.close()
         gc.collect()
         ours = (Connection, FrameParser, Room, Histogram)
@@ -1607,21 +1636,16 @@ def test_each_way_a_connection_ends_walks_the_documented_states(in_process_serve
         learn(conn)
         walked.setdefault(ports[id(conn)], []).append(state)
 
-    def closing(conn, last, state):
-        note(conn, state)
-        enter_closing(conn, last, state)
-
-    def linger(conn):
-        note(conn, sc.LINGERING)
-        enter_lingering(conn)
-
-    def abort(conn):
-        if conn.state != sc.CLOSED:
-            note(conn, sc.CLOSED)
+    def move(conn, event, now):                        # every change of state is one move of the table
+        learn(conn)
+        old = moved(conn, event, now)
+        if conn.state != sc.OPEN:
+            note(conn, conn.state)
+        if conn.state == sc.CLOSED:
             del ports[id(conn)]                         # ids are reused once conn is freed
-        enter_closed(conn)
-    enter_closing, enter_lingering, enter_closed = server._closing, server._linger, server._abort
-    server._closing, server._linger, server._abort = closing, linger, abort
+        return old
+    moved = server.connections.move
+    server.connections.move = move
 
     def last_state(port: int):
         return walked.get(port, [None])[-1]
