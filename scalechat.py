@@ -2261,42 +2261,24 @@ class Handoff:
             end.close()
 
 
-class Server(EventLoop):
-    """One process's loop serving HTTP, WebSocket and the chat: the sockets of its connections
-    (accept, read, write, close), the hand-off, and the timers; what a connection's bytes mean
-    is the Connection's to say, and what a message does is the chat's."""
+class ConnectionLoop(EventLoop):
+    """The loop's side of client connections: accept (and adopt) sockets, read them into
+    Connection.receive and do what it asks, queue and write frames, close each as CLOSING says
+    with what its new state asks of the socket, and visit deadlines and pings. What a request or
+    a message means, and what leaving means, is for the subclass (Server) to say."""
 
-    def __init__(self, config, make_buses=None, handoff: Handoff | None = None):
-        """make_buses(server, chat): (the link to the --workers supervisor or None, the bus the chat
-        uses or None for its own LocalBus), chosen by main(); handoff: the worker's hand-off links."""
+    def __init__(self, config, reuse_port: bool):
         super().__init__()
         self.config = config
-        self.gc_watch = GcWatch(self.stats, config.gc_freeze)
-        self.dirty: list = []
-        self.chat = Chat(config, self.stats, self)
         self.connections = Connections(config)
         self.limits = Limits(config.rate_limit, config.rate_burst, config.rate_limit_bytes,
                              config.rate_burst_bytes, max_frame_size(config.max_message_size))
         self.per_ip: dict[str, int] = {}
-        self.front = Front(load_static(config.static_dir), config.allowed_hosts, config.allowed_origins,
-                           config.allow_no_origin)
-        self.draining = False
-        self.drain_deadline = 0.0
-        self.max_conns = config.max_connections or max(16, fd_limit() - 64)
+        self.dirty: list = []               # connections with bytes newly queued this turn
         self.sweep_queue: list = []
-        self.listener = make_listener(config.host, config.port, reuse_port=config.worker_id is not None)
+        self.listener = make_listener(config.host, config.port, reuse_port=reuse_port)
         self.listener.setblocking(False)
         self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
-        self.handoff = handoff
-        if handoff is not None:
-            self.sel.register(handoff.inbox, selectors.EVENT_READ, self._on_handoff)
-        self.hub, bus = make_buses(self, self.chat) if make_buses is not None else (None, None)
-        if bus is not None:
-            self.chat.bus = bus
-        if self.hub is not None:
-            self.every(1.0, lambda: self.hub.send_stats(self.stats))
-        self.every(0.25, self._tick_lag)
-        self.every(0.25, self.gc_watch.freeze_if_due)
         self.every(0.25, self._check_deadlines)
         # Each open connection is looked at once per sweep period, a quarter of the
         # shorter of the two intervals: a ping goes out at most that late, and an idle
@@ -2304,43 +2286,22 @@ class Server(EventLoop):
         self.sweep_period = min(config.ping_interval, config.pong_timeout) / 4
         self.sweep_tick = min(1.0, self.sweep_period)
         self.every(self.sweep_tick, self._sweep)
-        self.every(1.0, self._each_second)
 
-    def _tick_lag(self) -> None:
-        """Measure how late the loop runs a timer due every 0.25 s."""
-        self.stats.loop_lag.observe(max(0.0, self.now - self._lag_due))
-        self._lag_due = self.now + 0.25
+    def on_http_data(self, conn: Connection, data: bytes) -> None:
+        """Bytes of a request (conn is HTTP)."""
+        raise NotImplementedError
 
-    _lag_due = 0.0
+    def on_message(self, conn: Connection, payload: bytes) -> None:
+        """A chat message from conn, within its rate."""
+        raise NotImplementedError
 
-    # -- the loop -----------------------------------------------------------
+    def next_replay(self, conn: Connection) -> list | None:
+        """The next frames of conn's since= replay."""
+        raise NotImplementedError
 
-    def serve_forever(self) -> None:
-        """Run until stopped and drained."""
-        self._lag_due = self.now + 0.25
-        self.run()
-        for conn in list(self.connections.all.values()):
-            self._abort(conn)
-        if self.hub is not None:
-            self.hub.send_stats(self.stats)
-            self.end_turn()
-        self.sel.close()
-        self.listener.close()
-        if self.handoff is not None:
-            self.handoff.close()
-        self.gc_watch.close()
-        log.info("stopped")
-
-    def end_turn(self) -> None:
-        """Send what connections and links queued this turn."""
-        if self.dirty:
-            self._flush_dirty()
-        super().end_turn()
-
-    def after_turn(self) -> None:
-        """Stop once draining is done."""
-        if self.draining and (not self.connections.all or self.now > self.drain_deadline):
-            self.running = False
+    def on_leave(self, conn: Connection) -> None:
+        """conn was OPEN and is closing."""
+        raise NotImplementedError
 
     def on_connection_event(self, conn: Connection, events: int) -> None:
         """Selector callback for a client socket: the exception barrier of one connection."""
@@ -2367,28 +2328,11 @@ class Server(EventLoop):
             if conn.state != CLOSED:        # the same move as any abort, each step on its own
                 self._release(conn, self.connections.move(conn, ABORT, self.now), careful=True)
 
-    def on_stop(self) -> None:
-        """SIGTERM/SIGINT: drain."""
-        if not self.draining:
-            self.drain()
-
-    def on_stop_again(self) -> None:
-        """A second signal: stop without waiting."""
-        self.drain_deadline = 0.0
-
-    def drain(self) -> None:
-        """Refuse new WebSockets, say 1001 to every client, stop when they are gone."""
-        log.info("draining %d connections (timeout %.1fs)", len(self.connections.all), self.config.drain_timeout)
-        self.draining = True
-        self.stats.draining = 1
-        self.drain_deadline = self.now + self.config.drain_timeout
-        for conn in list(self.connections.all.values()):
-            if conn.state == OPEN:
-                self._move(conn, CLOSE, encode_close(CLOSE_GOING_AWAY, "server shutting down"))
-            elif conn.state == HTTP and not conn.out:
-                self._abort(conn)
-
-    # -- accept, and the hand-off of a WebSocket to the worker owning its room --
+    def end_turn(self) -> None:
+        """Send what connections and links queued this turn."""
+        if self.dirty:
+            self._flush_dirty()
+        super().end_turn()
 
     def _accept(self, _events: int) -> None:
         for _ in range(ACCEPT_BATCH):
@@ -2425,32 +2369,6 @@ class Server(EventLoop):
                              "max_connections", (("Retry-After", "1"),))
         return conn
 
-    def _hand_off(self, conn: Connection, room: str, request: bytes) -> bool:
-        """Pass conn (its socket and the request bytes read so far) to the worker owning room.
-
-        Whether it went: not when this worker owns the room, the request is too big
-        for one datagram, or the owner's inbox is full: then this worker serves it,
-        and the supervisor's order still holds.
-        """
-        owner = room_owner(room, self.config.worker_count)
-        if owner == self.config.worker_id or conn.handed or len(request) > HANDOFF_MAX:
-            return False
-        if not self.handoff.send(conn.fd, request, owner):
-            return False
-        self.stats.handoffs += 1
-        self._abort(conn)                   # our descriptor; the owner has its own
-        return True
-
-    def _on_handoff(self, _events: int) -> None:
-        """Adopt the sockets other workers handed over, and read their requests again."""
-        for sock, peer, request in self.handoff.receive(ACCEPT_BATCH):
-            conn = self._adopt(sock, peer)
-            conn.handed = True
-            if conn.state == HTTP:
-                self._on_http_data(conn, request)
-
-    # -- read ---------------------------------------------------------------
-
     def _on_readable(self, conn: Connection) -> None:
         try:
             data = conn.sock.recv(RECV_SIZE)
@@ -2465,7 +2383,7 @@ class Server(EventLoop):
         self.stats.bytes_in += len(data)
         if conn.state == HTTP:
             conn.last_seen = self.now
-            self._on_http_data(conn, data)
+            self.on_http_data(conn, data)
         else:
             self._act(conn, conn.receive(data, self.now, self.limits))
 
@@ -2474,9 +2392,7 @@ class Server(EventLoop):
         for action in actions:
             kind = action[0]
             if kind is MESSAGE:
-                err = self.chat.receive(conn, action[1], self.now)
-                if err is not None:
-                    self.send(conn, err)
+                self.on_message(conn, action[1])
             elif kind is SEND:
                 self.send(conn, action[1])
             elif kind is REFUSE:
@@ -2491,17 +2407,6 @@ class Server(EventLoop):
             else:                           # DROP: it keeps sending after a refusal
                 self._abort(conn)
 
-    # -- HTTP ---------------------------------------------------------------
-
-    def _on_http_data(self, conn: Connection, data: bytes) -> None:
-        try:
-            request = conn.take_request(data, self.config.max_header_size)
-            if request is not None:
-                head, rest, raw = request
-                self._route(conn, parse_request_head(head), rest, raw)
-        except HandshakeError as e:
-            self._http_error(conn, e.status, e.reason, e.counter, e.headers)
-
     def _http_error(self, conn: Connection, status: int, reason: str, counter: str,
                     headers: tuple = ()) -> None:
         """Refuse a request: the client may still be sending, so let it read the answer."""
@@ -2512,34 +2417,6 @@ class Server(EventLoop):
     def _http_reply(self, conn: Connection, response: bytes, status: int, event: str = ANSWERED) -> None:
         self.stats.http_requests[str(status)] += 1
         self._move(conn, event, response)
-
-    def _route(self, conn: Connection, request: Request, rest: bytes, raw: bytes = b"") -> None:
-        answer = route(request, self.front, draining=self.draining, bus_up=self.chat.bus.up,
-                       full=self.stats.connections >= self.max_conns)
-        if isinstance(answer, Upgrade):
-            if self.handoff is None or not self._hand_off(conn, answer.room, raw):
-                self._upgrade(conn, answer, rest)
-        else:
-            status, response = answer
-            self._http_reply(conn, response, status)
-
-    def _upgrade(self, conn: Connection, upgrade: Upgrade, rest: bytes) -> None:
-        self._move(conn, UPGRADED)
-        conn.upgraded(self.limits)
-        conn.name = self.chat.assign_name(upgrade.name)
-        # Without a client id of its own, a connection's messages still need a key
-        # nobody else has (a resend after a bus failure); '.' is never in a client's.
-        conn.client = upgrade.client.encode() if upgrade.client else b".%s" % os.urandom(8).hex().encode()
-        self.stats.connections += 1
-        self.stats.connections_total += 1
-        self.stats.http_requests["101"] += 1
-        self.send(conn, upgrade_response(upgrade.accept))
-        self.chat.join(conn, upgrade.room, upgrade.since, upgrade.epoch)
-        self.stats.rooms = self.chat.active_rooms()
-        if rest:
-            self._act(conn, conn.receive(rest, self.now, self.limits))
-
-    # -- write: the chat's outbox -------------------------------------------
 
     def send(self, conn: Connection, data: bytes) -> None:
         """Queue bytes for conn; they go out at the end of this loop turn."""
@@ -2585,7 +2462,7 @@ class Server(EventLoop):
         """
         out = conn.out
         if not out and conn.replay is not None:
-            frames = self.chat.replay(conn, REPLAY_CHUNK)
+            frames = self.next_replay(conn)
             if frames is None:
                 self._cut_off(conn)
                 return
@@ -2648,8 +2525,6 @@ class Server(EventLoop):
             conn.writing = True
             self.sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
 
-    # -- closing: every change of state is one move of CLOSING ------------------
-
     def _move(self, conn: Connection, event: str, last: bytes = b"") -> None:
         """Move conn as CLOSING says (Connections.move keeps its tables and deadline), with last as
         its last bytes, and do what its new state asks of the socket and of the chat."""
@@ -2659,7 +2534,7 @@ class Server(EventLoop):
             self._release(conn, old)
             return
         if old == OPEN:
-            self._leave(conn)
+            self.on_leave(conn)
         if new == LINGERING:                # a refusal is sent: half-close, and close at the peer's EOF
             try:
                 conn.sock.shutdown(socket.SHUT_WR)
@@ -2676,7 +2551,7 @@ class Server(EventLoop):
     def _release(self, conn: Connection, old: int, careful: bool = False) -> None:
         """conn is CLOSED: it leaves its room, its address's count and the selector; its socket closes.
         careful: after a second bug, each step on its own, so the rest still happens."""
-        steps = (lambda: old == OPEN and self._leave(conn), lambda: self.sel.unregister(conn.sock))
+        steps = (lambda: old == OPEN and self.on_leave(conn), lambda: self.sel.unregister(conn.sock))
         for step in steps:
             try:
                 step()
@@ -2720,13 +2595,6 @@ class Server(EventLoop):
             conn.out_bytes = 0
         self._move(conn, TOO_SLOW, encode_close(CLOSE_TRY_AGAIN_LATER, "too slow: reconnect with since"))
 
-    def _leave(self, conn: Connection) -> None:
-        self.chat.leave(conn, self.now)
-        self.stats.connections -= 1
-        self.stats.rooms = self.chat.active_rooms()
-
-    # -- timers: deadlines, pings, member counts ----------------------------
-
     def _check_deadlines(self) -> None:
         for conn, why in self.connections.expired(self.now, self.config.max_buffer):
             if why == "slow_consumer":
@@ -2755,6 +2623,159 @@ class Server(EventLoop):
             elif due < 0:
                 self.stats.dropped["ping_timeout"] += 1
                 self._abort(conn)
+
+
+class Server(ConnectionLoop):
+    """One process's server: HTTP and the routes, the upgrade into the chat, the hand-off of a
+    WebSocket to the worker that owns its room, draining, and the chat's timers."""
+
+    def __init__(self, config, make_buses=None, handoff: Handoff | None = None):
+        """make_buses(server, chat): (the link to the --workers supervisor or None, the bus the chat
+        uses or None for its own LocalBus), chosen by main(); handoff: the worker's hand-off links."""
+        super().__init__(config, reuse_port=config.worker_id is not None)
+        self.gc_watch = GcWatch(self.stats, config.gc_freeze)
+        self.chat = Chat(config, self.stats, self)
+        self.front = Front(load_static(config.static_dir), config.allowed_hosts, config.allowed_origins,
+                           config.allow_no_origin)
+        self.draining = False
+        self.drain_deadline = 0.0
+        self.max_conns = config.max_connections or max(16, fd_limit() - 64)
+        self.handoff = handoff
+        if handoff is not None:
+            self.sel.register(handoff.inbox, selectors.EVENT_READ, self._on_handoff)
+        self.hub, bus = make_buses(self, self.chat) if make_buses is not None else (None, None)
+        if bus is not None:
+            self.chat.bus = bus
+        if self.hub is not None:
+            self.every(1.0, lambda: self.hub.send_stats(self.stats))
+        self.every(0.25, self._tick_lag)
+        self.every(0.25, self.gc_watch.freeze_if_due)
+        self.every(1.0, self._each_second)
+
+    def _tick_lag(self) -> None:
+        """Measure how late the loop runs a timer due every 0.25 s."""
+        self.stats.loop_lag.observe(max(0.0, self.now - self._lag_due))
+        self._lag_due = self.now + 0.25
+
+    _lag_due = 0.0
+
+    def serve_forever(self) -> None:
+        """Run until stopped and drained."""
+        self._lag_due = self.now + 0.25
+        self.run()
+        for conn in list(self.connections.all.values()):
+            self._abort(conn)
+        if self.hub is not None:
+            self.hub.send_stats(self.stats)
+            self.end_turn()
+        self.sel.close()
+        self.listener.close()
+        if self.handoff is not None:
+            self.handoff.close()
+        self.gc_watch.close()
+        log.info("stopped")
+
+    def after_turn(self) -> None:
+        """Stop once draining is done."""
+        if self.draining and (not self.connections.all or self.now > self.drain_deadline):
+            self.running = False
+
+    def on_stop(self) -> None:
+        """SIGTERM/SIGINT: drain."""
+        if not self.draining:
+            self.drain()
+
+    def on_stop_again(self) -> None:
+        """A second signal: stop without waiting."""
+        self.drain_deadline = 0.0
+
+    def drain(self) -> None:
+        """Refuse new WebSockets, say 1001 to every client, stop when they are gone."""
+        log.info("draining %d connections (timeout %.1fs)", len(self.connections.all), self.config.drain_timeout)
+        self.draining = True
+        self.stats.draining = 1
+        self.drain_deadline = self.now + self.config.drain_timeout
+        for conn in list(self.connections.all.values()):
+            if conn.state == OPEN:
+                self._move(conn, CLOSE, encode_close(CLOSE_GOING_AWAY, "server shutting down"))
+            elif conn.state == HTTP and not conn.out:
+                self._abort(conn)
+
+    def _hand_off(self, conn: Connection, room: str, request: bytes) -> bool:
+        """Pass conn (its socket and the request bytes read so far) to the worker owning room.
+
+        Whether it went: not when this worker owns the room, the request is too big
+        for one datagram, or the owner's inbox is full: then this worker serves it,
+        and the supervisor's order still holds.
+        """
+        owner = room_owner(room, self.config.worker_count)
+        if owner == self.config.worker_id or conn.handed or len(request) > HANDOFF_MAX:
+            return False
+        if not self.handoff.send(conn.fd, request, owner):
+            return False
+        self.stats.handoffs += 1
+        self._abort(conn)                   # our descriptor; the owner has its own
+        return True
+
+    def _on_handoff(self, _events: int) -> None:
+        """Adopt the sockets other workers handed over, and read their requests again."""
+        for sock, peer, request in self.handoff.receive(ACCEPT_BATCH):
+            conn = self._adopt(sock, peer)
+            conn.handed = True
+            if conn.state == HTTP:
+                self.on_http_data(conn, request)
+
+    def on_http_data(self, conn: Connection, data: bytes) -> None:
+        """Bytes of a request: once its head is whole, the route's answer, or the upgrade."""
+        try:
+            request = conn.take_request(data, self.config.max_header_size)
+            if request is not None:
+                head, rest, raw = request
+                self._route(conn, parse_request_head(head), rest, raw)
+        except HandshakeError as e:
+            self._http_error(conn, e.status, e.reason, e.counter, e.headers)
+
+    def _route(self, conn: Connection, request: Request, rest: bytes, raw: bytes = b"") -> None:
+        answer = route(request, self.front, draining=self.draining, bus_up=self.chat.bus.up,
+                       full=self.stats.connections >= self.max_conns)
+        if isinstance(answer, Upgrade):
+            if self.handoff is None or not self._hand_off(conn, answer.room, raw):
+                self._upgrade(conn, answer, rest)
+        else:
+            status, response = answer
+            self._http_reply(conn, response, status)
+
+    def _upgrade(self, conn: Connection, upgrade: Upgrade, rest: bytes) -> None:
+        self._move(conn, UPGRADED)
+        conn.upgraded(self.limits)
+        conn.name = self.chat.assign_name(upgrade.name)
+        # Without a client id of its own, a connection's messages still need a key
+        # nobody else has (a resend after a bus failure); '.' is never in a client's.
+        conn.client = upgrade.client.encode() if upgrade.client else b".%s" % os.urandom(8).hex().encode()
+        self.stats.connections += 1
+        self.stats.connections_total += 1
+        self.stats.http_requests["101"] += 1
+        self.send(conn, upgrade_response(upgrade.accept))
+        self.chat.join(conn, upgrade.room, upgrade.since, upgrade.epoch)
+        self.stats.rooms = self.chat.active_rooms()
+        if rest:
+            self._act(conn, conn.receive(rest, self.now, self.limits))
+
+    def on_message(self, conn: Connection, payload: bytes) -> None:
+        """A chat message from conn, within its rate: to the chat (an error frame back if refused)."""
+        err = self.chat.receive(conn, payload, self.now)
+        if err is not None:
+            self.send(conn, err)
+
+    def next_replay(self, conn: Connection) -> list | None:
+        """The next frames of conn's since= replay (None: history dropped them)."""
+        return self.chat.replay(conn, REPLAY_CHUNK)
+
+    def on_leave(self, conn: Connection) -> None:
+        """conn is no longer a member: it leaves its room."""
+        self.chat.leave(conn, self.now)
+        self.stats.connections -= 1
+        self.stats.rooms = self.chat.active_rooms()
 
     def _each_second(self) -> None:
         """Member counts to the rooms whose count moved; the rooms nobody came back to are let go."""
