@@ -3698,41 +3698,28 @@ TOPOLOGY_REFRESH = 5.0       # seconds between slot-map refreshes of a healthy c
 RETRY_LATER = ("TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN", "NOSCRIPT", "READONLY")
 
 
-class RedisBus(RemoteBus):
-    """Rooms shared by every node on one Redis or one Redis Cluster.
+class RedisTopology:
+    """Where a room's keys live: one Redis, or the masters of a Redis Cluster and the slots each owns.
 
-    A room's seq, history and channel live in one hash slot (the room is the
-    hash tag), so one script call sequences a message wherever the slot is.
-    On a cluster each master is a RedisNode: messages go to their slot's
-    master, in order per slot (the slot is the lane), following MOVED and ASK;
-    rooms are subscribed with SSUBSCRIBE on the master of their slot. A shard
-    with replicas publishes a message only once WAIT has seen it on them.
+    Each node gets a command link and a subscriber link, authenticated, with the
+    scripts loaded; a cluster's slot map is read (CLUSTER SLOTS) at the start,
+    every few seconds, and at once when a master is lost or answers MOVED. A
+    node that is lost is connected again with backoff. The bus hears when a
+    node is up (node_up) or lost (node_lost), and when the map changed (map_changed).
     """
 
-    def __init__(self, loop: Server, chat: Chat, url: str):
-        super().__init__(loop, chat)
+    def __init__(self, loop: EventLoop, bus, url: str):
+        self.loop, self.bus = loop, bus
         self.seeds, self.db, self.password = parse_redis_url(url)
-        self.prefix = "scalechat:"
-        self.tag = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.cluster: bool | None = None    # None until the first node says
         self.nodes: dict = {}               # (host, port) -> RedisNode: the masters in use
         self.slots: list = []               # cluster: slot -> (host, port) of its master
-        self.subscribed: dict = {}          # room -> the RedisNode its channel is subscribed on
         self.refreshing = False
         self.next_refresh = 0.0
         self.seed_turn = 0
-        self.unflushed: dict = {}           # room -> (epoch, seq) its messages must still be published up to
-        self.publish_sha = hashlib.sha1(PUBLISH_SCRIPT).hexdigest()
-        self.flush_sha = hashlib.sha1(FLUSH_SCRIPT).hexdigest()
-        self.snapshot_sha = hashlib.sha1(SNAPSHOT_SCRIPT).hexdigest()
-        self.floor_sha = hashlib.sha1(SEQ_FLOOR_SCRIPT).hexdigest()
-        self.presence_sha = hashlib.sha1(PRESENCE_SCRIPT).hexdigest()
         loop.every(1.0, self._keepalive)
-        loop.every(PRESENCE_REFRESH, self._refresh_presence)
-        loop.every(0.25, self._check_topology)
-        self._node(self.seeds[0])
-
-    # -- where a room lives
+        loop.every(0.25, self._check)
+        self.node(self.seeds[0])
 
     def lane(self, room: str) -> int:
         """A room's hash slot: its messages keep their order on the way to its master."""
@@ -3744,23 +3731,22 @@ class RedisBus(RemoteBus):
             return self.nodes.get(self.slots[slot]) if self.slots else None
         return next(iter(self.nodes.values()), None) if self.cluster is False else None
 
-    def target(self, msg: Pending):
-        if msg.ask is not None:
-            node = self.nodes.get(msg.ask)
-        else:
-            if self.cluster and msg.lane == 0:      # held before the bus knew it was a cluster
-                msg.lane = self.lane(msg.room)
-            node = self.owner(msg.lane)
+    def node_of(self, room: str) -> RedisNode | None:
+        """The node that holds room's keys, if it is up."""
+        node = self.owner(self.lane(room))
         return node if node is not None and node.up else None
 
-    def _keys(self, room: str) -> tuple[str, str, str]:
-        """The room's state and history keys and its channel (one hash slot: the room is the tag)."""
-        p = f"{self.prefix}{{{room}}}"
-        return p + ":state", p + ":history", p
+    def reachable(self) -> bool:
+        """Whether every room has a node up: every slot's master, or the one Redis."""
+        if self.cluster:
+            return bool(self.slots) and None not in self.slots and all(
+                self.nodes.get(addr) is not None and self.nodes[addr].up for addr in set(self.slots))
+        return any(n.up for n in self.nodes.values())
 
     # -- nodes: connect, lose, reconnect
 
-    def _node(self, addr: tuple) -> RedisNode:
+    def node(self, addr: tuple) -> RedisNode:
+        """The node at addr, connecting to it if it is new."""
         node = self.nodes.get(addr)
         if node is None:
             node = self.nodes[addr] = RedisNode(addr)
@@ -3774,9 +3760,9 @@ class RedisBus(RemoteBus):
         node.connected = 0
         host, port = node.addr
         node.cmd = Link.connect(self.loop, host, port, lambda data: self._on_cmd_data(node, data),
-                                lambda: self._on_node_lost(node), lambda: self._on_link_connected(node))
-        node.sub = Link.connect(self.loop, host, port, lambda data: self._on_sub_data(node, data),
-                                lambda: self._on_node_lost(node), lambda: self._on_link_connected(node))
+                                lambda: self.lost(node), lambda: self._on_link_connected(node))
+        node.sub = Link.connect(self.loop, host, port, lambda data: self.bus.on_sub_data(node, data),
+                                lambda: self.lost(node), lambda: self._on_link_connected(node))
 
     def _on_link_connected(self, node: RedisNode) -> None:
         node.connected += 1
@@ -3795,35 +3781,28 @@ class RedisBus(RemoteBus):
     def _on_script(self, node: RedisNode, reply, last: bool) -> None:
         if isinstance(reply, RespError):
             log.error("redis %r: cannot load scripts: %s", node, reply)
-            self._on_node_lost(node)        # e.g. LOADING while Redis reads its data: retry later
+            self.lost(node)                 # e.g. LOADING while Redis reads its data: retry later
             return
         if not last or node.cmd is None:
             return
         if self.cluster is False:
-            self._node_up(node)
+            self._up(node)
+            self.bus.node_up(node)
         else:                               # unknown yet, or a cluster: learn where the slots are
             self.refreshing = True
             node.call(self.loop.now, ("CLUSTER", "SLOTS"), lambda r: self._on_slots(node, r))
 
-    def _node_up(self, node: RedisNode) -> None:
+    def _up(self, node: RedisNode) -> bool:
+        """Mark node up; whether it was not (and is still in use)."""
         if node.up or self.nodes.get(node.addr) is not node:
-            return
+            return False
         log.info("redis %r connected%s", node, " (cluster master)" if self.cluster else "")
         node.up = True
         node.backoff = 0.0
-        for room in self.chat.rooms.values():       # before held messages get their seq
-            if self.owner(self.lane(room.name)) is node:
-                if room.seq:
-                    state_key, _, channel = self._keys(room.name)
-                    node.call(self.loop.now, ("EVALSHA", self.floor_sha, 2, state_key, channel + ":published",
-                                              room.seq, self.config.redis_room_ttl, room.epoch), None)
-                if room.reported:
-                    self.report_members(room, room.reported)
-        self._release_held()
-        self._subscribe_all()
-        self._update_up()
+        return True
 
-    def _on_node_lost(self, node: RedisNode) -> None:
+    def lost(self, node: RedisNode) -> None:
+        """node's links failed (or it stopped answering): close them, tell the bus, reconnect later."""
         if node.cmd is None:
             return
         was_up = node.up
@@ -3831,19 +3810,7 @@ class RedisBus(RemoteBus):
         links, node.cmd, node.sub = (node.cmd, node.sub), None, None
         for link in links:
             link.close()
-        # Publishes it never answered may or may not have run: send them again, first and in
-        # order, as resends, so the script drops those already in history.
-        for msg in [m for m, where in self.inflight.items() if where is node]:
-            self.send_again(msg)
-        for name in [r for r, n in self.subscribed.items() if n is node]:
-            del self.subscribed[name]
-            room = self.chat.rooms.get(name)
-            if room is not None:
-                room.syncing = True         # catch up from history once subscribed again
-        self._update_up()
-        if was_up:
-            log.warning("redis %r lost: holding its messages (at most %d for %gs)", node,
-                        self.config.bus_hold_count, self.config.bus_hold_seconds)
+        self.bus.node_lost(node, was_up)
         if self.cluster:
             self.refreshing = False         # an answer from it will not come
         # Exponential backoff with full jitter, so a fleet does not reconnect in lockstep.
@@ -3857,29 +3824,41 @@ class RedisBus(RemoteBus):
         if self.cluster is None and len(self.seeds) > 1:    # not one answered yet: try the next seed
             del self.nodes[node.addr]
             self.seed_turn += 1
-            self._node(self.seeds[self.seed_turn % len(self.seeds)]).backoff = node.backoff
+            self.node(self.seeds[self.seed_turn % len(self.seeds)]).backoff = node.backoff
             return
         self._connect(node)
 
-    def _update_up(self) -> None:
-        if self.cluster:
-            up = bool(self.slots) and None not in self.slots and all(
-                self.nodes.get(addr) is not None and self.nodes[addr].up for addr in set(self.slots))
-        else:
-            up = any(n.up for n in self.nodes.values())
-        if up != self.up:
-            self.set_up(up)
+    def _keepalive(self) -> None:
+        for node in list(self.nodes.values()):
+            if node.cmd is None or node.connected < 2:
+                continue
+            if node.callbacks and self.loop.now - node.callbacks[0][1] > self.loop.config.bus_timeout:
+                log.warning("redis %r: no reply for %.1fs", node, self.loop.config.bus_timeout)
+                self.lost(node)
+            elif node.up and not node.callbacks:
+                node.call(self.loop.now, ("PING",), None)
+
+    def _on_cmd_data(self, node: RedisNode, data: bytes) -> None:
+        for reply in node.cmd_parser.feed(data):
+            if not node.callbacks:
+                continue
+            callback, _ = node.callbacks.popleft()
+            if callback is not None:
+                callback(reply)
+            elif isinstance(reply, RespError):
+                log.error("redis %r: %s", node, reply)
 
     # -- the cluster's slot map
 
-    def _check_topology(self) -> None:
+    def _check(self) -> None:
         """Ask for the slot map again: soon while a master is unreachable, else every few seconds
         (a shard's replicas count once they have data, and WAIT waits for those)."""
-        if self.cluster and not self.refreshing and (not self.up or self.loop.now >= self.next_refresh):
+        if self.cluster and not self.refreshing and (not self.bus.up or self.loop.now >= self.next_refresh):
             self.next_refresh = self.loop.now + TOPOLOGY_REFRESH
-            self._refresh()
+            self.refresh()
 
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
+        """Read the slot map again (from a master that answers, else from the seeds in turn)."""
         if not self.cluster or self.refreshing:
             return
         node = next((n for n in self.nodes.values() if n.up), None)
@@ -3892,7 +3871,7 @@ class RedisBus(RemoteBus):
         addr = known[self.seed_turn % len(known)]
         self.seed_turn += 1
         if addr not in self.nodes:
-            self._node(addr)
+            self.node(addr)
 
     def _on_slots(self, asked: RedisNode, reply) -> None:
         self.refreshing = False
@@ -3901,7 +3880,8 @@ class RedisBus(RemoteBus):
                 self.cluster = False        # one Redis
                 for addr in [a for a in self.nodes if a != asked.addr]:
                     self._drop(self.nodes[addr])
-                self._node_up(asked)
+                if self._up(asked):
+                    self.bus.node_up(asked)
             else:
                 log.warning("redis %r: CLUSTER SLOTS: %s", asked, reply)
             return
@@ -3916,52 +3896,149 @@ class RedisBus(RemoteBus):
         self.slots = slots
         if first:
             log.info("redis: a cluster of %d masters", len(replicas))
-            for msg in self.held:           # held before the bus knew: their lanes are slots now
-                msg.lane = self.lane(msg.room)
-            self.held_lanes = {}
-            for msg in (*self.held, *self.retry):
-                self.held_lanes[msg.lane] = self.held_lanes.get(msg.lane, 0) + 1
         for addr, n in replicas.items():
-            self._node(addr).replicas = n
+            self.node(addr).replicas = n
         for addr in [a for a in self.nodes if a not in replicas]:
             self._drop(self.nodes[addr])    # no longer a master: e.g. failed over
-        for name, node in list(self.subscribed.items()):
-            if self.owner(self.lane(name)) is not node:     # the slot moved: subscribe at its master
-                self._unsubscribe(node, name)
-        for msg in self.held:
-            msg.ask = None                  # the map now says where each slot is
-        if asked.addr in replicas:
-            self._node_up(asked)
-        self._subscribe_all()
-        self._release_held()
-        self._update_up()
+        self.bus.map_changed(first, [asked] if asked.addr in replicas and self._up(asked) else [])
 
     def _drop(self, node: RedisNode) -> None:
         """Stop using a node: what it has in flight goes elsewhere, as resends."""
         if self.nodes.get(node.addr) is node:
             del self.nodes[node.addr]
-        self._on_node_lost(node)
+        self.lost(node)
+
+    def redirected(self, node: RedisNode, text: str) -> tuple | None:
+        """A MOVED or ASK answer from node: (kind, the address it names); the map follows a MOVED."""
+        kind, slot, where = text.split(" ")
+        host, _, port = where.rpartition(":")
+        addr = (host or node.addr[0], int(port))
+        self.node(addr)
+        if kind == "MOVED":
+            self.slots[int(slot)] = addr
+            self.refresh()
+        return kind, addr
+
+
+class RedisBus(RemoteBus):
+    """Rooms shared by every node on one Redis or one Redis Cluster.
+
+    A room's state, history and channel live in one hash slot (the room is the
+    hash tag), so one script call sequences a message wherever the slot is
+    (RedisTopology says where). On a cluster messages go to their slot's
+    master, in order per slot (the slot is the lane), following MOVED and ASK;
+    rooms are subscribed with SSUBSCRIBE on the master of their slot. A shard
+    with replicas publishes a message only once WAIT has seen it on them.
+    """
+
+    def __init__(self, loop: Server, chat: Chat, url: str):
+        super().__init__(loop, chat)
+        self.prefix = "scalechat:"
+        self.tag = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        self.subscribed: dict = {}          # room -> the RedisNode its channel is subscribed on
+        self.unflushed: dict = {}           # room -> (epoch, seq) its messages must still be published up to
+        self.publish_sha = hashlib.sha1(PUBLISH_SCRIPT).hexdigest()
+        self.flush_sha = hashlib.sha1(FLUSH_SCRIPT).hexdigest()
+        self.snapshot_sha = hashlib.sha1(SNAPSHOT_SCRIPT).hexdigest()
+        self.floor_sha = hashlib.sha1(SEQ_FLOOR_SCRIPT).hexdigest()
+        self.presence_sha = hashlib.sha1(PRESENCE_SCRIPT).hexdigest()
+        loop.every(PRESENCE_REFRESH, self._refresh_presence)
+        self.topology = RedisTopology(loop, self, url)
+
+    # -- where a room lives
+
+    def lane(self, room: str) -> int:
+        return self.topology.lane(room)
+
+    def target(self, msg: Pending):
+        topology = self.topology
+        if msg.ask is not None:
+            node = topology.nodes.get(msg.ask)
+        else:
+            if topology.cluster and msg.lane == 0:      # held before the bus knew it was a cluster
+                msg.lane = topology.lane(msg.room)
+            node = topology.owner(msg.lane)
+        return node if node is not None and node.up else None
+
+    def _keys(self, room: str) -> tuple[str, str, str]:
+        """The room's state and history keys and its channel (one hash slot: the room is the tag)."""
+        p = f"{self.prefix}{{{room}}}"
+        return p + ":state", p + ":history", p
+
+    # -- what the topology tells
+
+    def node_up(self, node: RedisNode) -> None:
+        """node answers, with the scripts loaded: what it holds is caught up, and what waited goes."""
+        self._restore(node)
+        self._release_held()
+        self._subscribe_all()
+        self._update_up()
+
+    def _restore(self, node: RedisNode) -> None:
+        """Before held messages get their seq: raise each room's seq on node to what this process
+        delivered in that order (SEQ_FLOOR_SCRIPT), and count its members there again."""
+        for room in self.chat.rooms.values():
+            if self.topology.owner(self.lane(room.name)) is node:
+                if room.seq:
+                    state_key, _, channel = self._keys(room.name)
+                    node.call(self.loop.now, ("EVALSHA", self.floor_sha, 2, state_key, channel + ":published",
+                                              room.seq, self.config.redis_room_ttl, room.epoch), None)
+                if room.reported:
+                    self.report_members(room, room.reported)
+
+    def node_lost(self, node: RedisNode, was_up: bool) -> None:
+        """node's links are gone: what it never answered goes again, its rooms catch up once back."""
+        # Publishes it never answered may or may not have run: send them again, first and in
+        # order, as resends, so the script drops those already in history.
+        for msg in [m for m, where in self.inflight.items() if where is node]:
+            self.send_again(msg)
+        for name in [r for r, n in self.subscribed.items() if n is node]:
+            del self.subscribed[name]
+            room = self.chat.rooms.get(name)
+            if room is not None:
+                room.syncing = True         # catch up from history once subscribed again
+        self._update_up()
+        if was_up:
+            log.warning("redis %r lost: holding its messages (at most %d for %gs)", node,
+                        self.config.bus_hold_count, self.config.bus_hold_seconds)
+
+    def map_changed(self, first: bool, up: list) -> None:
+        """The cluster's slot map was read (first: the bus learned it is a cluster); up: the nodes it
+        found up. Rooms whose slot moved are subscribed where it is now, and what waited goes."""
+        if first:                           # held before the bus knew: their lanes are slots now
+            for msg in self.held:
+                msg.lane = self.lane(msg.room)
+            self.held_lanes = {}
+            for msg in (*self.held, *self.retry):
+                self.held_lanes[msg.lane] = self.held_lanes.get(msg.lane, 0) + 1
+        for name, node in list(self.subscribed.items()):
+            if self.topology.owner(self.lane(name)) is not node:     # the slot moved: subscribe at its master
+                self._unsubscribe(node, name)
+        for msg in self.held:
+            msg.ask = None                  # the map now says where each slot is
+        for node in up:
+            self._restore(node)
+        self._subscribe_all()
+        self._release_held()
+        self._update_up()
+
+    def _update_up(self) -> None:
+        up = self.topology.reachable()
+        if up != self.up:
+            self.set_up(up)
 
     def _redirected(self, node: RedisNode, msg: Pending, error: RespError) -> bool:
         """Follow a cluster's answer that msg belongs elsewhere, or later; False if it is a real error."""
         text = str(error)
         kind = text.split(" ", 1)[0]
         if kind in ("MOVED", "ASK"):
-            _, slot, where = text.split(" ")
-            host, _, port = where.rpartition(":")
-            addr = (host or node.addr[0], int(port))
-            self._node(addr)
-            if kind == "MOVED":
-                self.slots[int(slot)] = addr
-                msg.ask = None
-                self._refresh()
-            else:
-                msg.ask = addr
+            kind, addr = self.topology.redirected(node, text)
+            msg.ask = addr if kind == "ASK" else None
             self.send_again(msg)
             return True
         if kind in RETRY_LATER:
             if kind in ("CLUSTERDOWN", "READONLY", "MASTERDOWN"):
-                self._refresh()
+                self.topology.refresh()
             elif kind == "NOSCRIPT":
                 for script in REDIS_SCRIPTS:
                     node.call(self.loop.now, ("SCRIPT", "LOAD", script), None)
@@ -3970,29 +4047,19 @@ class RedisBus(RemoteBus):
             return True
         return False
 
-    def _keepalive(self) -> None:
-        for node in list(self.nodes.values()):
-            if node.cmd is None or node.connected < 2:
-                continue
-            if node.callbacks and self.loop.now - node.callbacks[0][1] > self.config.bus_timeout:
-                log.warning("redis %r: no reply for %.1fs", node, self.config.bus_timeout)
-                self._on_node_lost(node)
-            elif node.up and not node.callbacks:
-                node.call(self.loop.now, ("PING",), None)
-
     # -- bus face
 
     def send_publish(self, msg: Pending, node: RedisNode) -> None:
         """One script call sequences and stores (and publishes, unless replicas must have it first)."""
         state_key, hist_key, channel = self._keys(msg.room)
         cfg, now, attempt = self.config, self.loop.now, msg.attempt
-        wait = self.cluster and node.replicas
+        wait = self.topology.cluster and node.replicas
         if msg.ask is not None:
             node.call(now, ("ASKING",), None)
         node.call(now, ("EVALSHA", self.publish_sha, 5, state_key, hist_key, channel + ":order",
                         channel + ":bytes", channel + ":published", msg.prefix, msg.suffix, cfg.history, channel,
                         f"{self.tag} {msg.t0!r}", msg.key, "1" if msg.resend else "", cfg.room_history_bytes,
-                        cfg.redis_room_ttl, "" if wait else "S" if self.cluster else "P", msg.epoch,
+                        cfg.redis_room_ttl, "" if wait else "S" if self.topology.cluster else "P", msg.epoch,
                         b"%05x" % (int.from_bytes(os.urandom(3), "big") & 0xFFFFF)),
                   lambda reply: self._on_published(node, msg, attempt, reply, wait))
         if wait:
@@ -4052,7 +4119,7 @@ class RedisBus(RemoteBus):
             self.on_answer(msg, epoch, msg.seq, msg.duplicate)
         if text.startswith("ASK "):         # mid-migration: the keys are already on the target
             host, _, port = text.split(" ")[2].rpartition(":")
-            target = self.nodes.get((host or node.addr[0], int(port)))
+            target = self.topology.nodes.get((host or node.addr[0], int(port)))
             if target is not None and target.up:
                 self._flush_room(target, room, epoch, upto, asking=True)
                 return
@@ -4063,13 +4130,13 @@ class RedisBus(RemoteBus):
         known = self.unflushed.get(room)
         self.unflushed[room] = (epoch, max(upto, known[1]) if known and known[0] == epoch else upto)
         if text.startswith(("MOVED ", "CLUSTERDOWN", "READONLY")):
-            self._refresh()
+            self.topology.refresh()
 
     def _retry_flushes(self) -> None:
         pending, self.unflushed = self.unflushed, {}
         for room, (epoch, upto) in pending.items():
-            node = self.owner(self.lane(room))
-            if node is not None and node.up:
+            node = self.topology.node_of(room)
+            if node is not None:
                 self._flush_room(node, room, epoch, upto)
             else:
                 if not self.unflushed:
@@ -4082,14 +4149,14 @@ class RedisBus(RemoteBus):
                 self._subscribe(name)
 
     def _subscribe(self, name: str) -> None:
-        node = self.owner(self.lane(name))
-        if node is None or not node.up or name in self.subscribed:
+        node = self.topology.node_of(name)
+        if node is None or name in self.subscribed:
             return
         room = self.chat.rooms.get(name)
         if room is not None:
             room.syncing = True
         self.subscribed[name] = node
-        node.sub.write(resp_command("SSUBSCRIBE" if self.cluster else "SUBSCRIBE", self._keys(name)[2]))
+        node.sub.write(resp_command("SSUBSCRIBE" if self.topology.cluster else "SUBSCRIBE", self._keys(name)[2]))
 
     def _unsubscribe(self, node: RedisNode, name: str) -> None:
         if self.subscribed.get(name) is node:
@@ -4097,7 +4164,7 @@ class RedisBus(RemoteBus):
         if node.up:
             channel = self._keys(name)[2].encode()
             node.unsubscribing[channel] = node.unsubscribing.get(channel, 0) + 1
-            node.sub.write(resp_command("SUNSUBSCRIBE" if self.cluster else "UNSUBSCRIBE", channel))
+            node.sub.write(resp_command("SUNSUBSCRIBE" if self.topology.cluster else "UNSUBSCRIBE", channel))
 
     def room_closed(self, room: Room) -> None:
         """Unsubscribe: this node stops receiving the room's traffic, and counts no member there."""
@@ -4110,12 +4177,12 @@ class RedisBus(RemoteBus):
 
     def report_members(self, room: Room, count: int) -> None:
         """Count this process's members of room in Redis; the answer is the room's total."""
-        node = self.owner(self.lane(room.name))
-        if node is None or not node.up:
+        node = self.topology.node_of(room.name)
+        if node is None:
             return                          # reported again once its node is up
         name = room.name
         node.call(self.loop.now, ("EVALSHA", self.presence_sha, 1, self._keys(name)[2] + ":members", self.tag,
-                                  count, PRESENCE_TTL_MS, self._keys(name)[2], "S" if self.cluster else "P"),
+                                  count, PRESENCE_TTL_MS, self._keys(name)[2], "S" if self.topology.cluster else "P"),
                   lambda reply: None if isinstance(reply, RespError) else self.chat.on_members(name, reply))
 
     def _refresh_presence(self) -> None:
@@ -4136,7 +4203,8 @@ class RedisBus(RemoteBus):
             return                          # asked again once subscribed
         state_key, hist_key, channel = self._keys(room)
         node.call(self.loop.now, ("EVALSHA", self.snapshot_sha, 4, state_key, hist_key, channel + ":published",
-                                  channel + ":members", self.config.history, "" if self.cluster and node.replicas else "1"),
+                                  channel + ":members", self.config.history,
+                                  "" if self.topology.cluster and node.replicas else "1"),
                   lambda reply: self._on_snapshot(node, room, reply))
 
     def _on_snapshot(self, node: RedisNode, room: str, reply) -> None:
@@ -4144,23 +4212,14 @@ class RedisBus(RemoteBus):
             log.warning("redis %r: snapshot of %s failed: %s", node, room, reply)
             if self.subscribed.get(room) is node:
                 self._unsubscribe(node, room)       # subscribed again where the map says
-                self._refresh()
+                self.topology.refresh()
             return
         self.chat.on_snapshot(room, reply[0], int(reply[1]), reply[2], int(reply[3]))
 
     # -- replies
 
-    def _on_cmd_data(self, node: RedisNode, data: bytes) -> None:
-        for reply in node.cmd_parser.feed(data):
-            if not node.callbacks:
-                continue
-            callback, _ = node.callbacks.popleft()
-            if callback is not None:
-                callback(reply)
-            elif isinstance(reply, RespError):
-                log.error("redis %r: %s", node, reply)
-
-    def _on_sub_data(self, node: RedisNode, data: bytes) -> None:
+    def on_sub_data(self, node: RedisNode, data: bytes) -> None:
+        """What came on node's subscriber link: room messages and member counts, confirmations."""
         plen = len(self.prefix) + 1
         for reply in node.sub_parser.feed(data):
             if not isinstance(reply, list):
@@ -4193,7 +4252,7 @@ class RedisBus(RemoteBus):
                         room = self.chat.rooms.get(name)
                         if room is not None:
                             room.syncing = True
-                    self._refresh()
+                    self.topology.refresh()
 
 
 # ---------------------------------------------------------------------------
