@@ -46,6 +46,7 @@ import time
 import traceback
 import zlib
 from collections import deque
+from enum import IntEnum, StrEnum
 from typing import NamedTuple, Protocol
 from urllib.parse import parse_qs
 
@@ -102,20 +103,39 @@ class ProtocolError(Exception):
         self.frames = frames or []
 
 
-# The refused{reason} counter of each refusal status, unless the refusal names its own.
-REFUSAL_COUNTERS = {400: "bad_request", 403: "origin", 404: "not_found", 405: "method", 426: "version",
-                    431: "header_too_large", 503: "max_connections"}
+class Refused(StrEnum):
+    """Why a request or a frame was refused: the reason label of scalechat_refused_total, one each."""
+
+    BAD_REQUEST = "bad_request"
+    NOT_FOUND = "not_found"
+    METHOD = "method"
+    VERSION = "version"
+    HEADER_TOO_LARGE = "header_too_large"
+    ORIGIN = "origin"
+    MAX_CONNECTIONS = "max_connections"
+    DRAINING = "draining"
+    RATE_LIMIT = "rate_limit"
+    BAD_MESSAGE = "bad_message"
+    TOO_BIG = "too_big"
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    BUS_DOWN = "bus_down"
+    HOST = "host"
+
+
+# What each refusal status counts as, unless the refusal names its own reason.
+REFUSAL_COUNTERS = {400: Refused.BAD_REQUEST, 403: Refused.ORIGIN, 404: Refused.NOT_FOUND, 405: Refused.METHOD,
+                    426: Refused.VERSION, 431: Refused.HEADER_TOO_LARGE, 503: Refused.MAX_CONNECTIONS}
 
 
 class HandshakeError(Exception):
     """A request is refused; ``status`` is the HTTP status it deserves, ``counter`` the refused{reason} it counts as."""
 
-    def __init__(self, status: int, reason: str, headers: tuple = (), counter: str | None = None):
+    def __init__(self, status: int, reason: str, headers: tuple = (), counter: Refused | None = None):
         super().__init__(f"{status} {reason}")
         self.status = status
         self.reason = reason
         self.headers = headers
-        self.counter = counter or REFUSAL_COUNTERS.get(status, "bad_request")
+        self.counter = counter or REFUSAL_COUNTERS.get(status, Refused.BAD_REQUEST)
 
 
 def accept_key(key: str) -> str:
@@ -624,11 +644,11 @@ def route(request: Request, front: Front, draining: bool = False, full: bool = F
     path = request.path
     if front.allowed_hosts and path != "/healthz" and \
             request.headers.get("host", "").lower() not in front.allowed_hosts:
-        raise HandshakeError(400, "host not allowed", counter="host")    # DNS rebinding
+        raise HandshakeError(400, "host not allowed", counter=Refused.HOST)    # DNS rebinding
     if path == "/ws" or path.startswith("/ws/"):
         upgrade = check_chat_upgrade(request, front)
         if draining:
-            raise HandshakeError(503, "server is draining", (("Retry-After", "1"),), counter="draining")
+            raise HandshakeError(503, "server is draining", (("Retry-After", "1"),), counter=Refused.DRAINING)
         if full:
             raise HandshakeError(503, "too many connections", (("Retry-After", "1"),))
         return upgrade
@@ -716,6 +736,17 @@ def max_frame_size(max_message_size: int) -> int:
     return 6 * max_message_size + JSON_ENVELOPE_BYTES
 
 
+class ErrorCode(StrEnum):
+    """The code of an `error` frame (docs/protocol.md): what kind of frame was refused."""
+
+    BAD_JSON = "bad_json"
+    BAD_MESSAGE = "bad_message"
+    MISSING_TEXT = "missing_text"
+    TOO_BIG = "too_big"
+    RATE_LIMIT = "rate_limit"
+    UNAVAILABLE = "unavailable"             # the message bus is down: send it again later
+
+
 class ChatError(Exception):
     """A client frame was refused: answered with an ``error`` frame."""
 
@@ -734,24 +765,24 @@ def parse_chat_message(payload: bytes, max_message_size: int) -> tuple:
     try:
         obj = json.loads(payload)
     except (ValueError, RecursionError):
-        raise ChatError("bad_json", "frame is not valid JSON") from None
+        raise ChatError(ErrorCode.BAD_JSON, "frame is not valid JSON") from None
     if type(obj) is not dict:
-        raise ChatError("bad_message", "frame must be a JSON object")
+        raise ChatError(ErrorCode.BAD_MESSAGE, "frame must be a JSON object")
     message_id = obj.get("message_id")
     if message_id is not None and (type(message_id) is not int or abs(message_id) >= 1 << 63):
-        raise ChatError("bad_message", "message_id must be a 64-bit integer")
+        raise ChatError(ErrorCode.BAD_MESSAGE, "message_id must be a 64-bit integer")
     text = obj.get("text")
     if type(text) is not str or not text:
-        raise ChatError("missing_text", "text must be a non-empty string", message_id)
+        raise ChatError(ErrorCode.MISSING_TEXT, "text must be a non-empty string", message_id)
     try:
         size = len(text.encode())
     except UnicodeEncodeError:      # a lone surrogate from a JSON \ud800 escape
-        raise ChatError("bad_message", "text must be valid Unicode", message_id) from None
+        raise ChatError(ErrorCode.BAD_MESSAGE, "text must be valid Unicode", message_id) from None
     if size > max_message_size:
-        raise ChatError("too_big", f"text longer than {max_message_size} bytes", message_id)
+        raise ChatError(ErrorCode.TOO_BIG, f"text longer than {max_message_size} bytes", message_id)
     sent_at = obj.get("sent_at")
     if sent_at is not None and (type(sent_at) is not str or SENT_AT.fullmatch(sent_at) is None):
-        raise ChatError("bad_message", "sent_at must be an RFC 3339 date-time", message_id)
+        raise ChatError(ErrorCode.BAD_MESSAGE, "sent_at must be an RFC 3339 date-time", message_id)
     return message_id, text, sent_at, obj.get("resend") is True
 
 
@@ -1248,7 +1279,7 @@ class Chat:
         try:
             message_id, text, sent_at, resend = parse_chat_message(payload, self.config.max_message_size)
         except ChatError as e:
-            self.stats.refused["too_big" if e.code == "too_big" else "bad_message"] += 1
+            self.stats.refused[Refused.TOO_BIG if e.code == ErrorCode.TOO_BIG else Refused.BAD_MESSAGE] += 1
             return error_frame(e.code, e.reason, e.message_id)
         self.stats.messages_in += 1
         prefix, suffix = message_parts(conn.room.name, conn.name, message_id, text, sent_at)
@@ -1654,10 +1685,19 @@ class Connection:
         if payload is not None:
             found = MESSAGE_ID.search(payload)     # cheap: a flood is not worth a JSON parse
             limit = limits.rate if over == "messages" else limits.byte_rate
-            error = error_frame("rate_limit", f"more than {limit:g} {over} per second",
+            error = error_frame(ErrorCode.RATE_LIMIT, f"more than {limit:g} {over} per second",
                                 int(found.group(1)) if found else None)
         actions.append((REFUSE, error))
         return False
+
+
+class Dropped(StrEnum):
+    """Why the server cut a client off: the reason label of scalechat_dropped_clients_total."""
+
+    SLOW_CONSUMER = "slow_consumer"
+    PING_TIMEOUT = "ping_timeout"
+    WRITE_TIMEOUT = "write_timeout"
+    CLOSE_TIMEOUT = "close_timeout"
 
 
 class Connections:
@@ -1710,16 +1750,16 @@ class Connections:
         self.blocked.pop(conn.fd, None)
 
     def expired(self, now: float, max_buffer: int) -> list:
-        """(conn, why) for each connection past its deadline: "handshake_timeout", "close_timeout" or
-        "write_timeout"; or, blocked and open, with more than max_buffer queued: "slow_consumer"."""
-        found = [(c, "handshake_timeout") for c in self.handshaking.values() if c.deadline < now]
-        found += [(c, "close_timeout") for c in self.closing.values() if c.deadline < now]
+        """(conn, why) for each connection past its deadline (why: a Refused or Dropped reason), or
+        blocked and open with more than max_buffer queued (Dropped.SLOW_CONSUMER)."""
+        found = [(c, Refused.HANDSHAKE_TIMEOUT) for c in self.handshaking.values() if c.deadline < now]
+        found += [(c, Dropped.CLOSE_TIMEOUT) for c in self.closing.values() if c.deadline < now]
         for c in self.blocked.values():
             if c.state == OPEN:
                 if c.deadline < now:
-                    found.append((c, "write_timeout"))
+                    found.append((c, Dropped.WRITE_TIMEOUT))
                 elif c.out_bytes > max_buffer:      # stalled writers are not flushed, so check here
-                    found.append((c, "slow_consumer"))
+                    found.append((c, Dropped.SLOW_CONSUMER))
         return found
 
 
@@ -1756,13 +1796,9 @@ BROADCAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
                      0.25, 0.5, 1.0, 2.5)
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 GC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-DROP_REASONS = ("slow_consumer", "ping_timeout", "write_timeout", "close_timeout")
 # Label values, as strings (the supervisor adds up workers' counters sent as JSON).
 PROTOCOL_ERROR_CODES = tuple(str(c) for c in (CLOSE_PROTOCOL_ERROR, CLOSE_UNSUPPORTED_DATA, CLOSE_INVALID_DATA,
                                               CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_INTERNAL_ERROR))
-REFUSE_REASONS = ("bad_request", "not_found", "method", "version", "header_too_large", "origin",
-                  "max_connections", "draining", "rate_limit", "bad_message", "too_big",
-                  "handshake_timeout", "bus_down", "host")
 
 
 class Stats:
@@ -1778,11 +1814,11 @@ class Stats:
         for name in self.COUNTERS:
             setattr(self, name, 0)
         self.bus_up = 1
-        self.dropped = dict.fromkeys(DROP_REASONS, 0)
+        self.dropped = dict.fromkeys(Dropped, 0)
         # Every label value a fixed set allows is there from the start, at 0: a series
         # that appears mid-range loses its first increment to rate().
         self.protocol_errors = dict.fromkeys(PROTOCOL_ERROR_CODES, 0)
-        self.refused = dict.fromkeys(REFUSE_REASONS, 0)
+        self.refused = dict.fromkeys(Refused, 0)
         self.http_requests = dict.fromkeys(HTTP_STATUSES, 0)
         self.broadcast = Histogram(BROADCAST_BUCKETS)
         self.loop_lag = Histogram(LAG_BUCKETS)
@@ -2366,7 +2402,7 @@ class ConnectionLoop(EventLoop):
         self.per_ip[conn.peer] = n = self.per_ip.get(conn.peer, 0) + 1
         if self.config.max_per_ip and n > self.config.max_per_ip:
             self._http_error(conn, 503, "too many connections from this address",
-                             "max_connections", (("Retry-After", "1"),))
+                             Refused.MAX_CONNECTIONS, (("Retry-After", "1"),))
         return conn
 
     def _on_readable(self, conn: Connection) -> None:
@@ -2396,7 +2432,7 @@ class ConnectionLoop(EventLoop):
             elif kind is SEND:
                 self.send(conn, action[1])
             elif kind is REFUSE:
-                self.stats.refused["rate_limit"] += 1
+                self.stats.refused[Refused.RATE_LIMIT] += 1
                 if action[1] is not None:
                     self.send(conn, action[1])
             elif kind is CLOSED_BY_PEER:
@@ -2586,7 +2622,7 @@ class ConnectionLoop(EventLoop):
 
     def _cut_off(self, conn: Connection) -> None:
         """A slow consumer: drop what it has not been sent, tell it 1013, close."""
-        self.stats.dropped["slow_consumer"] += 1
+        self.stats.dropped[Dropped.SLOW_CONSUMER] += 1
         if conn.out_pos:                    # a partly sent frame must finish
             del conn.out[1:]
             conn.out_bytes = len(conn.out[0]) - conn.out_pos
@@ -2597,10 +2633,10 @@ class ConnectionLoop(EventLoop):
 
     def _check_deadlines(self) -> None:
         for conn, why in self.connections.expired(self.now, self.config.max_buffer):
-            if why == "slow_consumer":
+            if why is Dropped.SLOW_CONSUMER:
                 self._cut_off(conn)
                 continue
-            (self.stats.refused if why == "handshake_timeout" else self.stats.dropped)[why] += 1
+            (self.stats.refused if why is Refused.HANDSHAKE_TIMEOUT else self.stats.dropped)[why] += 1
             self._abort(conn)
 
     def _sweep(self) -> None:
@@ -2621,7 +2657,7 @@ class ConnectionLoop(EventLoop):
                 self.stats.pings += 1
                 self.send(conn, ping)
             elif due < 0:
-                self.stats.dropped["ping_timeout"] += 1
+                self.stats.dropped[Dropped.PING_TIMEOUT] += 1
                 self._abort(conn)
 
 
@@ -2790,11 +2826,20 @@ class Server(ConnectionLoop):
 # 6. Supervisor (--workers): the record codec, the remote bus, the hub
 # ---------------------------------------------------------------------------
 
-# Records between the supervisor and its workers: length, type, body.
-REC_SUBSCRIBE, REC_UNSUBSCRIBE, REC_PUBLISH, REC_STATS = b"S", b"U", b"P", b"T"
-REC_SNAPSHOT, REC_MESSAGE, REC_ACK = b"N", b"M", b"A"
-REC_MEMBERS = b"C"            # a worker's member count of a room; from the supervisor, the room's total
-REC_HEADER = struct.Struct("!Ic")
+class Rec(IntEnum):
+    """The kinds of record between the supervisor and its workers (each: length, kind, body)."""
+
+    SUBSCRIBE = 1       # worker: follow a room (answered with MEMBERS, then its SNAPSHOT)
+    UNSUBSCRIBE = 2     # worker: stop following a room
+    PUBLISH = 3         # worker: sequence a message
+    ACK = 4             # supervisor: the worker's oldest PUBLISH in flight was sequenced so
+    MESSAGE = 5         # supervisor: a sequenced message of a room the worker follows
+    SNAPSHOT = 6        # supervisor: part of a room's order and history
+    MEMBERS = 7         # a worker's member count of a room; from the supervisor, the room's total
+    STATS = 8           # worker: its counters, as JSON
+
+
+REC_HEADER = struct.Struct("!IB")           # body length, kind
 PUBLISH_HEAD = struct.Struct("!BdIH?")      # room length, t0, prefix length, key length, resend
 MESSAGE_HEAD = struct.Struct("!B16sQd")     # room length, epoch, seq, t0
 SNAPSHOT_HEAD = struct.Struct("!BB16sQI")   # room length, flags, epoch, seq, count
@@ -2804,7 +2849,7 @@ LENGTH = struct.Struct("!I")
 SNAPSHOT_FIRST, SNAPSHOT_LAST = 1, 2
 
 
-def record(kind: bytes, body: bytes) -> bytes:
+def record(kind: Rec, body: bytes) -> bytes:
     """One supervisor/worker record."""
     return REC_HEADER.pack(len(body), kind) + body
 
@@ -2826,23 +2871,62 @@ class RecordReader:
         buf = self.buf
         buf += data
         pos, end, out = self.pos, len(buf), []
-        while end - pos >= 5:
+        while end - pos >= REC_HEADER.size:
             n, kind = REC_HEADER.unpack_from(buf, pos)
-            if end - pos - 5 < n:
+            if end - pos - REC_HEADER.size < n:
                 break
-            out.append((kind, bytes(buf[pos + 5:pos + 5 + n])))
-            pos += 5 + n
+            out.append((kind, bytes(buf[pos + REC_HEADER.size:pos + REC_HEADER.size + n])))
+            pos += REC_HEADER.size + n
         self.pos = compact(buf, pos)
         return out
 
 
-def members_record(room: str, count: int) -> bytes:
-    """A REC_MEMBERS record: a room's member count (a worker's own, or the supervisor's total)."""
+def publish_record(room: str, t0: float, prefix: bytes, suffix: bytes, key: bytes, resend: bool) -> bytes:
+    """A PUBLISH record: a message's JSON around its order and seq, its resend key, when it came."""
     r = room.encode()
-    return record(REC_MEMBERS, MEMBERS_HEAD.pack(len(r), count) + r)
+    return record(Rec.PUBLISH, PUBLISH_HEAD.pack(len(r), t0, len(prefix), len(key), resend) + r + key + prefix + suffix)
+
+
+def parse_publish(body: bytes) -> tuple[bytes, float, bytes, bytes, bytes, bool]:
+    """(room, t0, prefix, suffix, key, resend) of a PUBLISH record's body."""
+    rlen, t0, plen, klen, resend = PUBLISH_HEAD.unpack_from(body)
+    pos = PUBLISH_HEAD.size
+    key_at = pos + rlen
+    text_at = key_at + klen
+    return (body[pos:key_at], t0, body[text_at:text_at + plen], body[text_at + plen:], body[key_at:text_at],
+            resend)
+
+
+def message_record(room: bytes, epoch: bytes, seq: int, t0: float, payload: bytes) -> bytes:
+    """A MESSAGE record: a sequenced message, for every worker that follows its room."""
+    return record(Rec.MESSAGE, MESSAGE_HEAD.pack(len(room), epoch, seq, t0) + room + payload)
+
+
+def parse_message(body: bytes) -> tuple[str, bytes, int, bytes, float]:
+    """(room, epoch, seq, payload, t0) of a MESSAGE record's body."""
+    rlen, epoch, seq, t0 = MESSAGE_HEAD.unpack_from(body)
+    start = MESSAGE_HEAD.size
+    return body[start:start + rlen].decode(), epoch, seq, body[start + rlen:], t0
+
+
+def ack_record(epoch: bytes, seq: int, duplicate: bool) -> bytes:
+    """An ACK record: the order and seq the worker's oldest message in flight was given."""
+    return record(Rec.ACK, ACK_HEAD.pack(epoch, seq, duplicate))
+
+
+def parse_ack(body: bytes) -> tuple[bytes, int, bool]:
+    """(epoch, seq, duplicate) of an ACK record's body."""
+    return ACK_HEAD.unpack(body)
+
+
+def members_record(room: str, count: int) -> bytes:
+    """A MEMBERS record: a room's member count (a worker's own, or the supervisor's total)."""
+    r = room.encode()
+    return record(Rec.MEMBERS, MEMBERS_HEAD.pack(len(r), count) + r)
 
 
 def parse_members(body: bytes) -> tuple[str, int]:
+    """(room, count) of a MEMBERS record's body."""
     rlen, count = MEMBERS_HEAD.unpack_from(body)
     return body[MEMBERS_HEAD.size:MEMBERS_HEAD.size + rlen].decode(), count
 
@@ -2868,7 +2952,7 @@ def snapshot_records(room: str, epoch: bytes, seq: int, payloads: list, chunk: i
             i += 1
         if i == len(payloads):
             flags |= SNAPSHOT_LAST
-        yield record(REC_SNAPSHOT, encode_snapshot(room, flags, epoch, seq, part))
+        yield record(Rec.SNAPSHOT, encode_snapshot(room, flags, epoch, seq, part))
         if flags & SNAPSHOT_LAST:
             return
         flags = 0
@@ -2911,7 +2995,7 @@ class Pending:
         self.lane, self.attempt, self.ask, self.seq, self.duplicate = lane, 0, None, 0, False
 
 
-BUS_UNAVAILABLE = ("unavailable", "message bus unavailable: send again later")
+BUS_UNAVAILABLE = (ErrorCode.UNAVAILABLE, "message bus unavailable: send again later")
 
 
 class RemoteBus:
@@ -2981,7 +3065,7 @@ class RemoteBus:
                 self.capped = True
         if len(self.held) >= self.config.bus_hold_count or \
                 self.held_bytes + msg.size > self.config.bus_hold_bytes:
-            self.loop.stats.refused["bus_down"] += 1
+            self.loop.stats.refused[Refused.BUS_DOWN] += 1
             return error_frame(*BUS_UNAVAILABLE, message_id)
         self._hold(msg)
         return None
@@ -3052,7 +3136,7 @@ class RemoteBus:
         conn = msg.conn
         if conn.state == OPEN and msg.message_id is not None:
             self.loop.send(conn, ack_frame(msg.message_id, epoch, seq, duplicate) if seq is not None else
-                           error_frame("unavailable", "message bus failed: send again later", msg.message_id))
+                           error_frame(ErrorCode.UNAVAILABLE, "message bus failed: send again later", msg.message_id))
         if self.capped:
             self._release_held()
 
@@ -3061,7 +3145,7 @@ class RemoteBus:
         while held and held[0].since < limit:
             msg = held.popleft()
             self._unhold(msg)
-            self.loop.stats.refused["bus_down"] += 1
+            self.loop.stats.refused[Refused.BUS_DOWN] += 1
             if msg.conn.state == OPEN:
                 self.loop.send(msg.conn, error_frame(*BUS_UNAVAILABLE, msg.message_id))
 
@@ -3085,17 +3169,15 @@ class HubBus(RemoteBus):
 
     def send_publish(self, msg: Pending, _target) -> None:
         """Hand a message to the supervisor, which sequences it (and answers in order)."""
-        r = msg.room.encode()
-        self.link.write(record(REC_PUBLISH, PUBLISH_HEAD.pack(len(r), msg.t0, len(msg.prefix), len(msg.key),
-                                                              msg.resend) + r + msg.key + msg.prefix + msg.suffix))
+        self.link.write(publish_record(msg.room, msg.t0, msg.prefix, msg.suffix, msg.key, msg.resend))
 
     def _subscribe(self, name: str) -> None:
-        self.link.write(record(REC_SUBSCRIBE, name.encode()))
+        self.link.write(record(Rec.SUBSCRIBE, name.encode()))
 
     def room_closed(self, room: Room) -> None:
         """Unsubscribe."""
         self.snapshots.pop(room.name, None)
-        self.link.write(record(REC_UNSUBSCRIBE, room.name.encode()))
+        self.link.write(record(Rec.UNSUBSCRIBE, room.name.encode()))
 
     def resync(self, room: Room) -> None:
         """The supervisor link is ordered; a gap cannot happen, so this only logs."""
@@ -3107,20 +3189,19 @@ class HubBus(RemoteBus):
 
     def send_stats(self, stats: Stats) -> None:
         """Report this worker's counters to the supervisor."""
-        self.link.write(record(REC_STATS, json.dumps(stats.to_dict()).encode()))
+        self.link.write(record(Rec.STATS, json.dumps(stats.to_dict()).encode()))
 
     def _on_data(self, data: bytes) -> None:
         chat = self.chat
         for kind, body in self.reader.feed(data):
-            if kind == REC_MESSAGE:
-                rlen, epoch, seq, t0 = MESSAGE_HEAD.unpack_from(body)
-                start = MESSAGE_HEAD.size
-                chat.on_bus_message(body[start:start + rlen].decode(), epoch, seq, body[start + rlen:], t0 or None)
-            elif kind == REC_ACK:
-                self.on_answer(next(iter(self.inflight)), *ACK_HEAD.unpack(body))
-            elif kind == REC_MEMBERS:
+            if kind == Rec.MESSAGE:
+                room, epoch, seq, payload, t0 = parse_message(body)
+                chat.on_bus_message(room, epoch, seq, payload, t0 or None)
+            elif kind == Rec.ACK:
+                self.on_answer(next(iter(self.inflight)), *parse_ack(body))
+            elif kind == Rec.MEMBERS:
                 chat.on_members(*parse_members(body))
-            elif kind == REC_SNAPSHOT:
+            elif kind == Rec.SNAPSHOT:
                 room, flags, epoch, seq, payloads = parse_snapshot(body)
                 if flags & SNAPSHOT_FIRST:
                     self.snapshots[room] = []
@@ -3270,9 +3351,9 @@ class Supervisor(EventLoop):
 
     def _on_data(self, worker: Worker, data: bytes) -> None:
         for kind, body in worker.reader.feed(data):
-            if kind == REC_PUBLISH:
+            if kind == Rec.PUBLISH:
                 self._sequence(worker, body)
-            elif kind == REC_SUBSCRIBE:
+            elif kind == Rec.SUBSCRIBE:
                 name = body.decode()
                 room = self.rooms.get(name)
                 if room is None:
@@ -3281,13 +3362,13 @@ class Supervisor(EventLoop):
                 worker.link.write(members_record(name, room.total))     # before the snapshot: its welcome counts all
                 payloads = [item for _, item in room.history.items()]
                 worker.link.write_lazily(name, snapshot_records(name, room.epoch, room.seq, payloads))
-            elif kind == REC_UNSUBSCRIBE:
+            elif kind == Rec.UNSUBSCRIBE:
                 room = self.rooms.get(body.decode())
                 if room is not None:
                     self._unsubscribe(worker, room)
-            elif kind == REC_STATS:
+            elif kind == Rec.STATS:
                 worker.stats = json.loads(body)
-            elif kind == REC_MEMBERS:
+            elif kind == Rec.MEMBERS:
                 name, count = parse_members(body)
                 room = self.rooms.get(name)
                 if room is not None and worker in room.subs:
@@ -3298,23 +3379,19 @@ class Supervisor(EventLoop):
 
     def _sequence(self, worker: Worker, body: bytes) -> None:
         """Assign a published message its room's next seq, keep it, forward it, ack it."""
-        rlen, t0, plen, klen, resend = PUBLISH_HEAD.unpack_from(body)
-        pos = PUBLISH_HEAD.size
-        name = body[pos:pos + rlen]
-        key = body[pos + rlen:pos + rlen + klen]
-        pos += rlen + klen
+        name, t0, prefix, suffix, key, resend = parse_publish(body)
         room = self.rooms.get(room_name := name.decode())
         if room is None:                    # its members left before the message got here
             room = self.rooms[room_name] = HubRoom(room_name, self.config)
-        seq, payload = room.sequence(body[pos:pos + plen], body[pos + plen:], key, resend)
+        seq, payload = room.sequence(prefix, suffix, key, resend)
         if payload is None:
-            worker.link.write(record(REC_ACK, ACK_HEAD.pack(room.epoch, seq, True)))
+            worker.link.write(ack_record(room.epoch, seq, True))
             return
         room.keep(self.budget, seq, payload, key)
-        rec = record(REC_MESSAGE, MESSAGE_HEAD.pack(rlen, room.epoch, seq, t0) + name + payload)
+        rec = message_record(name, room.epoch, seq, t0, payload)
         for sub in room.subs:
             sub.link.write(rec)
-        worker.link.write(record(REC_ACK, ACK_HEAD.pack(room.epoch, seq, False)))
+        worker.link.write(ack_record(room.epoch, seq, False))
 
     def total_stats(self) -> Stats:
         """All workers' counters added up, with those of workers that exited."""

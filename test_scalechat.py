@@ -52,10 +52,6 @@ from scalechat import (
     OP_TEXT,
     OPEN,
     PROTOCOL_ERROR_CODES,
-    REC_ACK,
-    REC_MESSAGE,
-    REC_SNAPSHOT,
-    REC_STATS,
     ROOM_COST,
     Chat,
     ChatError,
@@ -67,6 +63,7 @@ from scalechat import (
     History,
     HistoryBudget,
     ProtocolError,
+    Rec,
     RecordReader,
     RespError,
     RespParser,
@@ -646,8 +643,8 @@ def test_resp_parser_takes_a_large_bulk_string_in_many_reads_without_rescanning(
 
 
 def test_record_reader_gives_the_same_records_however_the_bytes_are_cut():
-    records = [(REC_MESSAGE, b"x" * 300), (REC_ACK, ACK_HEAD.pack(b"0123456789abcdef", 7, True)), (REC_STATS, b""),
-               (REC_SNAPSHOT, b"\x00" * 5)]
+    records = [(Rec.MESSAGE, b"x" * 300), (Rec.ACK, ACK_HEAD.pack(b"0123456789abcdef", 7, True)), (Rec.STATS, b""),
+               (Rec.SNAPSHOT, b"\x00" * 5)]
     data = b"".join(record(kind, body) for kind, body in records)
     for chunks in every_split(data):
         reader = RecordReader()

@@ -886,7 +886,8 @@ def machine_line(m: dict | str) -> str:
 # Close codes the server's own parser may answer a violation with.
 PARSER_CLOSE_CODES = {sc.CLOSE_PROTOCOL_ERROR, sc.CLOSE_UNSUPPORTED_DATA,
                       sc.CLOSE_INVALID_DATA, sc.CLOSE_TOO_BIG}
-CHAT_ERROR_CODES = {"bad_json", "bad_message", "missing_text", "too_big"}
+# The codes a client frame's own content can earn (the rate and the bus aside).
+CHAT_ERROR_CODES = set(sc.ErrorCode) - {sc.ErrorCode.RATE_LIMIT, sc.ErrorCode.UNAVAILABLE}
 HANDSHAKE_STATUSES = {400, 405, 426}
 
 

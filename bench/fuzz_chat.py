@@ -542,7 +542,7 @@ def query_outcomes(resource: str) -> tuple[frozenset, list]:
 # What the server sends: strict JSON, documented fields
 # ---------------------------------------------------------------------------
 
-ERROR_CODES = frozenset({"bad_json", "bad_message", "missing_text", "too_big", "rate_limit", "unavailable"})
+ERROR_CODES = frozenset(sc.ErrorCode)
 # type -> {field: (types, required)}; None in types: null allowed
 SCHEMA = {
     "message": {"type": (str,), "room": (str,), "epoch": (str,), "seq": (int,), "sender": (str,), "text": (str,),
