@@ -233,20 +233,8 @@ class FrameParser:
     failed parser stays failed (RFC 6455 7.1.7: no more data is processed).
     """
 
-    __slots__ = (
-        "_buf",
-        "_decoder",
-        "_frame",
-        "_msg_op",
-        "_parts",
-        "accept_binary",
-        "error",
-        "expect_masked",
-        "fragments",
-        "frame_limit",
-        "frames",
-        "max_message_size",
-    )
+    __slots__ = ("_buf", "_decoder", "_frame", "_msg_op", "_parts", "accept_binary", "error", "expect_masked",
+                 "fragments", "frame_limit", "frames", "max_message_size")
 
     def __init__(self, expect_masked: bool = True, max_message_size: int = 1 << 20,
                  accept_binary: bool = True):
@@ -1019,17 +1007,8 @@ class Room(Sequenced):
     room's seq, and only then joins ``members`` (who get live frames).
     """
 
-    __slots__ = (
-        "catching_up",
-        "early",
-        "idle_since",
-        "members",
-        "others",
-        "ready",
-        "reported",
-        "syncing",
-        "waiting",
-    )
+    __slots__ = ("catching_up", "early", "idle_since", "members", "others", "ready", "reported", "syncing",
+                 "waiting")
 
     def __init__(self, name: str, config, ready: bool, epoch: bytes = b""):
         super().__init__(name, config, epoch)   # history items: frames
@@ -1506,31 +1485,9 @@ class Connection:
     chat's (room, name, client id, replay position).
     """
 
-    __slots__ = (
-        "byte_tokens",
-        "client",
-        "deadline",
-        "discarded",
-        "fd",
-        "handed",
-        "inbuf",
-        "last_seen",
-        "name",
-        "out",
-        "out_bytes",
-        "out_pos",
-        "parser",
-        "peer",
-        "ping_sent",
-        "replay",
-        "room",
-        "sock",
-        "state",
-        "strikes",
-        "token_time",
-        "tokens",
-        "writing",
-    )
+    __slots__ = ("byte_tokens", "client", "deadline", "discarded", "fd", "handed", "inbuf", "last_seen",
+                 "name", "out", "out_bytes", "out_pos", "parser", "peer", "ping_sent", "replay", "room",
+                 "sock", "state", "strikes", "token_time", "tokens", "writing")
 
     def __init__(self, sock, peer: str, now: float):
         self.sock = sock
