@@ -11,7 +11,7 @@ Sections, top to bottom; each uses only what stands above it:
    of sockets: it writes to an outbox and hands messages to a bus.
 4. Connection, sans-IO: states, rate limits, strikes, pings, deadlines. Bytes
    and the time in, what to do out; closing is one table of moves.
-5. Loop and server: counters, the selectors loop, links, the server: sockets,
+5. Loop and server: counters, the selectors loop, links, the server. Sockets,
    accept, read, write, timers, the hand-off of a socket to its room's worker.
 6. Supervisor (--workers): the record codec, the remote bus, the hub.
 7. Redis (--redis): RESP, the scripts, the cluster, the bus.
