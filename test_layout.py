@@ -26,7 +26,7 @@ def section_of(line: int, starts: list[int]) -> int:
 def test_the_map_names_the_sections_in_order():
     """The module docstring's map lists each banner's number and title, in the file's order."""
     doc = ast.get_docstring(TREE)
-    mapped = [(int(m[1]), m[2]) for m in re.finditer(r"^(\d+)\. (.+?)(?:\.\s|\.$|$)", doc, re.M)]
+    mapped = [(int(m[1]), m[2]) for m in re.finditer(r"^(\d+)\. (.+?)(?:\.\s|\.$|$)", doc, re.MULTILINE)]
     found = banners()
     assert [n for _, n, _ in found] == list(range(1, len(found) + 1)) and len(found) == 8
     for (number, title), (_, banner_number, banner_title) in zip(mapped, found, strict=True):
