@@ -3,11 +3,10 @@ each definition uses only names defined in its own section or above (annotations
 from __future__ import annotations
 
 import ast
-import os
 import re
+from pathlib import Path
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCE = open(os.path.join(HERE, "scalechat.py")).read()
+SOURCE = (Path(__file__).resolve().parent / "scalechat.py").read_text()
 TREE = ast.parse(SOURCE)
 LINES = SOURCE.splitlines()
 BANNER = re.compile(r"# (\d+)\. (.+)")
