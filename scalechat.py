@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import mimetypes
+import mmap
 import os
 import re
 import resource
@@ -44,7 +45,6 @@ import subprocess
 import sys
 import time
 import traceback
-import zlib
 from collections import deque
 from enum import IntEnum, StrEnum
 from typing import NamedTuple, Protocol
@@ -917,6 +917,10 @@ class History:
         """Every (seq, item), oldest first."""
         return [e[:2] for e in self.entries[self.head:]]
 
+    def items_and_keys(self) -> list:
+        """Every (item, resend key), oldest first."""
+        return [e[1:] for e in self.entries[self.head:]]
+
 
 def _entry_seq(entry: tuple) -> int:
     return entry[0]
@@ -1007,7 +1011,7 @@ class Room(Sequenced):
     room's seq, and only then joins ``members`` (who get live frames).
     """
 
-    __slots__ = ("catching_up", "early", "idle_since", "members", "others", "ready", "reported", "syncing",
+    __slots__ = ("catching_up", "early", "idle_since", "leased", "members", "others", "ready", "reported", "syncing",
                  "waiting")
 
     def __init__(self, name: str, config, ready: bool, epoch: bytes = b""):
@@ -1021,6 +1025,7 @@ class Room(Sequenced):
         self.early: list = []               # (epoch, seq, frame, t0) held while syncing, as they came
         self.waiting: list = []             # (conn, since, epoch) held until ready
         self.idle_since = 0.0               # when its last member here left (a lingering room)
+        self.leased = False                 # --workers: this worker sequences it (HubBus)
 
     def oldest_seq(self) -> int:
         """The seq of the oldest message still held (seq + 1 when none is)."""
@@ -1321,7 +1326,7 @@ class Chat:
             self.recount[room] = None
 
     def on_snapshot(self, room_name: str, epoch: bytes, seq: int, payloads: list,
-                    members: int | None = None) -> None:
+                    members: int | None = None, keys: list | None = None) -> None:
         """The bus's view of a room: its order (epoch, seq), its last messages (ending at seq), its members.
 
         Messages that came while the snapshot was on its way (``early``) are
@@ -1339,7 +1344,9 @@ class Chat:
         first = seq - len(payloads) + 1
         if not room.ready:
             room.restart(epoch)
-            delta = sum(room.history.append(first + i, encode_frame(OP_TEXT, p)) for i, p in enumerate(payloads))
+            keys = keys or [b""] * len(payloads)
+            delta = sum(room.history.append(first + i, encode_frame(OP_TEXT, p), k)
+                        for i, (p, k) in enumerate(zip(payloads, keys)))
             if room.history:
                 self.budget.added(room, delta)
             room.seq = seq
@@ -1763,7 +1770,7 @@ class Stats:
 
     COUNTERS = ("connections", "connections_total", "messages_in", "deliveries", "bytes_in",
                 "bytes_out", "draining", "rooms", "bus_up", "gc_frozen", "internal_errors", "history_bytes",
-                "sequenced_rooms", "bus_unreplicated", "pings", "handoffs", "room_syncs")
+                "sequenced_rooms", "bus_unreplicated", "pings", "handoffs", "room_syncs", "leased_messages")
     TABLES = ("dropped", "protocol_errors", "refused", "http_requests")
     HISTOGRAMS = ("broadcast", "loop_lag", "gc0", "gc1", "gc2")
 
@@ -2025,6 +2032,7 @@ class Link:
         self.connecting = connecting
         self.writing = connecting
         self.closed = False
+        self.on_drained = None              # called when the socket took everything queued
         sock.setblocking(False)
         loop.sel.register(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if connecting else 0),
                           self.on_event)
@@ -2074,6 +2082,8 @@ class Link:
                     continue
                 out += chunk
             if len(out) == self.sent:
+                if self.on_drained is not None:
+                    self.on_drained()
                 break
             try:
                 n = self.sock.send(memoryview(out)[self.sent:])
@@ -2176,14 +2186,15 @@ def make_listener(host: str, port: int, reuse_port: bool = False, listen: bool =
 
 # Each room has an owner among the workers; the worker that accepts a WebSocket
 # passes it to the owner over a datagram socket with SCM_RIGHTS. A room's members
-# then share one worker, so a message crosses to one worker, not to one per
-# member (SCALING.md, section 13).
+# then share one worker, which sequences it (SCALING.md, sections 13 and 14).
 HANDOFF_MAX = 16384           # request bytes a hand-off carries (a head is at most --max-header-size)
+LOAD = struct.Struct("=q")    # a worker's open WebSockets, in the shared table of loads
 
 
-def room_owner(room: str, workers: int) -> int:
-    """The worker slot that owns room: the same answer in every process (crc32, not hash())."""
-    return zlib.crc32(room.encode()) % workers
+def room_owner(room: str, workers: int, key: bytes) -> int:
+    """The worker slot that owns room: the same answer in every process of one server, and one no
+    client can aim at (a hash keyed with the server's secret, not crc32)."""
+    return int.from_bytes(hashlib.blake2b(room.encode(), digest_size=8, key=key).digest(), "big") % workers
 
 
 class Handoff:
@@ -2200,9 +2211,25 @@ class Handoff:
     the accepting worker serves the client itself.
     """
 
-    def __init__(self, ends: list[socket.socket], slot: int):
+    def __init__(self, ends: list[socket.socket], slot: int, key: bytes, loads=None):
         self.ends = ends                # per slot, the sending end into that worker; at our slot, our inbox
         self.inbox = ends[slot]
+        self.slot, self.key = slot, key
+        self.loads = loads              # shared memory: every worker's open WebSockets (LOAD each)
+        self.spread: set = set()        # rooms so big that new members stay where accepted
+
+    def owner(self, room: str) -> int:
+        """The slot of the worker that owns room."""
+        return room_owner(room, len(self.ends), self.key)
+
+    def load(self, slot: int) -> int:
+        """How many WebSockets the worker in slot holds (as it last wrote)."""
+        return LOAD.unpack_from(self.loads, slot * LOAD.size)[0] if self.loads is not None else 0
+
+    def set_load(self, count: int) -> None:
+        """Say how many WebSockets this worker holds."""
+        if self.loads is not None:
+            LOAD.pack_into(self.loads, self.slot * LOAD.size, count)
 
     def send(self, conn_fd: int, request: bytes, owner: int) -> bool:
         """Pass a client socket and the request bytes read from it to another worker; whether it went."""
@@ -2252,6 +2279,8 @@ class Handoff:
         """Close this worker's ends (the supervisor keeps its own)."""
         for end in self.ends:
             end.close()
+        if self.loads is not None:
+            self.loads.close()
 
 
 class ConnectionLoop(EventLoop):
@@ -2268,6 +2297,8 @@ class ConnectionLoop(EventLoop):
                              config.rate_burst_bytes, max_frame_size(config.max_message_size))
         self.per_ip: dict[str, int] = {}
         self.dirty: list = []               # connections with bytes newly queued this turn
+        self.write_barrier = None           # whether clients may be written to now (Server: the supervisor's copy)
+        self.held_writes: dict = {}         # connections that waited for the barrier
         self.sweep_queue: list = []
         self.listener = make_listener(config.host, config.port, reuse_port=reuse_port)
         self.listener.setblocking(False)
@@ -2322,10 +2353,16 @@ class ConnectionLoop(EventLoop):
                 self._release(conn, self.connections.move(conn, ABORT, self.now), careful=True)
 
     def end_turn(self) -> None:
-        """Send what connections and links queued this turn."""
+        """Send what links and connections queued this turn (links first: see write_barrier)."""
+        super().end_turn()
         if self.dirty:
             self._flush_dirty()
-        super().end_turn()
+
+    def release_writes(self) -> None:
+        """The write barrier opened: the connections that waited for it are written at the turn's end."""
+        if self.held_writes:
+            self.dirty.extend(self.held_writes)
+            self.held_writes.clear()
 
     def _accept(self, _events: int) -> None:
         for _ in range(ACCEPT_BATCH):
@@ -2452,7 +2489,11 @@ class ConnectionLoop(EventLoop):
         small ones are joined once, which is cheaper), never sliced: a partial
         send only moves ``out_pos``, so no byte is copied twice. A since= replay
         is pulled from history a chunk at a time, once all queued before it went.
+        Nothing is sent while the write barrier (if any) is closed: conn waits for it.
         """
+        if self.write_barrier is not None and not self.write_barrier():
+            self.held_writes[conn] = None
+            return
         out = conn.out
         if not out and conn.replay is not None:
             frames = self.next_replay(conn)
@@ -2639,11 +2680,22 @@ class Server(ConnectionLoop):
         self.hub, bus = make_buses(self, self.chat) if make_buses is not None else (None, None)
         if bus is not None:
             self.chat.bus = bus
+        if bus is not None and bus is self.hub and config.room_affinity:
+            self.write_barrier = self._supervisor_has_all    # a worker sequences its rooms
         if self.hub is not None:
             self.every(1.0, lambda: self.hub.send_stats(self.stats))
         self.every(0.25, self._tick_lag)
         self.every(0.25, self.gc_watch.freeze_if_due)
         self.every(1.0, self._each_second)
+
+    def _supervisor_has_all(self) -> bool:
+        """The write barrier of a worker that sequences rooms: every record queued for the supervisor
+        (the messages sequenced here) is in its socket before a byte leaves for a client. So what a
+        client was sent or acked, the supervisor has, even if this worker is killed the next instant."""
+        link = self.hub.link
+        if link.pending:
+            link.flush()
+        return not link.pending
 
     def _tick_lag(self) -> None:
         """Measure how late the loop runs a timer due every 0.25 s."""
@@ -2698,13 +2750,16 @@ class Server(ConnectionLoop):
         """Pass conn (its socket and the request bytes read so far) to the worker owning room.
 
         Whether it went: not when this worker owns the room, the request is too big
-        for one datagram, or the owner's inbox is full: then this worker serves it,
-        and the supervisor's order still holds.
+        for one datagram, the room is big enough to spread over every worker, the
+        owner holds --max-connections already, or its inbox is full: then this
+        worker serves it, and the supervisor's order still holds.
         """
-        owner = room_owner(room, self.config.worker_count)
-        if owner == self.config.worker_id or conn.handed or len(request) > HANDOFF_MAX:
+        handoff = self.handoff
+        owner = handoff.owner(room)
+        if owner == self.config.worker_id or conn.handed or len(request) > HANDOFF_MAX or \
+                room in handoff.spread or handoff.load(owner) >= self.max_conns:
             return False
-        if not self.handoff.send(conn.fd, request, owner):
+        if not handoff.send(conn.fd, request, owner):
             return False
         self.stats.handoffs += 1
         self._abort(conn)                   # our descriptor; the owner has its own
@@ -2748,6 +2803,8 @@ class Server(ConnectionLoop):
         self.stats.connections += 1
         self.stats.connections_total += 1
         self.stats.http_requests["101"] += 1
+        if self.handoff is not None:
+            self.handoff.set_load(self.stats.connections)
         self.send(conn, upgrade_response(upgrade.accept))
         self.chat.join(conn, upgrade.room, upgrade.since, upgrade.epoch)
         self.stats.rooms = self.chat.active_rooms()
@@ -2769,6 +2826,8 @@ class Server(ConnectionLoop):
         self.chat.leave(conn, self.now)
         self.stats.connections -= 1
         self.stats.rooms = self.chat.active_rooms()
+        if self.handoff is not None:
+            self.handoff.set_load(self.stats.connections)
 
     def _each_second(self) -> None:
         """Member counts to the rooms whose count moved; the rooms nobody came back to are let go."""
@@ -2794,6 +2853,10 @@ class Rec(IntEnum):
     SNAPSHOT = 6        # supervisor: part of a room's order and history
     MEMBERS = 7         # a worker's member count of a room; from the supervisor, the room's total
     STATS = 8           # worker: its counters, as JSON
+    REPLICATE = 9       # worker: a message it sequenced in a room leased to it, for the supervisor to keep
+    REVOKE = 10         # supervisor: stop sequencing a room (another worker follows it now)
+    RELEASED = 11       # worker: it stopped (every REPLICATE of the room came before)
+    SPREAD = 12         # supervisor: a room is big (1) or no longer (0): its new members stay where accepted
 
 
 REC_HEADER = struct.Struct("!IB")           # body length, kind
@@ -2803,7 +2866,8 @@ SNAPSHOT_HEAD = struct.Struct("!BB16sQI")   # room length, flags, epoch, seq, co
 ACK_HEAD = struct.Struct("!16sQ?")          # epoch, seq, duplicate
 MEMBERS_HEAD = struct.Struct("!BI")         # room length, count
 LENGTH = struct.Struct("!I")
-SNAPSHOT_FIRST, SNAPSHOT_LAST = 1, 2
+KEY_LENGTH = struct.Struct("!H")
+SNAPSHOT_FIRST, SNAPSHOT_LAST, SNAPSHOT_LEASED = 1, 2, 4
 
 
 def record(kind: Rec, body: bytes) -> bytes:
@@ -2871,6 +2935,20 @@ def ack_record(epoch: bytes, seq: int, duplicate: bool) -> bytes:
     return record(Rec.ACK, ACK_HEAD.pack(epoch, seq, duplicate))
 
 
+def replicate_record(room: str, epoch: bytes, seq: int, key: bytes, payload: bytes) -> bytes:
+    """A REPLICATE record: a message the worker sequenced, with its resend key."""
+    r = room.encode()
+    return record(Rec.REPLICATE, MESSAGE_HEAD.pack(len(r), epoch, seq, 0.0) + r + KEY_LENGTH.pack(len(key))
+                  + key + payload)
+
+
+def parse_replicate(body: bytes) -> tuple[str, bytes, int, bytes, bytes]:
+    """(room, epoch, seq, key, payload) of a REPLICATE record's body."""
+    room, epoch, seq, rest, _ = parse_message(body)
+    (klen,) = KEY_LENGTH.unpack_from(rest)
+    return room, epoch, seq, rest[2:2 + klen], rest[2 + klen:]
+
+
 def parse_ack(body: bytes) -> tuple[bytes, int, bool]:
     """(epoch, seq, duplicate) of an ACK record's body."""
     return ACK_HEAD.unpack(body)
@@ -2888,27 +2966,28 @@ def parse_members(body: bytes) -> tuple[str, int]:
     return body[MEMBERS_HEAD.size:MEMBERS_HEAD.size + rlen].decode(), count
 
 
-def encode_snapshot(room: str, flags: int, epoch: bytes, seq: int, payloads) -> bytes:
-    """A snapshot record body: part of a room's last messages (each part carries its order)."""
+def encode_snapshot(room: str, flags: int, epoch: bytes, seq: int, items) -> bytes:
+    """A snapshot record body: part of a room's last messages, each (payload, resend key); each part
+    carries the room's order."""
     r = room.encode()
-    parts = [SNAPSHOT_HEAD.pack(len(r), flags, epoch, seq, len(payloads)), r]
-    for p in payloads:
-        parts.append(LENGTH.pack(len(p)))
-        parts.append(p)
+    parts = [SNAPSHOT_HEAD.pack(len(r), flags, epoch, seq, len(items)), r]
+    for payload, key in items:
+        parts += (LENGTH.pack(len(payload)), payload, KEY_LENGTH.pack(len(key)), key)
     return b"".join(parts)
 
 
-def snapshot_records(room: str, epoch: bytes, seq: int, payloads: list, chunk: int = LINK_CHUNK):
-    """A room's snapshot as records of about chunk bytes each, made one at a time."""
+def snapshot_records(room: str, epoch: bytes, seq: int, items: list, chunk: int = LINK_CHUNK, leased: bool = False):
+    """A room's snapshot, items (payload, resend key), as records of about chunk bytes each, made one at
+    a time; leased: the worker that gets it sequences the room from then on."""
     flags, i = SNAPSHOT_FIRST, 0
     while True:
         part, size = [], 0
-        while i < len(payloads) and (not part or size + len(payloads[i]) <= chunk):
-            part.append(payloads[i])
-            size += len(payloads[i])
+        while i < len(items) and (not part or size + len(items[i][0]) <= chunk):
+            part.append(items[i])
+            size += len(items[i][0])
             i += 1
-        if i == len(payloads):
-            flags |= SNAPSHOT_LAST
+        if i == len(items):
+            flags |= SNAPSHOT_LAST | (SNAPSHOT_LEASED if leased else 0)
         yield record(Rec.SNAPSHOT, encode_snapshot(room, flags, epoch, seq, part))
         if flags & SNAPSHOT_LAST:
             return
@@ -2916,17 +2995,20 @@ def snapshot_records(room: str, epoch: bytes, seq: int, payloads: list, chunk: i
 
 
 def parse_snapshot(body: bytes) -> tuple[str, int, bytes, int, list]:
-    """(room, flags, epoch, seq, payloads) from a snapshot record body."""
+    """(room, flags, epoch, seq, items (payload, resend key)) from a snapshot record body."""
     rlen, flags, epoch, seq, count = SNAPSHOT_HEAD.unpack_from(body)
     pos = SNAPSHOT_HEAD.size
     room = body[pos:pos + rlen].decode()
     pos += rlen
-    payloads = []
+    items = []
     for _ in range(count):
         (n,) = LENGTH.unpack_from(body, pos)
-        payloads.append(body[pos + 4:pos + 4 + n])
+        payload = body[pos + 4:pos + 4 + n]
         pos += 4 + n
-    return room, flags, epoch, seq, payloads
+        (k,) = KEY_LENGTH.unpack_from(body, pos)
+        items.append((payload, body[pos + 2:pos + 2 + k]))
+        pos += 2 + k
+    return room, flags, epoch, seq, items
 
 
 class Pending:
@@ -3115,14 +3197,55 @@ class RemoteBus:
 
 
 class HubBus(RemoteBus):
-    """A worker's side of the supervisor link: publish, subscribe, receive in order."""
+    """A worker's side of the supervisor link: publish, subscribe, receive in order.
+
+    A room that no other worker follows (with --room-affinity: every room whose
+    members all reach their room's worker) is leased to this one: it sequences
+    the room itself, as LocalBus does, and writes each message to the
+    supervisor (REPLICATE). No byte leaves for a client before the records
+    queued before it are in the supervisor's socket (Server.write_barrier), so
+    the supervisor's copy holds every message delivered or acknowledged: if this
+    worker dies, its successor takes the room over from that copy and continues
+    the order. When another worker follows the room too, the supervisor takes
+    it back (REVOKE), and sequences it as any other.
+    """
 
     def __init__(self, loop: Server, chat: Chat, sock: socket.socket):
         super().__init__(loop, chat)
         self.reader = RecordReader()
-        self.snapshots: dict = {}           # room -> payloads of a snapshot still arriving
+        self.snapshots: dict = {}           # room -> items of a snapshot still arriving
         self.link = Link(loop, sock, self._on_data, self._on_closed)
+        self.link.on_drained = loop.release_writes
+        # Messages of a room whose snapshot has not come: whether this worker sequences
+        # them is not known yet. Bounded by the rate limit of its joiners, for a round trip.
+        self.unready: dict = {}             # room -> [publish arguments, ...]
         self.set_up(True)
+
+    def publish(self, room: Room, prefix: bytes, suffix: bytes, t0: float, conn, message_id,
+                key: bytes = b"", resend: bool = False):
+        """Sequence it here if the room is leased to this worker, else send it to the supervisor
+        (RemoteBus); once the room's snapshot said which."""
+        if not room.ready:
+            self.unready.setdefault(room.name, []).append((room, prefix, suffix, t0, conn, message_id, key, resend))
+            return None
+        if not room.leased:
+            return super().publish(room, prefix, suffix, t0, conn, message_id, key, resend)
+        seq, payload = room.sequence(prefix, suffix, key, resend)
+        if payload is not None:
+            self.link.write(replicate_record(room.name, room.epoch, seq, key, payload))
+            self.loop.stats.leased_messages += 1
+            self.chat.deliver(room, seq, encode_frame(OP_TEXT, payload), t0, key)
+        if message_id is not None:
+            self.chat.send(conn, ack_frame(message_id, room.epoch, seq, payload is None))
+        return None
+
+    def _publish_unready(self, name: str) -> None:
+        """The room's snapshot came: its messages that waited for it go as any other."""
+        for room, prefix, suffix, t0, conn, message_id, key, resend in self.unready.pop(name, ()):
+            if conn.state == OPEN and conn.room is room:
+                error = self.publish(room, prefix, suffix, t0, conn, message_id, key, resend)
+                if error is not None:
+                    self.loop.send(conn, error)
 
     def send_publish(self, msg: Pending, _target) -> None:
         """Hand a message to the supervisor, which sequences it (and answers in order)."""
@@ -3132,8 +3255,10 @@ class HubBus(RemoteBus):
         self.link.write(record(Rec.SUBSCRIBE, name.encode()))
 
     def room_closed(self, room: Room) -> None:
-        """Unsubscribe."""
+        """Unsubscribe (a lease ends with it)."""
+        room.leased = False
         self.snapshots.pop(room.name, None)
+        self.unready.pop(room.name, None)
         self.link.write(record(Rec.UNSUBSCRIBE, room.name.encode()))
 
     def resync(self, room: Room) -> None:
@@ -3159,16 +3284,28 @@ class HubBus(RemoteBus):
             elif kind == Rec.MEMBERS:
                 chat.on_members(*parse_members(body))
             elif kind == Rec.SNAPSHOT:
-                room, flags, epoch, seq, payloads = parse_snapshot(body)
+                room, flags, epoch, seq, items = parse_snapshot(body)
                 if flags & SNAPSHOT_FIRST:
                     self.snapshots[room] = []
                 parts = self.snapshots.get(room)
                 if parts is None:
                     continue                # the rest of a snapshot for a room closed meanwhile
-                parts.extend(payloads)
+                parts.extend(items)
                 if flags & SNAPSHOT_LAST:
                     del self.snapshots[room]
-                    chat.on_snapshot(room, epoch, seq, parts)
+                    if flags & SNAPSHOT_LEASED and (ready := chat.rooms.get(room)) is not None:
+                        ready.leased = True
+                    chat.on_snapshot(room, epoch, seq, [p for p, _ in parts], keys=[k for _, k in parts])
+                    self._publish_unready(room)
+            elif kind == Rec.SPREAD:
+                handoff = self.loop.handoff
+                if handoff is not None:
+                    (handoff.spread.add if body[0] else handoff.spread.discard)(body[1:].decode())
+            elif kind == Rec.REVOKE:        # another worker follows the room now: the supervisor sequences it
+                room = chat.rooms.get(body.decode())
+                if room is not None:
+                    room.leased = False
+                self.link.write(record(Rec.RELEASED, body))
 
     def _on_closed(self) -> None:
         log.warning("supervisor link closed: draining")
@@ -3177,16 +3314,19 @@ class HubBus(RemoteBus):
 
 
 class HubRoom(Sequenced):
-    """A room as the --workers supervisor (section 4) sequences it: history of payloads, subscribed
-    workers, and the members each has."""
+    """A room as the --workers supervisor sequences it, or keeps it while a worker does (leased): its
+    order and history of payloads, the workers that follow it, and the members each has."""
 
-    __slots__ = ("counts", "subs", "total")
+    __slots__ = ("counts", "leased", "revoking", "spread", "subs", "total")
 
     def __init__(self, name: str, config):
         super().__init__(name, config, new_epoch())
         self.subs: dict = {}                          # Worker -> None
         self.counts: dict = {}                        # Worker -> members there
         self.total = 0
+        self.leased = None                            # the Worker that sequences it, if one does
+        self.revoking: list = []                      # Workers whose snapshot waits for the lease to end
+        self.spread = False                           # big: new members stay on the worker that accepted them
 
     def count(self, worker, members: int) -> bool:
         """worker has this many members here now (0: none, or gone); whether the total changed."""
@@ -3237,6 +3377,12 @@ class Supervisor(EventLoop):
         # sending ends stay valid (Handoff).
         self.handoff_links = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
                               for _ in range(config.workers)] if config.room_affinity else []
+        # Which worker owns a room is a hash keyed with this secret, so no client can aim its rooms
+        # at one worker; and the workers share a table of their loads, so a full owner is passed over.
+        key = os.environ.get("SCALECHAT_AFFINITY_KEY") or os.urandom(16).hex()
+        self.worker_env = {**worker_env, "SCALECHAT_AFFINITY_KEY": key}
+        self.loads = os.memfd_create("scalechat-loads")
+        os.ftruncate(self.loads, LOAD.size * config.workers)
         for slot in range(config.workers):
             self._spawn(slot)
         self.every(0.2, self._reap)
@@ -3249,6 +3395,7 @@ class Supervisor(EventLoop):
                "--metrics-port", "0", "--worker-id", str(slot), "--worker-count", str(self.config.workers),
                "--hub-fd", str(theirs.fileno())]
         if handoff:
+            fds.append(self.loads)
             cmd += ["--handoff-fds", ",".join(map(str, fds[1:]))]
         proc = subprocess.Popen(cmd, pass_fds=fds, env=self.worker_env)  # these alone: the rest are close-on-exec
         theirs.close()
@@ -3290,6 +3437,8 @@ class Supervisor(EventLoop):
             self._unsubscribe(worker, room)
 
     def _unsubscribe(self, worker: Worker, room: HubRoom) -> None:
+        if room.leased is worker:           # everything it sequenced came before
+            self._end_lease(room)
         if room.subs.pop(worker, 0) is None:
             worker.link.cancel(room.name)
             if room.count(worker, 0):
@@ -3301,24 +3450,68 @@ class Supervisor(EventLoop):
         rec = members_record(room.name, room.total)
         for sub in room.subs:
             sub.link.write(rec)
+        threshold = self.config.spread_members
+        if threshold and room.spread != (room.total >= (threshold // 2 if room.spread else threshold)):
+            room.spread = not room.spread   # every worker hears: any of them may accept a member
+            rec = record(Rec.SPREAD, bytes((room.spread,)) + room.name.encode())
+            for worker in self.workers.values():
+                worker.link.write(rec)
 
     def _forget_if_unused(self, room: HubRoom) -> None:
         if not room.subs:
             del self.rooms[room.name]
 
+    def _subscribe(self, worker: Worker, name: str) -> None:
+        """worker follows a room: its snapshot, and the lease when it is the only one (--room-affinity)."""
+        room = self.rooms.get(name)
+        if room is None:
+            room = self.rooms[name] = HubRoom(name, self.config)
+        room.subs[worker] = None
+        worker.link.write(members_record(name, room.total))     # before the snapshot: its welcome counts all
+        if room.leased is not None:         # the worker that sequences it must stop first
+            if not room.revoking:
+                room.leased.link.write(record(Rec.REVOKE, name.encode()))
+            room.revoking.append(worker)
+            return
+        lease = self.config.room_affinity and len(room.subs) == 1
+        if lease:
+            room.leased = worker
+        self._send_snapshot(worker, room, lease)
+
+    def _send_snapshot(self, worker: Worker, room: HubRoom, lease: bool = False) -> None:
+        worker.link.write_lazily(room.name, snapshot_records(room.name, room.epoch, room.seq,
+                                                             room.history.items_and_keys(), leased=lease))
+
+    def _end_lease(self, room: HubRoom) -> None:
+        """The leaseholder stopped (or left): this supervisor sequences the room; the workers waiting
+        for it get their snapshot."""
+        room.leased = None
+        waiting, room.revoking = room.revoking, []
+        for worker in waiting:
+            if worker in room.subs:
+                self._send_snapshot(worker, room)
+
+    def _replicate(self, worker: Worker, body: bytes) -> None:
+        """Keep a message that a leaseholder sequenced."""
+        name, epoch, seq, key, payload = parse_replicate(body)
+        room = self.rooms.get(name)
+        if room is None or room.leased is not worker or epoch != room.epoch or seq != room.seq + 1:
+            log.error("room %s: worker %d sent seq %d of a room it does not sequence", name, worker.slot, seq)
+            return
+        room.keep(self.budget, seq, payload, key)
+
     def _on_data(self, worker: Worker, data: bytes) -> None:
         for kind, body in worker.reader.feed(data):
-            if kind == Rec.PUBLISH:
+            if kind == Rec.REPLICATE:
+                self._replicate(worker, body)
+            elif kind == Rec.PUBLISH:
                 self._sequence(worker, body)
             elif kind == Rec.SUBSCRIBE:
-                name = body.decode()
-                room = self.rooms.get(name)
-                if room is None:
-                    room = self.rooms[name] = HubRoom(name, self.config)
-                room.subs[worker] = None
-                worker.link.write(members_record(name, room.total))     # before the snapshot: its welcome counts all
-                payloads = [item for _, item in room.history.items()]
-                worker.link.write_lazily(name, snapshot_records(name, room.epoch, room.seq, payloads))
+                self._subscribe(worker, body.decode())
+            elif kind == Rec.RELEASED:
+                room = self.rooms.get(body.decode())
+                if room is not None and room.leased is worker:
+                    self._end_lease(room)
             elif kind == Rec.UNSUBSCRIBE:
                 room = self.rooms.get(body.decode())
                 if room is not None:
@@ -4330,6 +4523,9 @@ class StatsCollector:
                  s.handoffs),
                 ("scalechat_room_syncs", ("Rooms opened here from the bus (--workers, --redis): each asks the "
                                           "supervisor or Redis for the room's snapshot"), s.room_syncs),
+                ("scalechat_leased_messages", ("Messages a --workers worker sequenced itself, in a room leased to it "
+                                               "(the supervisor keeps a copy, off the message's path)"),
+                 s.leased_messages),
                 ("scalechat_bytes_received", "Bytes read from client sockets", s.bytes_in),
                 ("scalechat_bytes_sent", "Bytes written to client sockets", s.bytes_out),
                 ("scalechat_internal_errors", "Exceptions caught by the loop's barriers (a bug: see the log)",
@@ -4465,7 +4661,9 @@ SETTINGS = (
     ("gc-freeze", "bool", True, ("after each full garbage collection, freeze the survivors so the "
      "next one does not walk every connection again")),
     ("room-affinity", "bool", True, ("with --workers: the worker that accepts a WebSocket hands it to the "
-     "worker that owns its room (SCM_RIGHTS), so a room's members share one worker")),
+     "worker that owns its room (SCM_RIGHTS), so a room's members share one worker, which sequences it")),
+    ("spread-members", int, 200, ("with --room-affinity: a room with this many members (over every worker) "
+     "takes its new members on the worker that accepted them, so its fan-out uses every core (0: never)")),
     ("log-level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
 )
 
@@ -4541,8 +4739,8 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
                  "bus-hold-bytes", "redis-room-ttl", "redis-wait-ms"):
         if getattr(args, flag.replace("-", "_")) <= 0:
             parser.error(f"--{flag} must be positive")
-    if args.room_linger < 0:
-        parser.error("--room-linger must be 0 or more")
+    if args.room_linger < 0 or args.spread_members < 0:
+        parser.error("--room-linger and --spread-members must be 0 or more")
     if args.rate_limit < 0 or args.rate_burst < 1 or args.rate_limit_bytes < 0:
         parser.error("--rate-limit and --rate-limit-bytes must be >= 0 and --rate-burst >= 1")
     if args.rate_limit_bytes and args.rate_burst_bytes < max_frame_size(args.max_message_size):
@@ -4561,10 +4759,12 @@ def main(argv: list | None = None) -> int:
     handoff = None
     if args.handoff_fds:
         try:
-            handoff = Handoff([socket.socket(fileno=int(fd)) for fd in args.handoff_fds.split(",")],
-                              args.worker_id)
-        except OSError as e:
-            log.error("worker %d: cannot use its hand-off link: %s", args.worker_id, e.strerror)
+            *ends, loads = map(int, args.handoff_fds.split(","))
+            handoff = Handoff([socket.socket(fileno=fd) for fd in ends], args.worker_id,
+                              bytes.fromhex(os.environ["SCALECHAT_AFFINITY_KEY"]),
+                              mmap.mmap(loads, LOAD.size * len(ends)))
+        except (OSError, KeyError, ValueError) as e:
+            log.error("worker %d: cannot use its hand-off link: %s", args.worker_id, getattr(e, "strerror", e))
             return 2
     hub_sock = socket.socket(fileno=args.hub_fd) if args.hub_fd is not None else None
 

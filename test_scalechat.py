@@ -655,16 +655,20 @@ def test_record_reader_gives_the_same_records_however_the_bytes_are_cut():
 def test_snapshots_go_in_chunks_that_rebuild_the_history():
     """A room's snapshot in records of about a chunk each: first and last flagged, order on each."""
     payloads = [b"p%d" % i * (i * 10) for i in range(1, 30)]
+    items = [(p, b"c:%d" % i if i % 2 else b"") for i, p in enumerate(payloads)]     # with resend keys
     epoch = new_epoch()
-    recs = list(snapshot_records("r", epoch, 29, payloads, chunk=1000))
+    recs = list(snapshot_records("r", epoch, 29, items, chunk=1000))
     assert len(recs) > 3
     parts = [parse_snapshot(RecordReader().feed(rec)[0][1]) for rec in recs]
     assert [flags for _, flags, _, _, _ in parts] == [1] + [0] * (len(parts) - 2) + [2]
     assert all(room == "r" and e == epoch and seq == 29 for room, _, e, seq, _ in parts)
-    assert [p for *_, ps in parts for p in ps] == payloads
-    assert all(sum(map(len, ps)) <= 1000 or len(ps) == 1 for *_, ps in parts)
+    assert [p for *_, ps in parts for p, _ in ps] == payloads
+    assert [item for *_, ps in parts for item in ps] == items
+    assert all(sum(len(p) for p, _ in ps) <= 1000 or len(ps) == 1 for *_, ps in parts)
     (only,) = snapshot_records("r", epoch, 0, [])
     assert parse_snapshot(RecordReader().feed(only)[0][1]) == ("r", 3, epoch, 0, [])
+    (leased,) = snapshot_records("r", epoch, 0, [], leased=True)
+    assert parse_snapshot(RecordReader().feed(leased)[0][1])[1] == 7
 
 
 class RecordingBus:
