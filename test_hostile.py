@@ -40,17 +40,11 @@ from testkit import (
     BIG_TEXT,
     CLIENT_A,
     CLIENT_B,
-    PARSER_CLOSE_CODES,
     RawClient,
     chat_json,
-    check_any_split,
-    check_chat_payload,
-    check_close_payload,
-    check_request_head,
     children,
     close_frame,
     echo_time,
-    feed_chunks,
     fill_room,
     frame,
     get,
@@ -60,6 +54,14 @@ from testkit import (
     percentile,
     sample,
     scrape,
+)
+from testkit_oracles import (
+    PARSER_CLOSE_CODES,
+    check_any_split,
+    check_chat_payload,
+    check_close_payload,
+    check_request_head,
+    feed_chunks,
     split_at,
 )
 
