@@ -1,10 +1,11 @@
-"""The chat layer fuzzed against live servers: a short run of bench/fuzz_chat.py.
+"""The chat layer fuzzed against live servers: a short run of the chat fuzzer.
 
-bench/fuzz_chat.py makes structure-aware cases (chat JSON for every field,
-upgrade query strings, frame sequences, resends) and checks each one on live
-servers against a reference model of docs/protocol.md: the answers each frame
-gets, what a watcher in the room receives, that no process died or restarted,
-and that a victim in another room keeps its echo within 2 s. Here it runs a few
+The chat fuzzer (testkit_fuzz_chat.py; bench/fuzz_chat.py runs it for minutes
+per mode) makes structure-aware cases (chat JSON for every field, upgrade query
+strings, frame sequences, resends) and checks each one on live servers against
+a reference model of docs/protocol.md: the answers each frame gets, what a
+watcher in the room receives, that no process died or restarted, and that a
+victim in another room keeps its echo within 2 s. Here it runs a few
 hundred cases on one process, on --workers 2 and on two instances sharing a
 private redis-server, with a random seed (SCALECHAT_FUZZ_SEED fixes it); a
 failure names the smallest input found. The model's and the checks' own tests
@@ -16,15 +17,12 @@ import os
 import random
 import shutil
 import signal
-import sys
 import time
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
-import fuzz_chat as fc
-
 import scalechat as sc
+import testkit_fuzz_chat as fc
 
 pytestmark = pytest.mark.timeout(180)
 
