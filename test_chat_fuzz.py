@@ -7,8 +7,9 @@ a reference model of docs/protocol.md: the answers each frame gets, what a
 watcher in the room receives, that no process died or restarted, and that a
 victim in another room keeps its echo within 2 s. Here it runs a few
 hundred cases on one process, on --workers 2 and on two instances sharing a
-private redis-server, with a random seed (SCALECHAT_FUZZ_SEED fixes it); a
-failure names the smallest input found. The model's and the checks' own tests
+private redis-server, with the run's seed (conftest.py: SCALECHAT_TEST_SEED, or
+one drawn for the run and printed); a failure names the smallest input found
+and the command that replays it. The model's and the checks' own tests
 come first: they show that each can fail.
 """
 from __future__ import annotations
@@ -26,7 +27,6 @@ import testkit_fuzz_chat as fc
 
 pytestmark = pytest.mark.timeout(180)
 
-SEED = int(os.environ.get("SCALECHAT_FUZZ_SEED") or random.SystemRandom().randrange(1 << 32))
 CASES = {"json": 200, "frames": 100, "query": 70, "resend": 30}     # per mode
 Accept, Refuse, BAD_JSON = fc.Accept, fc.Refuse, fc.BAD_JSON
 
@@ -199,9 +199,8 @@ def test_a_message_nobody_sent_is_a_finding(live):
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", fc.MODES)
-def test_live_servers_answer_every_case_as_the_protocol_says(live, mode):
-    fuzzer = fc.Fuzzer(live(mode), random.Random(f"{SEED}-{mode}"))
+def test_live_servers_answer_every_case_as_the_protocol_says(live, mode, seed, replay):
+    fuzzer = fc.Fuzzer(live(mode), random.Random(f"{seed}-{mode}"))
     found = fuzzer.fuzz(counts=CASES, reduce_seconds=20)
-    assert found is None, f"seed {SEED} (SCALECHAT_FUZZ_SEED={SEED} to repeat): {found[1]}\n" \
-                          f"smallest input: {found[0]}"
+    assert found is None, f"seed {seed}: {found[1]}\nsmallest input: {found[0]}\nreplay: {replay}"
     assert fuzzer.counts == CASES

@@ -154,8 +154,8 @@ def test_light_load_delivers_everything_with_complete_csv_and_metadata(server, t
     assert not [f for f in os.listdir(tmp_path) if ".part" in f]
 
 
-def test_thresholds_change_the_exit_code(server, tmp_path):
-    args = ("--rooms", "2", "--room-size", "2", "--rate", "10", "--duration", "1")
+def test_thresholds_change_the_exit_code(server, tmp_path, seed):
+    args = ("--rooms", "2", "--room-size", "2", "--rate", "10", "--duration", "1", "--seed", str(seed))
     code, summary, err = run_load(server.url, tmp_path / "a", *args, "--max-p99", "0.001")
     assert code == 1 and summary["passed"] is False
     assert "threshold missed" in err and "--max-p99" in err
@@ -164,10 +164,10 @@ def test_thresholds_change_the_exit_code(server, tmp_path):
     assert code == 0 and summary["passed"] is True, err
 
 
-def test_ctrl_c_stops_sending_and_leaves_a_complete_csv(server, tmp_path):
+def test_ctrl_c_stops_sending_and_leaves_a_complete_csv(server, tmp_path, seed):
     summary = tmp_path / "summary.json"
     proc = subprocess.Popen([sys.executable, LOADCLIENT, "--load-test", "--server-url", server.url,
-                             "--rooms", "4", "--room-size", "3", "--rate", "20", "--procs", "2",
+                             "--rooms", "4", "--room-size", "3", "--rate", "20", "--procs", "2", "--seed", str(seed),
                              "--out", str(tmp_path), "--summary-json", str(summary)],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=HERE)
     lines = []
@@ -515,15 +515,16 @@ def test_hold_keeps_every_client_connected_and_answering_pings_before_sending(tm
     assert result["delivery_ratio"] == 1.0 and result["reconnects"] == 0
 
 
-def test_clients_spread_over_source_addresses_in_blocks(tmp_path):
+def test_clients_spread_over_source_addresses_in_blocks(tmp_path, seed):
     """--clients-per-address 5: with a loopback server, clients 0-4 connect from 127.0.0.1,
     5-9 from 127.0.0.2, 10-11 from 127.0.0.3 (seen in the kernel's table during --hold)."""
     server = start_server()
     summary = tmp_path / "summary.json"
     proc = subprocess.Popen([sys.executable, LOADCLIENT, "--load-test", "--server-url", server.url,
                              "--rooms", "3", "--room-size", "4", "--procs", "2", "--clients-per-address", "5",
-                             "--hold", "3", "--duration", "1", "--rate", "2", "--out", str(tmp_path),
-                             "--summary-json", str(summary)], stderr=subprocess.PIPE, text=True, cwd=HERE)
+                             "--hold", "3", "--duration", "1", "--rate", "2", "--seed", str(seed),
+                             "--out", str(tmp_path), "--summary-json", str(summary)],
+                            stderr=subprocess.PIPE, text=True, cwd=HERE)
     try:
         for line in proc.stderr:
             if " hold " in line:
@@ -583,10 +584,10 @@ def test_ramp_and_close_wait_while_they_move_at_the_machines_pace_and_end_when_t
     assert run.close_deadline == 1061.0
 
 
-def test_workers_end_when_the_parent_is_killed(server, tmp_path):
+def test_workers_end_when_the_parent_is_killed(server, tmp_path, seed):
     proc = subprocess.Popen([sys.executable, LOADCLIENT, "--load-test", "--server-url", server.url,
                              "--rooms", "2", "--room-size", "2", "--rate", "10", "--procs", "2",
-                             "--out", str(tmp_path)],
+                             "--seed", str(seed), "--out", str(tmp_path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
     workers: list = []
     try:
