@@ -31,7 +31,7 @@ from playwright.sync_api import expect, sync_playwright
 from testkit import HERE, RedisServer, ServerProc, sample, scrape
 from testkit_browser import Chat, Network, join, launch_chromium
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 # ---------------------------------------------------------------------------
 # Fixtures

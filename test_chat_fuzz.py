@@ -25,7 +25,7 @@ import pytest
 import scalechat as sc
 import testkit_fuzz_chat as fc
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 CASES = {"json": 200, "frames": 100, "query": 70, "resend": 30}     # per mode
 Accept, Refuse, BAD_JSON = fc.Accept, fc.Refuse, fc.BAD_JSON

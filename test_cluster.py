@@ -65,6 +65,8 @@ from testkit import (
 )
 from testkit_cluster import NODE_TIMEOUT_MS, RedisCluster, redirected
 
+pytestmark = pytest.mark.slow
+
 MEMBERS_STALENESS = 3.0         # seconds a member count may lag the room's real membership
 MEMBERS_COALESCING = 1.0        # members frames come at most about once a second per room
 SERVER_ARGS = ("--drain-timeout", "2", "--log-level", "WARNING")

@@ -861,6 +861,7 @@ def post_without_reading(client: RawClient, seconds: float) -> tuple[bool, int]:
     return False, sent
 
 
+@pytest.mark.slow
 def test_client_whose_buffer_never_drains_hits_the_write_timeout(serve):
     server = serve("--write-timeout", "1", "--max-buffer", str(256 << 20), "--close-timeout", "1",
                    "--rate-limit-bytes", "0")
@@ -870,6 +871,7 @@ def test_client_whose_buffer_never_drains_hits_the_write_timeout(serve):
     assert gauge(metrics, "scalechat_connections") == 0
 
 
+@pytest.mark.slow
 def test_client_that_never_reads_is_cut_off_at_the_buffer_cap(serve):
     server = serve("--max-buffer", "65536", "--write-timeout", "30", "--close-timeout", "1",
                    "--rate-limit-bytes", "0")
@@ -1006,6 +1008,7 @@ def bad_payload_sender(port: int) -> list:
     return results
 
 
+@pytest.mark.slow
 def test_attackers_at_once_leave_normal_clients_untouched(serve):
     server = serve(*ABUSE_FLAGS)
     rss_start = peak_rss_kib(server.proc.pid)

@@ -49,6 +49,8 @@ from testkit_docker import (
     run,
 )
 
+pytestmark = pytest.mark.slow
+
 HERE = Path(__file__).resolve().parent
 OVERRIDE = HERE / testkit_docker.OVERRIDE
 STACK = "chattest"
