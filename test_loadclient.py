@@ -724,7 +724,6 @@ def test_terminal_chat_asks_prints_sends_and_quits(server):
     bob.close()
 
 
-@pytest.mark.slow
 def test_terminal_reconnects_after_a_server_restart_and_ctrl_c_closes():
     first = start_server()
     try:
