@@ -11,8 +11,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Only the server's runtime dependency goes into the image. matplotlib (and numpy
-# under it) draws load-test figures on a workstation; left out, the image is
+# Only the server's runtime dependency goes into the image. numpy and matplotlib
+# process and draw load-test results on a workstation; left out, the image is
 # some 170 MB smaller, and that is what every node pulls when the service scales
 # out. The version still comes from requirements.txt, the one place it is pinned;
 # the build fails if the line is missing.

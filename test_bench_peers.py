@@ -21,6 +21,8 @@ from websockets.sync.client import connect
 from loadclient import split_message
 from testkit import HERE, free_port
 
+pytestmark = pytest.mark.slow
+
 PEERS = ["peer_websockets.py", "peer_aiohttp.py", "peer_picows.py"]
 STAMPED = "0000000000000001 0000000000000002 hello"   # the send stamps the load client writes
 

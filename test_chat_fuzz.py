@@ -1,13 +1,15 @@
-"""The chat layer fuzzed against live servers: a short run of bench/fuzz_chat.py.
+"""The chat layer fuzzed against live servers: a short run of the chat fuzzer.
 
-bench/fuzz_chat.py makes structure-aware cases (chat JSON for every field,
-upgrade query strings, frame sequences, resends) and checks each one on live
-servers against a reference model of docs/protocol.md: the answers each frame
-gets, what a watcher in the room receives, that no process died or restarted,
-and that a victim in another room keeps its echo within 2 s. Here it runs a few
+The chat fuzzer (testkit_fuzz_chat.py; bench/fuzz_chat.py runs it for minutes
+per mode) makes structure-aware cases (chat JSON for every field, upgrade query
+strings, frame sequences, resends) and checks each one on live servers against
+a reference model of docs/protocol.md: the answers each frame gets, what a
+watcher in the room receives, that no process died or restarted, and that a
+victim in another room keeps its echo within 2 s. Here it runs a few
 hundred cases on one process, on --workers 2 and on two instances sharing a
-private redis-server, with a random seed (SCALECHAT_FUZZ_SEED fixes it); a
-failure names the smallest input found. The model's and the checks' own tests
+private redis-server, with the run's seed (conftest.py: SCALECHAT_TEST_SEED, or
+one drawn for the run and printed); a failure names the smallest input found
+and the command that replays it. The model's and the checks' own tests
 come first: they show that each can fail.
 """
 from __future__ import annotations
@@ -16,19 +18,15 @@ import os
 import random
 import shutil
 import signal
-import sys
 import time
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
-import fuzz_chat as fc
-
 import scalechat as sc
+import testkit_fuzz_chat as fc
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
-SEED = int(os.environ.get("SCALECHAT_FUZZ_SEED") or random.SystemRandom().randrange(1 << 32))
 CASES = {"json": 200, "frames": 100, "query": 70, "resend": 30}     # per mode
 Accept, Refuse, BAD_JSON = fc.Accept, fc.Refuse, fc.BAD_JSON
 
@@ -201,9 +199,8 @@ def test_a_message_nobody_sent_is_a_finding(live):
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", fc.MODES)
-def test_live_servers_answer_every_case_as_the_protocol_says(live, mode):
-    fuzzer = fc.Fuzzer(live(mode), random.Random(f"{SEED}-{mode}"))
+def test_live_servers_answer_every_case_as_the_protocol_says(live, mode, seed, replay):
+    fuzzer = fc.Fuzzer(live(mode), random.Random(f"{seed}-{mode}"))
     found = fuzzer.fuzz(counts=CASES, reduce_seconds=20)
-    assert found is None, f"seed {SEED} (SCALECHAT_FUZZ_SEED={SEED} to repeat): {found[1]}\n" \
-                          f"smallest input: {found[0]}"
+    assert found is None, f"seed {seed}: {found[1]}\nsmallest input: {found[0]}\nreplay: {replay}"
     assert fuzzer.counts == CASES

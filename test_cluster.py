@@ -42,11 +42,9 @@ import csvprocess
 from scalechat import key_slot
 from testkit import (
     HERE,
-    NODE_TIMEOUT_MS,
     TCP_LISTEN,
     Crowd,
     LoopbackProxy,
-    RedisCluster,
     RedisError,
     ServerProc,
     all_received,
@@ -57,7 +55,6 @@ from testkit import (
     connection_owners,
     everyone_says,
     free_port,
-    redirected,
     room_key,
     run_async,
     start_server,
@@ -66,6 +63,9 @@ from testkit import (
     until,
     wait_for,
 )
+from testkit_cluster import NODE_TIMEOUT_MS, RedisCluster, redirected
+
+pytestmark = pytest.mark.slow
 
 MEMBERS_STALENESS = 3.0         # seconds a member count may lag the room's real membership
 MEMBERS_COALESCING = 1.0        # members frames come at most about once a second per room

@@ -17,10 +17,9 @@ import pytest
 
 import csvprocess
 import plot
+from testkit_csv import write_scenario
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE / "bench"))
-from bench_csvprocess import write_scenario
 
 T0 = 1_764_324_000_000_000
 HEADER = ",".join(csvprocess.COLUMNS)

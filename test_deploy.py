@@ -291,6 +291,7 @@ def test_dashboard_metrics_exist_in_server_export(chat_server):
     assert needed - exported - SCRAPE_SERIES == set()
 
 
+@pytest.mark.slow
 def test_prometheus_counts_the_open_connections(prometheus, chat_server):
     total = 'sum(scalechat_connections{job="chat"})'
     with contextlib.ExitStack() as stack:
@@ -318,6 +319,7 @@ def provoke_refusal_and_protocol_error(url: str) -> None:
                 ws.recv(timeout=5)
 
 
+@pytest.mark.slow
 def test_every_dashboard_query_runs_and_scalechat_panels_show_data(prometheus, chat_server):
     for name in ("scalechat.json", "containers.json"):
         for expr in dashboard_queries(load_dashboard(name)):
@@ -483,6 +485,7 @@ def image(tmp_path):
     return instructions, workdir, env
 
 
+@pytest.mark.slow
 def test_image_installs_and_its_entrypoint_serves_and_drains(image):
     instructions, workdir, env = image
     port, metrics_port = free_port(), free_port()

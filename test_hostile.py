@@ -40,17 +40,11 @@ from testkit import (
     BIG_TEXT,
     CLIENT_A,
     CLIENT_B,
-    PARSER_CLOSE_CODES,
     RawClient,
     chat_json,
-    check_any_split,
-    check_chat_payload,
-    check_close_payload,
-    check_request_head,
     children,
     close_frame,
     echo_time,
-    feed_chunks,
     fill_room,
     frame,
     get,
@@ -60,6 +54,14 @@ from testkit import (
     percentile,
     sample,
     scrape,
+)
+from testkit_oracles import (
+    PARSER_CLOSE_CODES,
+    check_any_split,
+    check_chat_payload,
+    check_close_payload,
+    check_request_head,
+    feed_chunks,
     split_at,
 )
 
@@ -859,6 +861,7 @@ def post_without_reading(client: RawClient, seconds: float) -> tuple[bool, int]:
     return False, sent
 
 
+@pytest.mark.slow
 def test_client_whose_buffer_never_drains_hits_the_write_timeout(serve):
     server = serve("--write-timeout", "1", "--max-buffer", str(256 << 20), "--close-timeout", "1",
                    "--rate-limit-bytes", "0")
@@ -868,6 +871,7 @@ def test_client_whose_buffer_never_drains_hits_the_write_timeout(serve):
     assert gauge(metrics, "scalechat_connections") == 0
 
 
+@pytest.mark.slow
 def test_client_that_never_reads_is_cut_off_at_the_buffer_cap(serve):
     server = serve("--max-buffer", "65536", "--write-timeout", "30", "--close-timeout", "1",
                    "--rate-limit-bytes", "0")
@@ -1004,6 +1008,7 @@ def bad_payload_sender(port: int) -> list:
     return results
 
 
+@pytest.mark.slow
 def test_attackers_at_once_leave_normal_clients_untouched(serve):
     server = serve(*ABUSE_FLAGS)
     rss_start = peak_rss_kib(server.proc.pid)

@@ -154,8 +154,9 @@ def test_light_load_delivers_everything_with_complete_csv_and_metadata(server, t
     assert not [f for f in os.listdir(tmp_path) if ".part" in f]
 
 
-def test_thresholds_change_the_exit_code(server, tmp_path):
-    args = ("--rooms", "2", "--room-size", "2", "--rate", "10", "--duration", "1")
+@pytest.mark.slow
+def test_thresholds_change_the_exit_code(server, tmp_path, seed):
+    args = ("--rooms", "2", "--room-size", "2", "--rate", "10", "--duration", "1", "--seed", str(seed))
     code, summary, err = run_load(server.url, tmp_path / "a", *args, "--max-p99", "0.001")
     assert code == 1 and summary["passed"] is False
     assert "threshold missed" in err and "--max-p99" in err
@@ -164,10 +165,10 @@ def test_thresholds_change_the_exit_code(server, tmp_path):
     assert code == 0 and summary["passed"] is True, err
 
 
-def test_ctrl_c_stops_sending_and_leaves_a_complete_csv(server, tmp_path):
+def test_ctrl_c_stops_sending_and_leaves_a_complete_csv(server, tmp_path, seed):
     summary = tmp_path / "summary.json"
     proc = subprocess.Popen([sys.executable, LOADCLIENT, "--load-test", "--server-url", server.url,
-                             "--rooms", "4", "--room-size", "3", "--rate", "20", "--procs", "2",
+                             "--rooms", "4", "--room-size", "3", "--rate", "20", "--procs", "2", "--seed", str(seed),
                              "--out", str(tmp_path), "--summary-json", str(summary)],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=HERE)
     lines = []
@@ -184,6 +185,7 @@ def test_ctrl_c_stops_sending_and_leaves_a_complete_csv(server, tmp_path):
     check_complete(result)
 
 
+@pytest.mark.slow
 def test_sweep_gzip_and_sampled_receivers(server, tmp_path):
     code, summary, err = run_load(server.url, tmp_path, "--sweep", "2x2,1x6", "--pause", "0.2",
                                   "--rate", "10", "--duration", "1", "--gzip",
@@ -279,6 +281,7 @@ class CuttingProxy(LoopbackProxy):
         return self.links[index]["up"].split(b"\r\n", 1)[0].decode()
 
 
+@pytest.mark.slow
 def test_reconnect_with_since_loses_nothing(server, tmp_path):
     proxy = CuttingProxy(server.port)
     summary = tmp_path / "summary.json"
@@ -303,6 +306,7 @@ def test_reconnect_with_since_loses_nothing(server, tmp_path):
     check_complete(result)
 
 
+@pytest.mark.slow
 def test_load_run_through_a_lost_room_state_counts_new_orders_and_loses_nothing(tmp_path):
     """Two instances share one Redis, each room has members on both; mid-run FLUSHALL takes every
     room's state, and each room begins a new order (a new epoch, seq 1 again). Every client counts
@@ -452,6 +456,7 @@ def test_a_worker_freezes_its_clients_for_the_collector_once_the_ramp_is_over(se
             gc.unfreeze()
 
 
+@pytest.mark.slow
 def test_sending_waits_for_first_connects_that_retry(server, tmp_path):
     # Accepts 1-3 (0 is the probe) are closed at once: three clients retry after a backoff.
     # Sending must wait until they are in the room, or their room's first messages are lost.
@@ -492,6 +497,7 @@ def test_idle_run_ends_when_its_duration_is_up(server, tmp_path):
     assert not [f for f in os.listdir(tmp_path) if ".part" in f]
 
 
+@pytest.mark.slow
 def test_hold_keeps_every_client_connected_and_answering_pings_before_sending(tmp_path):
     """--hold 2: between the ramp and the first send, 2 s in which no client sends and every
     client answers the server's pings (0.5 s interval): none is dropped, and sending follows."""
@@ -515,15 +521,17 @@ def test_hold_keeps_every_client_connected_and_answering_pings_before_sending(tm
     assert result["delivery_ratio"] == 1.0 and result["reconnects"] == 0
 
 
-def test_clients_spread_over_source_addresses_in_blocks(tmp_path):
+@pytest.mark.slow
+def test_clients_spread_over_source_addresses_in_blocks(tmp_path, seed):
     """--clients-per-address 5: with a loopback server, clients 0-4 connect from 127.0.0.1,
     5-9 from 127.0.0.2, 10-11 from 127.0.0.3 (seen in the kernel's table during --hold)."""
     server = start_server()
     summary = tmp_path / "summary.json"
     proc = subprocess.Popen([sys.executable, LOADCLIENT, "--load-test", "--server-url", server.url,
                              "--rooms", "3", "--room-size", "4", "--procs", "2", "--clients-per-address", "5",
-                             "--hold", "3", "--duration", "1", "--rate", "2", "--out", str(tmp_path),
-                             "--summary-json", str(summary)], stderr=subprocess.PIPE, text=True, cwd=HERE)
+                             "--hold", "3", "--duration", "1", "--rate", "2", "--seed", str(seed),
+                             "--out", str(tmp_path), "--summary-json", str(summary)],
+                            stderr=subprocess.PIPE, text=True, cwd=HERE)
     try:
         for line in proc.stderr:
             if " hold " in line:
@@ -583,10 +591,10 @@ def test_ramp_and_close_wait_while_they_move_at_the_machines_pace_and_end_when_t
     assert run.close_deadline == 1061.0
 
 
-def test_workers_end_when_the_parent_is_killed(server, tmp_path):
+def test_workers_end_when_the_parent_is_killed(server, tmp_path, seed):
     proc = subprocess.Popen([sys.executable, LOADCLIENT, "--load-test", "--server-url", server.url,
                              "--rooms", "2", "--room-size", "2", "--rate", "10", "--procs", "2",
-                             "--out", str(tmp_path)],
+                             "--seed", str(seed), "--out", str(tmp_path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
     workers: list = []
     try:

@@ -19,6 +19,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("scalechat.py", "loadclient.py", "csvprocess.py", "plot.py")
 
@@ -42,6 +44,7 @@ def wait_http(url: str, timeout: float = 15.0) -> bytes:
             time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_the_readme_tour_runs_as_written(tmp_path):
     commands = tour_commands()
     assert [c.split()[:2] for c in commands] == [

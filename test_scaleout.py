@@ -344,6 +344,7 @@ class InboxSquatter:
         pipe.send(received)
 
 
+@pytest.mark.slow
 @run_async
 async def test_inbox_names_taken_by_another_user_before_start_leave_both_workers_serving():
     """Another user binds, before the server starts, every abstract name a hand-off inbox once had,
@@ -373,6 +374,7 @@ async def test_inbox_names_taken_by_another_user_before_start_leave_both_workers
     assert squatter.received == 0, "a hand-off reached a name another user bound"
 
 
+@pytest.mark.slow
 @run_async
 async def test_two_instances_whose_supervisors_are_both_pid_1_serve_with_their_own_workers():
     """Two --workers 2 instances, each supervisor PID 1 of a PID namespace of its own, on one network
@@ -517,6 +519,7 @@ async def test_worker_killed_is_restarted_and_its_clients_miss_nothing():
         server.stop()
 
 
+@pytest.mark.slow
 @run_async
 async def test_sigterm_on_supervisor_drains_every_worker():
     """SIGTERM on the supervisor: every client gets 1001 and all exit within the drain timeout."""
@@ -623,6 +626,7 @@ async def redis_outage(redis: RedisServer, nodes: list[ServerProc], members: lis
     await talk
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("durable", [
     pytest.param(True, id="aof"),
     pytest.param(False, id="no-persistence"),
@@ -667,6 +671,7 @@ async def start_load_client(url: str, tmp_path, rooms: int, room_size: int, seco
     return run, summary
 
 
+@pytest.mark.slow
 @run_async
 async def test_load_client_run_survives_a_redis_restart(durable_redis, tmp_path):
     """A loadclient.py run through a Redis stall, kill and restart: delivery ratio 1.0."""
@@ -687,6 +692,7 @@ async def test_load_client_run_survives_a_redis_restart(durable_redis, tmp_path)
         node.stop()
 
 
+@pytest.mark.slow
 @run_async
 async def test_load_client_run_survives_a_worker_sigkill(tmp_path):
     """A loadclient.py run while a worker is killed: its clients resume and resend, ratio 1.0."""
@@ -704,6 +710,7 @@ async def test_load_client_run_survives_a_worker_sigkill(tmp_path):
         sup.stop()
 
 
+@pytest.mark.slow
 @run_async
 async def test_instance_restarted_its_clients_resume_on_the_other(redis, redis_pair):
     """A node drains and restarts: its clients resume on the other node with since, missing nothing."""
@@ -737,6 +744,7 @@ async def test_instance_restarted_its_clients_resume_on_the_other(redis, redis_p
             restarted.stop()
 
 
+@pytest.mark.slow
 @run_async
 async def test_redis_down_holds_a_bounded_number_then_refuses(redis):
     """With Redis down, past --bus-hold-count or --bus-hold-seconds a message is refused."""
@@ -808,6 +816,7 @@ def victim_echoes(port: int, seconds: float) -> list:
     return times
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bus", ["workers", "redis"])
 def test_joins_to_a_room_of_big_messages_do_not_stall_other_rooms(bus, redis):
     """100 messages of 64 KiB that JSON-escape to 393 KB each, then 6 plain joins: each welcome
@@ -852,6 +861,7 @@ def churn_joins(port: int, rooms: list[str], first: int, seconds: float, rate: f
     return n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bus", ["workers", "redis"])
 def test_join_and_leave_churn_on_full_rooms_costs_one_snapshot_each(bus, redis):
     """4 sockets join and leave 8 full rooms (1 MiB of history each), 50 times a second each: the node follows
@@ -1076,6 +1086,7 @@ async def assert_room_counted_everywhere(urls: list[str], owners) -> None:
         await ws.close()
 
 
+@pytest.mark.slow
 @run_async
 async def test_member_counts_sum_every_worker():
     """--workers: the supervisor sums each worker's members of a room and tells every worker (a room
@@ -1088,6 +1099,7 @@ async def test_member_counts_sum_every_worker():
         server.stop()
 
 
+@pytest.mark.slow
 @run_async
 async def test_member_counts_sum_every_instance_on_redis(redis_pair):
     """--redis: each instance keeps its count of a room in Redis, which sums them."""

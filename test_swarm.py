@@ -2,7 +2,7 @@
 
 The test machine has Debian's Docker engine but no image registry and no IPVS
 (see test_swarm.compose.yml for what that forces on the stack). So the module,
-with testkit's Engine, build_images and Stack (bench/bench_swarm.py uses them too):
+with testkit_docker's Engine, build_images and Stack (bench/bench_swarm.py uses them too):
 
 1. installs docker.io and mmdebstrap when they are missing, and starts dockerd
    when none runs (without iptables rules or IP forwarding: see Engine);
@@ -35,9 +35,10 @@ import pytest
 import yaml
 
 import csvprocess
-import testkit
+import testkit_docker
 from loadclient import EVENT_COLUMNS, ServerAddresses
-from testkit import (
+from testkit import wait_for
+from testkit_docker import (
     CHAT_IMAGE,
     PROMETHEUS,
     STANDINS,
@@ -46,11 +47,12 @@ from testkit import (
     docker,
     network_links,
     run,
-    wait_for,
 )
 
+pytestmark = pytest.mark.slow
+
 HERE = Path(__file__).resolve().parent
-OVERRIDE = HERE / testkit.OVERRIDE
+OVERRIDE = HERE / testkit_docker.OVERRIDE
 STACK = "chattest"
 NETWORK = f"{STACK}_default"
 CHAT_SERVICE = f"{STACK}_chat"
@@ -65,8 +67,8 @@ CONNECT_TIMEOUT = 3
 
 # ---------------------------------------------------------------- the stack
 
-class Stack(testkit.Stack):
-    """The stack this module deploys (testkit.Stack), and its load run."""
+class Stack(testkit_docker.Stack):
+    """The stack this module deploys (testkit_docker.Stack), and its load run."""
 
     def __init__(self) -> None:
         super().__init__(STACK)

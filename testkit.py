@@ -1,11 +1,18 @@
-"""What the tests and the bench scripts share, one of each.
+"""The harness every test uses, one of each; bench/ uses it too.
 
-A server factory (start_server) and a private Redis (RedisServer); one raw
-WebSocket client on the project's own codec (RawClient, with frame builders);
-one metrics scrape (scrape: {'name{label="value",...}': value}); one set of
-/proc readers; one description of the machine for bench results (machine); the
-oracles of the protocol-core property tests, which bench/fuzz_protocol.py runs
-too; and the abuse data bench/bench_abuse.py shares with test_hostile.py.
+A server factory (start_server), a private Redis (RedisServer) and one Redis
+command on the project's own RESP codec; plain HTTP byte for byte; one metrics
+scrape (scrape: {'name{label="value",...}': value}); one raw WebSocket client
+on the project's own codec (RawClient, with frame builders); a loopback TCP
+proxy; room members on the websockets library (Member, Crowd) and the checks of
+one order; one set of /proc readers; one description of the machine for bench
+results (machine); and the abuse data bench/bench_abuse.py shares with
+test_hostile.py.
+
+Beside it, one module per audience: testkit_oracles.py (the protocol core's
+property oracles), testkit_fuzz_chat.py (the chat fuzzer), testkit_cluster.py
+(a Redis Cluster), testkit_docker.py (a Docker engine and the stack),
+testkit_browser.py (Chromium pages), testkit_csv.py (synthetic load-test runs).
 
 test_conformance.py keeps its own, independent codec on purpose: it checks
 scalechat's framing against a second implementation.
@@ -15,27 +22,21 @@ from __future__ import annotations
 import asyncio
 import functools
 import glob
-import hashlib
 import itertools
 import json
 import os
 import platform
 import random
-import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Self
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -200,6 +201,55 @@ class RedisServer:
     def subscribers(self, room: str) -> int:
         """PUBSUB NUMSUB of the room's channel: how many nodes receive its traffic."""
         return int(self.cli("PUBSUB", "NUMSUB", f"scalechat:{{{room}}}").split()[-1])
+
+
+class RedisError(Exception):
+    """An error reply (-ERR, -MOVED, -BUSYKEY, ...)."""
+
+
+def _text(reply):
+    """A reply of scalechat's RespParser with bytes as str, and an error reply raised."""
+    if isinstance(reply, sc.RespError):
+        raise RedisError(str(reply))
+    if isinstance(reply, bytes):
+        return reply.decode()
+    if isinstance(reply, list):
+        return [_text(item) for item in reply]
+    return reply
+
+
+def command(port: int, *args, timeout: float = 5.0, asking: bool = False):
+    """One command to the Redis on 127.0.0.1:port and its reply; RedisError for an error reply.
+    asking: send ASKING first on the same connection (after an -ASK redirection)."""
+    parser, replies = sc.RespParser(), []
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall((sc.resp_command("ASKING") if asking else b"") + sc.resp_command(*args))
+        while len(replies) < 1 + asking:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("connection closed by Redis")
+            replies += parser.feed(data)
+    return _text(replies[-1])
+
+
+def room_key(room: str) -> str:
+    """A key of room's state (the contract: keys scalechat:{<room>}:...)."""
+    return f"scalechat:{{{room}}}:state"
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Poll predicate until it returns something true (errors from Redis count as false)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except (OSError, RedisError):
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}")
+        time.sleep(interval)
 
 
 # ---------------------------------------------------------------------------
@@ -473,6 +523,34 @@ def handshake_status(port: int, **client_options) -> int:
     except sc.HandshakeError as e:
         return e.status
     return 101
+
+
+
+# ---------------------------------------------------------------------------
+# A TCP proxy on loopback: test_loadclient.py and test_cluster.py
+# ---------------------------------------------------------------------------
+
+class LoopbackProxy:
+    """A TCP proxy on a free loopback port (``url`` is its ws:// address): each accepted client
+    goes to ``link(client, index)`` (index: 0 for the first), which subclasses write."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"ws://127.0.0.1:{self.listener.getsockname()[1]}/ws"
+        self.accepted = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self.link(client, self.accepted - 1)
+
+    def link(self, client: socket.socket, index: int) -> None:
+        raise NotImplementedError
 
 
 # ---------------------------------------------------------------------------
@@ -880,102 +958,6 @@ def machine_line(m: dict | str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Oracles for the protocol core: test_hostile.py's properties and bench/fuzz_protocol.py
-# ---------------------------------------------------------------------------
-
-# Close codes the server's own parser may answer a violation with.
-PARSER_CLOSE_CODES = {sc.CLOSE_PROTOCOL_ERROR, sc.CLOSE_UNSUPPORTED_DATA,
-                      sc.CLOSE_INVALID_DATA, sc.CLOSE_TOO_BIG}
-# The codes a client frame's own content can earn (the rate and the bus aside).
-CHAT_ERROR_CODES = set(sc.ErrorCode) - {sc.ErrorCode.RATE_LIMIT, sc.ErrorCode.UNAVAILABLE}
-HANDSHAKE_STATUSES = {400, 405, 426}
-
-
-def feed_chunks(chunks: list, **parser_options) -> tuple[list, int | None]:
-    """Feed chunks to a fresh FrameParser: (frames completed, close code of the error or None)."""
-    parser = sc.FrameParser(**parser_options)
-    frames: list = []
-    for chunk in chunks:
-        try:
-            frames.extend(parser.feed(chunk))
-        except sc.ProtocolError as e:
-            assert e.code in PARSER_CLOSE_CODES, f"close code {e.code} for {e.reason}"
-            assert isinstance(e.reason, str) and len(e.reason.encode()) <= 123
-            frames.extend(e.frames)                 # completed in the same call, before the error
-            try:
-                parser.feed(b"\x81\x80abcd")        # a failed parser stays failed
-            except sc.ProtocolError as again:
-                assert again.code == e.code
-            else:
-                raise AssertionError("a failed parser took more data")
-            return frames, e.code
-    return frames, None
-
-
-def split_at(data: bytes, cuts: list) -> list:
-    """data cut at the given offsets (taken modulo its length, in order)."""
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    return [data[i:j] for i, j in zip([0, *points], [*points, len(data)], strict=True)]
-
-
-def check_any_split(data: bytes, cuts: list, **parser_options) -> tuple[list, int | None]:
-    """Assert that a stream parses alike whole, byte by byte and cut at cuts; return the result.
-
-    The result is the frames completed and, when the stream breaks the
-    protocol, the close code: both must not depend on how the stream was cut.
-    """
-    one_by_one = feed_chunks([data[i:i + 1] for i in range(len(data))], **parser_options)
-    for chunks in ([data], split_at(data, cuts)):
-        assert feed_chunks(chunks, **parser_options) == one_by_one
-    for opcode, payload in one_by_one[0]:
-        if opcode == sc.OP_TEXT:
-            payload.decode()                     # text messages are always valid UTF-8
-        if opcode == sc.OP_CLOSE:
-            sc.parse_close(payload)
-        assert parser_options.get("accept_binary", True) or opcode != sc.OP_BINARY
-    return one_by_one
-
-
-def check_close_payload(payload: bytes) -> None:
-    """parse_close either returns a valid (code, reason) or raises ProtocolError 1002/1007."""
-    try:
-        code, reason = sc.parse_close(payload)
-    except sc.ProtocolError as e:
-        assert e.code in (sc.CLOSE_PROTOCOL_ERROR, sc.CLOSE_INVALID_DATA)
-        return
-    assert code == sc.CLOSE_NO_STATUS or code in sc.VALID_CLOSE_CODES or 3000 <= code <= 4999
-    assert reason.encode() == payload[2:]
-
-
-def check_request_head(head: bytes) -> None:
-    """A request head either parses and upgrades or raises HandshakeError with a 4xx status."""
-    try:
-        request = sc.parse_request_head(head)
-    except sc.HandshakeError as e:
-        assert e.status == 400
-        return
-    try:
-        accept = sc.check_upgrade(request)
-    except sc.HandshakeError as e:
-        assert e.status in HANDSHAKE_STATUSES
-        return
-    assert accept == sc.accept_key(request.headers["sec-websocket-key"])
-
-
-def check_chat_payload(payload: bytes, max_message_size: int) -> None:
-    """parse_chat_message either returns a valid message or raises ChatError with a known code."""
-    try:
-        message_id, text, sent_at, resend = sc.parse_chat_message(payload, max_message_size)
-    except sc.ChatError as e:
-        assert e.code in CHAT_ERROR_CODES
-        return
-    assert type(resend) is bool
-    assert message_id is None or type(message_id) is int
-    assert type(text) is str and 0 < len(text.encode()) <= max_message_size
-    assert sent_at is None or type(sent_at) is str
-
-
-# ---------------------------------------------------------------------------
 # Shared data and figures: test_hostile.py and bench/bench_abuse.py
 # ---------------------------------------------------------------------------
 
@@ -990,730 +972,3 @@ def percentile(values: list, q: float) -> float:
     """The q-quantile (0..1) of values, nearest rank."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-NODE_TIMEOUT_MS = 1000          # cluster-node-timeout: how soon a dead master is failed over
-CLUSTER_SLOTS = sc.CLUSTER_SLOTS
-
-
-# ---------------------------------------------------------------------------
-# A private Redis Cluster: redis-server processes on loopback, and a few commands
-# ---------------------------------------------------------------------------
-
-class RedisError(Exception):
-    """An error reply (-ERR, -MOVED, -BUSYKEY, ...)."""
-
-
-def _text(reply):
-    """A reply of scalechat's RespParser with bytes as str, and an error reply raised."""
-    if isinstance(reply, sc.RespError):
-        raise RedisError(str(reply))
-    if isinstance(reply, bytes):
-        return reply.decode()
-    if isinstance(reply, list):
-        return [_text(item) for item in reply]
-    return reply
-
-
-def command(port: int, *args, timeout: float = 5.0, asking: bool = False):
-    """One command to the Redis on 127.0.0.1:port and its reply; RedisError for an error reply.
-    asking: send ASKING first on the same connection (after an -ASK redirection)."""
-    parser, replies = sc.RespParser(), []
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall((sc.resp_command("ASKING") if asking else b"") + sc.resp_command(*args))
-        while len(replies) < 1 + asking:
-            data = sock.recv(65536)
-            if not data:
-                raise ConnectionError("connection closed by Redis")
-            replies += parser.feed(data)
-    return _text(replies[-1])
-
-
-def redirected(port: int, *args, timeout: float = 5.0):
-    """One command sent to port first, then wherever -MOVED or -ASK points (as a cluster
-    client does), again after -TRYAGAIN; the reply."""
-    asking = False
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return command(port, *args, asking=asking)
-        except RedisError as e:
-            kind, *rest = str(e).split()
-            if time.monotonic() > deadline or kind not in ("MOVED", "ASK", "TRYAGAIN"):
-                raise
-            if kind == "TRYAGAIN":
-                time.sleep(0.01)
-            else:
-                port, asking = int(rest[1].rsplit(":", 1)[1]), kind == "ASK"
-
-
-def room_key(room: str) -> str:
-    """A key of room's state (the contract: keys scalechat:{<room>}:...)."""
-    return f"scalechat:{{{room}}}:state"
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    """Poll predicate until it returns something true (errors from Redis count as false)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = predicate()
-        except (OSError, RedisError):
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout:g} s for {what}")
-        time.sleep(interval)
-
-
-# ---------------------------------------------------------------------------
-# The cluster
-# ---------------------------------------------------------------------------
-
-@dataclass
-class Node:
-    """One redis-server of the cluster; its port and files stay the same across restarts."""
-    index: int
-    port: int
-    bus_port: int
-    workdir: str
-    proc: subprocess.Popen | None = None
-    id: str = ""
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def __repr__(self) -> str:
-        return f"node{self.index}(:{self.port})"
-
-
-@dataclass
-class View:
-    """One line of CLUSTER NODES: a node as another node sees it."""
-    id: str
-    port: int
-    flags: set
-    master_id: str
-    slots: list = field(default_factory=list)       # (first, last) ranges
-
-    @property
-    def is_master(self) -> bool:
-        return "master" in self.flags
-
-    @property
-    def failing(self) -> bool:
-        return bool(self.flags & {"fail", "fail?", "handshake", "noaddr"})
-
-    def owns(self, slot: int) -> bool:
-        return any(first <= slot <= last for first, last in self.slots)
-
-
-def parse_cluster_nodes(text: str) -> list[View]:
-    views = []
-    for line in text.splitlines():
-        fields = line.split()
-        if not fields:
-            continue
-        address = fields[1].split(",")[0].split("@")[0]
-        slots = []
-        for item in fields[8:]:
-            if item.startswith("["):         # a slot being migrated or imported
-                continue
-            first, _, last = item.partition("-")
-            slots.append((int(first), int(last or first)))
-        views.append(View(fields[0], int(address.rsplit(":", 1)[1]), set(fields[2].split(",")),
-                          fields[3], slots))
-    return views
-
-
-@dataclass
-class Migration:
-    slot: int
-    source: Node
-    target: Node
-    keys: int                   # keys moved by MIGRATE
-    batches: int
-    seconds: float
-
-
-class RedisCluster:
-    """A private Redis Cluster: masters x (1 + replicas) redis-server processes on loopback.
-
-    Nodes keep their index, port and files for the module; a killed node can
-    be started again (revive) and rejoins as a replica of whoever took over.
-    """
-
-    def __init__(self, masters: int = 3, replicas: int = 1):
-        self.masters_wanted, self.replicas_wanted = masters, replicas
-        self.workdir = tempfile.mkdtemp(prefix="scalechat-cluster-")
-        self.nodes: list[Node] = []
-        for i in range(masters * (1 + replicas)):
-            workdir = os.path.join(self.workdir, f"node{i}")
-            os.mkdir(workdir)
-            port = free_port()
-            bus_port = free_port()
-            while bus_port == port or any(bus_port in (n.port, n.bus_port) or port in (n.port, n.bus_port)
-                                          for n in self.nodes):
-                port, bus_port = free_port(), free_port()
-            self.nodes.append(Node(i, port, bus_port, workdir))
-        self.created_in: float | None = None
-
-    # -- processes -----------------------------------------------------------
-    def _spawn(self, node: Node) -> None:
-        node.proc = subprocess.Popen(
-            ["redis-server", "--port", str(node.port), "--bind", "127.0.0.1", "--protected-mode", "no",
-             "--cluster-enabled", "yes", "--cluster-port", str(node.bus_port),
-             "--cluster-config-file", os.path.join(node.workdir, "nodes.conf"),
-             "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
-             "--cluster-replica-validity-factor", "0",       # a replica may always take over
-             "--cluster-allow-replica-migration", "no",       # the topology changes only when told
-             "--repl-diskless-sync-delay", "0",                # replicas sync at once
-             "--save", "", "--appendonly", "no", "--dir", node.workdir,
-             "--logfile", os.path.join(node.workdir, "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: node.alive and command(node.port, "PING") == "PONG", 10, f"{node} to answer")
-        node.id = command(node.port, "CLUSTER", "MYID")
-
-    def start(self) -> float:
-        """Start every node, create the cluster, wait until it is whole; the seconds it took."""
-        started = time.monotonic()
-        for node in self.nodes:
-            self._spawn(node)
-        if self.masters_wanted >= 3:
-            created = subprocess.run(
-                ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
-                 "--cluster-replicas", str(self.replicas_wanted), "--cluster-yes"],
-                check=False, capture_output=True, text=True, timeout=60)
-            assert created.returncode == 0, created.stdout + created.stderr
-        else:
-            self._create_small()
-        self.wait_whole()
-        self.created_in = time.monotonic() - started
-        return self.created_in
-
-    def _create_small(self) -> None:
-        """What redis-cli --cluster create refuses (fewer than 3 masters), by hand: the first
-        nodes take the slots in even ranges, every node meets the first, the rest replicate."""
-        masters = self.nodes[:self.masters_wanted]
-        for i, node in enumerate(masters):
-            first = i * CLUSTER_SLOTS // len(masters)
-            last = (i + 1) * CLUSTER_SLOTS // len(masters) - 1
-            command(node.port, "CLUSTER", "ADDSLOTSRANGE", first, last)
-        for node in self.nodes[1:]:
-            command(node.port, "CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port, self.nodes[0].bus_port)
-        wait_for(lambda: all(len(self.views(n)) == len(self.nodes) for n in self.nodes), 20,
-                 "every node to know every other")
-        for i, node in enumerate(self.nodes[len(masters):]):
-            command(node.port, "CLUSTER", "REPLICATE", masters[i % len(masters)].id)
-
-    def close(self) -> None:
-        """SIGKILL every node and remove every file."""
-        for node in self.nodes:
-            if node.proc is not None and node.proc.poll() is None:
-                node.proc.kill()
-                node.proc.wait()
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def live(self) -> list[Node]:
-        return [n for n in self.nodes if n.alive]
-
-    def node(self, port: int) -> Node:
-        return next(n for n in self.nodes if n.port == port)
-
-    # -- what the nodes say ----------------------------------------------------
-    def views(self, node: Node) -> list[View]:
-        return parse_cluster_nodes(command(node.port, "CLUSTER", "NODES"))
-
-    def info(self, node: Node, *section: str) -> dict[str, str]:
-        text = command(node.port, "CLUSTER", "INFO") if not section else command(node.port, "INFO", *section)
-        return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-
-    def slot_map(self, node: Node) -> tuple:
-        """(first, last, master port) of every slot range, as node sees them."""
-        return tuple(sorted((first, last, v.port) for v in self.views(node) if v.is_master
-                            for first, last in v.slots))
-
-    def agreed(self) -> tuple | None:
-        """The slot map if every live node is in state ok and sees the same map, every slot
-        owned by a live node that no live node thinks is failing; else None."""
-        live = self.live()
-        ports = {n.port for n in live}
-        maps = set()
-        for node in live:
-            if self.info(node).get("cluster_state") != "ok":
-                return None
-            views = self.views(node)
-            if any(v.failing for v in views if v.port in ports):
-                return None
-            maps.add(self.slot_map(node))
-        if len(maps) != 1:
-            return None
-        (slot_map,) = maps
-        covered = sum(last - first + 1 for first, last, _ in slot_map)
-        return slot_map if covered == CLUSTER_SLOTS and all(port in ports for _, _, port in slot_map) else None
-
-    def whole(self) -> bool:
-        """Every node up, the map agreed, and every master with its replicas linked and synced."""
-        if len(self.live()) != len(self.nodes) or not self.agreed():
-            return False
-        views = self.views(self.nodes[0])
-        masters = [v for v in views if v.is_master and v.slots]
-        if len(masters) != self.masters_wanted:
-            return False
-        for m in masters:
-            replicas = [v for v in views if v.master_id == m.id]
-            if len(replicas) != self.replicas_wanted:
-                return False
-            for r in replicas:
-                if self.info(self.node(r.port), "replication").get("master_link_status") != "up":
-                    return False
-        return True
-
-    def wait_whole(self, timeout: float = 30) -> None:
-        wait_for(self.whole, timeout, "the cluster to be whole: every node up, linked and agreed")
-
-    # -- the harness API ---------------------------------------------------------
-    def url(self, *indexes: int) -> str:
-        """redis://127.0.0.1:p1,127.0.0.1:p2/0 for some of the nodes (default: the first two)."""
-        chosen = [self.nodes[i] for i in (indexes or (0, 1))]
-        return "redis://" + ",".join(f"127.0.0.1:{n.port}" for n in chosen) + "/0"
-
-    def slot_of(self, key: str) -> int:
-        """CLUSTER KEYSLOT key, asked of a live node."""
-        return command(self.live()[0].port, "CLUSTER", "KEYSLOT", key)
-
-    def room_slot(self, room: str) -> int:
-        """The slot of room's keys and channel (its hash tag), computed here."""
-        return sc.key_slot(room_key(room).encode())
-
-    def masters(self) -> list[Node]:
-        """The live masters that own slots, in node order."""
-        views = self.views(self.live()[0])
-        ports = {v.port for v in views if v.is_master and v.slots and not v.failing}
-        return [n for n in self.live() if n.port in ports]
-
-    def master_of(self, slot: int) -> Node:
-        """The node that owns slot, as a live node sees it."""
-        (port,) = {v.port for v in self.views(self.live()[0]) if v.is_master and v.owns(slot)}
-        return self.node(port)
-
-    def replicas_of(self, master: Node) -> list[Node]:
-        views = self.views(self.live()[0])
-        return [self.node(v.port) for v in views if v.master_id == master.id]
-
-    def shard_nodes(self, slot: int) -> list[Node]:
-        """The master of slot and its live replicas."""
-        master = self.master_of(slot)
-        return [master] + [n for n in self.replicas_of(master) if n.alive]
-
-    def kill_master(self, slot: int, timeout: float = 30) -> float:
-        """SIGKILL the master owning slot; return the seconds until its replica owns the slot
-        in every live node's view and every live node says cluster_state:ok."""
-        master = self.master_of(slot)
-        replicas = self.replicas_of(master)
-        assert replicas, f"{master} has no replica to take over"
-        started = time.monotonic()
-        master.proc.kill()
-        master.proc.wait()
-        wait_for(lambda: (m := self.agreed()) and any(first <= slot <= last and port in {r.port for r in replicas}
-                                                      for first, last, port in m),
-                 timeout, f"a replica of {master} to take over slot {slot}")
-        return time.monotonic() - started
-
-    def revive(self, timeout: float = 30) -> float:
-        """Start every dead node again (it rejoins as a replica), wait until the cluster is
-        whole; the seconds it took."""
-        started = time.monotonic()
-        for node in self.nodes:
-            if not node.alive:
-                self._spawn(node)
-        self.wait_whole(timeout)
-        return time.monotonic() - started
-
-    def migrate_slot(self, slot: int, to_master: Node, batch: int = 1, pause: float = 0.1,
-                     timeout: float = 30) -> Migration:
-        """Move slot to to_master as a live resharding does: IMPORTING/MIGRATING, then the keys
-        batch by batch with MIGRATE ... KEYS while clients go on writing (and get ASK), then
-        SETSLOT NODE on the target, the source and every other master."""
-        source = self.master_of(slot)
-        assert source.port != to_master.port, f"slot {slot} is already on {to_master}"
-        started = time.monotonic()
-        command(to_master.port, "CLUSTER", "SETSLOT", slot, "IMPORTING", source.id)
-        command(source.port, "CLUSTER", "SETSLOT", slot, "MIGRATING", to_master.id)
-        moved = batches = 0
-        while keys := command(source.port, "CLUSTER", "GETKEYSINSLOT", slot, batch):
-            command(source.port, "MIGRATE", "127.0.0.1", to_master.port, "", 0, 5000, "KEYS", *keys)
-            moved += len(keys)
-            batches += 1
-            time.sleep(pause)
-        others = [m for m in self.masters() if m.port not in (source.port, to_master.port)]
-        for node in (to_master, source, *others):
-            command(node.port, "CLUSTER", "SETSLOT", slot, "NODE", to_master.id)
-        wait_for(lambda: (m := self.agreed()) and any(first <= slot <= last and port == to_master.port
-                                                      for first, last, port in m),
-                 timeout, f"every node to see slot {slot} on {to_master}")
-        return Migration(slot, source, to_master, moved, batches, time.monotonic() - started)
-
-    def shards_of(self, rooms: list[str]) -> dict[int, list[str]]:
-        """Master port -> the rooms (of rooms) whose slot it owns."""
-        slot_map = self.agreed() or self.slot_map(self.live()[0])
-        shards = {port: [] for _, _, port in slot_map}
-        for room in rooms:
-            slot = self.room_slot(room)
-            (port,) = [p for first, last, p in slot_map if first <= slot <= last]
-            shards[port].append(room)
-        return shards
-
-    def room_names_covering_shards(self, n: int, prefix: str = "room-") -> list[str]:
-        """n room names (n >= the number of masters), spread round-robin over the masters:
-        every master owns the slot of at least one of them."""
-        masters = [m.port for m in self.masters()]
-        assert n >= len(masters)
-        per_master: dict[int, list[str]] = {port: [] for port in masters}
-        k = 0
-        while min(len(names) for names in per_master.values()) < -(-n // len(masters)):
-            room = f"{prefix}{k}"
-            per_master[self.master_of(self.room_slot(room)).port].append(room)
-            k += 1
-        names = [per_master[port][i] for i in range(-(-n // len(masters))) for port in masters]
-        return names[:n]
-
-
-class LoopbackProxy:
-    """A TCP proxy on a free loopback port (``url`` is its ws:// address): each accepted client
-    goes to ``link(client, index)`` (index: 0 for the first), which subclasses write."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"ws://127.0.0.1:{self.listener.getsockname()[1]}/ws"
-        self.accepted = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            self.link(client, self.accepted - 1)
-
-    def link(self, client: socket.socket, index: int) -> None:
-        raise NotImplementedError
-
-
-# ---------------------------------------------------------------------------
-# A Docker engine and the stack, on this machine: test_swarm.py and bench/bench_swarm.py
-# ---------------------------------------------------------------------------
-#
-# The machine has Debian's Docker engine but no image registry and no IPVS (see
-# test_swarm.compose.yml for what that forces on the stack): Engine starts dockerd
-# and a swarm when none runs, build_images builds stand-ins from Debian for what
-# cannot be pulled and the project's image on them, Stack deploys
-# docker-compose.yml with test_swarm.compose.yml on top.
-
-OVERRIDE = "test_swarm.compose.yml"
-CHAT_IMAGE = "scalechat:swarm-test"
-PROMETHEUS = "http://127.0.0.1:9090"
-DOCKERD_LOG = Path("/tmp/scalechat-test-dockerd.log")
-SUITE = "bookworm"  # its python3 is 3.11, as in python:3.11-slim
-
-
-class DockerUnavailable(RuntimeError):
-    """No engine, swarm, tool or port for the stack on this machine."""
-
-
-# The official Redis image's entrypoint turns protected mode off when Redis runs
-# without a configuration file (as the stack runs it): the stand-in does the same,
-# or Redis would refuse the chat replicas, which reach it from other containers.
-REDIS_ENTRYPOINT = """#!/bin/sh
-if [ "$1" = redis-server ]; then
-  case "$2" in ""|-*) shift; set -- redis-server --protected-mode no "$@" ;; esac
-fi
-exec "$@"
-"""
-
-# Stand-in images: (Debian packages, mmdebstrap customize hooks, docker import --change lines).
-# Each image is labelled with a hash of its recipe and rebuilt only when that changes.
-STANDINS = {
-    "scalechat-standin/python:3.11": (
-        ["python3", "python3-pip", "python-is-python3"],
-        # The project's Dockerfile runs pip as root, as python:3.11-slim allows; Debian
-        # marks its Python as externally managed. pip reaches PyPI through this
-        # machine's network, so it trusts this machine's CA bundle.
-        ['rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED',
-         'cp /etc/ssl/certs/ca-certificates.crt "$1"/etc/ssl/certs/ca-certificates.crt'],
-        ["ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt", 'CMD ["python3"]'],
-    ),
-    "scalechat-standin/redis:7": (
-        ["redis-server"],
-        ['mkdir -p "$1"/data',
-         f"printf '%s' '{REDIS_ENTRYPOINT}' > \"$1\"/usr/local/bin/docker-entrypoint.sh",
-         'chmod 755 "$1"/usr/local/bin/docker-entrypoint.sh'],
-        ["WORKDIR /data", 'ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]', 'CMD ["redis-server"]'],
-    ),
-    "scalechat-standin/prometheus:2": (
-        ["prometheus"],
-        ['mkdir -p "$1"/prometheus'],
-        ["WORKDIR /prometheus", 'ENTRYPOINT ["/usr/bin/prometheus"]',
-         'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]'],
-    ),
-}
-PYTHON_STANDIN = "scalechat-standin/python:3.11"
-
-
-# ---- running commands
-
-def run(*cmd: str, timeout: float = 120, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    """Run cmd, bounded in time; on failure raise with its output."""
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, **kwargs)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"{' '.join(cmd)}: no answer in {timeout} s") from None
-    if check and done.returncode:
-        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr or done.stdout}")
-    return done
-
-
-def docker(*args: str, timeout: float = 120, check: bool = True, **kwargs) -> str:
-    """The output of one docker CLI command."""
-    return run("docker", *args, timeout=timeout, check=check, **kwargs).stdout.strip()
-
-
-# ---- the engine
-
-class Engine:
-    """A Docker engine in Swarm mode: the one running, or one this test starts and stops.
-
-    A daemon the test starts runs with --iptables=false and --ip-forward=false.
-    With its defaults, dockerd adds NAT and filter rules to the host (MASQUERADE
-    for its bridges, FORWARD's policy set to DROP), turns IP forwarding on, and
-    leaves all of that behind when it stops; a NAT rule also makes the kernel
-    track every connection in the host's conntrack table, loopback ones included,
-    and other tests here open tens of thousands of them. Without them, nothing
-    changes on the host's netfilter, containers have no route out of this
-    machine, and everything the stack needs still works: containers reach each
-    other over the overlay network, and a host-mode port is forwarded by
-    docker-proxy, which loopback reaches.
-    """
-
-    def __init__(self) -> None:
-        self.dockerd: subprocess.Popen | None = None
-        self.links_before: set[str] = set()
-        self.swarm_started = False
-        self.networks_before: set[str] = set()
-
-    def start(self) -> None:
-        install_missing()
-        if shutil.which("docker") is None:
-            raise DockerUnavailable("no docker CLI on PATH (Debian's docker.io has one)")
-        if run("docker", "info", timeout=30, check=False).returncode != 0:
-            self.start_daemon()
-        client = docker("version", "--format", "{{.Client.Version}}")
-        if int(client.split(".")[0]) < 23:
-            raise DockerUnavailable(f"docker CLI {client}: its `docker stack deploy` reads only Compose files with a "
-                        "`version:` line, and docker-compose.yml follows the Compose specification, which "
-                        "has none; put a docker CLI 23 or later first on PATH")
-        state = docker("info", "--format", "{{.Swarm.LocalNodeState}}")
-        if state == "inactive":
-            self.networks_before = set(docker("network", "ls", "--format", "{{.Name}}").split())
-            docker("swarm", "init", "--advertise-addr", "127.0.0.1")
-            self.swarm_started = True
-        elif state != "active":
-            raise DockerUnavailable(f"the engine's swarm is {state!r}, neither inactive nor active")
-
-    def start_daemon(self) -> None:
-        if os.geteuid() != 0:
-            raise DockerUnavailable("no Docker daemon answers, and only root can start one")
-        self.links_before = network_links()
-        log = open(DOCKERD_LOG, "w")  # noqa: SIM115 (kept open for the daemon's lifetime)
-        self.dockerd = subprocess.Popen(
-            ["dockerd", "--iptables=false", "--ip-forward=false"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + 60
-        while run("docker", "info", timeout=30, check=False).returncode != 0:
-            if self.dockerd.poll() is not None or time.monotonic() > deadline:
-                status = self.dockerd.poll()
-                self.stop()
-                tail = DOCKERD_LOG.read_text(errors="replace").splitlines()[-15:]
-                why = "no answer in 60 s" if status is None else f"exit status {status}"
-                raise DockerUnavailable(f"dockerd did not start ({why}); the end of {DOCKERD_LOG}:\n" + "\n".join(tail))
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        """Leave the swarm and stop the daemon, if this test began them (twice is harmless)."""
-        if self.swarm_started:
-            docker("swarm", "leave", "--force", timeout=60, check=False)
-            # Leaving removes the ingress network, not the bridge that swarm init made.
-            if "docker_gwbridge" not in self.networks_before:
-                docker("network", "rm", "docker_gwbridge", check=False)
-            self.swarm_started = False
-        if self.dockerd is not None:
-            if self.dockerd.poll() is None:
-                self.dockerd.send_signal(signal.SIGTERM)
-                try:
-                    self.dockerd.wait(60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.dockerd.pid, signal.SIGKILL)
-                    self.dockerd.wait()
-            # The daemon leaves its bridges (docker0, docker_gwbridge) up when it stops.
-            for link in network_links() - self.links_before:
-                run("ip", "link", "delete", link, check=False)
-            self.dockerd = None
-
-
-def install_missing() -> None:
-    """apt-get install docker.io and mmdebstrap when a command of theirs is missing."""
-    if shutil.which("dockerd") and shutil.which("mmdebstrap"):
-        return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise DockerUnavailable("dockerd or mmdebstrap is missing, and only root can apt-get install docker.io mmdebstrap")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    run("apt-get", "update", "-qq", timeout=600, env=env)
-    run("apt-get", "install", "-y", "-qq", "--no-install-recommends", "docker.io", "mmdebstrap",
-        timeout=900, env=env)
-
-
-def network_links() -> set[str]:
-    """Names of the host's network interfaces."""
-    return set(os.listdir("/sys/class/net"))
-
-
-# ---- images
-
-def recipe_hash(tag: str) -> str:
-    return hashlib.sha256(json.dumps([SUITE, *STANDINS[tag]]).encode()).hexdigest()[:16]
-
-
-def debian_sources() -> str:
-    """The apt sources this machine installs from: mmdebstrap builds from the same mirror."""
-    for path in ("/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list"):
-        if os.path.exists(path) and os.path.getsize(path):
-            return path
-    return "http://deb.debian.org/debian"
-
-
-def build_standin(tag: str) -> None:
-    """A Debian root filesystem with the recipe's packages, imported as image tag (unless already there)."""
-    wanted = recipe_hash(tag)
-    label = docker("image", "inspect", "--format", '{{index .Config.Labels "scalechat.recipe"}}', tag,
-                   check=False)
-    if label == wanted:
-        return
-    packages, hooks, changes = STANDINS[tag]
-    with tempfile.TemporaryFile() as errors:
-        rootfs = subprocess.Popen(
-            ["mmdebstrap", "--quiet", "--variant=minbase", "--include=" + ",".join(packages),
-             *(f"--customize-hook={hook}" for hook in hooks), SUITE, "-", debian_sources()],
-            stdout=subprocess.PIPE, stderr=errors)
-        try:
-            imported = subprocess.run(
-                ["docker", "import", *(arg for change in [*changes, f"LABEL scalechat.recipe={wanted}"]
-                                       for arg in ("--change", change)), "-", tag],
-                stdin=rootfs.stdout, capture_output=True, text=True, timeout=600, check=False)
-        finally:
-            rootfs.stdout.close()
-            try:
-                rootfs.wait(60)
-            except subprocess.TimeoutExpired:
-                rootfs.kill()
-                rootfs.wait()
-        errors.seek(0)
-        assert rootfs.returncode == 0, f"mmdebstrap for {tag} failed: {errors.read()[-2000:].decode()}"
-    assert imported.returncode == 0, f"docker import {tag} failed: {imported.stderr}"
-
-
-def build_images() -> None:
-    """The stand-ins (in parallel), then the project's image from its Dockerfile on the Python one."""
-    with ThreadPoolExecutor(len(STANDINS)) as pool:
-        for future in [pool.submit(build_standin, tag) for tag in STANDINS]:
-            future.result()
-    # The classic builder: what an engine 20.10 has without buildx. --network host: pip
-    # inside the build reaches PyPI the way this machine does.
-    run("docker", "build", "--network", "host", "--build-arg", f"BASE={PYTHON_STANDIN}",
-        "-t", CHAT_IMAGE, HERE, timeout=600, env={**os.environ, "DOCKER_BUILDKIT": "0"})
-
-
-# ---- the stack
-
-class Stack:
-    """A deployed stack: its tasks' containers, Prometheus's API, load runs on its network.
-
-    docker-compose.yml with test_swarm.compose.yml on top, the chat service on
-    CHAT_IMAGE; env adds settings read at deploy time (SCALECHAT_REPLICAS, ...).
-    """
-
-    def __init__(self, name: str, env: dict[str, str] | None = None) -> None:
-        self.name, self.env = name, dict(env or {})
-        self.network, self.chat_service = f"{name}_default", f"{name}_chat"
-        self.deployed = False
-
-    def deploy(self) -> None:
-        self.remove()  # what a run killed before its cleanup left
-        self.deployed = True
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as docker-proxy binds
-            try:
-                s.bind(("0.0.0.0", 9090))
-            except OSError:
-                raise DockerUnavailable("port 9090 is taken: the stack's Prometheus publishes it")
-        docker("stack", "deploy", "--resolve-image", "never", "--detach=true",
-               "-c", "docker-compose.yml", "-c", OVERRIDE, self.name,
-               cwd=HERE, env={**os.environ, **self.env, "SCALECHAT_IMAGE": CHAT_IMAGE})
-
-    def remove(self) -> None:
-        """Remove the stack, wait for its containers and network to go, then its volumes."""
-        self.deployed = False
-        docker("rm", "-f", f"{self.name}-load", check=False)
-        docker("stack", "rm", self.name, check=False)
-        wait_for(lambda: not docker("ps", "-aq", "--filter", f"label=com.docker.stack.namespace={self.name}"),
-                 90, "the stack's containers gone", interval=1.0)
-        wait_for(lambda: not docker("network", "ls", "-q", "--filter", f"name={self.network}"),
-                 60, "the stack's network gone", interval=1.0)
-        volumes = docker("volume", "ls", "-q", "--filter", f"label=com.docker.stack.namespace={self.name}")
-        if volumes:
-            docker("volume", "rm", *volumes.split())
-
-    def loadclient(self, out: Path, *args: str, log: str = "loadclient.log",
-                   options: tuple[str, ...] = ()) -> subprocess.Popen:
-        """Start loadclient.py with args in a container on the stack's network.
-
-        out is its working folder (/out in there); its output goes to out/log;
-        options go to docker run."""
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / log, "w") as output:
-            return subprocess.Popen(
-                ["docker", "run", "--rm", "--name", f"{self.name}-load", "--network", self.network,
-                 "--user", "0:0", *options, "-v", f"{HERE}:/src:ro", "-v", f"{out}:/out", "-w", "/out",
-                 CHAT_IMAGE, "python", "/src/loadclient.py", *args],
-                stdout=output, stderr=subprocess.STDOUT)
-
-    def chat_containers(self) -> list[dict]:
-        """docker inspect of every running chat task's container."""
-        ids = docker("ps", "-q", "--filter", f"label=com.docker.swarm.service.name={self.chat_service}")
-        return json.loads(docker("inspect", *ids.split())) if ids else []
-
-    def healthy_chat_addresses(self) -> list[str]:
-        """Overlay addresses of the chat containers that the image's HEALTHCHECK calls healthy."""
-        return [c["NetworkSettings"]["Networks"][self.network]["IPAddress"] for c in self.chat_containers()
-                if (c["State"].get("Health") or {}).get("Status") == "healthy"]
-
-    def query(self, promql: str) -> dict[str, float]:
-        """An instant query to the stack's Prometheus: {instance: value}."""
-        url = f"{PROMETHEUS}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-        with urllib.request.urlopen(url, timeout=5) as answer:
-            result = json.load(answer)["data"]["result"]
-        return {r["metric"].get("instance", ""): float(r["value"][1]) for r in result}
-
-    def resolve(self, name: str) -> set[str]:
-        """The addresses name has on the stack's network, as its containers see them."""
-        answer = docker("run", "--rm", "--network", self.network, CHAT_IMAGE, "python", "-c",
-                        f"import socket; print(*{{i[4][0] for i in socket.getaddrinfo({name!r}, 8081)}})")
-        return set(answer.split())
-
-    def update_state(self) -> str:
-        return docker("service", "inspect", "--format",
-                      "{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}", self.chat_service)

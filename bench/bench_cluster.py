@@ -45,7 +45,6 @@ sys.path.insert(0, ROOT)
 from scalechat import key_slot
 from testkit import (
     TCP_LISTEN,
-    RedisCluster,
     RedisServer,
     cores_busy,
     cpu_seconds,
@@ -57,6 +56,7 @@ from testkit import (
     tcp_sockets,
     wait_for,
 )
+from testkit_cluster import RedisCluster
 
 LOADCLIENT = os.path.join(ROOT, "loadclient.py")
 SETUPS = {                    # name -> (masters, replicas per master); None: one Redis, not a cluster

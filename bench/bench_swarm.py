@@ -23,7 +23,7 @@ time from /proc/stat. After the sweep, csvprocess.py and plot.py run on the
 load client's results folder as a user would run them; the latency-mean figure
 is copied to bench/results/swarm-<N>r-latency-mean.png (NAME-..., with --name).
 
-Starts dockerd and a swarm when none runs (testkit.Engine), and stops what it
+Starts dockerd and a swarm when none runs (testkit_docker.Engine), and stops what it
 started. Everything stays on this machine: the stack's containers and loopback.
 Writes bench/results/swarm.json and bench/results/swarm.md (--name NAME: NAME.json, NAME.md).
 """
@@ -44,16 +44,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from testkit import (
-    Engine,
-    Stack,
-    build_images,
-    cores_busy,
-    docker,
-    machine,
-    machine_line,
-    wait_for,
-)
+from testkit import cores_busy, machine, machine_line, wait_for
+from testkit_docker import Engine, Stack, build_images, docker
 
 RESULTS = Path(HERE) / "results"
 STACK = "chatbench"

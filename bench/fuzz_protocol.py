@@ -5,11 +5,12 @@
     python bench/fuzz_protocol.py --engine hypothesis --examples 200000
 
 Each target turns raw bytes into one call of the protocol core and checks the
-same invariants as the property tests in test_hostile.py (both use the
-oracles of testkit.py): a byte stream parses alike however it is cut, only the protocol's own
-errors come out (ProtocolError with a close code, HandshakeError, ChatError),
-and every frame the parser returns encodes and parses back to itself. libFuzzer
-stops a target at its first failure or after 10 s on one input (a hang).
+same invariants as the property tests in test_hostile.py (both use
+testkit_oracles.py): a byte stream parses alike however it is cut, only the
+protocol's own errors come out (ProtocolError with a close code, HandshakeError,
+ChatError), and every frame the parser returns encodes and parses back to
+itself. libFuzzer stops a target at its first failure or after 10 s on one
+input (a hang).
 
 atheris runs each target in its own process for --seconds (it instruments
 scalechat.py for coverage); hypothesis runs --examples random inputs per target
@@ -32,7 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 MAX_LEN = {"frames": 1024, "close": 128, "request": 4096, "chat": 4096}   # bytes per input
-sc = oracles = None          # scalechat and testkit, once load_core() has run
+sc = oracles = None          # scalechat and testkit_oracles, once load_core() has run
 
 
 def load_core(instrument: bool) -> None:
@@ -44,8 +45,8 @@ def load_core(instrument: bool) -> None:
             import scalechat
     else:
         import scalechat
-    import testkit
-    sc, oracles = scalechat, testkit
+    import testkit_oracles
+    sc, oracles = scalechat, testkit_oracles
 
 
 # ---------------------------------------------------------------------------

@@ -12,10 +12,10 @@ import sys
 from playwright.sync_api import sync_playwright
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)    # the repository's testkit.py and test_browser.py
+sys.path.insert(0, ROOT)    # the repository's test kit
 
-from test_browser import join, launch_chromium
 from testkit import start_server
+from testkit_browser import join, launch_chromium
 
 ROOM = "launch"
 PEOPLE = ("alice", "bob", "carol")     # the picture is alice's page
