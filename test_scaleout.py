@@ -93,9 +93,15 @@ SERVER_ARGS = ("--drain-timeout", str(DRAIN), "--log-level", "WARNING")
 # Waiting, processes and sockets
 # ---------------------------------------------------------------------------
 
-async def start_workers(n: int, *args: str, **kwargs) -> ServerProc:
-    """A --workers n server, returned once all n workers listen on the port."""
-    server = start_server("--workers", str(n), *SERVER_ARGS, *args, **kwargs)
+# The secret the owner of a room is a keyed hash with: known here, so a test can tell which
+# worker owns a room (a server draws its own, unless SCALECHAT_AFFINITY_KEY is set).
+AFFINITY_KEY = bytes(range(16))
+
+
+async def start_workers(n: int, *args: str, env: dict | None = None, **kwargs) -> ServerProc:
+    """A --workers n server (with AFFINITY_KEY), returned once all n workers listen on the port."""
+    env = {"SCALECHAT_AFFINITY_KEY": AFFINITY_KEY.hex(), **(env or {})}
+    server = start_server("--workers", str(n), *SERVER_ARGS, *args, env=env, **kwargs)
     await until(lambda: len(tcp_sockets(server.port, TCP_LISTEN)) == n, 20, f"{n} workers listening")
     return server
 
@@ -173,7 +179,7 @@ async def test_workers_one_room_across_both_workers_one_order():
 
 def room_per_worker(prefix: str, workers: int) -> list[str]:
     """A room name owned by each worker slot: with --room-affinity their members land on every worker."""
-    return [next(f"{prefix}{i}" for i in itertools.count() if room_owner(f"{prefix}{i}", workers) == slot)
+    return [next(f"{prefix}{i}" for i in itertools.count() if room_owner(f"{prefix}{i}", workers, AFFINITY_KEY) == slot)
             for slot in range(workers)]
 
 
@@ -425,7 +431,7 @@ async def test_room_affinity_puts_every_member_of_a_room_on_the_worker_that_owns
             rooms = {f"aff{r}": await crowd.join([server.url], f"aff{r}", 4, f"r{r}-") for r in range(6)}
             for room, members in rooms.items():
                 where = set(placement(server, members).values())
-                assert where == {slots[room_owner(room, 3)]}, (room, where, slots)
+                assert where == {slots[room_owner(room, 3, AFFINITY_KEY)]}, (room, where, slots)
             keys = await everyone_says(rooms["aff0"], 2)
             await all_received(rooms["aff0"], keys)
             assert assert_one_order(rooms["aff0"], keys) == 8
