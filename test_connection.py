@@ -36,6 +36,7 @@ from scalechat import (
     Limits,
     Refused,
 )
+from testkit import BROKEN_FRAMES
 
 T0 = 1000.0                         # the fake clock's start
 CONFIG = SimpleNamespace(handshake_timeout=10.0, close_timeout=3.0, write_timeout=30.0)
@@ -294,6 +295,15 @@ def test_a_byte_rate_refuses_heavy_messages_the_message_rate_lets_through():
     assert refused_ids(actions) == [0, 1, None] and actions[-1][:2] == (FAILED, sc.CLOSE_POLICY)
 
 
+def test_the_byte_burst_must_hold_the_largest_frame():
+    """A bucket smaller than the largest frame would refuse that frame forever: a start error."""
+    largest = sc.max_frame_size(65536)
+    assert sc.parse_args(["--rate-burst-bytes", str(largest)]).rate_burst_bytes == largest
+    with pytest.raises(SystemExit):
+        sc.parse_args(["--rate-burst-bytes", str(largest - 1)])
+    assert sc.parse_args(["--rate-burst-bytes", "1", "--rate-limit-bytes", "0"]).rate_burst_bytes == 1
+
+
 def test_a_ping_flood_is_limited_like_messages():
     lim = limits(rate=20, burst=20)
     actions = websocket(lim).receive(frame(sc.OP_PING, b"p") * 5000, T0, lim)
@@ -314,6 +324,15 @@ def test_frames_that_complete_nothing_pay_the_rate_limit():
     actions = conn.receive(frame(sc.OP_PONG) * 20_000, T0, lim)
     assert set(refused_ids(actions)) == {None} and actions[-1][:2] == (FAILED, sc.CLOSE_POLICY)
     assert websocket(lim).receive(frame(sc.OP_PONG) * 32, T0, lim) == []
+
+
+@pytest.mark.parametrize(("data", "code"), BROKEN_FRAMES)
+def test_each_broken_frame_fails_with_its_close_code_before_any_payload(data, code):
+    """Reserved bits or opcodes, an unmasked or oversized frame, a bad close code, binary, bad
+    UTF-8: the read ends in FAILED with the frame's close code, and nothing is delivered."""
+    lim = limits()
+    actions = websocket(lim).receive(data, T0, lim)
+    assert MESSAGE not in kinds(actions) and actions[-1][:2] == (FAILED, code)
 
 
 def test_without_a_rate_limit_nothing_is_refused_and_a_close_ends_the_read():

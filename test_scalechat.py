@@ -1579,6 +1579,9 @@ def test_route_serves_the_page_static_files_and_health_as_complete_responses():
     (_request("/", method="POST"), 405, "method"),
     (_upgrade_request("/ws/bad%20room"), 400, "bad_request"),
     (_upgrade_request("/ws/" + "r" * 65), 400, "bad_request"),
+    *((_upgrade_request(target), 400, "bad_request") for target in (
+        "/ws/a%2fb", "/ws/a/b", "/ws/", "/ws/caf%C3%A9", "/ws?name=" + "n" * 33, "/ws?name=%20%20",
+        "/ws?since=1e3", "/ws?since=%C2%B2", "/ws?epoch=0123456789abcde%0a", "/ws?epoch=xyz")),
     (_upgrade_request("/ws?since=-1"), 400, "bad_request"),
     (_upgrade_request("/ws?since=" + "9" * 20), 400, "bad_request"),
     (_upgrade_request("/ws?client=short"), 400, "bad_request"),

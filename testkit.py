@@ -958,13 +958,27 @@ def machine_line(m: dict | str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Shared data and figures: test_hostile.py and bench/bench_abuse.py
+# Shared data and figures: test_hostile.py, test_connection.py and bench/bench_abuse.py
 # ---------------------------------------------------------------------------
 
 BAD_PAYLOADS = [              # (text frame payload, error code expected; the connection stays)
     (b"[" * 300_000, "bad_json"), (b'{"text":' * 40_000, "bad_json"),
     (b"[1,2,3]", "bad_message"), (b"42", "bad_message"), (b'"text"', "bad_message"),
     (b"null", "bad_message"), (b"{not json", "bad_json"),
+]
+
+BROKEN_FRAMES = [             # (bytes sent after the upgrade, close code expected)
+    (b"\xff" * 16, sc.CLOSE_PROTOCOL_ERROR),                                   # reserved bits
+    (sc.encode_frame(sc.OP_TEXT, b'{"text":"x"}'), sc.CLOSE_PROTOCOL_ERROR),   # unmasked
+    (sc.encode_frame(0x3, b"", mask_key=b"abcd"), sc.CLOSE_PROTOCOL_ERROR),    # reserved opcode
+    (sc.encode_frame(sc.OP_CONTINUATION, b"x", mask_key=b"abcd"), sc.CLOSE_PROTOCOL_ERROR),
+    (sc.encode_frame(sc.OP_PING, b"p" * 126, mask_key=b"abcd"), sc.CLOSE_PROTOCOL_ERROR),
+    (sc.encode_frame(sc.OP_CLOSE, b"\x03\xe7", mask_key=b"abcd"), sc.CLOSE_PROTOCOL_ERROR),
+    (sc.encode_frame(sc.OP_BINARY, b"\x00\x01", mask_key=b"abcd"), sc.CLOSE_UNSUPPORTED_DATA),
+    (sc.encode_frame(sc.OP_TEXT, b"\xc3\x28", mask_key=b"abcd"), sc.CLOSE_INVALID_DATA),
+    (struct.pack("!BBQ", 0x81, 0xFF, 1 << 62) + b"abcd", sc.CLOSE_TOO_BIG),   # giant 64-bit length
+    (struct.pack("!BBQ", 0x81, 0xFF, (1 << 64) - 1) + b"abcd", sc.CLOSE_PROTOCOL_ERROR),
+    (struct.pack("!BBQ", 0x81, 0xFF, 500_000) + b"abcd", sc.CLOSE_TOO_BIG),  # past the frame cap
 ]
 
 
