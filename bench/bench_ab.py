@@ -3,6 +3,8 @@
 
     python bench/bench_ab.py c87bf67              # that commit against the working tree
     python bench/bench_ab.py c87bf67 HEAD --rounds 5
+    python bench/bench_ab.py . --b-args "--workers 2"     # one process against two workers
+
 
 Each round runs A then B: a fresh server pinned to core 0, the same load client
 (the working tree's loadclient.py, pinned to core 1) at an open-model load of
@@ -10,12 +12,20 @@ Each round runs A then B: a fresh server pinned to core 0, the same load client
 server's CPU time from /proc over the steady part of the run. Alternating A B A B
 keeps a noisy shared machine's drift out of the comparison; the medians and
 every pair are written to bench/results/ab.md (appended) and ab.json.
+
+``--a-args`` / ``--b-args`` add server flags to one side (the same commit twice
+compares two ways to run it). The server's CPU is summed over its processes (a
+supervisor and its workers, each read at the window's two ends); the
+supervisor's own share is reported beside the total. ``--server-cores`` widens
+the server's pinning (``0,1``: the workers may use both cores, sharing core 1
+with the load client).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -28,7 +38,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 
-from testkit import cpu_seconds, free_port, machine, machine_line, wait_http
+from testkit import children, cpu_seconds, free_port, machine, machine_line, wait_http
 
 
 def checkout(rev: str, into: str) -> str:
@@ -45,12 +55,12 @@ def checkout(rev: str, into: str) -> str:
                           text=True).stdout.strip()
 
 
-def one_run(folder: str, args: argparse.Namespace, out: str) -> dict:
+def one_run(folder: str, args: argparse.Namespace, out: str, server_args: list) -> dict:
     """One server and one load-client run; the server's CPU share over the steady window."""
     port = free_port()
-    server = subprocess.Popen(["taskset", "-c", "0", sys.executable, os.path.join(folder, "scalechat.py"),
-                               "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-                               "--log-level", "WARNING"], cwd=folder)
+    server = subprocess.Popen(["taskset", "-c", args.server_cores, sys.executable,
+                               os.path.join(folder, "scalechat.py"), "--host", "127.0.0.1", "--port", str(port),
+                               "--metrics-port", "0", "--log-level", "WARNING", *server_args], cwd=folder)
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz")
         load = subprocess.Popen(
@@ -59,16 +69,24 @@ def one_run(folder: str, args: argparse.Namespace, out: str) -> dict:
              "--duration", str(args.duration), "--record-receivers", "0.1", "--seed", "1", "--out", out],
             cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(args.warmup)
-        c0, t0 = cpu_seconds(server.pid), time.monotonic()
+        pids = [server.pid, *children(server.pid)]
+        c0, own0, t0 = cpu_seconds(pids), cpu_seconds(server.pid), time.monotonic()
         time.sleep(args.duration - args.warmup - 1)
-        c1, t1 = cpu_seconds(server.pid), time.monotonic()
+        c1, own1, t1 = cpu_seconds(pids), cpu_seconds(server.pid), time.monotonic()
         output = load.communicate(timeout=args.duration + 60)[0]
     finally:
         server.terminate()
         server.wait(15)
     ratio = next((line.split("delivery ratio")[1].split()[0] for line in output.splitlines()
                   if "delivery ratio" in line), "?")
-    return {"cpu_share": (c1 - c0) / (t1 - t0), "delivery_ratio": ratio, "exit": load.returncode}
+    return {"cpu_share": (c1 - c0) / (t1 - t0), "delivery_ratio": ratio, "exit": load.returncode,
+            "processes": len(pids), "supervisor_share": (own1 - own0) / (t1 - t0) if len(pids) > 1 else None}
+
+
+def supervisor_part(result: dict, words: str = " of a core") -> str:
+    """' (supervisor 3.1%)' when the server had workers, else ''."""
+    share = result.get("supervisor_share")
+    return "" if share is None else f" (supervisor {100 * share:.1f}%{words})"
 
 
 def main() -> int:
@@ -78,31 +96,38 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=int, default=12, help="seconds of each load-client run")
     parser.add_argument("--warmup", type=float, default=4.0, help="seconds before the CPU window opens")
+    parser.add_argument("--a-args", default="", help="server flags of side A, e.g. \"--workers 2\"")
+    parser.add_argument("--b-args", default="", help="server flags of side B")
+    parser.add_argument("--server-cores", default="0", help="the cores the server is pinned to (taskset -c)")
     parser.add_argument("--results", default=os.path.join(HERE, "results"))
     args = parser.parse_args()
+    flags = {"a": args.a_args.split(), "b": args.b_args.split()}
     with tempfile.TemporaryDirectory() as tmp:
-        names = {side: checkout(rev, os.path.join(tmp, side)) for side, rev in (("a", args.a), ("b", args.b))}
+        names = {side: checkout(rev, os.path.join(tmp, side)) + (f" {' '.join(flags[side])}" if flags[side] else "")
+                 for side, rev in (("a", args.a), ("b", args.b))}
         runs: dict = {"a": [], "b": []}
         for r in range(args.rounds):
             for side in ("a", "b"):
-                result = one_run(os.path.join(tmp, side), args, os.path.join(tmp, f"out-{side}-{r}"))
+                result = one_run(os.path.join(tmp, side), args, os.path.join(tmp, f"out-{side}-{r}"), flags[side])
                 runs[side].append(result)
-                print(f"round {r + 1} {side} ({names[side]}): server {100 * result['cpu_share']:.1f}% of a core, "
-                      f"delivery ratio {result['delivery_ratio']}", flush=True)
+                print(f"round {r + 1} {side} ({names[side]}): server {100 * result['cpu_share']:.1f}% of a core"
+                      f"{supervisor_part(result)}, delivery ratio {result['delivery_ratio']}", flush=True)
     medians = {side: statistics.median(x["cpu_share"] for x in runs[side]) for side in runs}
     change = medians["b"] / medians["a"] - 1
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    command = "python bench/bench_ab.py " + " ".join(sys.argv[1:])
+    command = "python bench/bench_ab.py " + shlex.join(sys.argv[1:])
     info = machine()
     lines = [f"## {stamp}: {names['a']} (A) against {names['b']} (B)", "",
              f"- command: `{command}`",
              (f"- machine: {machine_line(info)}; "
               f"load average {info['loadavg']} at the end"),
-             ("- load: 100 rooms x 10 members x 2 messages/s = 20,000 deliveries/s; server on core 0, "
-              "load client on core 1"), "",
+             ("- load: 100 rooms x 10 members x 2 messages/s = 20,000 deliveries/s; server on core "
+              f"{args.server_cores}, load client on core 1; CPU summed over the server's processes "
+              "(in brackets: the supervisor's own)"), "",
              "| round | A: server % of a core | B: server % of a core | B / A |", "| ---: | ---: | ---: | ---: |"]
     for r, (a, b) in enumerate(zip(runs["a"], runs["b"]), 1):
-        lines.append(f"| {r} | {100 * a['cpu_share']:.1f} | {100 * b['cpu_share']:.1f} | "
+        lines.append(f"| {r} | {100 * a['cpu_share']:.1f}{supervisor_part(a, '')} | "
+                     f"{100 * b['cpu_share']:.1f}{supervisor_part(b, '')} | "
                      f"{b['cpu_share'] / a['cpu_share']:.3f} |")
     lines += [f"| median | {100 * medians['a']:.1f} | {100 * medians['b']:.1f} | {1 + change:.3f} |", ""]
     os.makedirs(args.results, exist_ok=True)
