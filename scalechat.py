@@ -622,6 +622,11 @@ class Upgrade(NamedTuple):
     epoch: bytes | None = None
 
 
+def server_full() -> HandshakeError:
+    """The refusal of a WebSocket when the server holds --max-connections."""
+    return HandshakeError(503, "too many connections", (("Retry-After", "1"),))
+
+
 def route(request: Request, front: Front, draining: bool = False, full: bool = False,
           bus_up: bool = True) -> Upgrade | tuple[int, bytes]:
     """The answer to a request: an Upgrade, or (status, response bytes); HandshakeError if refused.
@@ -638,7 +643,7 @@ def route(request: Request, front: Front, draining: bool = False, full: bool = F
         if draining:
             raise HandshakeError(503, "server is draining", (("Retry-After", "1"),), counter=Refused.DRAINING)
         if full:
-            raise HandshakeError(503, "too many connections", (("Retry-After", "1"),))
+            raise server_full()
         return upgrade
     if request.method not in ("GET", "HEAD"):
         raise HandshakeError(405, "only GET and HEAD", (("Allow", "GET, HEAD"),))
@@ -2014,6 +2019,16 @@ LINK_CHUNK = 64 << 10
 LINK_READ_MAX = 4 << 20
 
 
+def recv_some(sock: socket.socket) -> bytes | None:
+    """What a non-blocking socket has (up to RECV_SIZE): None if nothing yet, b"" if it closed or failed."""
+    try:
+        return sock.recv(RECV_SIZE)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
 class Link:
     """A non-blocking stream socket on the loop: buffered writes flushed once a turn.
 
@@ -2033,6 +2048,7 @@ class Link:
         self.writing = connecting
         self.closed = False
         self.on_drained = None              # called when the socket took everything queued
+        self.behind = None                  # a Link whose queued bytes must go first (HubBus.replica)
         sock.setblocking(False)
         loop.sel.register(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if connecting else 0),
                           self.on_event)
@@ -2070,7 +2086,7 @@ class Link:
 
     def flush(self) -> None:
         """Send what is queued; watch for writability if the socket is full."""
-        if self.writing or self.closed:
+        if self.writing or self.closed or self.behind is not None and self.behind.pending:
             return
         out = self.out
         while True:
@@ -2121,12 +2137,9 @@ class Link:
         """Hand the owner what has arrived, until the socket is empty or LINK_READ_MAX was read."""
         read = 0
         while read < LINK_READ_MAX and not self.closed:
-            try:
-                data = self.sock.recv(RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
+            data = recv_some(self.sock)
+            if data is None:
                 return
-            except OSError:
-                data = b""
             if not data:
                 self.close()
                 return
@@ -2225,6 +2238,10 @@ class Handoff:
     def load(self, slot: int) -> int:
         """How many WebSockets the worker in slot holds (as it last wrote)."""
         return LOAD.unpack_from(self.loads, slot * LOAD.size)[0] if self.loads is not None else 0
+
+    def roomiest(self) -> int:
+        """The slot of the worker that holds the fewest WebSockets."""
+        return min(range(len(self.ends)), key=self.load)
 
     def set_load(self, count: int) -> None:
         """Say how many WebSockets this worker holds."""
@@ -2690,12 +2707,12 @@ class Server(ConnectionLoop):
 
     def _supervisor_has_all(self) -> bool:
         """The write barrier of a worker that sequences rooms: every record queued for the supervisor
-        (the messages sequenced here) is in its socket before a byte leaves for a client. So what a
+        on the replica (the messages sequenced here) is in its socket before a byte leaves for a client. So what a
         client was sent or acked, the supervisor has, even if this worker is killed the next instant."""
-        link = self.hub.link
-        if link.pending:
-            link.flush()
-        return not link.pending
+        replica = self.hub.replica
+        if replica.pending:
+            replica.flush()
+        return not replica.pending
 
     def _tick_lag(self) -> None:
         """Measure how late the loop runs a timer due every 0.25 s."""
@@ -2752,14 +2769,19 @@ class Server(ConnectionLoop):
         Whether it went: not when this worker owns the room, the request is too big
         for one datagram, the room is big enough to spread over every worker, the
         owner holds --max-connections already, or its inbox is full: then this
-        worker serves it, and the supervisor's order still holds.
+        worker serves it, and the supervisor's order still holds. A worker that is
+        full itself passes the client to the one holding the fewest: the cap counts
+        what the whole server holds, not one owner's share.
         """
-        handoff = self.handoff
-        owner = handoff.owner(room)
-        if owner == self.config.worker_id or conn.handed or len(request) > HANDOFF_MAX or \
-                room in handoff.spread or handoff.load(owner) >= self.max_conns:
+        handoff, me = self.handoff, self.config.worker_id
+        target = handoff.owner(room)
+        if room in handoff.spread or handoff.load(target) >= self.max_conns:
+            target = me
+        if target == me and self.stats.connections >= self.max_conns:
+            target = handoff.roomiest()
+        if target == me or conn.handed or len(request) > HANDOFF_MAX:
             return False
-        if not handoff.send(conn.fd, request, owner):
+        if not handoff.send(conn.fd, request, target):
             return False
         self.stats.handoffs += 1
         self._abort(conn)                   # our descriptor; the owner has its own
@@ -2784,10 +2806,13 @@ class Server(ConnectionLoop):
             self._http_error(conn, e.status, e.reason, e.counter, e.headers)
 
     def _route(self, conn: Connection, request: Request, rest: bytes, raw: bytes = b"") -> None:
+        handoff, full = self.handoff, self.stats.connections >= self.max_conns
         answer = route(request, self.front, draining=self.draining, bus_up=self.chat.bus.up,
-                       full=self.stats.connections >= self.max_conns)
+                       full=full and (handoff is None or handoff.load(handoff.roomiest()) >= self.max_conns))
         if isinstance(answer, Upgrade):
-            if self.handoff is None or not self._hand_off(conn, answer.room, raw):
+            if handoff is None or not self._hand_off(conn, answer.room, raw):
+                if full:                    # another worker had room, but the client could not go there
+                    raise server_full()
                 self._upgrade(conn, answer, rest)
         else:
             status, response = answer
@@ -2853,9 +2878,9 @@ class Rec(IntEnum):
     SNAPSHOT = 6        # supervisor: part of a room's order and history
     MEMBERS = 7         # a worker's member count of a room; from the supervisor, the room's total
     STATS = 8           # worker: its counters, as JSON
-    REPLICATE = 9       # worker: a message it sequenced in a room leased to it, for the supervisor to keep
+    REPLICATE = 9       # worker, on its replica socket: a message it sequenced in a room leased to it
     REVOKE = 10         # supervisor: stop sequencing a room (another worker follows it now)
-    RELEASED = 11       # worker: it stopped (every REPLICATE of the room came before)
+    RELEASED = 11       # worker, on its replica socket: it stopped (every REPLICATE of the room came before)
     SPREAD = 12         # supervisor: a room is big (1) or no longer (0): its new members stay where accepted
 
 
@@ -3202,20 +3227,27 @@ class HubBus(RemoteBus):
     A room that no other worker follows (with --room-affinity: every room whose
     members all reach their room's worker) is leased to this one: it sequences
     the room itself, as LocalBus does, and writes each message to the
-    supervisor (REPLICATE). No byte leaves for a client before the records
-    queued before it are in the supervisor's socket (Server.write_barrier), so
-    the supervisor's copy holds every message delivered or acknowledged: if this
-    worker dies, its successor takes the room over from that copy and continues
-    the order. When another worker follows the room too, the supervisor takes
-    it back (REVOKE), and sequences it as any other.
+    supervisor on a socket of its own (``replica``, REPLICATE records), which the
+    supervisor reads a few times a second, not per message: writing to it wakes
+    no one. No byte leaves for a client before the records queued before it are
+    in that socket (Server.write_barrier), so the supervisor's copy holds every
+    message delivered or acknowledged: if this worker dies, its successor takes
+    the room over from that copy and continues the order. When another worker
+    follows the room too, the supervisor takes it back (REVOKE); this worker
+    answers RELEASED behind the room's last REPLICATE, and the supervisor
+    sequences the room as any other. Nothing on the main link overtakes the
+    replica (``Link.behind``), and the supervisor reads the replica before what
+    the main link brings, so every record of a lease comes before what follows it.
     """
 
-    def __init__(self, loop: Server, chat: Chat, sock: socket.socket):
+    def __init__(self, loop: Server, chat: Chat, sock: socket.socket, replica: socket.socket):
         super().__init__(loop, chat)
         self.reader = RecordReader()
         self.snapshots: dict = {}           # room -> items of a snapshot still arriving
+        self.replica = Link(loop, replica, self._on_data, self._on_closed)    # first: flushed first
         self.link = Link(loop, sock, self._on_data, self._on_closed)
-        self.link.on_drained = loop.release_writes
+        self.link.behind = self.replica
+        self.replica.on_drained = self._replica_drained
         # Messages of a room whose snapshot has not come: whether this worker sequences
         # them is not known yet. Bounded by the rate limit of its joiners, for a round trip.
         self.unready: dict = {}             # room -> [publish arguments, ...]
@@ -3232,12 +3264,18 @@ class HubBus(RemoteBus):
             return super().publish(room, prefix, suffix, t0, conn, message_id, key, resend)
         seq, payload = room.sequence(prefix, suffix, key, resend)
         if payload is not None:
-            self.link.write(replicate_record(room.name, room.epoch, seq, key, payload))
+            self.replica.write(replicate_record(room.name, room.epoch, seq, key, payload))
             self.loop.stats.leased_messages += 1
             self.chat.deliver(room, seq, encode_frame(OP_TEXT, payload), t0, key)
         if message_id is not None:
             self.chat.send(conn, ack_frame(message_id, room.epoch, seq, payload is None))
         return None
+
+    def _replica_drained(self) -> None:
+        """The supervisor's socket took every record: the main link and held client writes may go."""
+        if self.link.pending:
+            self.link.flush()
+        self.loop.release_writes()
 
     def _publish_unready(self, name: str) -> None:
         """The room's snapshot came: its messages that waited for it go as any other."""
@@ -3305,7 +3343,7 @@ class HubBus(RemoteBus):
                 room = chat.rooms.get(body.decode())
                 if room is not None:
                     room.leased = False
-                self.link.write(record(Rec.RELEASED, body))
+                self.replica.write(record(Rec.RELEASED, body))
 
     def _on_closed(self) -> None:
         log.warning("supervisor link closed: draining")
@@ -3342,18 +3380,27 @@ class HubRoom(Sequenced):
 class Worker:
     """A worker process as the supervisor sees it."""
 
-    def __init__(self, slot: int, proc: subprocess.Popen, link: Link):
+    def __init__(self, slot: int, proc: subprocess.Popen, link: Link, replica: socket.socket):
         self.slot, self.proc, self.link = slot, proc, link
         self.reader = RecordReader()
+        self.replica = replica              # what it sequenced (HubBus.replica), read by Supervisor.read_replica
+        self.replica_reader = RecordReader()
         self.stats: dict | None = None
         self.started = time.monotonic()
 
 
+REPLICA_READ_INTERVAL = 0.02  # seconds between the supervisor's reads of what its workers sequenced
+
+
 class Supervisor(EventLoop):
     """--workers N: starts N server processes on one port (SO_REUSEPORT), restarts
-    any that dies, and is the sequencer of every room: a worker sends it each
-    message, it assigns the seq, keeps the history and forwards the message to
-    the workers with members in the room, in one order for all."""
+    any that dies, and keeps the order of every room. A room followed by one
+    worker only (with --room-affinity, nearly all) is leased to it: the worker
+    sequences it and this supervisor keeps a copy, read from the worker's replica
+    socket every REPLICA_READ_INTERVAL, off the message's path; a successor
+    continues from that copy. Any other room it sequences itself: a worker sends
+    it each message, it assigns the seq, keeps the history and forwards the
+    message to the workers with members in the room, in one order for all."""
 
     def __init__(self, config, worker_flags: list, worker_env: dict):
         """worker_flags and worker_env: every worker's command line flags and environment."""
@@ -3386,20 +3433,24 @@ class Supervisor(EventLoop):
         for slot in range(config.workers):
             self._spawn(slot)
         self.every(0.2, self._reap)
+        self.every(REPLICA_READ_INTERVAL, self.read_replicas)
 
     def _spawn(self, slot: int) -> None:
         ours, theirs = socket.socketpair()
+        replica, their_replica = socket.socketpair()
+        replica.setblocking(False)
         handoff = [inbox if s == slot else into for s, (inbox, into) in enumerate(self.handoff_links)]
-        fds = [theirs.fileno(), *(end.fileno() for end in handoff)]
+        fds = [theirs.fileno(), their_replica.fileno(), *(end.fileno() for end in handoff)]
         cmd = [sys.executable, os.path.abspath(__file__), *self.worker_flags, "--workers", "1",
                "--metrics-port", "0", "--worker-id", str(slot), "--worker-count", str(self.config.workers),
-               "--hub-fd", str(theirs.fileno())]
+               "--hub-fd", str(theirs.fileno()), "--replica-fd", str(their_replica.fileno())]
         if handoff:
             fds.append(self.loads)
-            cmd += ["--handoff-fds", ",".join(map(str, fds[1:]))]
+            cmd += ["--handoff-fds", ",".join(map(str, fds[2:]))]
         proc = subprocess.Popen(cmd, pass_fds=fds, env=self.worker_env)  # these alone: the rest are close-on-exec
         theirs.close()
-        worker = Worker(slot, proc, None)
+        their_replica.close()
+        worker = Worker(slot, proc, None, replica)
         worker.link = Link(self, ours, lambda data: self._on_data(worker, data),
                            lambda: self._unsubscribe_all(worker))
         self.workers[slot] = worker
@@ -3414,6 +3465,8 @@ class Supervisor(EventLoop):
                 continue
             del self.workers[slot]
             worker.link.close()
+            self.read_replica(worker)       # nothing of it may be left unread (_unsubscribe_all read it)
+            worker.replica.close()
             self._retire(worker)
             if self.draining:
                 continue
@@ -3433,6 +3486,7 @@ class Supervisor(EventLoop):
             self.retired.add(counters)
 
     def _unsubscribe_all(self, worker: Worker) -> None:
+        self.read_replica(worker)           # what it sequenced before it went: its successor continues from it
         for room in list(self.rooms.values()):
             self._unsubscribe(worker, room)
 
@@ -3462,7 +3516,12 @@ class Supervisor(EventLoop):
             del self.rooms[room.name]
 
     def _subscribe(self, worker: Worker, name: str) -> None:
-        """worker follows a room: its snapshot, and the lease when it is the only one (--room-affinity)."""
+        """worker follows a room: its snapshot, and the lease when it is the only one (--room-affinity).
+
+        First, what every worker has sequenced so far: the snapshot holds all that any
+        member anywhere was sent, and the history budget counts it (reading one
+        early is safe: a lease's records all answer something this supervisor sent)."""
+        self.read_replicas()
         room = self.rooms.get(name)
         if room is None:
             room = self.rooms[name] = HubRoom(name, self.config)
@@ -3500,18 +3559,33 @@ class Supervisor(EventLoop):
             return
         room.keep(self.budget, seq, payload, key)
 
+    def read_replicas(self) -> None:
+        """Every REPLICA_READ_INTERVAL: keep what each worker sequenced since the last time."""
+        for worker in list(self.workers.values()):
+            self.read_replica(worker)
+
+    def read_replica(self, worker: Worker) -> None:
+        """Keep what worker sequenced (REPLICATE) up to now, and end the leases it gave back (RELEASED).
+
+        Called before anything the worker's main link brings is handled: a record
+        there was written after every replica record before it, which is in the
+        socket by then (HubBus), so the leases' records always come first."""
+        while worker.replica.fileno() != -1 and (data := recv_some(worker.replica)):
+            for kind, body in worker.replica_reader.feed(data):
+                if kind == Rec.REPLICATE:
+                    self._replicate(worker, body)
+                elif kind == Rec.RELEASED:
+                    room = self.rooms.get(body.decode())
+                    if room is not None and room.leased is worker:
+                        self._end_lease(room)
+
     def _on_data(self, worker: Worker, data: bytes) -> None:
+        self.read_replica(worker)
         for kind, body in worker.reader.feed(data):
-            if kind == Rec.REPLICATE:
-                self._replicate(worker, body)
-            elif kind == Rec.PUBLISH:
+            if kind == Rec.PUBLISH:
                 self._sequence(worker, body)
             elif kind == Rec.SUBSCRIBE:
                 self._subscribe(worker, body.decode())
-            elif kind == Rec.RELEASED:
-                room = self.rooms.get(body.decode())
-                if room is not None and room.leased is worker:
-                    self._end_lease(room)
             elif kind == Rec.UNSUBSCRIBE:
                 room = self.rooms.get(body.decode())
                 if room is not None:
@@ -4720,6 +4794,7 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
     parser.add_argument("--worker-id", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--hub-fd", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--replica-fd", type=int, default=None, help=argparse.SUPPRESS)   # HubBus.replica
     parser.add_argument("--handoff-fds", default=None, help=argparse.SUPPRESS)     # Handoff's ends, by slot
     parser.add_argument("--version", action="version", version=f"scalechat {__version__}")
     args = parser.parse_args(argv)
@@ -4767,10 +4842,11 @@ def main(argv: list | None = None) -> int:
             log.error("worker %d: cannot use its hand-off link: %s", args.worker_id, getattr(e, "strerror", e))
             return 2
     hub_sock = socket.socket(fileno=args.hub_fd) if args.hub_fd is not None else None
+    replica_sock = socket.socket(fileno=args.replica_fd) if args.replica_fd is not None else None
 
     def make_buses(server: Server, chat: Chat) -> tuple:
         """A worker's link to its supervisor (its stats; its bus without Redis), and the chat's bus."""
-        hub = HubBus(server, chat, hub_sock) if hub_sock is not None else None
+        hub = HubBus(server, chat, hub_sock, replica_sock) if hub_sock is not None else None
         return hub, RedisBus(server, chat, args.redis) if args.redis else hub
     try:
         if supervising:

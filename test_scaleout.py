@@ -33,12 +33,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections import Counter
 from typing import Self
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from scalechat import (
     HANDOFF_MAX,
@@ -551,6 +552,155 @@ async def test_sigterm_on_supervisor_drains_every_worker():
             mute.close()
     finally:
         server.stop(signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------
+# --workers with --room-affinity: the owner worker sequences its rooms, and the
+# supervisor keeps a copy off the message's path
+# ---------------------------------------------------------------------------
+
+def leased_messages(server: ServerProc) -> float:
+    """Messages the workers sequenced themselves (workers report every second)."""
+    return scrape(server.metrics_url).get("scalechat_leased_messages_total", 0)
+
+
+@run_async
+async def test_the_owner_worker_sequences_its_rooms_with_no_hop_through_the_supervisor():
+    """A room's members all sit on its owner, which sequences the room itself: every message is
+    counted in scalechat_leased_messages_total, acked with the seq it was delivered with, one order."""
+    server = await start_workers(2)
+    try:
+        async with Crowd() as crowd:
+            sent = 0
+            for room in room_per_worker("own", 2):
+                members = await crowd.join([server.url], room, 4, f"{room}-")
+                keys = await everyone_says(members, 5)
+                await all_received(members, keys)
+                sent += assert_one_order(members, keys)
+                await until(lambda m=members: all(len(x.acks) == 5 for x in m), 5, "every ack")
+                assert_acked_as_delivered(members)
+            assert sent == 40
+            await until(lambda: leased_messages(server) == sent, 5, f"{sent} messages counted as sequenced by workers")
+    finally:
+        server.stop()
+
+
+async def kill_owner_mid_burst(server: ServerProc, members: list[Member], kills: int) -> None:
+    """While members chat, SIGKILL their room's worker kills times; each time they come back (with
+    since= and the epoch) to its successor."""
+    stop = asyncio.Event()
+    talk = asyncio.create_task(chatter(members, stop, period=0.02))
+    for _ in range(kills):
+        await asyncio.sleep(0.4)
+        (owner,) = set(placement(server, members).values())
+        os.kill(owner, signal.SIGKILL)
+        await until(lambda o=owner: o not in children(server.proc.pid) and len(tcp_sockets(server.port, TCP_LISTEN)) == 2,
+                    10, "a new worker")
+        await until(lambda: all(m.connected for m in members), 15, "every member back")
+    await asyncio.sleep(0.4)
+    stop.set()
+    await talk
+
+
+@pytest.mark.slow
+@run_async
+async def test_an_owner_killed_mid_burst_again_and_again_loses_and_repeats_nothing():
+    """SIGKILL the worker that sequences a room while its members chat, three times: each time its
+    successor takes the room over from the supervisor's copy and continues the same order (one
+    epoch, seq 1, 2, 3, ... with no gap and no seq given twice); every message acked reached every
+    member exactly once."""
+    server = await start_workers(2)
+    try:
+        async with Crowd() as crowd:
+            members = await crowd.join([server.url], "phoenix", 6, "k", resume=True)
+            await all_received(members, await everyone_says(members, 2))
+            await kill_owner_mid_burst(server, members, 3)
+            after = await everyone_says(members, 1)
+            await all_received(members, after, timeout=15)
+            assert server.proc.poll() is None
+            assert all(m.closes == [1006] * 3 for m in members)
+            n = assert_one_order(members)
+            assert len(set(members[0].epochs)) == 1, "the successor began a new order"
+            acked = {(m.name, a["message_id"]) for m in members for a in m.acks}
+            assert len(acked) > 60 and acked <= members[0].keys(), "an acknowledged message was lost"
+            assert_acked_as_delivered(members)
+            assert n > 60
+            await until(lambda: leased_messages(server) > 0, 5, "messages sequenced by the successor")
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+@run_async
+async def test_a_room_that_grows_past_spread_members_mid_chat_keeps_one_order():
+    """--spread-members 6: a room's first members sit on its owner, which sequences it; past 6
+    members, new ones stay on the worker that accepted them, so the owner gives the room back to
+    the supervisor (REVOKE, RELEASED) while everyone talks: one order, nothing lost or repeated,
+    and members on both workers."""
+    server = await start_workers(2, "--spread-members", "6")
+    try:
+        async with Crowd() as crowd:
+            members = await crowd.join([server.url], "grows", 5, "g")
+            assert len(set(placement(server, members).values())) == 1
+            stop = asyncio.Event()
+            talk = asyncio.create_task(chatter(members, stop, period=0.05))
+            await asyncio.sleep(0.4)
+            members += await crowd.join([server.url], "grows", 2, "g", since=0)    # chatter sees them too
+            await asyncio.sleep(1.5)        # member counts reach the supervisor once a second
+            members += await crowd.join([server.url], "grows", 13, "g", since=0)
+            await asyncio.sleep(0.6)
+            stop.set()
+            await talk
+            keys = set().union(*(m.sent_keys() for m in members))
+            await all_received(members, keys)
+            assert assert_one_order(members, keys) == len(keys)
+            await until(lambda: all(len(m.acks) == len(m.sent) for m in members), 5, "every ack")
+            assert_acked_as_delivered(members)
+            assert len(set(placement(server, members).values())) == 2, "a room past --spread-members on one worker"
+            await until(lambda: 0 < leased_messages(server) < len(keys), 5, "the first messages sequenced by the owner")
+    finally:
+        server.stop()
+
+
+@run_async
+async def test_room_names_aimed_at_one_worker_land_on_both():
+    """Room names picked so that crc32(name) % 2 == 0 (an unkeyed owner hash would put them all on
+    worker 0) land on both workers: the owner is a hash keyed with a secret each server draws."""
+    rooms = list(itertools.islice((r for r in (f"aim{i}" for i in itertools.count())
+                                   if zlib.crc32(r.encode()) % 2 == 0), 16))
+    server = start_server("--workers", "2", *SERVER_ARGS)       # no SCALECHAT_AFFINITY_KEY: a secret of its own
+    try:
+        await until(lambda: len(tcp_sockets(server.port, TCP_LISTEN)) == 2, 20, "2 workers listening")
+        async with Crowd() as crowd:
+            members = [m for room in rooms for m in await crowd.join([server.url], room, 1, f"{room}-")]
+            assert len(set(placement(server, members).values())) == 2
+    finally:
+        server.stop()
+
+
+@run_async
+async def test_max_connections_counts_every_worker_not_one_owners_share():
+    """--max-connections 4 per worker: 4 members of rooms worker 0 owns fill it; 4 more joins to
+    worker-0 rooms are served all the same (by worker 1, wherever the kernel put them), and only
+    the ninth WebSocket, with both full, gets 503."""
+    server = await start_workers(2, "--max-connections", "4")
+    rooms = list(itertools.islice((r for r in (f"cap{i}" for i in itertools.count())
+                                   if room_owner(r, 2, AFFINITY_KEY) == 0), 9))
+    try:
+        slots = worker_slots(server)
+        async with Crowd() as crowd:
+            first = [m for room in rooms[:4] for m in await crowd.join([server.url], room, 1, f"{room}-")]
+            assert set(placement(server, first).values()) == {slots[0]}
+            more = [m for room in rooms[4:8] for m in await crowd.join([server.url], room, 1, f"{room}-")]
+            assert set(placement(server, more).values()) == {slots[1]}
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(f"{server.url}/{rooms[8]}?name=late", open_timeout=5)
+            assert refused.value.response.status_code == 503
+            keys = await everyone_says(first[:1] + more[:1], 1)     # rooms[0] and rooms[4] still chat
+            await all_received(first[:1], {k for k in keys if k[0] == first[0].name})
+            await all_received(more[:1], {k for k in keys if k[0] == more[0].name})
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------------------
@@ -1216,8 +1366,10 @@ async def test_a_client_resuming_in_an_order_that_ended_gets_the_new_one_from_it
     the --workers supervisor: its history ran out of the --history-bytes budget while nobody was
     in it). A client coming back with since=<seq>&epoch=<old> is replayed the new order from its
     first message, not told that seq 1 and 2 are old news."""
+    # --room-linger 0: a worker stops following the room as its last member leaves (a lingering
+    # worker would keep the room's order going, and rightly so).
     server = start_server("--history-bytes", "300000", "--workers", str(workers), "--rate-limit-bytes", "0",
-                          *SERVER_ARGS)
+                          "--room-linger", "0", *SERVER_ARGS)
     try:
         await until(lambda: len(tcp_sockets(server.port, TCP_LISTEN)) == workers, 20, "listening")
         async with Crowd() as crowd:
