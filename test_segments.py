@@ -1,0 +1,162 @@
+"""Load from several machines: loadclient.py --segment and --start-at, csvprocess.py and plot.py
+merging the segments' results into one run."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import loadclient
+from testkit import HERE, RedisServer, start_server
+
+LOADCLIENT = os.path.join(HERE, "loadclient.py")
+
+
+def settings(*args: str):
+    """parse_settings of a load test against an address nobody is asked (it is not probed)."""
+    return loadclient.parse_settings(["--load-test", "--server-url", "ws://127.0.0.1:9/ws", *args])
+
+
+# ---------------------------------------------------------------------------
+# The split of the rooms' members
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rooms, room_size, segments", [(1, 1, 1), (3, 4, 2), (5, 7, 3), (2, 3, 3), (4, 10, 4)])
+def test_every_member_is_in_exactly_one_segment_and_every_room_on_every_segment(rooms, room_size, segments):
+    parts = [loadclient.segment_members(rooms, room_size, i, segments) for i in range(1, segments + 1)]
+    everyone = [index for part in parts for index in part]
+    assert sorted(everyone) == list(range(rooms * room_size))          # unique client ids, none left out
+    for i, part in enumerate(parts, 1):
+        members = loadclient.segment_room_members(room_size, i, segments)
+        assert len(part) == rooms * members
+        # each room has the same number of members here, at least one
+        assert all(sum(index % rooms == room for index in part) == members >= 1 for room in range(rooms))
+        plan = loadclient.ScenarioPlan("s", rooms, room_size, 1, None, "p", 1000, 100, 0.1, 1, 1000.0, 1.0,
+                                       5.0, "part{index}", 0, i, segments)
+        assert plan.clients == len(part) and plan.members() == part
+        assert [plan.own_sender(b"c%d" % index) for index in everyone] == [index in part for index in everyone]
+        assert not plan.own_sender(b"probe") and not plan.own_sender(b"c") and not plan.own_sender(b"x1")
+    sizes = [loadclient.segment_room_members(room_size, i, segments) for i in range(1, segments + 1)]
+    assert sum(sizes) == room_size and max(sizes) - min(sizes) <= 1
+
+
+def test_one_segment_is_the_whole_scenario_in_its_old_order():
+    assert loadclient.segment_members(3, 4, 1, 1) == list(range(12))
+    plan = settings("--rooms", "3", "--room-size", "4")
+    assert plan.segment == (1, 1) and plan.start_at is None
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["0/2", "3/2", "1/0", "2", "1/2/3", "a/b", " 1/2", "1/2\n", "-1/2", "1 /2",
+                                   "01/2", "1/1000000"])
+def test_bad_segments_are_refused(value):
+    with pytest.raises(loadclient.SettingsError, match=r"argument --segment: .*expected I/N with 1 <= I <= N"):
+        settings(f"--segment={value}", "--seed", "1", "--start-at", str(time.time() + 60))
+
+
+def test_a_segment_needs_a_common_seed_and_start_and_rooms_to_split():
+    later = str(time.time() + 60)
+    with pytest.raises(loadclient.SettingsError, match="needs --seed and --start-at"):
+        settings("--segment", "1/2", "--seed", "1")
+    with pytest.raises(loadclient.SettingsError, match="needs --seed and --start-at"):
+        settings("--segment", "1/2", "--start-at", later)
+    with pytest.raises(loadclient.SettingsError, match=r"rooms of 2 members cannot be split over 3 segments"):
+        settings("--segment", "3/3", "--seed", "1", "--start-at", later, "--room-size", "2")
+    s = settings("--segment", "2/3", "--seed", "42", "--start-at", later, "--room-size", "3")
+    assert s.segment == (2, 3) and s.room_prefix == "lt42-"     # rooms named after the common seed
+    s = settings("--segment", "2/3", "--seed", "42", "--start-at", later, "--room-prefix", "mine-")
+    assert s.room_prefix == "mine-"
+
+
+@pytest.mark.parametrize("offset, message", [(-30, r"--start-at \d+: 30 s in the past"),
+                                             (2 * 86_400, "more than a day ahead")])
+def test_start_at_in_the_past_or_far_ahead_is_refused(offset, message):
+    with pytest.raises(loadclient.SettingsError, match=message):
+        settings("--start-at", str(time.time() + offset))
+
+
+def test_start_at_is_refused_with_a_sweep_and_when_not_a_number():
+    with pytest.raises(loadclient.SettingsError, match="not with --sweep"):
+        settings("--start-at", str(time.time() + 60), "--sweep", "2x2,3x3")
+    with pytest.raises(loadclient.SettingsError, match="not a Unix time"):
+        settings("--start-at", "nan")
+
+
+def test_bad_segment_is_one_error_line_and_exit_2():
+    proc = subprocess.run([sys.executable, LOADCLIENT, "--load-test", "--segment", "3/2"],
+                          capture_output=True, text=True, timeout=30, cwd=HERE, check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == ("loadclient: error: argument --segment: '3/2': expected I/N with 1 <= I <= N,"
+                           " e.g. 1/2\n")
+
+
+# ---------------------------------------------------------------------------
+# Two load clients, two servers sharing Redis, one run
+# ---------------------------------------------------------------------------
+
+ROOMS, ROOM_SIZE, RATE, DURATION = 3, 4, 5, 2
+
+
+@pytest.fixture(scope="module")
+def segmented_run(tmp_path_factory) -> dict:
+    """Segments 1/2 and 2/2 of one scenario, each from its own process against its own server,
+    the two servers sharing the rooms on one Redis: (the folders, the summaries, stdout)."""
+    tmp = tmp_path_factory.mktemp("segments")
+    redis = RedisServer(str(tmp)).start()
+    nodes = [start_server("--redis", redis.url, "--log-level", "ERROR") for _ in range(2)]
+    start_at = time.time() + 3
+    procs = []
+    try:
+        for i, node in enumerate(nodes, 1):
+            out = tmp / f"run{i}"
+            procs.append((out, subprocess.Popen(
+                [sys.executable, LOADCLIENT, "--load-test", "--server-url", node.url, "--rooms", str(ROOMS),
+                 "--room-size", str(ROOM_SIZE), "--rate", str(RATE), "--duration", str(DURATION),
+                 "--seed", "11", "--segment", f"{i}/2", "--start-at", f"{start_at:.3f}", "--out", str(out),
+                 "--summary-json", str(tmp / f"summary{i}.json")],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)))
+        outputs = [proc.communicate(timeout=60) for _, proc in procs]
+    finally:
+        for _, proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        for node in nodes:
+            node.stop()
+        redis.kill()
+    for (_, proc), (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err
+    summaries = [json.loads((tmp / f"summary{i}.json").read_text())["scenarios"][0] for i in (1, 2)]
+    return {"tmp": tmp, "runs": [out for out, _ in procs], "summaries": summaries,
+            "stdout": [out for out, _ in outputs], "start_at": start_at}
+
+
+@pytest.mark.slow
+def test_each_segment_counts_its_own_senders_and_names_the_rest(segmented_run):
+    first, second = segmented_run["summaries"]
+    for i, (mine, other) in enumerate(((first, second), (second, first)), 1):
+        assert mine["segment"] == f"{i}/2" and mine["clients"] == ROOMS * ROOM_SIZE // 2 == 6
+        assert mine["room_members"] == 2 and mine["sent"] >= 6 * RATE * DURATION * 0.8
+        assert mine["expected"] == 2 * mine["sent"]                 # own messages to own members
+        assert (mine["delivery_ratio"], mine["lost"], mine["duplicates"]) == (1.0, 0, 0), mine
+        assert mine["errors"] == {} and mine["reconnects"] == 0
+        # every message of the other segment's senders reached this segment's two members of its room
+        assert mine["from_other_segments"] == 2 * other["sent"]
+        assert mine["latency_ms"]["count"] == mine["received"]      # latencies of its own clock only
+        assert f"segment        {i}/2" in segmented_run["stdout"][i - 1]
+        assert f"received from other segments: {mine['from_other_segments']}" in segmented_run["stdout"][i - 1]
+    names = []
+    for run in segmented_run["runs"]:
+        meta = json.loads((run / "3x4.meta.json").read_text())
+        assert meta["seed"] == 11 and meta["room_prefix"] == "lt11-3x4-"
+        assert meta["start_at"] == pytest.approx(segmented_run["start_at"], abs=1e-3)
+        assert meta["start_us"] == int(meta["start_at"] * 1e6) and meta["start_late_s"] == 0
+        names.append({row.split(",")[1] for row in (run / "3x4.csv").read_text().splitlines()[1:]
+                      if ",Sent," in row})
+    assert names[0] == {f"c{i}" for i in (0, 1, 2, 6, 7, 8)} and names[1] == {f"c{i}" for i in (3, 4, 5, 9, 10, 11)}
