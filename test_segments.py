@@ -7,11 +7,15 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+import csvprocess
 import loadclient
+import plot
 from testkit import HERE, RedisServer, start_server
+from testkit_csv import START_US
 
 LOADCLIENT = os.path.join(HERE, "loadclient.py")
 
@@ -98,6 +102,85 @@ def test_bad_segment_is_one_error_line_and_exit_2():
 
 
 # ---------------------------------------------------------------------------
+# csvprocess.py and plot.py on hand-made segments: one room {c0, c1}, c0 on segment 1, c1 on 2
+# ---------------------------------------------------------------------------
+
+def write_segment(folder: Path, index: int, rows: list[str], count: int = 2, **meta) -> Path:
+    """One segment's results of scenario 1x2, as loadclient.py --segment index/count writes them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "1x2.csv").write_text(loadclient.CSV_HEADER.decode() + "".join(r + "\n" for r in rows))
+    meta = {"scenario": "1x2", "rooms": 1, "room_size": 2, "clients": 1, "msg_interval_ms": 1000.0,
+            "seed": 5, "room_prefix": "lt5-1x2-", "start_at": START_US / 1e6, "start_us": START_US,
+            "end_us": START_US + 2_000_000, "record_receivers": 1.0, "sent": 1, "server_url": f"ws://m{index}/ws",
+            "segment": {"index": index, "count": count, "room_members": 1}, **meta}
+    (folder / "1x2.meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def event(kind: str, sender: str, client: str, dt: int) -> str:
+    """A Sent or Received row of message 1 of sender in room r, dt us after the start."""
+    return (f"1,{sender},{client},{kind},{START_US + dt},r,{'' if kind == 'Sent' else 1},"
+            f"{START_US + dt if kind == 'Sent' else ''},")
+
+
+# Each machine saw both messages: its own first, then the other's. Segment 1's receipt of c1's
+# message comes before c1's Sent row, which is in segment 2's file.
+SEGMENT_1 = [event("Sent", "c0", "c0", 0), event("Received", "c0", "c0", 100), event("Received", "c1", "c0", 600)]
+SEGMENT_2 = [event("Sent", "c1", "c1", 500), event("Received", "c1", "c1", 550), event("Received", "c0", "c1", 300)]
+
+
+def test_segments_merge_into_one_run_whatever_the_order_of_their_rows(tmp_path):
+    one, two = write_segment(tmp_path / "one", 1, SEGMENT_1), write_segment(tmp_path / "two", 2, SEGMENT_2)
+    for order in ((one, two), (two, one)):
+        (summary,) = csvprocess.process([str(p) for p in order], str(tmp_path / "out"))
+        assert (summary["messages"], summary["deliveries_expected"], summary["deliveries_received"]) == (2, 4, 4)
+        assert summary["delivery_ratio"] == 1.0 and summary["receipts_without_send"] == 0
+        assert summary["latency_us"]["max"] == 300 and summary["latency_us"]["min"] == 50
+        assert summary["meta"]["clients"] == 2 and summary["input"]["lines"] == 8
+    assert csvprocess.output_folder([str(one), str(two)]) == tmp_path / "one-merged" / "processed"
+    assert csvprocess.output_folder([str(one)]) == one / "processed"
+    paths = plot.plot_run([one, two])
+    assert len(paths) == 4 and all(p.parent == tmp_path / "one-merged" / "plots" for p in paths)
+    alone = csvprocess.process([str(two)], str(tmp_path / "alone"))[0]
+    assert (alone["deliveries_expected"], alone["deliveries_received"], alone["receipts_from_other_segments"]) \
+        == (1, 1, 1)
+
+
+def test_a_message_short_of_a_member_on_the_other_machine_counts_lost_in_the_merged_run(tmp_path):
+    one = write_segment(tmp_path / "one", 1, SEGMENT_1)
+    two = write_segment(tmp_path / "two", 2, SEGMENT_2[:2])      # c1 never got c0's message
+    (summary,) = csvprocess.process([str(one), str(two)], str(tmp_path / "out"))
+    assert (summary["deliveries_expected"], summary["deliveries_received"], summary["lost"]) == (4, 3, 1)
+
+
+@pytest.mark.parametrize("second, message", [
+    ({"seed": 6}, r"not segments of one run: seed 5 and 6"),
+    ({"room_size": 3}, r"not segments of one run: room_size 2 and 3"),
+    ({"start_at": 1.0}, r"not segments of one run: start_at"),
+    ({"count": 3}, r"not segments of one run: segment count 2 and 3"),
+    ({"index": 1}, r"both segment 1/2 of scenario '1x2'"),
+    ({"segment": None}, r"both scenario '1x2' but not segments of one run"),
+])
+def test_folders_that_are_not_the_segments_of_one_run_are_refused(tmp_path, second, message):
+    one = write_segment(tmp_path / "one", 1, SEGMENT_1)
+    index, count = second.pop("index", 2), second.pop("count", 2)
+    two = write_segment(tmp_path / "two", index, SEGMENT_2, count, **second)
+    with pytest.raises(csvprocess.InputError, match=message):
+        csvprocess.process([str(one), str(two)], str(tmp_path / "out"))
+    done = cli("csvprocess.py", one, two)
+    assert done.returncode == 2 and done.stderr.startswith("csvprocess: error: ") and done.stderr.count("\n") == 1
+
+
+def test_a_missing_segment_is_named(tmp_path):
+    one = write_segment(tmp_path / "one", 1, SEGMENT_1, 3)
+    three = write_segment(tmp_path / "three", 3, SEGMENT_2, 3)
+    with pytest.raises(csvprocess.InputError, match=r"scenario '1x2': segment 2/3 missing"):
+        csvprocess.process([str(one), str(three)], str(tmp_path / "out"))
+    with pytest.raises(csvprocess.InputError, match="given twice"):
+        csvprocess.process([str(one), str(one)], str(tmp_path / "out"))
+
+
+# ---------------------------------------------------------------------------
 # Two load clients, two servers sharing Redis, one run
 # ---------------------------------------------------------------------------
 
@@ -160,3 +243,50 @@ def test_each_segment_counts_its_own_senders_and_names_the_rest(segmented_run):
         names.append({row.split(",")[1] for row in (run / "3x4.csv").read_text().splitlines()[1:]
                       if ",Sent," in row})
     assert names[0] == {f"c{i}" for i in (0, 1, 2, 6, 7, 8)} and names[1] == {f"c{i}" for i in (3, 4, 5, 9, 10, 11)}
+
+
+def cli(script: str, *args) -> subprocess.CompletedProcess:
+    """Run csvprocess.py or plot.py to its end."""
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)],
+                          capture_output=True, text=True, timeout=120, cwd=HERE, check=False)
+
+
+@pytest.mark.slow
+def test_csvprocess_merges_the_segments_into_one_run_and_plot_draws_it(segmented_run):
+    first, second = segmented_run["summaries"]
+    run1, run2 = segmented_run["runs"]
+    done = cli("csvprocess.py", run1, run2)
+    assert done.returncode == 0, done.stderr
+    merged = run1.parent / f"{run1.name}-merged" / "processed"
+    assert f"outputs in {merged}" in done.stdout and "segments 1/2, 2/2 merged into one run" in done.stdout
+    summary = json.loads((merged / "summary_3x4.json").read_text())
+    sent = first["sent"] + second["sent"]
+    assert summary["messages"] == sent and summary["expected_per_message"] == ROOM_SIZE
+    # every message reached all four members of its room, two of them on the other machine
+    assert summary["deliveries_expected"] == summary["deliveries_received"] == ROOM_SIZE * sent
+    assert (summary["delivery_ratio"], summary["lost"], summary["duplicated"]) == (1.0, 0, 0)
+    assert summary["receipts_without_send"] == 0 and summary["messages_incomplete"] == 0
+    assert summary["receipts_from_other_segments"] is None
+    assert summary["meta"]["clients"] == ROOMS * ROOM_SIZE and summary["meta"]["sent"] == sent
+    assert [s["segment"] for s in summary["meta"]["segments"]] == ["1/2", "2/2"]
+    rows = (merged / "sent-vs-received_3x4.csv").read_text().splitlines()[1:]
+    assert len(rows) == sent and {row.rsplit(",", 2)[1:] == ["4", "4"] for row in rows} == {True}
+    assert len({tuple(row.split(",")[:2]) for row in rows}) == sent        # each message once
+    figures = cli("plot.py", run1, run2)
+    assert figures.returncode == 0, figures.stderr
+    drawn = sorted(p.name for p in (merged.parent / "plots").iterdir())
+    assert drawn == ["delivery.png", "latency-mean.png", "latency-over-time_3x4.png", "latency-percentiles.png"]
+    assert all((merged.parent / "plots" / name).stat().st_size > 10_000 for name in drawn)
+    again = cli("plot.py", merged.parent, "--out", segmented_run["tmp"] / "again")   # the merged folder itself
+    assert again.returncode == 0, again.stderr
+    assert len(list((segmented_run["tmp"] / "again").iterdir())) == 4
+
+
+@pytest.mark.slow
+def test_one_segment_alone_counts_as_its_load_client_did(segmented_run, tmp_path):
+    (mine, _), (run1, _) = segmented_run["summaries"], segmented_run["runs"]
+    (summary,) = csvprocess.process([str(run1)], str(tmp_path))
+    assert summary["expected_per_message"] == 2 and "segment 1/2 alone" in summary["expected_from"]
+    assert summary["messages"] == mine["sent"] and summary["deliveries_received"] == mine["received"]
+    assert summary["delivery_ratio"] == 1.0 and summary["receipts_without_send"] == 0
+    assert summary["receipts_from_other_segments"] == mine["from_other_segments"] > 0
