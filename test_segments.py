@@ -93,6 +93,47 @@ def test_start_at_is_refused_with_a_sweep_and_when_not_a_number():
         settings("--start-at", "nan")
 
 
+def test_sending_starts_at_start_at_or_as_soon_as_ready_after_it_with_a_warning(tmp_path, monkeypatch, capsys):
+    """The parent tells the workers t0 = --start-at exactly when the ramp is done ahead of it; a
+    segment ready after it starts at once, says how late on stderr and in its metadata. Its drain
+    waits 1 s for the other segments' last messages even when its own have all arrived."""
+    start_at = time.time() + 100
+    s = settings("--rooms", "2", "--room-size", "2", "--seed", "3", "--segment", "1/2", "--start-at", str(start_at),
+                 "--duration", "1")
+    plan = loadclient.ScenarioPlan("2x2", 2, 2, 1, s.target, "p-", 1000, 100, 0.1, 3, 1000.0, 1.0, 1.0,
+                                   str(tmp_path / "part{index}.csv"), 0, 1, 2)
+    clock = {"mono": 1000.0, "wall_us": 0}
+    monkeypatch.setattr(loadclient.time, "monotonic", lambda: clock["mono"])
+    monkeypatch.setattr(loadclient, "now_us", lambda: clock["wall_us"])
+
+    def at(run, wall_s: float, phase: str, sent: int = 0, received: int = 0) -> str:
+        clock["mono"], clock["wall_us"] = 1000.0 + wall_s - start_at, int(wall_s * 1e6)
+        run.latest = [{"phase": phase, "ramped": 2, "connected": 2, "sent": sent, "received": received,
+                       "late": 0, "duplicates": 0, "reconnects": 0, "foreign": 0, "resent": 0,
+                       "orders_restarted": 0, "other_segments": 0, "errors": {}}]
+        run._advance()
+        return run.phase
+
+    run = loadclient.ScenarioRun(s, plan, str(tmp_path), loadclient.Interrupts())
+    run.conns, run.ramp_deadline = {}, 0.0
+    assert at(run, start_at - 10, loadclient.READY) == loadclient.HOLD
+    assert at(run, start_at - 0.31, loadclient.READY) == loadclient.HOLD
+    assert at(run, start_at - 0.29, loadclient.READY) == loadclient.SEND
+    assert run.t0 == int(start_at * 1e6)
+    assert capsys.readouterr().err == ""
+    assert at(run, start_at + 1.05, loadclient.DRAIN) == loadclient.DRAIN
+    assert at(run, start_at + 1.5, loadclient.DRAIN, sent=10, received=10) == loadclient.DRAIN   # settling
+    assert at(run, start_at + 2.05, loadclient.DRAIN, sent=10, received=9) == loadclient.DRAIN   # one missing
+    assert at(run, start_at + 2.1, loadclient.DRAIN, sent=10, received=10) == loadclient.CLOSE
+
+    late = loadclient.ScenarioRun(s, plan, str(tmp_path), loadclient.Interrupts())
+    late.conns, late.ramp_deadline = {}, 0.0
+    assert at(late, start_at + 2, loadclient.READY) == loadclient.HOLD
+    assert at(late, start_at + 2, loadclient.READY) == loadclient.SEND
+    assert late.t0 == int((start_at + 2) * 1e6) + 100_000
+    assert "2x2: sending starts 2.1 s after --start-at" in capsys.readouterr().err
+
+
 def test_bad_segment_is_one_error_line_and_exit_2():
     proc = subprocess.run([sys.executable, LOADCLIENT, "--load-test", "--segment", "3/2"],
                           capture_output=True, text=True, timeout=30, cwd=HERE, check=False)
