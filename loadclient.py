@@ -673,9 +673,12 @@ class ScenarioPlan:
         """Clients of this segment (all of the scenario's without --segment)."""
         return self.rooms * self.room_members
 
-    def members(self) -> list:
-        """The scenario-wide indexes of this segment's clients, in ramp order."""
-        return segment_members(self.rooms, self.room_size, self.segment, self.segments)
+    def member(self, position: int) -> int:
+        """The scenario-wide index of this segment's position-th client. Client i is member
+        i // rooms of room i % rooms, so member j of every room is the block j * rooms ..
+        (j + 1) * rooms - 1; the segment holds the blocks j = segment - 1, + segments, ..."""
+        block, room = divmod(position, self.rooms)
+        return (self.segment - 1 + block * self.segments) * self.rooms + room
 
     def own_sender(self, name: bytes) -> bool:
         """Whether a message's sender is a client of this segment (c<index>), not another's."""
@@ -699,12 +702,6 @@ def segment_room_members(room_size: int, segment: int, segments: int) -> int:
     """How many of a room's members segment (1-based) of segments holds: member j is segment's
     when j % segments == segment - 1."""
     return len(range(segment - 1, room_size, segments))
-
-
-def segment_members(rooms: int, room_size: int, segment: int, segments: int) -> list:
-    """The scenario-wide client indexes of one segment. Client i is member i // rooms of room
-    i % rooms, so member j of every room is the block j * rooms .. (j + 1) * rooms - 1."""
-    return [i for j in range(segment - 1, room_size, segments) for i in range(j * rooms, (j + 1) * rooms)]
 
 
 class LoadClient(ClientConnection):
@@ -967,8 +964,7 @@ class LoadWorker:
         self.rng = random.Random(f"{plan.seed}:{index}" if plan.segments == 1
                                  else f"{plan.seed}:{plan.segment}/{plan.segments}:{index}")
         self.sink = CsvSink(plan.part_template.format(index=index), plan.part_template.endswith(".gz"))
-        members = plan.members()
-        self.clients = [LoadClient(self, members[k], k) for k in range(index, len(members), plan.procs)]
+        self.clients = [LoadClient(self, plan.member(k), k) for k in range(index, plan.clients, plan.procs)]
         self.own_sender = plan.own_sender if plan.segments > 1 else None
         self.unsettled = self.unfinished = len(self.clients)
         # The text is the two stamps, then " xxx..." up to msg_size bytes.
@@ -1119,7 +1115,8 @@ class LoadWorker:
                   "sent": self.sent, "received": self.received, "late": self.late,
                   "duplicates": self.duplicates, "reconnects": self.reconnects, "foreign": self.foreign,
                   "resent": self.resent, "orders_restarted": self.orders_restarted,
-                  "other_segments": self.other_segments, "errors": dict(self.errors), "window": window.state(), "handshakes": handshakes.state()}
+                  "other_segments": self.other_segments, "errors": dict(self.errors),
+                  "window": window.state(), "handshakes": handshakes.state()}
         if final:
             connect = LatencyHistogram()
             connect.add_sorted(sorted(self.connect_times))
@@ -1809,9 +1806,9 @@ def build_parser() -> ArgumentParser:
         help="rooms are named PREFIX<scenario>-<n>, e.g. to watch one in the browser "
              "(default: lt<random hex>-, fresh rooms every run)")
     add("--seed", type=int, help="seed of the schedule's phases and jitter (default: random, in the metadata)")
-    add("--segment", type=parse_segment, default=(1, 1), metavar="I/N",
+    add("--segment", type=parse_segment, default="1/1", metavar="I/N",
         help="run segment I of N (1 <= I <= N) of the scenario from this machine: member j of every room "
-             "is segment j %% N + 1's; needs --seed and --start-at, the same on every segment (default: 1/1)")
+             "is segment j %% N + 1's; needs --seed and --start-at, the same on every segment")
     add("--start-at", type=float, metavar="UNIX_TIME",
         help="start sending at this Unix time (seconds), so that several machines start together; "
              "no later than a day ahead")

@@ -31,17 +31,17 @@ def settings(*args: str):
 
 @pytest.mark.parametrize("rooms, room_size, segments", [(1, 1, 1), (3, 4, 2), (5, 7, 3), (2, 3, 3), (4, 10, 4)])
 def test_every_member_is_in_exactly_one_segment_and_every_room_on_every_segment(rooms, room_size, segments):
-    parts = [loadclient.segment_members(rooms, room_size, i, segments) for i in range(1, segments + 1)]
+    plans = [loadclient.ScenarioPlan("s", rooms, room_size, 1, None, "p", 1000, 100, 0.1, 1, 1000.0, 1.0,
+                                     5.0, "part{index}", 0, i, segments) for i in range(1, segments + 1)]
+    parts = [[plan.member(k) for k in range(plan.clients)] for plan in plans]
     everyone = [index for part in parts for index in part]
     assert sorted(everyone) == list(range(rooms * room_size))          # unique client ids, none left out
-    for i, part in enumerate(parts, 1):
+    for i, (plan, part) in enumerate(zip(plans, parts), 1):
         members = loadclient.segment_room_members(room_size, i, segments)
-        assert len(part) == rooms * members
-        # each room has the same number of members here, at least one
+        assert plan.room_members == members and len(part) == rooms * members
+        # each room has the same number of members here, at least one; member j of a room is segment j % n + 1's
         assert all(sum(index % rooms == room for index in part) == members >= 1 for room in range(rooms))
-        plan = loadclient.ScenarioPlan("s", rooms, room_size, 1, None, "p", 1000, 100, 0.1, 1, 1000.0, 1.0,
-                                       5.0, "part{index}", 0, i, segments)
-        assert plan.clients == len(part) and plan.members() == part
+        assert all(index // rooms % segments == i - 1 for index in part)
         assert [plan.own_sender(b"c%d" % index) for index in everyone] == [index in part for index in everyone]
         assert not plan.own_sender(b"probe") and not plan.own_sender(b"c") and not plan.own_sender(b"x1")
     sizes = [loadclient.segment_room_members(room_size, i, segments) for i in range(1, segments + 1)]
@@ -49,9 +49,10 @@ def test_every_member_is_in_exactly_one_segment_and_every_room_on_every_segment(
 
 
 def test_one_segment_is_the_whole_scenario_in_its_old_order():
-    assert loadclient.segment_members(3, 4, 1, 1) == list(range(12))
-    plan = settings("--rooms", "3", "--room-size", "4")
-    assert plan.segment == (1, 1) and plan.start_at is None
+    plan = loadclient.ScenarioPlan("s", 3, 4, 1, None, "p", 1000, 100, 0.1, 1, 1000.0, 1.0, 5.0, "part{index}", 0)
+    assert [plan.member(k) for k in range(plan.clients)] == list(range(12)) and plan.room_members == 4
+    s = settings("--rooms", "3", "--room-size", "4")
+    assert s.segment == (1, 1) and s.start_at is None
 
 
 # ---------------------------------------------------------------------------
