@@ -4,6 +4,13 @@
     python csvprocess.py                                    # the newest run folder in results/
     python csvprocess.py results/20261128-100000/          # a run folder
     python csvprocess.py 25x2.csv 50x8.csv.gz --out out/    # files, plain or gzip
+    python csvprocess.py results/m1/ results/m2/           # the segments of one run, merged
+
+Several files of one scenario must be every segment of one run (loadclient.py
+--segment I/N, the same seed, rooms and start): they are read as one run, each
+message expecting a delivery to every member of its room on whichever machine,
+into <first folder>-merged/processed/. One segment read alone counts its own
+senders' messages to its own members, as its load client's summary does.
 
 Every input file is one scenario (its name without .csv / .csv.gz). The events
 are read once, streaming, and each Received event is joined to its Sent event
@@ -97,8 +104,9 @@ def event_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith((".csv", ".csv.gz")))
 
 
-def find_inputs(paths: list[str]) -> list[Path]:
-    """Event files named by paths: files as given, folders for their *.csv and *.csv.gz."""
+def find_inputs(paths: list[str]) -> list[list[Path]]:
+    """Event files named by paths (files as given, folders for their *.csv and *.csv.gz), one
+    list per scenario: one file, or the files of every segment of one run (loadclient.py --segment)."""
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -111,19 +119,89 @@ def find_inputs(paths: list[str]) -> list[Path]:
             files.append(path)
         else:
             raise InputError(f"{path}: no such file or folder")
-    names: dict[str, Path] = {}
+    scenarios: dict[str, list[Path]] = {}
     for path in files:
-        other = names.setdefault(scenario_name(path), path)
-        if other != path:
-            raise InputError(f"{other} and {path} are both scenario {scenario_name(path)!r}: "
-                             "process them separately (with --out)")
-    return sorted(files, key=lambda p: scenario_key(scenario_name(p)))
+        same = scenarios.setdefault(scenario_name(path), [])
+        if path in same:
+            raise InputError(f"{path} is given twice")
+        same.append(path)
+    groups = [segments_of_one_run(name, same) if len(same) > 1 else same for name, same in scenarios.items()]
+    return sorted(groups, key=lambda g: scenario_key(scenario_name(g[0])))
 
 
-def default_out_dir(paths: list[str]) -> Path:
-    """Where outputs go without --out: processed/ beside (or inside) the first input."""
+def output_folder(paths: list[str], out: str | None = None) -> Path:
+    """Where outputs go: out, or processed/ beside (or inside) the first input; when the inputs
+    are segments of one run, <first folder>-merged/processed/ beside the first folder."""
+    if out:
+        return Path(out)
     first = Path(paths[0])
-    return (first if first.is_dir() else first.parent) / "processed"
+    folder = first if first.is_dir() else first.parent
+    if any(len(group) > 1 for group in find_inputs(paths)):
+        return folder.parent / f"{folder.name}-merged" / "processed"
+    return folder / "processed"
+
+
+# ---------------------------------------------------------------------------
+# Segments: one run's parts from several load machines (loadclient.py --segment)
+# ---------------------------------------------------------------------------
+
+# What every segment of one run has in common (the scenario name aside).
+SAME_IN_EVERY_SEGMENT = ("seed", "rooms", "room_size", "room_prefix", "msg_interval_ms", "start_at",
+                         "record_receivers")
+
+
+def segment_of(meta: dict | None) -> tuple[int, int] | None:
+    """(index, count) of a segmented run's part from its meta.json, None for a whole run."""
+    segment = (meta or {}).get("segment")
+    if not isinstance(segment, dict):
+        return None
+    index, count = segment.get("index"), segment.get("count")
+    if not (isinstance(index, int) and isinstance(count, int) and 1 <= index <= count):
+        return None
+    return (index, count) if count > 1 else None
+
+
+def segments_of_one_run(name: str, paths: list[Path]) -> list[Path]:
+    """Several files of one scenario: every segment of one run, by index; else InputError."""
+    metas = [load_meta(path) for path in paths]
+    segments = [segment_of(meta) for meta in metas]
+    for path, segment in zip(paths, segments):
+        if segment is None:
+            raise InputError(f"{paths[0]} and {path} are both scenario {name!r} but not segments of one run "
+                             "(loadclient.py --segment): process them separately (with --out)")
+    for key in ("count", *SAME_IN_EVERY_SEGMENT):
+        values = [segment[1] if key == "count" else meta.get(key) for meta, segment in zip(metas, segments)]
+        for path, value in zip(paths, values):
+            if value != values[0]:
+                what = "segment count" if key == "count" else key
+                raise InputError(f"{paths[0]} and {path} are not segments of one run: {what} "
+                                 f"{values[0]!r} and {value!r}")
+    count = segments[0][1]
+    by_index: dict[int, Path] = {}
+    for path, (index, _) in zip(paths, segments):
+        other = by_index.setdefault(index, path)
+        if other != path:
+            raise InputError(f"{other} and {path} are both segment {index}/{count} of scenario {name!r}")
+    missing = [f"{i}/{count}" for i in range(1, count + 1) if i not in by_index]
+    if missing:
+        raise InputError(f"scenario {name!r}: segment {', '.join(missing)} missing: give every segment's "
+                         "results, or process one segment alone")
+    return [by_index[i] for i in sorted(by_index)]
+
+
+def merged_meta(metas: list[dict]) -> dict:
+    """One meta.json for the segments of one run: the whole scenario's clients, sends and span."""
+    meta = {k: v for k, v in metas[0].items()
+            if k not in ("summary", "settings", "segment", "server_url", "received", "errors", "start_late_s")}
+    meta.update(
+        clients=sum(m.get("clients") or 0 for m in metas), sent=sum(m.get("sent") or 0 for m in metas),
+        start_us=min(m["start_us"] for m in metas) if all(isinstance(m.get("start_us"), int) for m in metas)
+        else None,
+        end_us=max((m.get("end_us") or 0 for m in metas), default=None),
+        segments=[{"segment": f"{segment_of(m)[0]}/{segment_of(m)[1]}",
+                   **{k: m.get(k) for k in ("server_url", "clients", "sent", "errors", "start_late_s")}}
+                  for m in metas])
+    return meta
 
 
 def load_meta(path: Path) -> dict | None:
@@ -153,6 +231,10 @@ def expected_deliveries(name: str, meta: dict | None) -> tuple[int | None, str]:
     sample = meta.get("record_receivers", 1)
     if isinstance(sample, (int, float)) and sample < 1:
         return None, f"events (distinct receivers per room; a {sample:g} sample of clients recorded receipts)"
+    segment = segment_of(meta)
+    members = meta["segment"].get("room_members") if segment else None
+    if isinstance(members, int) and members > 0:
+        return members, f"meta.json segment room_members (segment {segment[0]}/{segment[1]} alone)"
     size = meta.get("room_size")
     if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size, "meta.json room_size"
@@ -395,8 +477,12 @@ class Join:
     omission) are kept as flat integer arrays for exact percentiles; the latency
     and sent-vs-received rows are written as they become known."""
 
-    def __init__(self, expected: int | None, latency_out, messages_out):
+    def __init__(self, expected: int | None, latency_out, messages_out, lone_segment: bool = False):
         self.expected = expected
+        # One segment of a run read alone: receipts of senders with no Sent row here are
+        # the other segments' messages, not receipts without a send.
+        self.lone_segment = lone_segment
+        self.receipts_from_other_segments: int | None = None
         self.latency_out = latency_out
         self.messages_out = messages_out
         # (sender, message_id) -> [sent_us, origin_us, room, receivers]; origin_us is
@@ -498,6 +584,10 @@ class Join:
             self._retire(key, entry, max(expected, len(entry[3])))
         self.pending.clear()
         self.receipts_without_send = sum(len(waiting) for waiting in self.orphans.values())
+        if self.lone_segment:
+            self.receipts_from_other_segments = sum(len(waiting) for (sender, _), waiting in self.orphans.items()
+                                                    if sender not in self.senders)
+            self.receipts_without_send -= self.receipts_from_other_segments
         self.orphans.clear()
 
 
@@ -572,19 +662,23 @@ LATENCY_HEADER = "message_id,sender_id,receiver_id,sent_us,received_us,latency_u
 MESSAGES_HEADER = "message_id,sender_id,room,sent_us,received,expected\n"
 
 
-def process_file(path: Path, out_dir: Path) -> dict:
-    """Read one scenario file, write its four outputs into out_dir, return its summary."""
-    name = scenario_name(path)
-    meta = load_meta(path)
+def process_file(paths: list[Path], out_dir: Path) -> dict:
+    """Read one scenario's file (or its segments' files, as one run), write its four outputs into
+    out_dir, return its summary."""
+    name = scenario_name(paths[0])
+    metas = [load_meta(path) for path in paths]
+    meta = merged_meta(metas) if len(paths) > 1 else metas[0]
     expected, expected_from = expected_deliveries(name, meta)
-    report = FileReport(path)
+    reports = [FileReport(path) for path in paths]
     with open(out_dir / f"latency_{name}.csv", "w", encoding="utf-8", buffering=CHUNK_BYTES) as lat_out, \
             open(out_dir / f"sent-vs-received_{name}.csv", "w", encoding="utf-8",
                  buffering=CHUNK_BYTES) as msg_out:
         lat_out.write(LATENCY_HEADER)
         msg_out.write(MESSAGES_HEADER)
-        join = Join(expected, lat_out, msg_out)
-        read_events(path, join, report)
+        join = Join(expected, lat_out, msg_out, lone_segment=segment_of(meta) is not None)
+        # A segment's receipts of the later segments' messages wait for their Sent rows.
+        for path, report in zip(paths, reports):
+            read_events(path, join, report)
         join.finish()
     sent = np.frombuffer(join.sent_us, dtype=np.int64)
     received, latency, latency_intended = np.frombuffer(join.deliveries, dtype=np.int64).reshape(-1, 3).T
@@ -609,6 +703,7 @@ def process_file(path: Path, out_dir: Path) -> dict:
         "duplicate_sends": join.duplicate_sends,
         "duplicate_receipts": join.duplicate_receipts,
         "receipts_without_send": join.receipts_without_send,
+        "receipts_from_other_segments": join.receipts_from_other_segments,
         "messages_incomplete": join.incomplete,
         "messages_never_received": join.never_received,
         "messages_with_intended": join.with_intended,
@@ -621,11 +716,25 @@ def process_file(path: Path, out_dir: Path) -> dict:
         "duration_s": duration,
         "messages_per_s": sent.size / duration if duration else None,
         "deliveries_per_s": received.size / duration if duration else None,
-        "input": report.as_dict(),
+        "input": input_tally(reports),
     }
     write_csv(out_dir / f"timeseries_{name}.csv", time_series(sent, received, latencies, start or 0))
     (out_dir / f"summary_{name}.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def input_tally(reports: list[FileReport]) -> dict:
+    """The dirty-input tally of a scenario's file, or of its segments' files added up."""
+    found = [report.as_dict() for report in reports]
+    if len(found) == 1:
+        return found[0]
+    tally = {"file": [f["file"] for f in found],
+             "header": next((f["header"] for f in found if f["header"] != "ok"), "ok"),
+             "malformed_examples": [dict(example, file=f["file"]) for f in found for example in f["malformed_examples"]],
+             "truncated_last_line": any(f["truncated_last_line"] for f in found),
+             "read_error": "; ".join(f"{f['file']}: {f['read_error']}" for f in found if f["read_error"]) or None}
+    tally.update({key: sum(f[key] for f in found) for key in ("lines", "blank_lines", "malformed_rows")})
+    return tally
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -639,13 +748,13 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def process(paths: list[str], out: str | None = None) -> list[dict]:
     """Process every scenario named by paths into out (default: processed/ beside the input)."""
-    files = find_inputs(paths)
-    out_dir = Path(out) if out else default_out_dir(paths)
+    groups = find_inputs(paths)
+    out_dir = output_folder(paths, out)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"{out_dir}: cannot create output folder ({e.strerror or e})") from None
-    return [process_file(path, out_dir) for path in files]
+    return [process_file(group, out_dir) for group in groups]
 
 
 # ---------------------------------------------------------------------------
@@ -674,6 +783,8 @@ def table_rows(summary: dict) -> list[tuple[str, str]]:
         ("duplicated events", _count(summary["duplicated"])),
         ("receipts without send", _count(summary["receipts_without_send"])),
         ("orders restarted", _count(summary["orders_restarted"])),
+        *([("from other segments", _count(summary["receipts_from_other_segments"]))]
+          if summary.get("receipts_from_other_segments") is not None else []),
         ("latency mean ms", _ms(lat, "mean")),
         ("latency stddev ms", _ms(lat, "stddev")),
     ]
@@ -769,7 +880,10 @@ def main(argv: list[str] | None = None) -> int:
         if notes:
             print(f"{summary['scenario']}: " + "; ".join(notes))
         print(f"{summary['scenario']}: expected deliveries from {summary['expected_from']}")
-    print(f"outputs in {Path(args.out) if args.out else default_out_dir(args.inputs)}")
+        segments = (summary["meta"] or {}).get("segments")
+        if segments:
+            print(f"{summary['scenario']}: segments {', '.join(s['segment'] for s in segments)} merged into one run")
+    print(f"outputs in {output_folder(args.inputs, args.out)}")
     return 0
 
 

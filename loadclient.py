@@ -660,10 +660,31 @@ class ScenarioPlan:
     connect_timeout: float
     part_template: str
     per_address: int                # clients per source address; 0: the kernel picks the source
+    segment: int = 1                # this machine's share of the rooms' members: segment of segments
+    segments: int = 1
+
+    @property
+    def room_members(self) -> int:
+        """Members of each room in this segment."""
+        return segment_room_members(self.room_size, self.segment, self.segments)
 
     @property
     def clients(self) -> int:
-        return self.rooms * self.room_size
+        """Clients of this segment (all of the scenario's without --segment)."""
+        return self.rooms * self.room_members
+
+    def member(self, position: int) -> int:
+        """The scenario-wide index of this segment's position-th client. Client i is member
+        i // rooms of room i % rooms, so member j of every room is the block j * rooms ..
+        (j + 1) * rooms - 1; the segment holds the blocks j = segment - 1, + segments, ..."""
+        block, room = divmod(position, self.rooms)
+        return (self.segment - 1 + block * self.segments) * self.rooms + room
+
+    def own_sender(self, name: bytes) -> bool:
+        """Whether a message's sender is a client of this segment (c<index>), not another's."""
+        index = name[1:]
+        return name[:1] == b"c" and index.isdigit() and \
+            int(index) // self.rooms % self.segments == self.segment - 1
 
     def records(self, index: int) -> bool:
         """Whether client index records latencies and Received rows (a seeded, stable sample)."""
@@ -677,6 +698,12 @@ class ScenarioPlan:
         return f"127.0.0.{1 + block}" if block else None
 
 
+def segment_room_members(room_size: int, segment: int, segments: int) -> int:
+    """How many of a room's members segment (1-based) of segments holds: member j is segment's
+    when j % segments == segment - 1."""
+    return len(range(segment - 1, room_size, segments))
+
+
 class LoadClient(ClientConnection):
     """One simulated chat client: sends on its schedule, counts and records what arrives."""
 
@@ -684,11 +711,12 @@ class LoadClient(ClientConnection):
                  "last_seq", "message_id", "name_b", "phase_us", "recording", "replay_until", "resend_due",
                  "room_b", "scheduled", "settled", "unconfirmed", "welcomed", "worker")
 
-    def __init__(self, worker: LoadWorker, index: int) -> None:
+    def __init__(self, worker: LoadWorker, index: int, position: int) -> None:
+        """Client index of the scenario (its name and room), position-th of this segment."""
         plan = worker.plan
         room = f"{plan.room_prefix}{index % plan.rooms}"
         name = f"c{index}"
-        super().__init__(worker.loop, plan.target, room, name, plan.source_address(index),
+        super().__init__(worker.loop, plan.target, room, name, plan.source_address(position),
                          plan.connect_timeout)
         self.worker, self.index = worker, index
         self.name_b, self.room_b = name.encode(), room.encode()
@@ -716,7 +744,8 @@ class LoadClient(ClientConnection):
         ts = self.loop.ready_us
         worker = self.worker
         last_seq, replay_until, held = self.last_seq, self.replay_until, self.epoch
-        received = late = 0
+        received = late = others = 0
+        own = worker.own_sender      # None: one machine, every sender is ours
         recording = self.recording
         if recording:
             buf = worker.sink.buf
@@ -751,16 +780,21 @@ class LoadClient(ClientConnection):
                     continue
                 worker.count_error("seq gap (messages missing)", seq - last_seq - 1)
             last_seq = seq
+            if recording:
+                buf += b"%s,%s%s%s,,\n" % (mid, sender, tail, seq_b)
+            if own is not None and not own(sender):
+                others += 1     # another segment's message: its ratio and its clock, not ours
+                continue
             received += 1
             if seq <= replay_until:
                 late += 1
             if recording:
-                buf += b"%s,%s%s%s,,\n" % (mid, sender, tail, seq_b)
                 lat_append(ts - int(sent))
                 ilat_append(ts - int(intended))
         self.last_seq = last_seq
         worker.received += received
         worker.late += late
+        worker.other_segments += others
         if self.resend_due and last_seq >= replay_until:
             self.resend_unconfirmed()
 
@@ -903,6 +937,8 @@ class LoadClient(ClientConnection):
 
 RAMP, READY, SEND, DRAIN, CLOSE, DONE = "ramp", "ready", "send", "drain", "close", "done"
 HOLD = "hold"                 # the parent's: every client connected, none sending yet (--hold)
+START_AT_LEAD = 0.3           # seconds before --start-at that the parent tells the workers when to start
+SEGMENT_SETTLE_S = 1.0        # with --segment, seconds (at most --grace) the drain waits for other segments
 # Connections kept in their TCP and HTTP handshake at once: at most 1,024 per process,
 # and 6,144 over all processes of a run. Past the machine's pace, a ramp that opened
 # every due connection at once left the requests of thousands unsent while the server's
@@ -923,15 +959,19 @@ class LoadWorker:
     def __init__(self, plan: ScenarioPlan, index: int, channel) -> None:
         self.plan, self.index, self.channel = plan, index, channel
         self.loop = Loop()
-        self.rng = random.Random(f"{plan.seed}:{index}")
+        # Each segment draws its own phases from the common seed: the same draws would put the
+        # k-th client of every segment in step.
+        self.rng = random.Random(f"{plan.seed}:{index}" if plan.segments == 1
+                                 else f"{plan.seed}:{plan.segment}/{plan.segments}:{index}")
         self.sink = CsvSink(plan.part_template.format(index=index), plan.part_template.endswith(".gz"))
-        self.clients = [LoadClient(self, i) for i in range(index, plan.clients, plan.procs)]
+        self.clients = [LoadClient(self, plan.member(k), k) for k in range(index, plan.clients, plan.procs)]
+        self.own_sender = plan.own_sender if plan.segments > 1 else None
         self.unsettled = self.unfinished = len(self.clients)
         # The text is the two stamps, then " xxx..." up to msg_size bytes.
         self.text_tail = b" " + b"x" * (plan.msg_size - STAMPS_END - 1) if plan.msg_size > STAMPS_END else b""
         self.phase, self.closing = RAMP, False
         self.connected = self.sent = self.received = self.late = self.duplicates = self.resent = 0
-        self.reconnects = self.foreign = self.orders_restarted = 0
+        self.reconnects = self.foreign = self.orders_restarted = self.other_segments = 0
         self.errors: dict = {}
         self.latencies: list = []
         self.intended_latencies: list = []
@@ -1075,7 +1115,8 @@ class LoadWorker:
                   "sent": self.sent, "received": self.received, "late": self.late,
                   "duplicates": self.duplicates, "reconnects": self.reconnects, "foreign": self.foreign,
                   "resent": self.resent, "orders_restarted": self.orders_restarted,
-                  "errors": dict(self.errors), "window": window.state(), "handshakes": handshakes.state()}
+                  "other_segments": self.other_segments, "errors": dict(self.errors),
+                  "window": window.state(), "handshakes": handshakes.state()}
         if final:
             connect = LatencyHistogram()
             connect.add_sorted(sorted(self.connect_times))
@@ -1118,7 +1159,7 @@ class Interrupts:
 def sum_totals(reports: list) -> dict:
     """Add up the workers' counters and error counts."""
     out = {"connected": 0, "sent": 0, "received": 0, "late": 0, "duplicates": 0, "reconnects": 0,
-           "foreign": 0, "resent": 0, "orders_restarted": 0, "errors": {}}
+           "foreign": 0, "resent": 0, "orders_restarted": 0, "other_segments": 0, "errors": {}}
     for report in reports:
         for key in out:
             if key == "errors":
@@ -1150,7 +1191,8 @@ class ScenarioRun:
         self.windows: list = []
         self.phase = RAMP
         self.t0 = self.send_end = 0
-        self.drain_deadline = self.hold_end = 0.0
+        self.start_at_us = int(settings.start_at * 1e6) if settings.start_at else 0
+        self.drain_deadline = self.hold_end = self.settle_until = 0.0
         self.ramp_progress = 0
         self.started_us = now_us()
         self.tty = sys.stderr.isatty()
@@ -1231,12 +1273,19 @@ class ScenarioRun:
             if ctrl_c:
                 self._close()
             elif self._phases() == {READY} or now > self.ramp_deadline:
-                self.phase, self.hold_end = HOLD, now + self.settings.hold
+                # --start-at: wait for it, a little ahead so that the workers have the command in time.
+                until_start = (self.start_at_us - now_us()) / 1e6 - START_AT_LEAD if self.start_at_us else 0.0
+                self.phase, self.hold_end = HOLD, now + max(self.settings.hold, until_start)
         elif self.phase == HOLD:
             if ctrl_c:
                 self._close()
             elif now >= self.hold_end:
-                self.t0 = now_us() + 100_000  # every worker has the command before its first send
+                # every worker has the command before its first send
+                self.t0 = max(now_us() + 100_000, self.start_at_us)
+                if self.start_at_us and self.t0 > self.start_at_us:
+                    print(f"loadclient: warning: {self.plan.scenario}: sending starts "
+                          f"{(self.t0 - self.start_at_us) / 1e6:.1f} s after --start-at (the ramp took longer)",
+                          file=sys.stderr)
                 duration = self.settings.duration
                 end = self.t0 + int(duration * 1e6) if duration else 1 << 62
                 self._broadcast("go", (self.t0, end))
@@ -1247,6 +1296,9 @@ class ScenarioRun:
             if ctrl_c or self._phases() == {DRAIN}:
                 self.phase, self.send_end = DRAIN, now_us()
                 self.drain_deadline = now + self.settings.grace
+                # Other segments' last messages are not counted here: give them time to arrive.
+                self.settle_until = now + min(self.settings.grace, SEGMENT_SETTLE_S) if self.plan.segments > 1 \
+                    else now
         elif self.phase == CLOSE:
             # Closing a million connections takes longer than one timeout: wait while
             # they keep closing, and give up on the rest once that stops.
@@ -1256,7 +1308,8 @@ class ScenarioRun:
                 self.close_deadline = max(self.close_deadline, now + self.plan.connect_timeout + 5)
         elif self.phase == DRAIN:
             totals = sum_totals([r for r in self.latest if r])
-            drained = self._phases() == {DRAIN} and totals["received"] >= totals["sent"] * self.plan.room_size
+            drained = self._phases() == {DRAIN} and now >= self.settle_until \
+                and totals["received"] >= totals["sent"] * self.plan.room_members
             if drained or ctrl_c >= 2 or now > self.drain_deadline:
                 self._close()
 
@@ -1308,7 +1361,7 @@ class ScenarioRun:
         end = now_us()
         send_end = self.send_end or end
         duration_s = max(0.0, (send_end - self.t0) / 1e6) if self.t0 else 0.0
-        expected = totals["sent"] * plan.room_size
+        expected = totals["sent"] * plan.room_members
         received = totals["received"]
         ext = ".csv.gz" if settings.gzip else ".csv"
         csv_path = os.path.join(self.run_dir, plan.scenario + ext)
@@ -1329,6 +1382,8 @@ class ScenarioRun:
             "reconnects": totals["reconnects"], "orders_restarted": totals["orders_restarted"],
             "errors": totals["errors"],
             "interrupted": self.interrupts.count > 0, "csv": csv_path,
+            "segment": f"{plan.segment}/{plan.segments}", "room_members": plan.room_members,
+            "from_other_segments": totals["other_segments"],
         }
         meta = {
             "scenario": plan.scenario, "rooms": plan.rooms, "room_size": plan.room_size,
@@ -1340,6 +1395,10 @@ class ScenarioRun:
             "settings": {k: v for k, v in vars(settings).items() if k not in ("target", "scenarios")},
             "sent": totals["sent"], "received": received, "errors": totals["errors"],
             "record_receivers": plan.record_fraction, "room_prefix": plan.room_prefix,
+            "segment": {"index": plan.segment, "count": plan.segments, "room_members": plan.room_members},
+            "start_at": settings.start_at,
+            "start_late_s": round(max(0, self.t0 - self.start_at_us) / 1e6, 3) if self.start_at_us and self.t0
+            else None,
             "summary": result,
         }
         result["meta"] = os.path.join(self.run_dir, plan.scenario + ".meta.json")
@@ -1373,6 +1432,10 @@ def format_summary(r: dict) -> str:
         f"  late           {r['late']}   (replayed after a reconnect with since)",
         f"  resent         {r['resent']}   (sent again after a reconnect, never acked)",
         f"  lost           {r['lost']}   duplicates {r['duplicates']}",
+        *([(f"  segment        {r['segment']}   ({r['room_members']} of each room's {r['room_size']} members;"
+            " the counts above are of this segment's senders only)"),
+           f"                 received from other segments: {r['from_other_segments']}"]
+          if r["segment"] != "1/1" else []),
         (f"  latency        {lat(r['latency_ms'])}   (from the intended send time,"
          f" {r['recorded_clients']} recording clients)"),
         f"  latency/actual {lat(r['latency_actual_ms'])}",
@@ -1421,6 +1484,7 @@ def probe(target: Target, room: str, timeout: float) -> None:
 def run_load_test(settings: argparse.Namespace) -> int:
     """Run every scenario, print summaries, write --summary-json; exit code 1 when a threshold is missed."""
     prefix = settings.room_prefix or f"lt{os.urandom(3).hex()}-"
+    segment, segments = settings.segment
     probe(settings.target, f"{prefix}probe", settings.connect_timeout)
     run_dir = settings.out or os.path.join("results", datetime.now().strftime("%Y%m%d-%H%M%S"))
     os.makedirs(run_dir, exist_ok=True)
@@ -1440,12 +1504,14 @@ def run_load_test(settings: argparse.Namespace) -> int:
                 while time.monotonic() < pause_until and not interrupts.count:
                     time.sleep(0.1)
             scenario = f"{rooms}x{room_size}"
+            clients = rooms * segment_room_members(room_size, segment, segments)
             plan = ScenarioPlan(
-                scenario, rooms, room_size, min(settings.procs, rooms * room_size), settings.target,
+                scenario, rooms, room_size, min(settings.procs, clients), settings.target,
                 f"{prefix}{scenario}-", interval_us, settings.msg_size, settings.jitter,
                 settings.seed, settings.ramp, settings.record_receivers, settings.connect_timeout,
                 os.path.join(run_dir, f"{scenario}.part{{index}}{ext}"),
-                settings.clients_per_address if spread and rooms * room_size > settings.clients_per_address else 0)
+                settings.clients_per_address if spread and clients > settings.clients_per_address else 0,
+                segment, segments)
             results.append(ScenarioRun(settings, plan, run_dir, interrupts).run())
             print(format_summary(results[-1]), flush=True)
     finally:
@@ -1740,6 +1806,12 @@ def build_parser() -> ArgumentParser:
         help="rooms are named PREFIX<scenario>-<n>, e.g. to watch one in the browser "
              "(default: lt<random hex>-, fresh rooms every run)")
     add("--seed", type=int, help="seed of the schedule's phases and jitter (default: random, in the metadata)")
+    add("--segment", type=parse_segment, default="1/1", metavar="I/N",
+        help="run segment I of N (1 <= I <= N) of the scenario from this machine: member j of every room "
+             "is segment j %% N + 1's; needs --seed and --start-at, the same on every segment")
+    add("--start-at", type=float, metavar="UNIX_TIME",
+        help="start sending at this Unix time (seconds), so that several machines start together; "
+             "no later than a day ahead")
     add("--jitter", type=float, default=0.1, help="send-time jitter as a fraction of the interval (0 <= J < 1)")
     add("--record-receivers", type=float, default=1.0, metavar="FRACTION",
         help="fraction of clients that record latencies and Received rows (all are counted)")
@@ -1763,6 +1835,42 @@ def parse_sweep(text: str) -> list:
     return scenarios
 
 
+SEGMENT = re.compile(r"([1-9][0-9]{0,5})/([1-9][0-9]{0,5})")
+MAX_START_AHEAD_S = 86_400    # a --start-at further ahead is taken for a typo
+
+
+def parse_segment(text: str) -> tuple:
+    """'2/3' -> (2, 3): the second of three segments (1-based)."""
+    match = SEGMENT.fullmatch(text)
+    if match is None or int(match[1]) > int(match[2]):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N with 1 <= I <= N, e.g. 1/2")
+    return int(match[1]), int(match[2])
+
+
+def check_segment(s: argparse.Namespace) -> None:
+    """--segment and --start-at: segments of one run need a common seed, rooms and start."""
+    segment, segments = s.segment
+    if s.start_at is not None:
+        if not math.isfinite(s.start_at):
+            raise SettingsError(f"--start-at {s.start_at}: not a Unix time")
+        ahead = s.start_at - time.time()
+        if ahead < 0:
+            raise SettingsError(f"--start-at {s.start_at:.0f}: {-ahead:.0f} s in the past")
+        if ahead > MAX_START_AHEAD_S:
+            raise SettingsError(f"--start-at {s.start_at}: more than a day ahead (a Unix time in seconds?)")
+        if len(s.scenarios) > 1:
+            raise SettingsError("--start-at starts one scenario: not with --sweep")
+    if segments == 1:
+        return
+    if s.seed is None or s.start_at is None:
+        raise SettingsError(f"--segment {segment}/{segments} needs --seed and --start-at, the same on every segment")
+    if min(n for _, n in s.scenarios) < segments:
+        raise SettingsError(f"--segment {segment}/{segments}: rooms of {min(n for _, n in s.scenarios)} members "
+                            f"cannot be split over {segments} segments (--room-size >= {segments})")
+    # Without --room-prefix, every segment names the rooms after the common seed.
+    s.room_prefix = s.room_prefix or f"lt{s.seed}-"
+
+
 def parse_settings(argv: list | None = None) -> argparse.Namespace:
     """Parse and validate the command line; every problem is a SettingsError."""
     parser = build_parser()
@@ -1781,6 +1889,7 @@ def parse_settings(argv: list | None = None) -> argparse.Namespace:
     elif s.msg_frequency is None:
         s.msg_frequency = 1000.0
     s.scenarios = parse_sweep(s.sweep) if s.sweep else [(s.rooms, s.room_size)]
+    check_segment(s)
     checks = [
         (all(r >= 1 for r, _ in s.scenarios), "--rooms: must be >= 1"),
         (all(n >= 1 for _, n in s.scenarios), "--room-size: must be >= 1"),
@@ -1803,7 +1912,7 @@ def parse_settings(argv: list | None = None) -> argparse.Namespace:
     for ok, message in checks:
         if not ok:
             raise SettingsError(message)
-    largest = max(r * n for r, n in s.scenarios)
+    largest = max(r * segment_room_members(n, *s.segment) for r, n in s.scenarios)
     per_proc = math.ceil(largest / min(s.procs, largest))
     files = resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 64
     if per_proc > files:

@@ -3,6 +3,7 @@
 
     python plot.py                         # the newest run folder in results/
     python plot.py results/20261128-100000 [--out DIR] [--format png|svg] [--log]
+    python plot.py results/m1 results/m2   # the segments of one run (loadclient.py --segment), merged
 
 Reads the run's processed/ outputs (running csvprocess.py first when they are
 missing or older than the event files) and draws:
@@ -12,7 +13,9 @@ missing or older than the event files) and draws:
 - delivery: expected vs received deliveries and the delivery ratio per scenario
 - latency-over-time_<scenario>: p50/p90/p99 per second, message rate on a second axis
 
-Figures go to <run>/plots/ unless --out says otherwise; their paths are printed.
+Figures go to <run>/plots/ unless --out says otherwise (for segments, to
+<first folder>-merged/plots/ beside csvprocess.py's merged processed/); their
+paths are printed.
 
     python plot.py bench/results/connections-1000000.csv
 
@@ -58,18 +61,22 @@ class PlotError(Exception):
 # Finding a run and its processed data
 # ---------------------------------------------------------------------------
 
-def processed_folder(run: Path) -> Path:
-    """The folder with summary_*.json for run, made (or remade) by csvprocess when needed."""
-    if list(run.glob("summary_*.json")):  # run is itself a processed folder
+def processed_folder(runs: list[Path]) -> Path:
+    """The folder with summary_*.json for a run (or for the segments of one run, merged), made
+    (or remade) by csvprocess when needed."""
+    run = runs[0]
+    if len(runs) == 1 and list(run.glob("summary_*.json")):  # run is itself a processed folder
         return run
-    processed = run / "processed"
-    files = csvprocess.event_files(run)
+    files = [f for r in runs for f in csvprocess.event_files(r)]
     if not files:
+        if len(runs) == 1 and list((run / "processed").glob("summary_*.json")):  # e.g. a merged run
+            return run / "processed"
         raise PlotError(f"{run}: no event CSVs and no processed summaries here")
+    processed = csvprocess.output_folder([str(r) for r in runs])
     done = [processed / f"summary_{csvprocess.scenario_name(f)}.json" for f in files]
     if any(not s.exists() or s.stat().st_mtime < f.stat().st_mtime for f, s in zip(files, done)):
-        print(f"processing {run} with csvprocess.py ...")
-        summaries = csvprocess.process([str(run)], str(processed))
+        print(f"processing {' '.join(map(str, runs))} with csvprocess.py ...")
+        summaries = csvprocess.process([str(r) for r in runs], str(processed))
         print(csvprocess.format_table(summaries))
     return processed
 
@@ -350,12 +357,13 @@ def plot_samples(path: Path, out: Path | None = None, fmt: str = "png") -> list[
 # Drawing a run
 # ---------------------------------------------------------------------------
 
-def plot_run(run: Path, out: Path | None = None, fmt: str = "png", log: bool = False) -> list[Path]:
-    """Draw every figure of a run folder (or a processed folder); returns the files written."""
-    processed = processed_folder(run)
+def plot_run(runs: list[Path], out: Path | None = None, fmt: str = "png", log: bool = False) -> list[Path]:
+    """Draw every figure of a run folder (or a processed folder, or the segments' folders of one
+    run); returns the files written."""
+    processed = processed_folder(runs)
     summaries = load_run(processed)
     if out is None:
-        out = (run.parent if processed == run else run) / "plots"
+        out = processed.parent / "plots"
     out.mkdir(parents=True, exist_ok=True)
     paths = [save(percentile_grid(summaries, log), out, "latency-percentiles", fmt),
              save(mean_spread(summaries, log), out, "latency-mean", fmt),
@@ -367,8 +375,9 @@ def plot_run(run: Path, out: Path | None = None, fmt: str = "png", log: bool = F
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command-line options."""
     parser = argparse.ArgumentParser(prog="plot.py", description="Figures of a load-test run.")
-    parser.add_argument("run", nargs="?", type=Path,
+    parser.add_argument("runs", nargs="*", type=Path, metavar="RUN",
                         help="run folder (default: the newest in --results) or its processed/ folder, "
+                             "the folders of every segment of one run (merged), "
                              "or a bench_connections.py sample CSV")
     parser.add_argument("--results", type=Path, default=Path("results"),
                         help="where runs are looked for without RUN (default: results)")
@@ -382,20 +391,21 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = parse_args(argv)
     try:
-        run = args.run or csvprocess.newest_run(args.results)
-        if run.is_file() and run.suffix == ".csv":
+        runs = args.runs or [csvprocess.newest_run(args.results)]
+        run = runs[0]
+        if len(runs) == 1 and run.is_file() and run.suffix == ".csv":
             paths = plot_samples(run, args.out, args.format)
-        elif not run.is_dir():
-            raise PlotError(f"{run}: no such folder")
+        elif missing := [r for r in runs if not r.is_dir()]:
+            raise PlotError(f"{missing[0]}: no such folder")
         else:
-            paths = plot_run(run, args.out, args.format, args.log)
+            paths = plot_run(runs, args.out, args.format, args.log)
     except (PlotError, csvprocess.InputError) as e:
         print(f"plot: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"plot: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
-    print(f"figures of {run}:")
+    print(f"figures of {' '.join(map(str, runs))}:")
     for path in paths:
         print(f"  {path}")
     return 0

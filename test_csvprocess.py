@@ -463,7 +463,7 @@ def test_csvprocess_without_a_path_takes_the_newest_run(tmp_path):
 
 def test_plot_scenario_without_deliveries(tmp_path):
     write_run(tmp_path, [line(EVENTS[0]), line(EVENTS[11])])  # two sends, nothing received
-    paths = plot.plot_run(tmp_path, tmp_path / "plots")
+    paths = plot.plot_run([tmp_path], tmp_path / "plots")
     assert len(paths) == 4
     for path in paths:
         assert drawn_fraction(path) > 0.02
