@@ -2489,13 +2489,16 @@ class ConnectionLoop(EventLoop):
         cap = self.config.max_buffer
         batch = dirty[:]
         dirty.clear()
+        if self.write_barrier is not None and not self.write_barrier():     # once for the turn's writes
+            self.held_writes.update(dict.fromkeys(batch))
+            return
         for conn in batch:
             try:
                 if conn.writing or conn.state == CLOSED:
                     if conn.out_bytes > cap and conn.state == OPEN:
                         self._cut_off(conn)
                     continue
-                self._flush(conn)
+                self._write(conn)
             except Exception:  # noqa: BLE001 - the barrier: any bug, one victim
                 self._internal_failure(conn)
 
@@ -2511,6 +2514,10 @@ class ConnectionLoop(EventLoop):
         if self.write_barrier is not None and not self.write_barrier():
             self.held_writes[conn] = None
             return
+        self._write(conn)
+
+    def _write(self, conn: Connection) -> None:
+        """_flush once the write barrier is open."""
         out = conn.out
         if not out and conn.replay is not None:
             frames = self.next_replay(conn)
