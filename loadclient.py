@@ -46,6 +46,7 @@ from scalechat import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_NO_STATUS,
     CLOSE_NORMAL,
+    CLOSE_POLICY,
     CLOSE_TRY_AGAIN_LATER,
     OP_CLOSE,
     OP_PING,
@@ -74,9 +75,11 @@ EVENT_COLUMNS = ("message_id", "sender_id", "client_id", "type", "timestamp_us",
 CSV_HEADER = (",".join(EVENT_COLUMNS) + "\n").encode()
 DEFAULT_URL = "ws://127.0.0.1:8080/ws"
 # Close codes after which a client comes back with since=<last seq>: the server
-# went away, cut a slow reader, or the connection broke.
+# went away, cut a slow reader, closed a client over its rate (which a paced client
+# should never be, but its unacked messages must not be abandoned), or the
+# connection broke.
 RECONNECT_CODES = frozenset({CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER, CLOSE_ABNORMAL,
-                             CLOSE_INTERNAL_ERROR})
+                             CLOSE_INTERNAL_ERROR, CLOSE_POLICY})
 # One source address holds about 28k connections to one destination (ports
 # 32768-60999), but connect() slows down long before: the kernel walks the ports
 # in use to find a free one, and at 25,000 per address that walk took 69% of the
@@ -478,6 +481,70 @@ class ClientConnection:
 
 
 # ---------------------------------------------------------------------------
+# Pacing: the server's rate limit, kept on the client's side
+# ---------------------------------------------------------------------------
+
+# A client's bucket is this share of the server's (its rate and its burst), so that
+# messages bunched on their way (a stalled reader, the network) still find tokens there.
+PACE_MARGIN = 0.9
+RETRY_AFTER_DEFAULT = 1.0     # seconds to wait after a rate_limit error that does not say
+UNAVAILABLE_RETRY = 3.0       # seconds before sending again what the server could not pass on (unavailable)
+
+
+def limit_of(limits: dict, key: str) -> float:
+    """One number of welcome.limits; 0.0 (no limit) when it is absent or not a number."""
+    value = limits.get(key) if isinstance(limits, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else 0.0
+
+
+class Pacer:
+    """The server's token buckets (messages and bytes) as welcome.limits announces them, kept a
+    little smaller on the client's side: what it lets out, the server never refuses
+    (docs/protocol.md, "Pacing"). A refusal's retry_after holds it back until then."""
+
+    __slots__ = ("burst", "byte_burst", "byte_rate", "byte_tokens", "rate", "time", "tokens")
+
+    def __init__(self, limits: dict | None, now: float) -> None:
+        self.rate = PACE_MARGIN * limit_of(limits, "rate")
+        self.burst = max(1.0, math.floor(PACE_MARGIN * limit_of(limits, "burst")))
+        self.byte_rate = PACE_MARGIN * limit_of(limits, "rate_bytes")
+        self.byte_burst = max(1.0, math.floor(PACE_MARGIN * limit_of(limits, "burst_bytes")))
+        self.tokens, self.byte_tokens, self.time = self.burst, self.byte_burst, now   # full, as the server's
+
+    def wait(self, size: int, now: float) -> float:
+        """Seconds until a message of size bytes may go: 0.0 for now."""
+        if now < self.time:                         # held back by a retry_after
+            return self.time - now
+        elapsed, self.time = now - self.time, now
+        wait = 0.0
+        if self.rate:
+            self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+            if self.tokens < 1.0:
+                wait = (1.0 - self.tokens) / self.rate
+        if self.byte_rate:
+            self.byte_tokens = min(self.byte_burst, self.byte_tokens + elapsed * self.byte_rate)
+            need = min(float(size), self.byte_burst)    # the server's bucket holds the largest message
+            if self.byte_tokens < need:
+                wait = max(wait, (need - self.byte_tokens) / self.byte_rate)
+        return wait
+
+    def take(self, size: int, now: float) -> bool:
+        """Whether a message of size bytes may go now; if so, it is paid for."""
+        if self.wait(size, now) > 0.0:
+            return False
+        self.tokens -= 1.0
+        self.byte_tokens -= size
+        return True
+
+    def hold(self, retry_after, now: float) -> None:
+        """The server refused a message: its bucket holds one token again retry_after seconds from now."""
+        seconds = retry_after if isinstance(retry_after, (int, float)) and retry_after >= 0 else RETRY_AFTER_DEFAULT
+        self.wait(0, now)
+        self.tokens = min(self.tokens, 1.0)
+        self.time = max(self.time, now + seconds)
+
+
+# ---------------------------------------------------------------------------
 # Receive path: the fields of a chat message without json.loads
 # ---------------------------------------------------------------------------
 
@@ -707,9 +774,9 @@ def segment_room_members(room_size: int, segment: int, segments: int) -> int:
 class LoadClient(ClientConnection):
     """One simulated chat client: sends on its schedule, counts and records what arrives."""
 
-    __slots__ = ("backlog", "epoch", "ever_welcomed", "failures", "finished", "index", "lag_end", "lag_seq",
-                 "last_seq", "message_id", "name_b", "phase_us", "recording", "replay_until", "resend_due",
-                 "room_b", "scheduled", "settled", "unconfirmed", "welcomed", "worker")
+    __slots__ = ("again", "backlog", "epoch", "ever_welcomed", "failures", "finished", "index", "lag_end", "lag_seq",
+                 "last_seq", "message_id", "name_b", "pacer", "phase_us", "pump_due", "recording", "replay_until",
+                 "resend_due", "room_b", "scheduled", "settled", "unconfirmed", "welcomed", "worker")
 
     def __init__(self, worker: LoadWorker, index: int, position: int) -> None:
         """Client index of the scenario (its name and room), position-th of this segment."""
@@ -728,12 +795,14 @@ class LoadClient(ClientConnection):
         # us seq lag_seq + 1 .. lag_end, which we have: those come once more and are dropped.
         self.epoch = b""
         self.lag_seq = self.lag_end = 0
-        self.backlog: list = []
+        self.backlog: list = []             # intended send times of messages not sent yet
         # message_id (bytes) -> payload, until the server acks it. Only an ack settles a
         # message: anyone may connect with our name and post a message_id of ours.
         self.unconfirmed: dict = {}
+        self.again: list = []               # message_ids of unconfirmed messages to send again, in turn
+        self.pacer: Pacer | None = None     # this connection's pace within the server's limits
         self.welcomed = self.ever_welcomed = self.finished = self.settled = False
-        self.resend_due = False
+        self.resend_due = self.pump_due = False
 
     def start(self) -> None:
         """Connect, with since=<last seq>&epoch=<its order> after the first time so nothing is missed."""
@@ -806,9 +875,8 @@ class LoadClient(ClientConnection):
         exactly once (see docs/protocol.md).
         """
         self.resend_due = False
-        for payload in self.unconfirmed.values():
-            self.send(encode_frame(OP_TEXT, payload[:-1] + b', "resend": true}', mask_key=new_mask_key()))
-            self.worker.resent += 1
+        self.again = list(self.unconfirmed)
+        self.pump()
 
     def on_other_text(self, payload: bytes) -> tuple | None:
         """The json.loads path: welcome, members, error, and messages the regex did not match."""
@@ -830,8 +898,23 @@ class LoadClient(ClientConnection):
         if kind == "welcome":
             self.on_welcome(event)
         elif kind == "error":
-            self.worker.count_error(f"error {event.get('code', '?')}")
+            code = event.get("code", "?")
+            self.worker.count_error(f"error {code}")
+            if code in ("rate_limit", "unavailable"):
+                self.send_again_later(event)
         return None
+
+    def send_again_later(self, event: dict) -> None:
+        """A message of ours was refused over the rate (or while the bus was away): it goes again
+        once the server's bucket holds a token (retry_after), after what waits before it."""
+        message_id = event.get("message_id")
+        key = b"%d" % message_id if isinstance(message_id, int) else None
+        if key not in self.unconfirmed or self.pacer is None:
+            return
+        now = time.monotonic()
+        self.pacer.hold(event.get("retry_after") if event.get("code") == "rate_limit" else UNAVAILABLE_RETRY, now)
+        self.again.append(key)
+        self.pump_later(self.pacer.time - now)
 
     def on_welcome(self, event: dict) -> None:
         """Joined: start counting, or after a reconnect mark the replayed range as late."""
@@ -856,13 +939,13 @@ class LoadClient(ClientConnection):
         self.failures = 0
         self.settle()
         worker.connected += 1
+        self.pacer = Pacer(event.get("limits"), time.monotonic())
+        self.again = []
         if self.unconfirmed:
             self.resend_due = True
             if self.last_seq >= self.replay_until:
                 self.resend_unconfirmed()
-        backlog, self.backlog = self.backlog, []
-        for intended in backlog:
-            self.send_message(intended)
+        self.pump()
 
     def begin_order(self, epoch: bytes, seq: int) -> None:
         """The room's order is epoch from now on, counting from seq: its first order, or a new one
@@ -878,10 +961,65 @@ class LoadClient(ClientConnection):
 
     # -- sending ---------------------------------------------------------------
     def send_message(self, intended: int) -> None:
-        """Send one scheduled message now (or hold it until the connection is back)."""
-        if not self.welcomed or self.state != OPEN:
+        """Send one scheduled message now, or queue it: until the connection is back, or until the
+        pacer has a token for it (behind what is queued already)."""
+        if self.backlog or not self.welcomed or self.state != OPEN or \
+                not self.pacer.take(self.worker.message_bytes, time.monotonic()):
             self.backlog.append(intended)
+            self.worker.queued += 1
+            if self.welcomed and self.state == OPEN:
+                self.pump_later(self.pacer.wait(self.worker.message_bytes, time.monotonic()))
             return
+        self.send_now(intended)
+
+    def pump(self) -> None:
+        """Send what waits, as fast as the pacer lets it: messages to send again first (once a
+        reconnect's replay is over), then the backlog; then wait for the next token."""
+        self.pump_due = False
+        if not self.welcomed or self.state != OPEN:
+            return
+        now = time.monotonic()
+        waiting = self._send_again(now) if self.again and not self.resend_due else 0
+        if not waiting and self.backlog:
+            waiting = self._send_backlog(now)
+        if waiting and self.state == OPEN:
+            self.pump_later(self.pacer.wait(waiting, now))
+
+    def _send_again(self, now: float) -> int:
+        """Send what again lists, marked as resends; the size of the next one if it must wait, else 0."""
+        done = 0
+        for key in self.again:
+            payload = self.unconfirmed.get(key)
+            if payload is not None:                         # else acked meanwhile
+                payload = payload[:-1] + b', "resend": true}'
+                if self.state != OPEN or not self.pacer.take(len(payload), now):
+                    break
+                self.send(encode_frame(OP_TEXT, payload, mask_key=new_mask_key()))
+                self.worker.resent += 1
+            done += 1
+        del self.again[:done]
+        return len(payload) if self.again else 0
+
+    def _send_backlog(self, now: float) -> int:
+        """Send the backlog's messages; the size of the next one if it must wait, else 0."""
+        worker, done = self.worker, 0
+        for intended in self.backlog:
+            if self.state != OPEN or not self.pacer.take(worker.message_bytes, now):
+                break
+            self.send_now(intended)
+            done += 1
+        del self.backlog[:done]
+        worker.queued -= done
+        return worker.message_bytes if self.backlog else 0
+
+    def pump_later(self, delay: float) -> None:
+        """Pump again after delay seconds (once, however often asked)."""
+        if not self.pump_due:
+            self.pump_due = True
+            self.loop.call_later(max(0.0, delay), self.pump)
+
+    def send_now(self, intended: int) -> None:
+        """Send one scheduled message, its Sent row stamped now."""
         worker = self.worker
         ts = time.time_ns() // 1000
         self.message_id += 1
@@ -972,6 +1110,10 @@ class LoadWorker:
         self.phase, self.closing = RAMP, False
         self.connected = self.sent = self.received = self.late = self.duplicates = self.resent = 0
         self.reconnects = self.foreign = self.orders_restarted = self.other_segments = 0
+        self.queued = 0             # scheduled messages that wait in the clients' backlogs
+        # What a message frame's payload weighs, for the pacers' byte buckets (the longest
+        # message_id; the payload's format is send_now's).
+        self.message_bytes = STAMPS_END + len(self.text_tail) + 90
         self.errors: dict = {}
         self.latencies: list = []
         self.intended_latencies: list = []
@@ -1022,7 +1164,7 @@ class LoadWorker:
             self.sink.close()
         unsent = sum(len(c.backlog) for c in self.clients)
         if unsent:
-            self.count_error("not sent (disconnected at the end)", unsent)
+            self.count_error("not sent (still queued at the end)", unsent)
         self.report(final=True)
 
     def _ramp(self) -> None:
@@ -1114,7 +1256,7 @@ class LoadWorker:
         totals = {"phase": self.phase, "time": time.monotonic(), "ramped": self.ramped, "connected": self.connected,
                   "sent": self.sent, "received": self.received, "late": self.late,
                   "duplicates": self.duplicates, "reconnects": self.reconnects, "foreign": self.foreign,
-                  "resent": self.resent, "orders_restarted": self.orders_restarted,
+                  "resent": self.resent, "orders_restarted": self.orders_restarted, "queued": self.queued,
                   "other_segments": self.other_segments, "errors": dict(self.errors),
                   "window": window.state(), "handshakes": handshakes.state()}
         if final:
@@ -1159,7 +1301,7 @@ class Interrupts:
 def sum_totals(reports: list) -> dict:
     """Add up the workers' counters and error counts."""
     out = {"connected": 0, "sent": 0, "received": 0, "late": 0, "duplicates": 0, "reconnects": 0,
-           "foreign": 0, "resent": 0, "orders_restarted": 0, "other_segments": 0, "errors": {}}
+           "foreign": 0, "resent": 0, "orders_restarted": 0, "other_segments": 0, "queued": 0, "errors": {}}
     for report in reports:
         for key in out:
             if key == "errors":
@@ -1308,7 +1450,7 @@ class ScenarioRun:
                 self.close_deadline = max(self.close_deadline, now + self.plan.connect_timeout + 5)
         elif self.phase == DRAIN:
             totals = sum_totals([r for r in self.latest if r])
-            drained = self._phases() == {DRAIN} and now >= self.settle_until \
+            drained = self._phases() == {DRAIN} and now >= self.settle_until and not totals["queued"] \
                 and totals["received"] >= totals["sent"] * self.plan.room_members
             if drained or ctrl_c >= 2 or now > self.drain_deadline:
                 self._close()
@@ -1430,7 +1572,7 @@ def format_summary(r: dict) -> str:
         (f"  received       {r['received']}   delivery ratio {ratio}"
          f"   {r['deliveries_per_s']:.0f} deliveries/s"),
         f"  late           {r['late']}   (replayed after a reconnect with since)",
-        f"  resent         {r['resent']}   (sent again after a reconnect, never acked)",
+        f"  resent         {r['resent']}   (sent again: never acked before a reconnect, or refused over the rate)",
         f"  lost           {r['lost']}   duplicates {r['duplicates']}",
         *([(f"  segment        {r['segment']}   ({r['room_members']} of each room's {r['room_size']} members;"
             " the counts above are of this segment's senders only)"),
@@ -1539,22 +1681,30 @@ class ChatClient(ClientConnection):
     What you type stays in an outbox until the server acks it: lines typed while
     disconnected go out once joined again, and lines sent but never acked are
     sent again after a reconnect, marked ``resend`` (the server drops those it
-    already has). Quitting, or the end of piped input, waits for the outbox to
-    empty, at most QUIT_WAIT seconds.
+    already has). The outbox goes out paced within the limits the welcome
+    announces, and a line refused with ``rate_limit`` goes again after its
+    ``retry_after``. Quitting, or the end of piped input, waits for the outbox to
+    empty: QUIT_WAIT seconds plus the time the backlog takes at the server's
+    rate. What was not delivered by then, or was refused, is told on stderr and
+    the exit code is 1.
     """
 
-    __slots__ = ("epoch", "exit_code", "failures", "fatal", "last_seq", "message_id", "out", "pending",
-                 "quitting", "unacked", "was_open")
+    __slots__ = ("epoch", "exit_code", "failures", "fatal", "give_up_at", "last_seq", "message_id", "out",
+                 "outbox", "pacer", "pump_due", "quitting", "refused", "sent", "to_send", "told_waiting",
+                 "was_open")
 
     def __init__(self, loop: Loop, target: Target, room: str | None, name: str | None, out) -> None:
         super().__init__(loop, target, room, name)
         self.out = out
         self.last_seq: int | None = None
         self.epoch = ""                     # the room's order last_seq counts in ("": none yet)
-        self.message_id = self.failures = 0
-        self.pending: list = []             # typed while disconnected: not sent yet
-        self.unacked: dict = {}             # message_id -> text, sent and not yet acked
-        self.quitting = self.was_open = False
+        self.message_id = self.failures = self.refused = 0
+        self.outbox: dict = {}              # message_id -> text, typed and not yet acked
+        self.to_send: list = []             # heap of the outbox's message_ids still to send on this connection
+        self.sent: set = set()              # message_ids sent at least once: sent again as resends
+        self.pacer: Pacer | None = None     # this connection's pace, once joined
+        self.quitting = self.was_open = self.pump_due = self.told_waiting = False
+        self.give_up_at = 0.0
         self.exit_code: int | None = None
         self.fatal = ""
 
@@ -1577,15 +1727,13 @@ class ChatClient(ClientConnection):
             if kind == "message":
                 self.on_message(event)
             elif kind == "ack":
-                self.unacked.pop(event.get("message_id"), None)
-                if self.quitting and not self.unacked and self.state == OPEN:
-                    self.close(CLOSE_NORMAL)
+                self.settle(event.get("message_id"))
             elif kind == "welcome":
                 self.on_welcome(event)
             elif kind == "members":
                 self.say(f"* members in {event.get('room')}: {event.get('count')}")
             elif kind == "error":
-                self.say(f"! {event.get('code')}: {event.get('reason')}")
+                self.on_error(event)
 
     def on_message(self, event: dict) -> None:
         """Print a message of the room, once: in a new order (another epoch) whatever its seq."""
@@ -1607,9 +1755,9 @@ class ChatClient(ClientConnection):
         self.epoch, self.last_seq = epoch, 0
 
     def on_welcome(self, event: dict) -> None:
-        """Joined (again): say so, then send what was typed while disconnected."""
+        """Joined (again): say so, then send what is not acked yet, at the server's pace."""
         again = self.was_open
-        self.was_open, self.failures = True, 0
+        self.was_open, self.failures, self.told_waiting = True, 0, False
         epoch = event.get("epoch") or ""    # "": the room has no order yet
         if not again:
             self.epoch, self.last_seq = epoch, event.get("seq", 0)
@@ -1618,50 +1766,130 @@ class ChatClient(ClientConnection):
         verb = "reconnected to" if again else "joined"
         self.say(f"* {verb} {event.get('room')} as {event.get('name')}"
                  f" ({event.get('members', '?')} here); type /quit to leave")
-        for message_id, text in self.unacked.items():
-            self._send_message(message_id, text, resend=True)
-        pending, self.pending = self.pending, []
-        for text in pending:
-            self.send_text(text)
-        if self.quitting and not self.unacked:
-            self.close(CLOSE_NORMAL)
+        now = time.monotonic()
+        self.pacer = Pacer(event.get("limits"), now)
+        self.to_send = sorted(self.outbox)  # a sorted list is a heap
+        if self.quitting:
+            self.give_up_at = max(self.give_up_at, now + self.patience())
+        self.pump()
+
+    def on_error(self, event: dict) -> None:
+        """A frame of ours was refused: over the rate (or the bus away), it goes again later;
+        otherwise sending it again would be refused again, and it is not delivered."""
+        code, reason, message_id = event.get("code"), event.get("reason"), event.get("message_id")
+        if code in ("rate_limit", "unavailable") and message_id in self.outbox and self.pacer is not None:
+            retry_after = event.get("retry_after") if code == "rate_limit" else UNAVAILABLE_RETRY
+            self.pacer.hold(retry_after, time.monotonic())
+            heapq.heappush(self.to_send, message_id)
+            self.say(f"! {code}: {reason}; sending it again shortly")
+            self.pump_later(self.pacer.time - time.monotonic())
+            return
+        self.say(f"! {code}: {reason}")
+        if self.outbox.pop(message_id, None) is not None:
+            self.refused += 1
+            self.leave_if_done()
 
     def send_text(self, text: str) -> None:
-        """Send a typed line, or keep it until the connection is back."""
-        if self.state != OPEN or not self.was_open:
-            self.pending.append(text)
-            self.say("* not connected: will send after reconnecting" if self.was_open else
-                     "* joining: will send once joined")
-            return
+        """Queue a typed line; it goes out at the server's pace, now or once (re)joined."""
         self.message_id += 1
-        self.unacked[self.message_id] = text
-        self._send_message(self.message_id, text)
+        self.outbox[self.message_id] = text
+        if self.pacer is None:
+            if not self.told_waiting:
+                self.told_waiting = True
+                self.say("* not connected: will send after reconnecting" if self.was_open else
+                         "* joining: will send once joined")
+            return
+        heapq.heappush(self.to_send, self.message_id)
+        self.pump()
 
-    def _send_message(self, message_id: int, text: str, resend: bool = False) -> None:
-        body = {"message_id": message_id, "text": text, "sent_at": iso_time(now_us())}
-        if resend:
-            body["resend"] = True
-        self.send(encode_frame(OP_TEXT, json.dumps(body).encode(), mask_key=new_mask_key()))
+    def pump(self) -> None:
+        """Send what is due on this connection, as fast as the pacer lets it; then wait for tokens."""
+        self.pump_due = False
+        pacer = self.pacer
+        while pacer is not None and self.to_send and self.state == OPEN:
+            message_id = self.to_send[0]
+            text = self.outbox.get(message_id)
+            if text is None:                # acked meanwhile
+                heapq.heappop(self.to_send)
+                continue
+            body = {"message_id": message_id, "text": text, "sent_at": iso_time(now_us())}
+            if message_id in self.sent:
+                body["resend"] = True
+            payload = json.dumps(body).encode()
+            now = time.monotonic()
+            if not pacer.take(len(payload), now):
+                self.pump_later(pacer.wait(len(payload), now))
+                return
+            heapq.heappop(self.to_send)
+            self.sent.add(message_id)
+            self.send(encode_frame(OP_TEXT, payload, mask_key=new_mask_key()))
+
+    def pump_later(self, delay: float) -> None:
+        """Pump again after delay seconds (once, however often asked)."""
+        if not self.pump_due:
+            self.pump_due = True
+            self.loop.call_later(max(0.0, delay), self.pump)
+
+    def settle(self, message_id) -> None:
+        """The server acked one of ours: it is delivered."""
+        if self.outbox.pop(message_id, None) is not None:
+            self.sent.discard(message_id)
+            self.leave_if_done()
+
+    def patience(self) -> float:
+        """Seconds quitting waits for the outbox: QUIT_WAIT, plus the backlog at the server's rate."""
+        rate = self.pacer.rate if self.pacer is not None else 0.0
+        return QUIT_WAIT + (len(self.outbox) / rate if rate else 0.0)
 
     def quit(self, now: bool = False) -> None:
         """Close with 1000 once what was typed is acked (or at once), and let the loop end."""
-        waiting = bool(self.pending or self.unacked) and not now
         first = not self.quitting
         self.quitting = True
-        if waiting:
+        if self.outbox and not now:
             if first:
-                self.say(f"* sending what is left ({len(self.pending) + len(self.unacked)}), "
-                         f"at most {QUIT_WAIT:g} s")
-                self.loop.call_later(QUIT_WAIT, self.quit, True)
+                patience = self.patience()
+                self.give_up_at = time.monotonic() + patience
+                later = " (longer once joined, at the server's rate)" if self.pacer is None else ""
+                self.say(f"* sending what is left ({len(self.outbox)}), at most {patience:.0f} s{later}")
+                self.loop.call_later(0.5, self._give_up_in_time)
         elif self.state == IDLE:
-            self.exit_code = 0
+            self.finish(None)
         else:
             self.close(CLOSE_NORMAL)
 
-    def on_ended(self, code: int, reason: str, by_us: bool) -> None:
-        if self.quitting and (by_us or not (self.pending or self.unacked)):
+    def _give_up_in_time(self) -> None:
+        if self.exit_code is not None:
+            return
+        left = self.give_up_at - time.monotonic()
+        if left <= 0:
+            self.quit(now=True)
+        else:
+            self.loop.call_later(min(left, 0.5), self._give_up_in_time)
+
+    def leave_if_done(self) -> None:
+        """Quitting and nothing left to deliver: leave."""
+        if self.quitting and not self.outbox and self.state == OPEN:
+            self.close(CLOSE_NORMAL)
+
+    def undelivered(self) -> str:
+        """What of the typed lines did not reach the room ("": all did)."""
+        lost = len(self.outbox) + self.refused
+        if not lost:
+            return ""
+        why = [f"{self.refused} refused by the server"] if self.refused else []
+        why += [f"{len(self.outbox)} not acknowledged in time"] if self.outbox else []
+        return f"{lost} of {self.message_id} messages typed were not delivered ({', '.join(why)})"
+
+    def finish(self, code: int | None) -> None:
+        """Leave for good: exit code 1 when something typed was not delivered."""
+        if code is not None:
             self.say(f"* closed ({code})")
-            self.exit_code = 0
+        self.exit_code = 1 if self.undelivered() else 0
+
+    def on_ended(self, code: int, reason: str, by_us: bool) -> None:
+        self.pacer = None
+        if self.quitting and (by_us or not self.outbox):
+            self.finish(code)
             return
         if not self.was_open and self.failures == 0:
             self.fatal = f"cannot connect to {self.target.url}: {reason}"
@@ -1679,7 +1907,7 @@ class ChatClient(ClientConnection):
             self.connect(self.last_seq if self.was_open else None, self.epoch)
 
 
-QUIT_WAIT = 5.0               # seconds quitting waits for the server to ack what was typed
+QUIT_WAIT = 5.0               # seconds quitting waits for acks, beyond the backlog's time at the server's rate
 
 
 def ask(prompt: str, default: str) -> str:
@@ -1717,6 +1945,8 @@ def run_terminal(settings: argparse.Namespace) -> int:
             client.quit(now=client.quitting)        # a second Ctrl-C does not wait
     if client.fatal:
         raise SettingsError(client.fatal)
+    if client.undelivered():
+        print(f"loadclient: {client.undelivered()}", file=sys.stderr)
     return client.exit_code
 
 

@@ -784,11 +784,13 @@ def encode_json_frame(obj: dict) -> bytes:
     return encode_frame(OP_TEXT, json.dumps(obj, separators=(",", ":")).encode())
 
 
-def error_frame(code: str, reason: str, message_id=None) -> bytes:
-    """An ``error`` frame for a refused client frame."""
+def error_frame(code: str, reason: str, message_id=None, retry_after: float | None = None) -> bytes:
+    """An ``error`` frame for a refused client frame; retry_after: seconds until it would pass."""
     obj = {"type": "error", "code": code, "reason": reason}
     if message_id is not None:
         obj["message_id"] = message_id
+    if retry_after is not None:
+        obj["retry_after"] = retry_after
     return encode_json_frame(obj)
 
 
@@ -1158,6 +1160,10 @@ class Chat:
         # they are visited, so idle rooms cost nothing however many there are.
         self.recount: dict[Room, None] = {}
         self.lingering: dict[str, Room] = {}    # remote rooms nobody here is in, the longest idle first
+        # What every connection is held to (Connection's token buckets), told in each welcome so
+        # that a client can pace what it sends within it and is never refused (docs/protocol.md).
+        self.limits = {"rate": config.rate_limit, "burst": config.rate_burst, "rate_bytes": config.rate_limit_bytes,
+                       "burst_bytes": config.rate_burst_bytes, "max_message_size": config.max_message_size}
 
     def assign_name(self, requested: str | None) -> str:
         """The requested name, or a fresh ``guest-<n>``."""
@@ -1196,7 +1202,8 @@ class Chat:
         self.recount[room] = None
         self.send(conn, encode_json_frame({"type": "welcome", "room": room.name, "name": conn.name,
                                            "epoch": room.epoch.decode(), "seq": room.seq,
-                                           "members": room.member_count(), "oldest": room.oldest_seq()}))
+                                           "members": room.member_count(), "oldest": room.oldest_seq(),
+                                           "limits": self.limits}))
 
     def replay(self, conn, budget: int) -> list | None:
         """The next frames of conn's replay, about budget bytes; None if history dropped them.
@@ -1613,6 +1620,10 @@ class Connection:
         self.byte_tokens = min(limits.byte_burst, self.byte_tokens + elapsed * limits.byte_rate)
         self.tokens = min(limits.burst, self.tokens + elapsed * limits.rate)
         self.token_time = now
+        if self.strikes:
+            # Forgiven as tokens come back (one a second without a message rate): a client that
+            # waits out each retry_after is never closed, one that keeps on past its refusals is.
+            self.strikes = max(0.0, self.strikes - elapsed * (limits.rate or 1.0))
         return self.tokens
 
     def _take(self, now: float, limits: Limits, cost: float) -> bool:
@@ -1642,6 +1653,13 @@ class Connection:
         self.byte_tokens -= size
         return None
 
+    def _retry_after(self, limits: Limits, size: int) -> float:
+        """Seconds until both buckets could pay for a message of size bytes, rounded up to the ms."""
+        wait = (1.0 - self.tokens) / limits.rate if limits.rate > 0 else 0.0
+        if limits.byte_rate > 0:
+            wait = max(wait, (min(size, limits.byte_burst) - self.byte_tokens) / limits.byte_rate)
+        return math.ceil(round(max(0.0, wait) * 1000, 6)) / 1000      # round(): no 0.151 for 0.15000000000000002
+
     def _strike(self, actions: list, limits: Limits, payload: bytes | None, over: str) -> bool:
         """A frame over the rate (of messages or of bytes): refused with an error frame (none for a
         pong), and FAILED with 1008 once it keeps on; whether it failed."""
@@ -1655,7 +1673,7 @@ class Connection:
             found = MESSAGE_ID.search(payload)     # cheap: a flood is not worth a JSON parse
             limit = limits.rate if over == "messages" else limits.byte_rate
             error = error_frame(ErrorCode.RATE_LIMIT, f"more than {limit:g} {over} per second",
-                                int(found.group(1)) if found else None)
+                                int(found.group(1)) if found else None, self._retry_after(limits, len(payload)))
         actions.append((REFUSE, error))
         return False
 

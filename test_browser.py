@@ -254,32 +254,62 @@ def test_slow_reader_cut_off_with_1013_catches_up_without_gap_or_duplicate(serve
     reader.expect_state("online")
 
 
-def test_flooding_page_is_told_why_and_stays_disconnected(serve, people):
-    server = serve("--rate-limit", "0.1", "--rate-burst", "2")
-    alice = people(server.http, "alice", "flood")
-    for i in range(2):
-        alice.send(f"fine {i}")
-    alice.expect_message_count(2)
-    alice.send("one too many")
-    expect(alice.page.locator("#notice")).to_contain_text("Message not sent")
-    expect(alice.page.locator("#messages li.failed .text")).to_have_text(["one too many"])
-    for i in range(2):                         # strikes 2 and 3: past the burst, closed
-        alice.send(f"still flooding {i}")
-    alice.expect_state("offline")
-    expect(alice.page.locator("#status")).to_contain_text("rate limit")
-    sockets = len(alice.sockets)
-    alice.page.wait_for_timeout(2500)          # longer than the first backoff steps
-    assert len(alice.sockets) == sockets       # refused by policy: no automatic reconnect
-    alice.expect_state("offline")
+def write_offline(chat: Chat, network: Network, texts: list[str]) -> None:
+    """Cut the page's network, type texts into the composer, then bring the network back (the
+    browser's "online" event: the page reconnects without waiting out its backoff)."""
+    network.cut()
+    chat.page.context.set_offline(True)
+    chat.expect_state("reconnecting")
+    for text in texts:
+        chat.send(text)
+    expect(chat.page.locator("#messages li[data-pending]")).to_have_count(len(texts))
+    network.restore()
+    chat.page.context.set_offline(False)
 
-    alice.page.click("#retry")                 # the person decides to come back
+
+def test_a_backlog_written_offline_goes_out_at_the_servers_pace(serve, people):
+    """3x the server's burst written offline: after the reconnect the page sends it within the
+    limits the welcome announced, so every message is delivered, in order, none marked "not
+    sent", and the server refuses next to nothing."""
+    burst = 10
+    server = serve("--rate-limit", "20", "--rate-burst", str(burst))
+    network = Network()
+    alice = people(server.http, "alice", "backlog", network=network)
+    texts = [f"offline {i}" for i in range(3 * burst)]
+    write_offline(alice, network, texts)
     alice.expect_state("online")
-    assert re.search(r"since=2&epoch=[0-9a-f]{16}&", alice.sockets[-1])   # seq 2 seen, of the room's order
-    # The message the server closed on (neither echoed nor refused) goes out again.
-    alice.message("still flooding 1").wait_for()
-    assert alice.seqs() == [1, 2, 3]
-    expect(alice.page.locator("#messages li.failed .text")).to_have_text(["one too many", "still flooding 0"])
+    alice.expect_message_count(len(texts), timeout=30_000)
+    assert alice.texts() == texts and alice.seqs() == list(range(1, len(texts) + 1))
+    expect(alice.page.locator("#messages li.failed")).to_have_count(0)
     expect(alice.page.locator("#messages li.pending")).to_have_count(0)
+    assert sample(scrape(server.metrics_url), "scalechat_refused_total", reason="rate_limit") <= burst // 2
+
+
+def without_limits(message: str) -> str:
+    """A server frame as a server from before welcome.limits would send it."""
+    frame = json.loads(message)
+    frame.pop("limits", None)
+    return json.dumps(frame)
+
+
+def test_a_page_refused_over_the_rate_sends_again_and_comes_back_after_1008(serve, people):
+    """A server that announces no limits (an older one): the page's backlog goes out at once, past
+    the burst. What is refused with rate_limit waits out retry_after and goes again, and a 1008
+    close is followed by a reconnect: every message is delivered, none marked "not sent"."""
+    server = serve("--rate-limit", "5", "--rate-burst", "2")
+    network = Network(rewrite=without_limits)
+    alice = people(server.http, "alice", "flood", network=network)
+    texts = [f"typed {i}" for i in range(8)]
+    write_offline(alice, network, texts)
+    alice.expect_message_count(len(texts), timeout=30_000)
+    assert sorted(alice.texts()) == texts
+    expect(alice.page.locator("#messages li.failed")).to_have_count(0)
+    expect(alice.page.locator("#messages li.pending")).to_have_count(0)
+    metrics = scrape(server.metrics_url)
+    assert sample(metrics, "scalechat_refused_total", reason="rate_limit") >= 3       # refused, and...
+    assert sample(metrics, "scalechat_protocol_errors_total", code="1008") >= 1          # ...closed
+    assert len(alice.sockets) >= 3      # the first, the one after the cut, one after each 1008
+    alice.expect_state("online")
 
 
 def test_server_restart_pages_come_back_and_talk_again(serve, people):

@@ -101,6 +101,11 @@ def refused_ids(actions: list) -> list:
     return ids
 
 
+def error_of(action: tuple) -> dict:
+    """The error frame of a REFUSE action, as JSON."""
+    return json.loads(sc.FrameParser(expect_masked=False).feed(action[1])[0][1])
+
+
 def message_ids(actions: list) -> list:
     return [json.loads(a[1])["message_id"] for a in actions if a[0] is MESSAGE]
 
@@ -277,19 +282,52 @@ def test_a_client_within_the_rate_is_never_refused():
         assert kinds(conn.receive(chat_frames(1, "calm", first=i), T0 + 0.1 * i, lim)) == [MESSAGE]
 
 
+def test_a_refusal_says_when_the_bucket_holds_a_token_again():
+    """retry_after is the time until the bucket refills to one token, rounded up to the ms: a
+    message sent that much later passes, one sent earlier is refused again."""
+    lim = limits(rate=3, burst=3)
+    conn = websocket(lim)
+    assert kinds(conn.receive(chat_frames(3, "hi"), T0, lim)) == [MESSAGE] * 3
+    actions = conn.receive(chat_frames(1, "hi", first=3), T0 + 0.1, lim)      # 0.3 tokens by now
+    assert error_of(actions[0]) == {"type": "error", "code": "rate_limit", "message_id": 3,
+                                    "reason": "more than 3 messages per second", "retry_after": 0.234}
+    assert refused_ids(conn.receive(chat_frames(1, "hi", first=3), T0 + 0.3, lim)) == [3]
+    assert kinds(conn.receive(chat_frames(1, "hi", first=3), T0 + 0.1 + 0.234, lim)) == [MESSAGE]
+
+
+def test_a_client_that_waits_out_each_retry_after_is_never_closed():
+    """Strikes are forgiven as tokens come back: a client that overshoots now and then but waits
+    retry_after each time gets many more refusals than --rate-burst over its life, and stays; one
+    that keeps sending while refused is still closed with 1008."""
+    lim = limits(rate=5, burst=5)
+    conn = websocket(lim)
+    assert kinds(conn.receive(chat_frames(5, "hi", first=100), T0, lim)) == [MESSAGE] * 5     # the bucket spent
+    now, refusals = T0, 0
+    for i in range(0, 60, 2):           # each turn, one message too many: refused, then waited out
+        actions = conn.receive(chat_frames(2, "hi", first=i), now, lim)
+        assert FAILED not in kinds(actions)
+        refusals += len(refused_ids(actions))
+        now += max(error_of(a)["retry_after"] for a in actions if a[0] is REFUSE)
+    assert refusals >= 3 * lim.burst
+    actions = receive_as_read(conn, chat_frames(20, "hi", first=200), now, lim)
+    assert actions[-1][:2] == (FAILED, sc.CLOSE_POLICY)
+
+
 def test_a_byte_rate_refuses_heavy_messages_the_message_rate_lets_through():
     """A message pays its frame's payload in bytes; one over the bytes left gets rate_limit (the
     reason says bytes) and a strike, while a small one still passes."""
     largest = sc.max_frame_size(65536)
     lim = limits(byte_rate=1, byte_burst=largest, burst=3)
     conn = websocket(lim)
-    heavy = frame(sc.OP_TEXT, json.dumps({"message_id": 1, "text": "\x01" * 65536}).encode())
-    assert kinds(conn.receive(heavy, T0, lim)) == [MESSAGE]
-    actions = conn.receive(chat_frames(1, "x" * 2000, first=2), T0, lim)
+    heavy = json.dumps({"message_id": 1, "text": "\x01" * 65536}).encode()
+    assert kinds(conn.receive(frame(sc.OP_TEXT, heavy), T0, lim)) == [MESSAGE]
+    light = json.dumps({"message_id": 2, "text": "x" * 2000}).encode()
+    actions = conn.receive(frame(sc.OP_TEXT, light), T0, lim)
     assert refused_ids(actions) == [2]
-    error = json.loads(sc.FrameParser(expect_masked=False).feed(actions[0][1])[0][1])
-    assert error == {"type": "error", "code": "rate_limit", "message_id": 2,
-                     "reason": "more than 1 bytes per second"}
+    # At 1 byte a second, the bucket holds the light message's bytes again in this many seconds.
+    retry_after = float(len(light) - (largest - len(heavy)))
+    assert error_of(actions[0]) == {"type": "error", "code": "rate_limit", "message_id": 2,
+                                    "reason": "more than 1 bytes per second", "retry_after": retry_after}
     assert kinds(conn.receive(chat_frames(1, "hi", first=3), T0, lim)) == [MESSAGE]
     actions = conn.receive(chat_frames(3, "x" * 2000), T0, lim)        # strikes 2 and 3, then 1008
     assert refused_ids(actions) == [0, 1, None] and actions[-1][:2] == (FAILED, sc.CLOSE_POLICY)

@@ -42,6 +42,7 @@ from testkit import (
     alive,
     children,
     free_port,
+    sample,
     scrape,
     start_server,
 )
@@ -71,6 +72,17 @@ def run_load(url: str, out, *args: str, timeout: float = 60) -> tuple:
                           capture_output=True, text=True, timeout=timeout, cwd=HERE, check=False)
     data = load_json(summary) if os.path.exists(summary) else None
     return proc.returncode, data, proc.stderr
+
+
+def load_run_sending(url: str, out, *args: str) -> tuple[subprocess.Popen, str]:
+    """Start a load test; (its process, its summary JSON's path) once it is a second into sending."""
+    summary = os.path.join(out, "summary.json")
+    proc = subprocess.Popen([sys.executable, LOADCLIENT, "--load-test", "--server-url", url,
+                             "--out", str(out), "--summary-json", summary, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    while " send " not in (line := proc.stderr.readline()):
+        assert line, "the load test ended early"
+    return proc, summary
 
 
 def read_rows(path: str) -> list:
@@ -284,13 +296,8 @@ class CuttingProxy(LoopbackProxy):
 @pytest.mark.slow
 def test_reconnect_with_since_loses_nothing(server, tmp_path):
     proxy = CuttingProxy(server.port)
-    summary = tmp_path / "summary.json"
-    proc = subprocess.Popen([sys.executable, LOADCLIENT, "--load-test", "--server-url", proxy.url,
-                             "--rooms", "1", "--room-size", "4", "--rate", "20", "--duration", "3",
-                             "--seed", "1", "--out", str(tmp_path), "--summary-json", str(summary)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
-    while " send " not in (line := proc.stderr.readline()):  # a second into sending
-        assert line, "the load test ended early"
+    proc, summary = load_run_sending(proxy.url, tmp_path, "--rooms", "1", "--room-size", "4", "--rate", "20",
+                                     "--duration", "3", "--seed", "1")
     # links[0] was the probe connection; the frame a cut lands on is never forwarded, so
     # each cut client must get at least that one message again through since.
     proxy.cut(1, "drop")                    # connection loss
@@ -304,6 +311,34 @@ def test_reconnect_with_since_loses_nothing(server, tmp_path):
     assert result["lost"] == 0 and result["duplicates"] == 0 and result["delivery_ratio"] == 1.0
     assert "late" in out and "lost           0" in out
     check_complete(result)
+
+
+@pytest.mark.slow
+def test_a_backlog_past_the_burst_is_paced_and_delivered_whole(serve, tmp_path):
+    """A client away for a while comes back with more than 3x the server's burst to send (its
+    reconnects refused, then let through): it sends it within the limits its welcome announced,
+    so the server refuses next to nothing and closes no one, and every message reaches the room."""
+    burst = 5
+    server = serve("--rate-limit", "100", "--rate-burst", str(burst))
+    proxy = CuttingProxy(server.port, refuse=(3, 4, 5))      # link 1's first three reconnects
+    proc, summary = load_run_sending(proxy.url, tmp_path, "--rooms", "1", "--room-size", "2", "--rate", "40",
+                                     "--duration", "5", "--seed", "3")
+    proxy.cut(1, "drop")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    (result,) = load_json(summary)["scenarios"]
+    assert result["lost"] == 0 and result["duplicates"] == 0 and result["delivery_ratio"] == 1.0, result
+    assert result["reconnects"] == 1
+    errors = dict(result["errors"])
+    refusals = errors.pop("error rate_limit", 0)
+    assert all(kind.startswith("lost: ") for kind in errors), errors          # no 1008, nothing left queued
+    rows = check_complete(result)
+    # The away client's backlog: messages sent at least 0.3 s after their time (at 40/s, away
+    # 0.75 s or more). Sent at once, all but the burst would have been refused.
+    late = [r for r in rows if r["type"] == "Sent" and int(r["timestamp_us"]) - int(r["intended_us"]) > 300_000]
+    assert len({r["sender_id"] for r in late}) == 1 and len(late) >= 3 * burst, len(late)
+    assert refusals <= burst and sample(scrape(server.metrics_url), "scalechat_refused_total",
+                                        reason="rate_limit") == refusals
 
 
 @pytest.mark.slow
@@ -378,6 +413,25 @@ def test_a_client_follows_its_rooms_order_frame_by_frame(tmp_path):
     assert [(r[3], r[6], r[8]) for r in rows if r[3] == "Order"] == [("Order", "0", old.decode()),
                                                                      ("Order", "0", new.decode())]
     assert [r[6] for r in rows if r[3] == "Received"] == ["1", "2", "3", "4", "1", "2"]
+
+
+def test_a_refused_message_is_sent_again_after_retry_after_and_1008_brings_the_client_back(tmp_path):
+    """A rate_limit error for one of the client's unacked messages puts it back in line and holds
+    the pacer until retry_after; a 1008 close is one of the codes the client reconnects after."""
+    with in_process_worker("ws://127.0.0.1:9/ws", tmp_path, "r", 1, 1) as (worker, _):
+        (client,) = worker.clients
+        welcome = {"type": "welcome", "room": "r0", "name": "c0", "epoch": EPOCH.decode(), "seq": 0,
+                   "members": 1, "oldest": 1, "limits": {"rate": 5, "burst": 5}}
+        client.on_frames([(loadclient.OP_TEXT, json.dumps(welcome).encode())])
+        assert client.pacer.burst == 4 and client.pacer.rate == pytest.approx(4.5)
+        client.unconfirmed[b"7"] = b'{"message_id": 7, "text": "x"}'
+        refusal = {"type": "error", "code": "rate_limit", "reason": "more than 5 messages per second",
+                   "message_id": 7, "retry_after": 0.25}
+        before = time.monotonic()
+        client.on_frames([(loadclient.OP_TEXT, json.dumps(refusal).encode())])
+        assert client.again == [b"7"] and worker.errors == {"error rate_limit": 1}
+        assert before + 0.25 <= client.pacer.time <= time.monotonic() + 0.25
+    assert loadclient.CLOSE_POLICY in loadclient.RECONNECT_CODES
 
 
 @contextlib.contextmanager
@@ -658,7 +712,7 @@ class Terminal:
             stdin, self.input = os.pipe()
             self.fd, stdout = os.pipe()
             self.pid = subprocess.Popen([sys.executable, LOADCLIENT, *args], stdin=stdin, stdout=stdout,
-                                        cwd=HERE).pid
+                                        stderr=stdout, cwd=HERE).pid
             os.close(stdin)
             os.close(stdout)
         else:
@@ -785,6 +839,68 @@ def test_terminal_with_piped_input_follows_a_new_order(tmp_path):
                      "bob: after", "carol: mine"], term.screen
 
 
+def room_texts(ws, count: int) -> list[str]:
+    """The texts of the next count message frames a websocket-client connection reads."""
+    texts = []
+    while len(texts) < count:
+        if (event := json.loads(ws.recv()))["type"] == "message":
+            texts.append(event["text"])
+    return texts
+
+
+def test_terminal_sends_a_piped_backlog_of_three_bursts_at_the_servers_pace(serve):
+    """3x the server's burst piped in at once: every line reaches the room, in order, at the
+    pace the welcome announced (no rate_limit refusal to speak of), and the exit code is 0."""
+    burst = 10
+    server = serve("--rate-limit", "40", "--rate-burst", str(burst))
+    watcher = websocket.create_connection(server.url + "/backlog?name=watcher", timeout=10)
+    watcher.recv()  # welcome
+    lines = [f"line {i}" for i in range(3 * burst)]
+    term = Terminal("--server-url", server.url + "/backlog", "--name", "carol", piped=True)
+    term.type("".join(f"{line}\n" for line in lines))
+    term.end_input()
+    term.wait_for("closed (1000)")
+    assert term.exit_code() == 0, term.screen
+    assert room_texts(watcher, len(lines)) == lines
+    watcher.close()
+    assert term.screen.count("carol: line ") == len(lines) and "not delivered" not in term.screen
+    assert sample(scrape(server.metrics_url), "scalechat_refused_total", reason="rate_limit") <= burst // 2
+
+
+def test_terminal_says_what_the_server_refused_and_exits_1(serve):
+    """A piped line the server refuses for good (too long) is not delivered: the others are, and
+    the client says how many were not, on stderr, and exits 1."""
+    server = serve("--max-message-size", "64")
+    term = Terminal("--server-url", server.url + "/refused", "--name", "carol", piped=True)
+    term.type("fine\n" + "x" * 100 + "\nalso fine\n")
+    term.end_input()
+    term.wait_for("loadclient: 1 of 3 messages typed were not delivered (1 refused by the server)")
+    assert term.exit_code() == 1, term.screen
+    assert "carol: fine" in term.screen and "carol: also fine" in term.screen
+    assert "! too_big:" in term.screen and "closed (1000)" in term.screen
+
+
+@pytest.mark.slow
+def test_terminal_that_cannot_deliver_gives_up_in_time_and_exits_1():
+    """The server goes away for good while lines are still piped in: the client tries to
+    reconnect until its deadline (QUIT_WAIT, as nothing was left to pace), then says how many
+    lines were not delivered and exits 1 instead of pretending it sent them."""
+    server = start_server()
+    try:
+        term = Terminal("--server-url", server.url + "/gone", "--name", "carol", piped=True)
+        term.wait_for("joined gone as carol")
+    finally:
+        server.stop()
+    term.wait_for("reconnecting in")
+    term.type("one\ntwo\nthree\n")
+    term.end_input()
+    started = time.monotonic()
+    term.wait_for("loadclient: 3 of 3 messages typed were not delivered (3 not acknowledged in time)",
+                  timeout=loadclient.QUIT_WAIT + 5)
+    assert loadclient.QUIT_WAIT - 0.5 < time.monotonic() - started
+    assert term.exit_code() == 1, term.screen
+
+
 def test_terminal_cannot_connect_exits_2():
     term = Terminal("--server-url", f"ws://127.0.0.1:{free_port()}/ws", "--name", "x", "--room", "y")
     term.wait_for("loadclient: error: cannot connect")
@@ -843,6 +959,26 @@ def test_latency_histogram_percentiles_are_within_two_percent():
     for q in (50, 90, 99, 99.9):
         exact = values[max(0, int(len(values) * q / 100 + 0.5) - 1)]
         assert abs(merged.percentile(q) - exact) <= max(1, 0.02 * exact), q
+
+
+def test_the_pacer_keeps_within_the_announced_limits_and_waits_out_a_refusal():
+    """From welcome.limits: a burst of 90% of the server's at once, then 90% of its rate, bytes
+    too; a refusal's retry_after holds everything back until then; no limits, no pacing."""
+    limits = {"rate": 10, "burst": 10, "rate_bytes": 1000, "burst_bytes": 2000, "max_message_size": 100}
+    pacer, t = loadclient.Pacer(limits, 100.0), 100.0
+    assert sum(pacer.take(10, t) for _ in range(20)) == 9          # the burst, less the margin
+    assert pacer.wait(10, t) == pytest.approx(1 / 9)               # then 9 a second
+    assert not pacer.take(10, t + 0.1) and pacer.take(10, t + 0.12)
+    heavy = loadclient.Pacer(limits, t)
+    assert heavy.take(1500, t) and not heavy.take(1500, t)         # 1800 bytes at once
+    assert heavy.wait(1500, t) == pytest.approx((1500 - 300) / 900)
+    held = loadclient.Pacer(limits, t)
+    held.hold(0.5, t)
+    assert held.wait(10, t + 0.2) == pytest.approx(0.3) and held.take(10, t + 0.5)
+    assert not held.take(10, t + 0.5)                              # one token then, as the server has
+    loadclient.Pacer(None, t).hold(None, t)                        # a refusal that says nothing: a default wait
+    free = loadclient.Pacer({}, t)                                 # an older server: no limits told
+    assert all(free.take(1 << 20, t) for _ in range(1000))
 
 
 def test_server_url_parsing():

@@ -947,13 +947,32 @@ def seqs_of(client: RawClient, n: int) -> list:
     return [client.recv_json()["seq"] for _ in range(n)]
 
 
+# welcome.limits of a server with default settings: what --rate-limit and the others default to.
+DEFAULT_LIMITS = {"rate": 50.0, "burst": 100.0, "rate_bytes": 65536, "burst_bytes": 1 << 20,
+                  "max_message_size": 65536}
+
+
+def test_welcome_announces_the_limits_the_connection_is_held_to():
+    """welcome.limits says the settings the connection's buckets use, whatever they are, on
+    every welcome (a resume's too), so a client can pace what it sends within them."""
+    flags = ["--rate-limit", "7.5", "--rate-burst", "3", "--rate-limit-bytes", "5000",
+             "--rate-burst-bytes", str(6 * 1000 + 1024), "--max-message-size", "1000"]
+    chat = Chat(parse_args(flags), Stats(), ListOutbox())
+    alice, again = Member("alice"), Member("alice")
+    chat.join(alice, "r", None)
+    chat.join(again, "r", 0)
+    expected = {"rate": 7.5, "burst": 3.0, "rate_bytes": 5000, "burst_bytes": 7024, "max_message_size": 1000}
+    assert texts(alice)[0]["limits"] == texts(again)[0]["limits"] == expected
+    assert parse_args([]).rate_limit == DEFAULT_LIMITS["rate"]      # the defaults the next test expects
+
+
 def test_welcome_message_and_server_assigned_sender(chat_server):
     """welcome, then message frames to every member, the sender set by the server."""
     alice = join(chat_server, "t-welcome", "name=alice")
     epoch = alice.welcome["epoch"]
     assert EPOCH.fullmatch(epoch)
     assert alice.welcome == {"type": "welcome", "room": "t-welcome", "name": "alice", "epoch": epoch,
-                             "seq": 0, "members": 1, "oldest": 1}
+                             "seq": 0, "members": 1, "oldest": 1, "limits": DEFAULT_LIMITS}
     guest = join(chat_server, "t-welcome")
     assert re.fullmatch(r"guest-\d+", guest.welcome["name"]) and guest.welcome["members"] == 2
     alice.send_json({"message_id": 42, "text": "hello", "sent_at": "2026-11-28T10:00:00.123456Z",

@@ -85,13 +85,15 @@ class Network:
     route instead: passed through to the server while the network is up; closed,
     and new ones refused, while it is cut. ``lose_sent`` loses what the page
     sends, ``lose_received`` what the server sends it: the frames in flight when
-    a connection dies.
+    a connection dies. ``rewrite`` (a function of a text frame) changes what the
+    page receives, e.g. to play an older server.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rewrite=None) -> None:
         self.up = True
         self.lose_sent = self.lose_received = False
         self.open: list = []
+        self.rewrite = rewrite or (lambda message: message)
 
     def route(self, ws) -> None:
         """route_web_socket handler: connect through, or refuse while cut."""
@@ -100,7 +102,7 @@ class Network:
             return
         server = ws.connect_to_server()
         ws.on_message(lambda message: None if self.lose_sent else server.send(message))
-        server.on_message(lambda message: None if self.lose_received else ws.send(message))
+        server.on_message(lambda message: None if self.lose_received else ws.send(self.rewrite(message)))
         self.open.append(ws)
 
     def cut(self) -> None:

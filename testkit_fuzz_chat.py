@@ -535,12 +535,12 @@ SCHEMA = {
     "message": {"type": (str,), "room": (str,), "epoch": (str,), "seq": (int,), "sender": (str,), "text": (str,),
                 "message_id": (int, None), "sent_at": (str, None)},
     "ack": {"type": (str,), "message_id": (int,), "epoch": (str,), "seq": (int,), "duplicate": (bool,)},
-    "error": {"type": (str,), "code": (str,), "reason": (str,), "message_id": (int,)},
+    "error": {"type": (str,), "code": (str,), "reason": (str,), "message_id": (int,), "retry_after": (float,)},
     "welcome": {"type": (str,), "room": (str,), "name": (str,), "epoch": (str,), "seq": (int,), "members": (int,),
-                "oldest": (int,)},
+                "oldest": (int,), "limits": (dict,)},
     "members": {"type": (str,), "room": (str,), "count": (int,)},
 }
-OPTIONAL = {"message": {"message_id", "sent_at"}, "ack": {"duplicate"}, "error": {"message_id"},
+OPTIONAL = {"message": {"message_id", "sent_at"}, "ack": {"duplicate"}, "error": {"message_id", "retry_after"},
             "welcome": {"oldest"}}
 
 

@@ -9,7 +9,10 @@
 // under our name and post our next message_id. A message sent just as the
 // connection drops is sent again after the reconnect, marked `resend`; the
 // server de-duplicates it by this page's random client id (`client=`), which
-// it never shows to anyone. A seq counts within the room's order, named by its
+// it never shows to anyone. The outbox goes out paced within the limits the
+// server announces in `welcome`, so a backlog written offline is never refused
+// for the page's own burst; a message refused over the rate anyway goes again
+// after the error's `retry_after`, and a 1008 close is followed by a reconnect. A seq counts within the room's order, named by its
 // `epoch`: the server begins a new order (seq from 1 again) whenever it lost
 // the room's state, and a resume names the order its `since` counts in. A
 // frame of another epoch than the page's means the order began again: the
@@ -35,6 +38,10 @@ const NOTICE_MS = 6000;
 const STICK_PX = 80;               // "at the bottom" tolerance for auto-scroll
 const HUES = 8;                    // sender colours: .hue-0 ... .hue-7 in style.css
 const UNAVAILABLE_RETRY_MS = 3000;  // after an `unavailable` error
+const RETRY_AFTER_DEFAULT_MS = 1000;  // after a `rate_limit` error that does not say when
+// The page's token buckets are this share of the server's (welcome.limits): messages
+// bunched on their way to the server still find tokens there.
+const PACE_MARGIN = 0.9;
 
 const CLOSE_NORMAL = 1000;
 const CLOSE_POLICY = 1008;
@@ -74,6 +81,8 @@ const state = {
   // Unique for this client id, which the resend check needs.
   messageId: Date.now() * 1000,
   outbox: new Map(), // message_id -> own message the server has not acked yet
+  pacer: null,       // this socket's pace within the server's limits, from its welcome
+  pumpTimer: 0,      // the outbox's next try once the pacer has a token
   // orderKey(epoch, seq) -> own message acked, its pending copy shown until the
   // room's frame comes; an ack of an order the page has not seen yet waits here too.
   acked: new Map(),
@@ -109,6 +118,8 @@ function hueClass(name) {
 function initial(name) {
   return (Array.from(name.trim())[0] || "?").toUpperCase();
 }
+
+const utf8 = new TextEncoder();
 
 /** Now as RFC 3339 with microseconds, as docs/protocol.md asks for sent_at. */
 function nowRfc3339() {
@@ -259,6 +270,63 @@ function clearMessages() {
   ui.messages.replaceChildren();
 }
 
+// ---- Pacing: the server's rate limit, kept on the page's side -------------------------
+
+/**
+ * The server's token buckets (messages and bytes) as welcome.limits announces
+ * them, a little smaller: what they let out, the server does not refuse. A
+ * limit that is absent or 0 does not pace (an older server says none). Times
+ * are performance.now() milliseconds.
+ */
+class Pacer {
+  constructor(limits, now) {
+    const limit = (key) => {
+      const value = limits !== null && typeof limits === "object" ? limits[key] : undefined;
+      return typeof value === "number" && value > 0 ? value : 0;
+    };
+    this.rate = PACE_MARGIN * limit("rate") / 1000;             // per ms
+    this.burst = Math.max(1, Math.floor(PACE_MARGIN * limit("burst")));
+    this.byteRate = PACE_MARGIN * limit("rate_bytes") / 1000;
+    this.byteBurst = Math.max(1, Math.floor(PACE_MARGIN * limit("burst_bytes")));
+    this.tokens = this.burst;        // full, as the server's are on a new connection
+    this.byteTokens = this.byteBurst;
+    this.time = now;
+  }
+
+  /** Milliseconds until a message of size bytes may go (0: now). */
+  wait(size, now) {
+    if (now < this.time) return this.time - now;   // held back by a retry_after
+    const elapsed = now - this.time;
+    this.time = now;
+    let wait = 0;
+    if (this.rate) {
+      this.tokens = Math.min(this.burst, this.tokens + elapsed * this.rate);
+      if (this.tokens < 1) wait = (1 - this.tokens) / this.rate;
+    }
+    if (this.byteRate) {
+      this.byteTokens = Math.min(this.byteBurst, this.byteTokens + elapsed * this.byteRate);
+      const need = Math.min(size, this.byteBurst);   // the server's bucket holds the largest message
+      if (this.byteTokens < need) wait = Math.max(wait, (need - this.byteTokens) / this.byteRate);
+    }
+    return wait;
+  }
+
+  /** Whether a message of size bytes may go now; if so, it is paid for. */
+  take(size, now) {
+    if (this.wait(size, now) > 0) return false;
+    this.tokens -= 1;
+    this.byteTokens -= size;
+    return true;
+  }
+
+  /** The server refused a message: its bucket holds a token again ms from now. */
+  hold(ms, now) {
+    this.wait(0, now);
+    this.tokens = Math.min(this.tokens, 1);
+    this.time = Math.max(this.time, now + ms);
+  }
+}
+
 // ---- Outbox: own messages until the server has them ------------------------------
 
 /** Queue a message of ours and show it as pending; it goes out now if it can. */
@@ -274,16 +342,44 @@ function queueMessage(text) {
   ui.messages.append(entry.node);
   state.stuck = true;
   state.outbox.set(entry.id, entry);
-  if (state.caughtUp) transmit(entry);
+  pump();
 }
 
-/** Send an outbox entry on the current socket; a second try is marked `resend`. */
-function transmit(entry) {
+/** An outbox entry's frame; a second try is marked `resend`. */
+function frameOf(entry) {
   const frame = { message_id: entry.id, text: entry.text, sent_at: entry.sentAt };
   if (entry.tries > 0) frame.resend = true;
-  entry.tries += 1;
-  entry.connection = state.connection;
-  state.ws.send(JSON.stringify(frame));
+  return JSON.stringify(frame);
+}
+
+/**
+ * Send what the current socket has not sent yet, oldest first, as fast as the
+ * pacer lets it; then try again once it has a token. A message held back (the
+ * bus was unavailable) waits its turn without holding up the others.
+ */
+function pump() {
+  clearTimeout(state.pumpTimer);
+  state.pumpTimer = 0;
+  if (!state.caughtUp || state.pacer === null) return;
+  const now = performance.now();
+  let wait = Infinity;
+  for (const entry of state.outbox.values()) {
+    if (entry.connection === state.connection) continue;   // sent on this socket: its ack is due
+    if (entry.retryAt > now) {
+      wait = Math.min(wait, entry.retryAt - now);
+      continue;
+    }
+    const frame = frameOf(entry);
+    const size = utf8.encode(frame).length;
+    if (!state.pacer.take(size, now)) {
+      wait = Math.min(wait, state.pacer.wait(size, now));
+      break;
+    }
+    entry.tries += 1;
+    entry.connection = state.connection;
+    state.ws.send(frame);
+  }
+  if (wait !== Infinity) state.pumpTimer = setTimeout(pump, wait);
 }
 
 /**
@@ -293,9 +389,7 @@ function transmit(entry) {
  */
 function flushOutbox() {
   state.caughtUp = true;
-  for (const entry of state.outbox.values()) {
-    if (entry.connection !== state.connection) transmit(entry);
-  }
+  pump();
 }
 
 /**
@@ -372,6 +466,7 @@ function onWelcome(frame) {
   const epoch = epochOf(frame);
   if (epoch !== "" && epoch !== state.epoch) beginOrder(epoch);
   setStatus("online", "Online");
+  state.pacer = new Pacer(frame.limits, performance.now());
   state.replayUntil = frame.seq;
   if (state.lastSeq >= state.replayUntil) flushOutbox();   // else after the replay
 }
@@ -401,11 +496,19 @@ function onError(frame) {
   if (entry === undefined) {
     entry = [...state.outbox.values()].find((e) => e.connection === state.connection);
   }
-  if (frame.code === "unavailable") {
-    // The server could not pass the message on just now: it stays in the outbox.
+  if (frame.code === "unavailable" || frame.code === "rate_limit") {
+    // Not refused for good: it stays in the outbox and goes again. Over the rate,
+    // everything waits until the server's bucket holds a token (retry_after).
     if (entry !== undefined) entry.connection = 0;
-    showNotice(`Delayed: ${reason}. Trying again shortly.`, "info");
-    setTimeout(() => { if (state.caughtUp) flushOutbox(); }, UNAVAILABLE_RETRY_MS);
+    if (frame.code === "unavailable") {
+      if (entry !== undefined) entry.retryAt = performance.now() + UNAVAILABLE_RETRY_MS;
+      showNotice(`Delayed: ${reason}. Trying again shortly.`, "info");
+    } else if (state.pacer !== null) {
+      const ms = typeof frame.retry_after === "number" && frame.retry_after >= 0
+        ? frame.retry_after * 1000 : RETRY_AFTER_DEFAULT_MS;
+      state.pacer.hold(ms, performance.now());
+    }
+    pump();
     return;
   }
   showNotice(`Message not sent: ${reason}`);
@@ -496,19 +599,16 @@ function scheduleReconnect() {
   showCountdown();
 }
 
-/** The socket closed: say why when it matters, and reconnect unless refused by policy. */
+/** The socket closed: say why when it matters, and reconnect after a backoff. */
 function onClose(ev) {
   state.ws = null;
   state.caughtUp = false;
   ui.members.classList.add("stale");   // the last count we heard, no longer live
   if (ev.code === CLOSE_POLICY) {
-    // Refused by policy (rate limit, origin): coming straight back would be refused again.
-    const reason = ev.reason || "policy violation";
-    setStatus("offline", `Disconnected: ${reason}`);
-    showNotice(`The server closed the connection: ${reason}`);
-    return;
-  }
-  if (ev.code === CLOSE_TRY_AGAIN_LATER) {
+    // Closed over the rate limit: what it refused is still in the outbox, and goes
+    // again after the reconnect, at the pace the new welcome announces.
+    showNotice(`The server closed the connection: ${ev.reason || "policy violation"}. Reconnecting.`, "info");
+  } else if (ev.code === CLOSE_TRY_AGAIN_LATER) {
     showNotice("The server asked us to reconnect; catching up on missed messages.", "info");
   } else if (ev.reason) {
     showNotice(`Connection closed (${ev.code}): ${ev.reason}`, "info");
