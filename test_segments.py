@@ -111,7 +111,7 @@ def test_sending_starts_at_start_at_or_as_soon_as_ready_after_it_with_a_warning(
         clock["mono"], clock["wall_us"] = 1000.0 + wall_s - start_at, int(wall_s * 1e6)
         run.latest = [{"phase": phase, "ramped": 2, "connected": 2, "sent": sent, "received": received,
                        "late": 0, "duplicates": 0, "reconnects": 0, "foreign": 0, "resent": 0,
-                       "orders_restarted": 0, "other_segments": 0, "errors": {}}]
+                       "orders_restarted": 0, "other_segments": 0, "queued": 0, "errors": {}}]
         run._advance()
         return run.phase
 
