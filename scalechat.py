@@ -1046,6 +1046,10 @@ class Room(Sequenced):
         """Members on this process, those catching up included."""
         return len(self.members) + len(self.catching_up)
 
+    def held_here(self) -> int:
+        """Connections in the room on this process, those waiting for its snapshot included."""
+        return len(self.members) + len(self.catching_up) + len(self.waiting)
+
     def member_count(self) -> int:
         """Members everywhere: here, and on the other processes the bus counts."""
         return len(self.members) + len(self.catching_up) + self.others
@@ -2795,22 +2799,33 @@ class Server(ConnectionLoop):
         for one datagram, the room is big enough to spread over every worker, the
         owner holds --max-connections already, or its inbox is full: then this
         worker serves it, and the supervisor's order still holds. A worker that is
-        full itself passes the client to the one holding the fewest: the cap counts
-        what the whole server holds, not one owner's share.
+        full itself, or already holds --spread-members of the room (a burst of joins
+        that came before word of the room's size), passes the client on to the
+        worker holding the fewest: the cap counts what the whole server holds, and a
+        big room's fan-out uses every core. Only the owner passes on a client handed
+        to it, and never back to itself: a client moves twice at most.
         """
         handoff, me = self.handoff, self.config.worker_id
-        target = handoff.owner(room)
+        owner = target = handoff.owner(room)
+        if conn.handed and owner != me:
+            return False
         if room in handoff.spread or handoff.load(target) >= self.max_conns:
             target = me
-        if target == me and self.stats.connections >= self.max_conns:
+        if target == me and (self.stats.connections >= self.max_conns or self._big_here(room)):
             target = handoff.roomiest()
-        if target == me or conn.handed or len(request) > HANDOFF_MAX:
+        if target == me or conn.handed and target == owner or len(request) > HANDOFF_MAX:
             return False
         if not handoff.send(conn.fd, request, target):
             return False
         self.stats.handoffs += 1
         self._abort(conn)                   # our descriptor; the owner has its own
         return True
+
+    def _big_here(self, name: str) -> bool:
+        """Whether this worker holds --spread-members of room name already."""
+        room = self.chat.rooms.get(name)
+        return bool(self.config.spread_members) and room is not None and \
+            room.held_here() >= self.config.spread_members
 
     def _on_handoff(self, _events: int) -> None:
         """Adopt the sockets other workers handed over, and read their requests again."""
@@ -2858,8 +2873,19 @@ class Server(ConnectionLoop):
         self.send(conn, upgrade_response(upgrade.accept))
         self.chat.join(conn, upgrade.room, upgrade.since, upgrade.epoch)
         self.stats.rooms = self.chat.active_rooms()
+        if self.handoff is not None and self.chat.bus is self.hub:
+            self._report_if_big(upgrade.room)
         if rest:
             self._act(conn, conn.receive(rest, self.now, self.limits))
+
+    def _report_if_big(self, name: str) -> None:
+        """A room that just reached --spread-members here: tell the supervisor now, not with the
+        once-a-second counts, so that a burst of joins (a class logging in, clients coming back
+        after a restart) spreads over the workers too instead of landing on the owner whole."""
+        threshold, room = self.config.spread_members, self.chat.rooms.get(name)
+        if threshold and room is not None and room.reported < threshold <= (n := room.held_here()):
+            room.reported = n
+            self.hub.report_members(room, n)
 
     def on_message(self, conn: Connection, payload: bytes) -> None:
         """A chat message from conn, within its rate: to the chat (an error frame back if refused)."""
@@ -3269,6 +3295,9 @@ class HubBus(RemoteBus):
         super().__init__(loop, chat)
         self.reader = RecordReader()
         self.snapshots: dict = {}           # room -> items of a snapshot still arriving
+        # Rooms whose lease was revoked before their snapshot came (the snapshot is written
+        # lazily, so a REVOKE may overtake it): the lease it carries is void.
+        self.revoked: set = set()
         self.replica = Link(loop, replica, self._on_data, self._on_closed)    # first: flushed first
         self.link = Link(loop, sock, self._on_data, self._on_closed)
         self.link.behind = self.replica
@@ -3321,6 +3350,7 @@ class HubBus(RemoteBus):
         """Unsubscribe (a lease ends with it)."""
         room.leased = False
         self.snapshots.pop(room.name, None)
+        self.revoked.discard(room.name)
         self.unready.pop(room.name, None)
         self.link.write(record(Rec.UNSUBSCRIBE, room.name.encode()))
 
@@ -3356,7 +3386,9 @@ class HubBus(RemoteBus):
                 parts.extend(items)
                 if flags & SNAPSHOT_LAST:
                     del self.snapshots[room]
-                    if flags & SNAPSHOT_LEASED and (ready := chat.rooms.get(room)) is not None:
+                    if room in self.revoked:
+                        self.revoked.discard(room)
+                    elif flags & SNAPSHOT_LEASED and (ready := chat.rooms.get(room)) is not None:
                         ready.leased = True
                     chat.on_snapshot(room, epoch, seq, [p for p, _ in parts], keys=[k for _, k in parts])
                     self._publish_unready(room)
@@ -3368,6 +3400,8 @@ class HubBus(RemoteBus):
                 room = chat.rooms.get(body.decode())
                 if room is not None:
                     room.leased = False
+                    if not room.ready:      # nothing sequenced here yet, and the lease still to come is void
+                        self.revoked.add(room.name)
                 self.replica.write(record(Rec.RELEASED, body))
 
     def _on_closed(self) -> None:

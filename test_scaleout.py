@@ -663,6 +663,24 @@ async def test_a_room_that_grows_past_spread_members_mid_chat_keeps_one_order():
 
 
 @run_async
+async def test_a_burst_of_joins_past_spread_members_spreads_over_both_workers():
+    """40 members join one room at once with --spread-members 10: the owner says the room is big
+    as soon as it holds 10 (not with the once-a-second counts), so the rest of the burst stays
+    on the workers that accepted them, and the room still has one order."""
+    server = await start_workers(2, "--spread-members", "10")
+    try:
+        async with Crowd() as crowd:
+            members = await crowd.join([server.url], "burst", 40, "b")
+            where = Counter(placement(server, members).values())
+            assert len(where) == 2 and min(where.values()) >= 5, f"the burst landed on the owner: {where}"
+            keys = await everyone_says(members, 1)
+            await all_received(members, keys)
+            assert assert_one_order(members, keys) == 40
+    finally:
+        server.stop()
+
+
+@run_async
 async def test_room_names_aimed_at_one_worker_land_on_both():
     """Room names picked so that crc32(name) % 2 == 0 (an unkeyed owner hash would put them all on
     worker 0) land on both workers: the owner is a hash keyed with a secret each server draws."""
