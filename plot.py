@@ -419,25 +419,28 @@ def grafana_variables(step: float, scrape: float) -> dict[str, str]:
             "instance": ".*", "job": "chat"}
 
 
+def dashboard_panel(board: dict, title: str) -> dict:
+    """The dashboard's panel called title that has queries (a time series rather than a row)."""
+    for panel in board.get("panels", []):
+        if panel.get("title") == title and any(t.get("expr") for t in panel.get("targets", [])):
+            return panel
+    raise PlotError(f"{DASHBOARD}: no panel {title!r} with a query")
+
+
 def panel_queries(board: dict, title: str, variables: dict[str, str]) -> list[tuple[str, str]]:
     """(PromQL, legend format) of each target of the dashboard's panel called title, variables filled in."""
-    panels = [panel for panel in board.get("panels", []) if panel.get("title") == title]
-    targets = [t for panel in panels[:1] for t in panel.get("targets", []) if t.get("expr")]
-    if not targets:
-        raise PlotError(f"{DASHBOARD}: no panel {title!r} with a query")
-
     def fill(match: re.Match) -> str:
         name = match.group(1) or match.group(2)
         if name not in variables:
             raise PlotError(f"{DASHBOARD}: panel {title!r} uses ${name}, which plot.py does not fill in")
         return variables[name]
-    return [(GRAFANA_VARIABLE.sub(fill, t["expr"]), t.get("legendFormat") or "") for t in targets]
+    return [(GRAFANA_VARIABLE.sub(fill, t["expr"]), t.get("legendFormat") or "")
+            for t in dashboard_panel(board, title)["targets"] if t.get("expr")]
 
 
 def panel_unit(board: dict, title: str) -> str:
     """The Grafana unit of the panel called title ('' when none)."""
-    return next((p.get("fieldConfig", {}).get("defaults", {}).get("unit", "") for p in board.get("panels", [])
-                 if p.get("title") == title), "")
+    return dashboard_panel(board, title).get("fieldConfig", {}).get("defaults", {}).get("unit", "")
 
 
 def legend_name(legend: str, labels: dict[str, str]) -> str:
