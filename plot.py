@@ -22,6 +22,17 @@ paths are printed.
 draws a many-connections run of bench/bench_connections.py (its samples, one
 row a second): connections, memory, and handshake and message p99 over the
 ramp, the quiet hold and the chat, as <name>-ramp.png beside the CSV.
+
+    python plot.py --prometheus http://localhost:9090 [RUN]
+
+draws the run as the server saw it, as server-view.png: the clients' latency
+over time on top, then the Grafana dashboard's (monitoring/grafana/dashboards/
+scalechat.json) broadcast latency, open connections, CPU and resident memory
+panels, their queries read from the dashboard and evaluated by that Prometheus
+over the run's minutes (from its meta.json, 10 s more on each side), on one
+wall-clock axis. $__rate_interval is what Grafana makes it: max(step + scrape
+interval, 4 x scrape interval), the scrape interval of the job "chat" as
+Prometheus reports it (5 s, the stack's, when it does not).
 """
 from __future__ import annotations
 
@@ -29,8 +40,13 @@ import argparse
 import csv
 import json
 import math
+import re
 import signal
 import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import matplotlib
@@ -251,6 +267,24 @@ def delivery(summaries: list[dict]):
     return fig
 
 
+LATENCY_LINES = (("p50_us", "p50", COLORS["p50"], "-"), ("p90_us", "p90", COLORS["p90"], "-"),
+                 ("p99_us", "p99", COLORS["p99"], "-"),
+                 ("intended_p99_us", "p99 from intended send", COLORS["intended"], "--"))
+
+
+def latency_lines(ax, series: list[dict], offset: float = 0.0, labels: bool = True) -> bool:
+    """p50/p90/p99 latency (ms) of each second of a time series, at offset + second on ax;
+    whether anything was drawn."""
+    drawn = False
+    for key, name, color, style in LATENCY_LINES:
+        if series and key in series[0]:
+            points = [(offset + row["second"], row[key] / 1000) for row in series if row[key] >= 0]
+            if points:
+                ax.plot(*zip(*points), style, color=color, lw=1.3, label=name if labels else None)
+                drawn = True
+    return drawn
+
+
 def over_time(summary: dict, log: bool):
     """p50/p90/p99 latency per second (by receive time), and the message rates behind them."""
     fig, ax = plt.subplots(figsize=WIDE, layout="constrained")
@@ -265,17 +299,7 @@ def over_time(summary: dict, log: bool):
     rate.set_ylim(0, max([row["delivered"] for row in series] + [1]) * 1.1)
     rate.grid(False)
     count_axis(rate.yaxis)
-    lines = [("p50_us", "p50", COLORS["p50"], "-"), ("p90_us", "p90", COLORS["p90"], "-"),
-             ("p99_us", "p99", COLORS["p99"], "-"),
-             ("intended_p99_us", "p99 from intended send", COLORS["intended"], "--")]
-    drawn = False
-    for key, name, color, style in lines:
-        if series and key in series[0]:
-            points = [(row["second"], row[key] / 1000) for row in series if row[key] >= 0]
-            if points:
-                ax.plot(*zip(*points), style, color=color, lw=1.3, label=name)
-                drawn = True
-    if not drawn:
+    if not latency_lines(ax, series):
         no_data(ax, "deliveries")
     ax.set_xlabel("time since start (s)")
     ax.set_ylabel("latency (ms), by second of receipt")
@@ -354,6 +378,213 @@ def plot_samples(path: Path, out: Path | None = None, fmt: str = "png") -> list[
 
 
 # ---------------------------------------------------------------------------
+# The server's view: the dashboard's own queries, asked of Prometheus for a run's minutes
+# ---------------------------------------------------------------------------
+
+DASHBOARD = Path(__file__).resolve().parent / "monitoring" / "grafana" / "dashboards" / "scalechat.json"
+# The dashboard's panels drawn under the client's latency: (title in the dashboard, y label).
+SERVER_PANELS = (("Broadcast latency", "broadcast latency (ms)"), ("Open connections", "open connections"),
+                 ("CPU", "CPU (cores)"), ("Resident memory", "resident memory (MiB)"))
+UNIT_FACTORS = {"s": 1e3, "bytes": 2 ** -20}   # a panel's Grafana unit -> the y label's unit
+DEFAULT_SCRAPE_S = 5.0     # the datasource's timeInterval, when Prometheus does not tell its own
+MAX_POINTS = 300           # per series: the step is the window / MAX_POINTS, at least 1 s
+PROMETHEUS_TIMEOUT_S = 10.0
+PROMETHEUS_URL = re.compile(r"\Ahttps?://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)"
+                            r"(?::(\d{1,5}))?(?:/[\w.~-]+)*/?\Z", re.ASCII)
+GRAFANA_VARIABLE = re.compile(r"\$(?:\{(\w+)(?::\w+)?\}|(\w+))")
+DURATION = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
+SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+
+
+def prometheus_url(text: str) -> str:
+    """A Prometheus base URL, http(s)://HOST[:PORT][/PATH], without its trailing slash."""
+    match = PROMETHEUS_URL.match(text)
+    if not match or not 0 < int(match.group(1) or 80) < 65536:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a Prometheus URL: give http(s)://HOST[:PORT][/PATH], e.g. http://localhost:9090")
+    return text.rstrip("/")
+
+
+def prometheus_duration(seconds: float) -> str:
+    """Seconds as a PromQL duration (whole milliseconds)."""
+    ms = max(1, round(seconds * 1000))
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def grafana_variables(step: float, scrape: float) -> dict[str, str]:
+    """What Grafana puts for the dashboard's variables: $__interval is the step, and
+    $__rate_interval is max($__interval + scrape interval, 4 x scrape interval) (Grafana's own
+    rule: at least four scrapes in every rate); every replica is selected."""
+    return {"__interval": prometheus_duration(step), "__rate_interval": prometheus_duration(max(step + scrape, 4 * scrape)),
+            "instance": ".*", "job": "chat"}
+
+
+def dashboard_panel(board: dict, title: str) -> dict:
+    """The dashboard's panel called title that has queries (a time series rather than a row)."""
+    for panel in board.get("panels", []):
+        if panel.get("title") == title and any(t.get("expr") for t in panel.get("targets", [])):
+            return panel
+    raise PlotError(f"{DASHBOARD}: no panel {title!r} with a query")
+
+
+def panel_queries(board: dict, title: str, variables: dict[str, str]) -> list[tuple[str, str]]:
+    """(PromQL, legend format) of each target of the dashboard's panel called title, variables filled in."""
+    def fill(match: re.Match) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in variables:
+            raise PlotError(f"{DASHBOARD}: panel {title!r} uses ${name}, which plot.py does not fill in")
+        return variables[name]
+    return [(GRAFANA_VARIABLE.sub(fill, t["expr"]), t.get("legendFormat") or "")
+            for t in dashboard_panel(board, title)["targets"] if t.get("expr")]
+
+
+def panel_unit(board: dict, title: str) -> str:
+    """The Grafana unit of the panel called title ('' when none)."""
+    return dashboard_panel(board, title).get("fieldConfig", {}).get("defaults", {}).get("unit", "")
+
+
+def legend_name(legend: str, labels: dict[str, str]) -> str:
+    """A Grafana legend format ("p99 {{instance}}") with a series' labels filled in."""
+    return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: labels.get(m.group(1), ""), legend)
+
+
+def prometheus_api(base: str, endpoint: str, params: dict):
+    """The data of one answer of Prometheus's HTTP API (/api/v1/<endpoint>)."""
+    url = f"{base}/api/v1/{endpoint}?{urllib.parse.urlencode(params)}"
+    try:
+        with urllib.request.urlopen(url, timeout=PROMETHEUS_TIMEOUT_S) as response:
+            answer = json.load(response)
+    except urllib.error.HTTPError as e:
+        try:                                # Prometheus explains a 400, 422 or 503 in a JSON body
+            reason = json.load(e).get("error") or e.reason
+        except (ValueError, AttributeError, OSError):
+            reason = e.reason
+        raise PlotError(f"Prometheus at {base} answered /api/v1/{endpoint} with HTTP {e.code}: {reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise PlotError(f"Prometheus at {base} is unreachable: {getattr(e, 'reason', None) or e}") from None
+    except ValueError:
+        raise PlotError(f"{base} answered /api/v1/{endpoint} with something other than JSON: "
+                        "is it Prometheus?") from None
+    if not isinstance(answer, dict) or answer.get("status") != "success":
+        error = answer.get("error") if isinstance(answer, dict) else answer
+        raise PlotError(f"Prometheus at {base} refused /api/v1/{endpoint}: {error}")
+    return answer.get("data")
+
+
+def scrape_interval(base: str) -> float:
+    """Seconds between Prometheus's scrapes of the chat job, as it reports them."""
+    data = prometheus_api(base, "targets", {"state": "active"}) or {}
+    for target in data.get("activeTargets", []):
+        text = target.get("scrapeInterval", "") if target.get("labels", {}).get("job") == "chat" else ""
+        if re.fullmatch(f"(?:{DURATION.pattern})+", text):     # e.g. 5s, 1m30s, 500ms
+            return sum(int(n) * SECONDS[unit] for n, unit in DURATION.findall(text))
+    return DEFAULT_SCRAPE_S
+
+
+def run_window(summaries: list[dict]) -> tuple[float, float]:
+    """(start, end) of a run in Unix seconds: from loadclient's metadata, else its first and last event."""
+    starts, ends = [], []
+    for summary in summaries:
+        meta = summary.get("meta") or {}
+        start = meta.get("start_us") or summary.get("first_event_us")
+        end = meta.get("end_us") or summary.get("last_event_us")
+        if isinstance(start, int) and isinstance(end, int):
+            starts.append(start)
+            ends.append(end)
+    if not starts:
+        raise PlotError("the run has no start and end times (no meta.json and no events)")
+    return min(starts) / 1e6, max(ends) / 1e6
+
+
+def server_view_data(base: str, summaries: list[dict], board: dict) -> tuple[tuple[float, float], list[dict]]:
+    """The padded window asked for, and per panel of SERVER_PANELS its title, y label and series
+    [(legend, [(unix time, value), ...])], values in the y label's unit, non-finite ones left out."""
+    start, end = run_window(summaries)
+    pad = max(10.0, 0.05 * (end - start))
+    start, end = start - pad, end + pad
+    step = max(1, math.ceil((end - start) / MAX_POINTS))
+    variables = grafana_variables(step, scrape_interval(base))
+    panels = []
+    for title, ylabel in SERVER_PANELS:
+        factor = UNIT_FACTORS.get(panel_unit(board, title), 1)
+        series = []
+        for expr, legend in panel_queries(board, title, variables):
+            data = prometheus_api(base, "query_range", {"query": expr, "start": f"{start:.3f}",
+                                                        "end": f"{end:.3f}", "step": step})
+            for result in data.get("result", []):
+                labels = result.get("metric", {})
+                name = legend_name(legend, labels).strip() or ", ".join(f"{k}={v}" for k, v in labels.items())
+                points = [(float(t), float(v) * factor) for t, v in result.get("values", [])
+                          if math.isfinite(float(v))]
+                series.append((name or "value", points))
+        panels.append({"title": title, "ylabel": ylabel, "series": series})
+    return (start, end), panels
+
+
+def server_view(summaries: list[dict], window: tuple[float, float], panels: list[dict], log: bool):
+    """The client's latency over time on top, then each server panel, on one wall-clock axis."""
+    run_start, run_end = run_window(summaries)
+    fig, axes = plt.subplots(len(panels) + 1, 1, sharex=True, layout="constrained",
+                             figsize=(WIDE[0], 2.2 * (len(panels) + 1) + 0.8))
+    client = axes[0]
+    drawn = False
+    for i, summary in enumerate(summaries):
+        offset = (summary.get("start_us") or run_start * 1e6) / 1e6 - run_start
+        drawn |= latency_lines(client, summary["series"], offset, labels=i == 0)
+        if len(summaries) > 1:
+            client.annotate(summary["scenario"], (offset, 1), xycoords=("data", "axes fraction"),
+                            xytext=(2, -12), textcoords="offset points", fontsize=8, color="0.4")
+    if not drawn:
+        no_data(client, "deliveries")
+    client.set_ylabel("client latency (ms)")
+    client.legend(loc="upper right", fontsize=8, ncols=4)
+    latency_axis(client, log)
+    if not log:
+        client.set_ylim(bottom=0)
+    for ax, panel in zip(axes[1:], panels):
+        for name, points in panel["series"]:
+            if points:
+                ax.plot([t - run_start for t, _ in points], [v for _, v in points], lw=1.3, label=name)
+        if any(points for _, points in panel["series"]):
+            ax.legend(loc="upper right", fontsize=8)
+        else:
+            no_data(ax, f"samples in Prometheus for \u201c{panel['title']}\u201d")
+        ax.set_ylabel(panel["ylabel"])
+        if panel["ylabel"].endswith("(ms)") and log:
+            latency_axis(ax, log)
+        else:
+            ax.set_ylim(bottom=0)       # a small change is not drawn as a cliff
+    for ax in axes:
+        ax.axvspan(0, run_end - run_start, color="tab:blue", alpha=0.06, lw=0)
+    axes[-1].set_xlim(window[0] - run_start, window[1] - run_start)
+    axes[-1].xaxis.set_major_formatter(FuncFormatter(
+        lambda x, _: time.strftime("%H:%M:%S", time.gmtime(run_start + x))))
+    day = time.strftime("%Y-%m-%d", time.gmtime(run_start))
+    axes[-1].set_xlabel(f"UTC, {day} (shaded: the load client's run)")
+    fig.suptitle("The run as the clients and the server saw it")
+    return fig
+
+
+def plot_server_view(runs: list[Path], base: str, out: Path | None = None, fmt: str = "png",
+                     log: bool = False) -> tuple[Path, list[dict]]:
+    """Draw a run's server-view figure from Prometheus at base; the file and the panels' data."""
+    processed = processed_folder(runs)
+    summaries = load_run(processed)
+    try:
+        board = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PlotError(f"{DASHBOARD}: cannot read the dashboard ({e})") from None
+    window, panels = server_view_data(base, summaries, board)
+    if not any(points for panel in panels for _, points in panel["series"]):
+        start, end = (time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) for t in window)
+        raise PlotError(f"Prometheus at {base} has no samples for any panel from {start} to {end} UTC: "
+                        "did it scrape the server (job \"chat\") during the run?")
+    out = out or processed.parent / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    return save(server_view(summaries, window, panels, log), out, "server-view", fmt), panels
+
+
+# ---------------------------------------------------------------------------
 # Drawing a run
 # ---------------------------------------------------------------------------
 
@@ -384,6 +615,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="output folder (default: <run>/plots)")
     parser.add_argument("--format", choices=("png", "svg"), default="png", help="image format")
     parser.add_argument("--log", action="store_true", help="log scale for latency axes")
+    parser.add_argument("--prometheus", type=prometheus_url, metavar="URL",
+                        help="draw only server-view: the run's latency over time above the server's "
+                             "broadcast latency, connections, CPU and memory, queried from the Prometheus "
+                             "at URL (e.g. http://localhost:9090) with the Grafana dashboard's own queries")
     return parser.parse_args(argv)
 
 
@@ -394,9 +629,18 @@ def main(argv: list[str] | None = None) -> int:
         runs = args.runs or [csvprocess.newest_run(args.results)]
         run = runs[0]
         if len(runs) == 1 and run.is_file() and run.suffix == ".csv":
+            if args.prometheus:
+                raise PlotError(f"{run}: --prometheus draws a load-client run folder, not a sample CSV")
             paths = plot_samples(run, args.out, args.format)
         elif missing := [r for r in runs if not r.is_dir()]:
             raise PlotError(f"{missing[0]}: no such folder")
+        elif args.prometheus:
+            path, panels = plot_server_view(runs, args.prometheus, args.out, args.format, args.log)
+            print(f"from Prometheus at {args.prometheus}:")
+            for panel in panels:
+                points = sum(len(points) for _, points in panel["series"])
+                print(f"  {panel['title']}: {points} points in {len(panel['series'])} series")
+            paths = [path]
         else:
             paths = plot_run(runs, args.out, args.format, args.log)
     except (PlotError, csvprocess.InputError) as e:

@@ -24,7 +24,6 @@ import urllib.parse
 import urllib.request
 import venv
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import jsonschema
 import pytest
@@ -32,7 +31,15 @@ import yaml
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from testkit import HERE, ServerProc, free_port, scrape, start_server, wait_http
+from testkit import (
+    HERE,
+    ServerProc,
+    free_port,
+    scrape,
+    start_prometheus,
+    start_server,
+    wait_http,
+)
 
 COMPOSE_FILE = os.path.join(HERE, "docker-compose.yml")
 COMPOSE_SCHEMA = os.path.join(HERE, "monitoring", "compose-spec.json")
@@ -229,55 +236,12 @@ def chat_server(request):
     server.stop()
 
 
-@dataclass
-class Prometheus:
-    """A prometheus process on loopback scraping the chat server every second."""
-    proc: subprocess.Popen
-    url: str
-
-    def query(self, expr: str) -> list:
-        """Result vector of an instant query; fails on a PromQL error."""
-        params = urllib.parse.urlencode({"query": expr})
-        with urllib.request.urlopen(f"{self.url}/api/v1/query?{params}", timeout=5) as response:
-            answer = json.load(response)
-        assert answer["status"] == "success", answer
-        return answer["data"]["result"]
-
-    def value(self, expr: str) -> float | None:
-        """The single value of an instant query, None when it has no result."""
-        result = self.query(expr)
-        return float(result[0]["value"][1]) if result else None
-
-    def scraping(self) -> bool:
-        """Whether Prometheus is ready and its last scrape of the chat server worked."""
-        try:
-            return self.value('up{job="chat"}') == 1
-        except OSError:  # not listening yet, or 503 while it starts
-            return False
-
-
 @pytest.fixture(scope="module")
 def prometheus(chat_server, tmp_path_factory):
     """Prometheus with a temporary config and data folder, target = the chat server."""
-    folder = tmp_path_factory.mktemp("prometheus")
-    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-              "scrape_configs": [{"job_name": "chat", "static_configs": [
-                  {"targets": [f"127.0.0.1:{chat_server.metrics_port}"]}]}]}
-    (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    with open(folder / "prometheus.log", "w") as log:
-        proc = subprocess.Popen(
-            ["prometheus", f"--config.file={folder / 'prometheus.yml'}",
-             f"--storage.tsdb.path={folder / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=log, stderr=subprocess.STDOUT)
-    prom = Prometheus(proc, f"http://127.0.0.1:{port}")
-    try:
-        # Discovery hands the first targets to the scraper about 5 s after start.
-        assert wait_for(prom.scraping, bool, timeout=30)
-        yield prom
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    prom = start_prometheus([chat_server.metrics_port], str(tmp_path_factory.mktemp("prometheus")))
+    yield prom
+    prom.stop()
 
 
 def test_dashboard_metrics_exist_in_server_export(chat_server):

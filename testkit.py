@@ -1,6 +1,7 @@
 """The harness every test uses, one of each; bench/ uses it too.
 
-A server factory (start_server), a private Redis (RedisServer) and one Redis
+A server factory (start_server), a private Redis (RedisServer), a Prometheus
+scraping servers (start_prometheus) and one Redis
 command on the project's own RESP codec; plain HTTP byte for byte; one metrics
 scrape (scrape: {'name{label="value",...}': value}); one raw WebSocket client
 on the project's own codec (RawClient, with frame builders); a loopback TCP
@@ -35,6 +36,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Self
@@ -235,6 +237,61 @@ def command(port: int, *args, timeout: float = 5.0, asking: bool = False):
 def room_key(room: str) -> str:
     """A key of room's state (the contract: keys scalechat:{<room>}:...)."""
     return f"scalechat:{{{room}}}:state"
+
+
+@dataclass
+class PrometheusServer:
+    """A prometheus process on loopback scraping chat servers (job "chat") every second."""
+    proc: subprocess.Popen
+    url: str
+
+    def query(self, expr: str) -> list:
+        """Result vector of an instant query; fails on a PromQL error."""
+        params = urllib.parse.urlencode({"query": expr})
+        with urllib.request.urlopen(f"{self.url}/api/v1/query?{params}", timeout=5) as response:
+            answer = json.load(response)
+        assert answer["status"] == "success", answer
+        return answer["data"]["result"]
+
+    def value(self, expr: str) -> float | None:
+        """The single value of an instant query, None when it has no result."""
+        result = self.query(expr)
+        return float(result[0]["value"][1]) if result else None
+
+    def scraping(self) -> bool:
+        """Whether Prometheus is ready and its last scrape of the chat server worked."""
+        try:
+            return self.value('up{job="chat"}') == 1
+        except OSError:  # not listening yet, or 503 while it starts
+            return False
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def start_prometheus(metrics_ports: list[int], folder: str) -> PrometheusServer:
+    """Prometheus with its config and data in folder, scraping scalechat.py's metrics ports every
+    second as job "chat" (the dashboards' job); returns once its first scrape worked."""
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+              "scrape_configs": [{"job_name": "chat", "static_configs": [
+                  {"targets": [f"127.0.0.1:{port}" for port in metrics_ports]}]}]}
+    config_file = os.path.join(folder, "prometheus.yml")
+    with open(config_file, "w") as f:
+        json.dump(config, f)                  # JSON is YAML too
+    port = free_port()
+    with open(os.path.join(folder, "prometheus.log"), "w") as log:
+        proc = subprocess.Popen(
+            ["prometheus", f"--config.file={config_file}", f"--storage.tsdb.path={os.path.join(folder, 'data')}",
+             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    prometheus = PrometheusServer(proc, f"http://127.0.0.1:{port}")
+    try:
+        # Discovery hands the first targets to the scraper about 5 s after start.
+        wait_for(prometheus.scraping, 30, "Prometheus's first scrape of the chat server", interval=0.25)
+    except BaseException:
+        prometheus.stop()
+        raise
+    return prometheus
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
