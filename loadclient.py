@@ -849,15 +849,16 @@ class LoadClient(ClientConnection):
                     continue
                 worker.count_error("seq gap (messages missing)", seq - last_seq - 1)
             last_seq = seq
-            if recording:
-                buf += b"%s,%s%s%s,,\n" % (mid, sender, tail, seq_b)
             if own is not None and not own(sender):
                 others += 1     # another segment's message: its ratio and its clock, not ours
+                if recording:
+                    buf += b"%s,%s%s%s,,\n" % (mid, sender, tail, seq_b)
                 continue
             received += 1
             if seq <= replay_until:
                 late += 1
             if recording:
+                buf += b"%s,%s%s%s,,\n" % (mid, sender, tail, seq_b)
                 lat_append(ts - int(sent))
                 ilat_append(ts - int(intended))
         self.last_seq = last_seq
