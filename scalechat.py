@@ -29,6 +29,7 @@ import errno
 import functools
 import gc
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -1048,7 +1049,7 @@ class Room(Sequenced):
 
     def held_here(self) -> int:
         """Connections in the room on this process, those waiting for its snapshot included."""
-        return len(self.members) + len(self.catching_up) + len(self.waiting)
+        return self.local_count() + len(self.waiting)
 
     def member_count(self) -> int:
         """Members everywhere: here, and on the other processes the bus counts."""
@@ -2101,6 +2102,14 @@ class Link:
     def write_lazily(self, key, chunks) -> None:
         """Queue an iterator of byte chunks, pulled one at a time as the socket drains."""
         self.lazy[key] = chunks
+
+    def write_after(self, key, data: bytes) -> None:
+        """Queue data behind what is left of the lazy answer key (as write() when none is left)."""
+        chunks = self.lazy.get(key)
+        if chunks is None:
+            self.write(data)
+        else:
+            self.lazy[key] = itertools.chain(chunks, (data,))
 
     def cancel(self, key) -> None:
         """Drop what is left of a lazy answer."""
@@ -3279,8 +3288,8 @@ class HubBus(RemoteBus):
     members all reach their room's worker) is leased to this one: it sequences
     the room itself, as LocalBus does, and writes each message to the
     supervisor on a socket of its own (``replica``, REPLICATE records), which the
-    supervisor reads a few times a second, not per message: writing to it wakes
-    no one. No byte leaves for a client before the records queued before it are
+    supervisor reads every REPLICA_READ_INTERVAL, not per message: writing to it
+    wakes no one. No byte leaves for a client before the records queued before it are
     in that socket (Server.write_barrier), so the supervisor's copy holds every
     message delivered or acknowledged: if this worker dies, its successor takes
     the room over from that copy and continues the order. When another worker
@@ -3295,9 +3304,6 @@ class HubBus(RemoteBus):
         super().__init__(loop, chat)
         self.reader = RecordReader()
         self.snapshots: dict = {}           # room -> items of a snapshot still arriving
-        # Rooms whose lease was revoked before their snapshot came (the snapshot is written
-        # lazily, so a REVOKE may overtake it): the lease it carries is void.
-        self.revoked: set = set()
         self.replica = Link(loop, replica, self._on_data, self._on_closed)    # first: flushed first
         self.link = Link(loop, sock, self._on_data, self._on_closed)
         self.link.behind = self.replica
@@ -3350,7 +3356,6 @@ class HubBus(RemoteBus):
         """Unsubscribe (a lease ends with it)."""
         room.leased = False
         self.snapshots.pop(room.name, None)
-        self.revoked.discard(room.name)
         self.unready.pop(room.name, None)
         self.link.write(record(Rec.UNSUBSCRIBE, room.name.encode()))
 
@@ -3386,9 +3391,7 @@ class HubBus(RemoteBus):
                 parts.extend(items)
                 if flags & SNAPSHOT_LAST:
                     del self.snapshots[room]
-                    if room in self.revoked:
-                        self.revoked.discard(room)
-                    elif flags & SNAPSHOT_LEASED and (ready := chat.rooms.get(room)) is not None:
+                    if flags & SNAPSHOT_LEASED and (ready := chat.rooms.get(room)) is not None:
                         ready.leased = True
                     chat.on_snapshot(room, epoch, seq, [p for p, _ in parts], keys=[k for _, k in parts])
                     self._publish_unready(room)
@@ -3400,8 +3403,6 @@ class HubBus(RemoteBus):
                 room = chat.rooms.get(body.decode())
                 if room is not None:
                     room.leased = False
-                    if not room.ready:      # nothing sequenced here yet, and the lease still to come is void
-                        self.revoked.add(room.name)
                 self.replica.write(record(Rec.RELEASED, body))
 
     def _on_closed(self) -> None:
@@ -3444,6 +3445,7 @@ class Worker:
         self.reader = RecordReader()
         self.replica = replica              # what it sequenced (HubBus.replica), read by Supervisor.read_replica
         self.replica_reader = RecordReader()
+        self.leases = 0                     # rooms leased to it: its replica socket is read only then
         self.stats: dict | None = None
         self.started = time.monotonic()
 
@@ -3587,13 +3589,14 @@ class Supervisor(EventLoop):
         room.subs[worker] = None
         worker.link.write(members_record(name, room.total))     # before the snapshot: its welcome counts all
         if room.leased is not None:         # the worker that sequences it must stop first
-            if not room.revoking:
-                room.leased.link.write(record(Rec.REVOKE, name.encode()))
+            if not room.revoking:           # behind the lease's snapshot, if it is still on its way
+                room.leased.link.write_after(name, record(Rec.REVOKE, name.encode()))
             room.revoking.append(worker)
             return
         lease = self.config.room_affinity and len(room.subs) == 1
         if lease:
             room.leased = worker
+            worker.leases += 1
         self._send_snapshot(worker, room, lease)
 
     def _send_snapshot(self, worker: Worker, room: HubRoom, lease: bool = False) -> None:
@@ -3603,6 +3606,7 @@ class Supervisor(EventLoop):
     def _end_lease(self, room: HubRoom) -> None:
         """The leaseholder stopped (or left): this supervisor sequences the room; the workers waiting
         for it get their snapshot."""
+        room.leased.leases -= 1
         room.leased = None
         waiting, room.revoking = room.revoking, []
         for worker in waiting:
@@ -3628,8 +3632,9 @@ class Supervisor(EventLoop):
 
         Called before anything the worker's main link brings is handled: a record
         there was written after every replica record before it, which is in the
-        socket by then (HubBus), so the leases' records always come first."""
-        while worker.replica.fileno() != -1 and (data := recv_some(worker.replica)):
+        socket by then (HubBus), so the leases' records always come first. A worker
+        without a lease writes nothing there: its socket is not read."""
+        while worker.leases and worker.replica.fileno() != -1 and (data := recv_some(worker.replica)):
             for kind, body in worker.replica_reader.feed(data):
                 if kind == Rec.REPLICATE:
                     self._replicate(worker, body)

@@ -57,12 +57,14 @@ from scalechat import (
     Chat,
     ChatError,
     Connection,
+    EventLoop,
     FrameParser,
     Front,
     HandshakeError,
     Histogram,
     History,
     HistoryBudget,
+    Link,
     ProtocolError,
     Rec,
     RecordReader,
@@ -670,6 +672,37 @@ def test_snapshots_go_in_chunks_that_rebuild_the_history():
     assert parse_snapshot(RecordReader().feed(only)[0][1]) == ("r", 3, epoch, 0, [])
     (leased,) = snapshot_records("r", epoch, 0, [], leased=True)
     assert parse_snapshot(RecordReader().feed(leased)[0][1])[1] == 7
+
+
+def test_a_record_written_after_a_lazy_snapshot_arrives_after_all_of_it():
+    """The supervisor writes a room's snapshot lazily (a chunk at a time as the link drains) and a
+    REVOKE of the lease it carries right after: the REVOKE must not overtake it, while records of
+    other rooms go at once."""
+    loop = EventLoop()
+    ours, theirs = socket.socketpair()
+    try:
+        link = Link(loop, ours, lambda data: None, lambda: None)
+        items = [(b"m%d" % i * 400, b"") for i in range(300)]
+        link.write_lazily("r", snapshot_records("r", new_epoch(), 300, items, chunk=4000, leased=True))
+        link.write_after("r", record(Rec.REVOKE, b"r"))
+        link.write_after("other", record(Rec.REVOKE, b"other"))
+        theirs.setblocking(False)
+        reader, got = RecordReader(), []
+        for _ in range(10_000):
+            link.flush()
+            link.writing = False                # as the loop does once the socket is writable again
+            with contextlib.suppress(BlockingIOError):
+                while data := theirs.recv(1 << 20):
+                    got += reader.feed(data)
+            if not link.pending:
+                break
+        kinds = [(kind, body if kind == Rec.REVOKE else None) for kind, body in got]
+        assert kinds[0] == (Rec.REVOKE, b"other")
+        assert kinds[-1] == (Rec.REVOKE, b"r") and kinds[1:-1] == [(Rec.SNAPSHOT, None)] * (len(kinds) - 2)
+        assert parse_snapshot(got[-2][1])[1] & 2, "the REVOKE came before the snapshot's last part"
+    finally:
+        ours.close()
+        theirs.close()
 
 
 class RecordingBus:
