@@ -178,8 +178,8 @@ def test_harness_fails_over_and_migrates(cluster):
 
 def start_instance(redis_url: str, workers: int = 1, *more: str) -> ServerProc:
     """A scale-chat instance on the cluster, returned once all its workers listen."""
-    args = ("--workers", str(workers), *more) if workers > 1 else ()
-    server = start_server("--redis", redis_url, *args, *SERVER_ARGS)
+    args = ("--workers", str(workers)) if workers > 1 else ()
+    server = start_server("--redis", redis_url, *args, *more, *SERVER_ARGS)
     try:
         wait_for(lambda: len(tcp_sockets(server.port, TCP_LISTEN)) == workers, 20, f"{workers} workers listening")
     except AssertionError:
