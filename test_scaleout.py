@@ -662,12 +662,16 @@ async def test_a_room_that_grows_past_spread_members_mid_chat_keeps_one_order():
         server.stop()
 
 
+@pytest.mark.parametrize("bus", ["supervisor", "redis"])
 @run_async
-async def test_a_burst_of_joins_past_spread_members_spreads_over_both_workers():
+async def test_a_burst_of_joins_past_spread_members_spreads_over_both_workers(bus, request):
     """40 members join one room at once with --spread-members 10: the owner says the room is big
     as soon as it holds 10 (not with the once-a-second counts), so the rest of the burst stays
-    on the workers that accepted them, and the room still has one order."""
-    server = await start_workers(2, "--spread-members", "10")
+    on the workers that accepted them, and the room still has one order. With --redis the
+    workers follow the room in Redis each, and the owner passes every joiner past 10 on to
+    the worker holding the fewest."""
+    redis = ("--redis", request.getfixturevalue("redis").url) if bus == "redis" else ()
+    server = await start_workers(2, "--spread-members", "10", *redis)
     try:
         async with Crowd() as crowd:
             members = await crowd.join([server.url], "burst", 40, "b")
