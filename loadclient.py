@@ -740,6 +740,13 @@ class ScenarioPlan:
         """Clients of this segment (all of the scenario's without --segment)."""
         return self.rooms * self.room_members
 
+    def positions(self, worker: int) -> list:
+        """The positions (in this segment) that worker process runs, in order (whole_rooms)."""
+        rooms, procs = self.rooms, self.procs
+        if whole_rooms(rooms, procs):
+            return [block * rooms + room for block in range(self.room_members) for room in range(worker, rooms, procs)]
+        return list(range(worker, self.clients, procs))
+
     def member(self, position: int) -> int:
         """The scenario-wide index of this segment's position-th client. Client i is member
         i // rooms of room i % rooms, so member j of every room is the block j * rooms ..
@@ -763,6 +770,21 @@ class ScenarioPlan:
         """127.0.0.{2,3,...} for every further block of clients of a loopback target, else None."""
         block = index // self.per_address if self.per_address else 0
         return f"127.0.0.{1 + block}" if block else None
+
+
+def whole_rooms(rooms: int, procs: int) -> bool:
+    """Whether each load-client process runs whole rooms: when they split evenly enough over the
+    processes (the busiest holds at most a tenth more than the mean). A message then wakes one
+    process, which reads every member's copy in one turn of its loop, instead of a process per
+    member (SCALING.md section 13). Else each process runs every procs-th client, so that a few
+    big rooms still spread over every process."""
+    return procs <= rooms and math.ceil(rooms / procs) * procs <= rooms * 1.1
+
+
+def busiest_process(rooms: int, members: int, procs: int) -> int:
+    """The most clients one of procs processes runs."""
+    procs = min(procs, rooms * members)
+    return math.ceil(rooms / procs) * members if whole_rooms(rooms, procs) else math.ceil(rooms * members / procs)
 
 
 def segment_room_members(room_size: int, segment: int, segments: int) -> int:
@@ -1103,7 +1125,7 @@ class LoadWorker:
         self.rng = random.Random(f"{plan.seed}:{index}" if plan.segments == 1
                                  else f"{plan.seed}:{plan.segment}/{plan.segments}:{index}")
         self.sink = CsvSink(plan.part_template.format(index=index), plan.part_template.endswith(".gz"))
-        self.clients = [LoadClient(self, plan.member(k), k) for k in range(index, plan.clients, plan.procs)]
+        self.clients = [LoadClient(self, plan.member(k), k) for k in plan.positions(index)]
         self.own_sender = plan.own_sender if plan.segments > 1 else None
         self.unsettled = self.unfinished = len(self.clients)
         # The text is the two stamps, then " xxx..." up to msg_size bytes.
@@ -2144,7 +2166,7 @@ def parse_settings(argv: list | None = None) -> argparse.Namespace:
         if not ok:
             raise SettingsError(message)
     largest = max(r * segment_room_members(n, *s.segment) for r, n in s.scenarios)
-    per_proc = math.ceil(largest / min(s.procs, largest))
+    per_proc = max(busiest_process(r, segment_room_members(n, *s.segment), s.procs) for r, n in s.scenarios)
     files = resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 64
     if per_proc > files:
         raise SettingsError(f"{largest} clients need {per_proc} sockets per process, over the open-file"

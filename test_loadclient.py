@@ -911,6 +911,29 @@ def test_terminal_cannot_connect_exits_2():
 # Units: the receive path's field extraction, the histogram, URLs
 # ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("rooms, room_size, procs, whole", [
+    (100, 10, 2, True), (100_000, 10, 56, True), (20, 3, 7, True), (10, 200, 4, False), (1, 2000, 4, False),
+    (3, 5, 4, False), (9, 2, 9, True)])
+def test_each_process_runs_whole_rooms_when_they_split_evenly(rooms, room_size, procs, whole):
+    """Every client runs in exactly one process, the busiest as settings check it; when rooms
+    split evenly over the processes each room's members share one (a message wakes one
+    process), else a big room's members spread over all of them."""
+    plan = loadclient.ScenarioPlan("s", rooms, room_size, procs, None, "p", 1000, 100, 0.1, 1, 1000.0, 1.0,
+                                   5.0, "part{index}", 0)
+    parts = [plan.positions(worker) for worker in range(procs)]
+    assert sorted(k for part in parts for k in part) == list(range(rooms * room_size))
+    assert max(map(len, parts)) == loadclient.busiest_process(rooms, room_size, procs)
+    assert all(part == sorted(part) for part in parts)
+    rooms_of = [{plan.member(k) % rooms for k in part} for part in parts]
+    assert loadclient.whole_rooms(rooms, procs) == whole
+    if whole:
+        assert sum(map(len, rooms_of)) == rooms, "a room's members in more than one process"
+        assert max(map(len, parts)) <= 1.1 * rooms * room_size / procs
+    else:
+        assert all(parts), "a process with no client"
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
 EPOCH = b"19aee4c3f0b00000"
 
 
