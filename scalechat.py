@@ -1798,7 +1798,8 @@ class Stats:
 
     COUNTERS = ("connections", "connections_total", "messages_in", "deliveries", "bytes_in",
                 "bytes_out", "draining", "rooms", "bus_up", "gc_frozen", "internal_errors", "history_bytes",
-                "sequenced_rooms", "bus_unreplicated", "pings", "handoffs", "room_syncs", "leased_messages")
+                "sequenced_rooms", "bus_unreplicated", "pings", "handoffs", "room_syncs", "leased_messages",
+                "replica_full")
     TABLES = ("dropped", "protocol_errors", "refused", "http_requests")
     HISTOGRAMS = ("broadcast", "loop_lag", "gc0", "gc1", "gc2")
 
@@ -2071,6 +2072,7 @@ class Link:
         self.writing = connecting
         self.closed = False
         self.on_drained = None              # called when the socket took everything queued
+        self.on_full = None                 # called when the socket stops taking bytes (it is full)
         self.behind = None                  # a Link whose queued bytes must go first (HubBus.replica)
         sock.setblocking(False)
         loop.sel.register(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if connecting else 0),
@@ -2144,6 +2146,8 @@ class Link:
                 continue                    # the socket took it all: maybe a next chunk
             self.writing = True
             self.loop.sel.modify(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self.on_event)
+            if self.on_full is not None:
+                self.on_full()
             return
 
     def on_event(self, events: int) -> None:
@@ -3289,8 +3293,10 @@ class HubBus(RemoteBus):
     the room itself, as LocalBus does, and writes each message to the
     supervisor on a socket of its own (``replica``, REPLICATE records), which the
     supervisor reads every REPLICA_READ_INTERVAL, not per message: writing to it
-    wakes no one. No byte leaves for a client before the records queued before it are
-    in that socket (Server.write_barrier), so the supervisor's copy holds every
+    wakes no one. When a burst fills that socket, the worker rings the supervisor's
+    doorbell (a pipe it watches) to have it read now. No byte leaves for a client
+    before the records queued before it are in that socket (Server.write_barrier),
+    so the supervisor's copy holds every
     message delivered or acknowledged: if this worker dies, its successor takes
     the room over from that copy and continues the order. When another worker
     follows the room too, the supervisor takes it back (REVOKE); this worker
@@ -3300,7 +3306,8 @@ class HubBus(RemoteBus):
     the main link brings, so every record of a lease comes before what follows it.
     """
 
-    def __init__(self, loop: Server, chat: Chat, sock: socket.socket, replica: socket.socket):
+    def __init__(self, loop: Server, chat: Chat, sock: socket.socket, replica: socket.socket,
+                 doorbell: int | None = None):
         super().__init__(loop, chat)
         self.reader = RecordReader()
         self.snapshots: dict = {}           # room -> items of a snapshot still arriving
@@ -3308,6 +3315,8 @@ class HubBus(RemoteBus):
         self.link = Link(loop, sock, self._on_data, self._on_closed)
         self.link.behind = self.replica
         self.replica.on_drained = self._replica_drained
+        self.doorbell = doorbell
+        self.replica.on_full = self._ring
         # Messages of a room whose snapshot has not come: whether this worker sequences
         # them is not known yet. Bounded by the rate limit of its joiners, for a round trip.
         self.unready: dict = {}             # room -> [publish arguments, ...]
@@ -3330,6 +3339,15 @@ class HubBus(RemoteBus):
         if message_id is not None:
             self.chat.send(conn, ack_frame(message_id, room.epoch, seq, payload is None))
         return None
+
+    def _ring(self) -> None:
+        """The replica socket is full: client writes wait for the supervisor to read it, so ask now."""
+        self.loop.stats.replica_full += 1
+        if self.doorbell is not None:
+            try:
+                os.write(self.doorbell, b"!")
+            except OSError:                 # full (rung already and not heard yet), or the supervisor is gone
+                pass
 
     def _replica_drained(self) -> None:
         """The supervisor's socket took every record: the main link and held client writes may go."""
@@ -3458,8 +3476,8 @@ class Supervisor(EventLoop):
     any that dies, and keeps the order of every room. A room followed by one
     worker only (with --room-affinity, nearly all) is leased to it: the worker
     sequences it and this supervisor keeps a copy, read from the worker's replica
-    socket every REPLICA_READ_INTERVAL, off the message's path; a successor
-    continues from that copy. Any other room it sequences itself: a worker sends
+    socket every REPLICA_READ_INTERVAL (or at once when the worker rings: its socket
+    is full), off the message's path; a successor continues from that copy. Any other room it sequences itself: a worker sends
     it each message, it assigns the seq, keeps the history and forwards the
     message to the workers with members in the room, in one order for all."""
 
@@ -3491,6 +3509,12 @@ class Supervisor(EventLoop):
         self.worker_env = {**worker_env, "SCALECHAT_AFFINITY_KEY": key}
         self.loads = os.memfd_create("scalechat-loads")
         os.ftruncate(self.loads, LOAD.size * config.workers)
+        # One pipe for every worker: a worker whose replica socket is full writes a byte to it.
+        self.doorbell, doorbell_w = os.pipe()
+        os.set_blocking(self.doorbell, False)
+        os.set_blocking(doorbell_w, False)
+        self.doorbell_w = doorbell_w
+        self.sel.register(self.doorbell, selectors.EVENT_READ, self._on_doorbell)
         for slot in range(config.workers):
             self._spawn(slot)
         self.every(0.2, self._reap)
@@ -3504,11 +3528,13 @@ class Supervisor(EventLoop):
         fds = [theirs.fileno(), their_replica.fileno(), *(end.fileno() for end in handoff)]
         cmd = [sys.executable, os.path.abspath(__file__), *self.worker_flags, "--workers", "1",
                "--metrics-port", "0", "--worker-id", str(slot), "--worker-count", str(self.config.workers),
-               "--hub-fd", str(theirs.fileno()), "--replica-fd", str(their_replica.fileno())]
+               "--hub-fd", str(theirs.fileno()), "--replica-fd", str(their_replica.fileno()),
+               "--doorbell-fd", str(self.doorbell_w)]
         if handoff:
             fds.append(self.loads)
             cmd += ["--handoff-fds", ",".join(map(str, fds[2:]))]
-        proc = subprocess.Popen(cmd, pass_fds=fds, env=self.worker_env)  # these alone: the rest are close-on-exec
+        proc = subprocess.Popen(cmd, pass_fds=[*fds, self.doorbell_w],    # these alone: the rest are close-on-exec
+                                env=self.worker_env)
         theirs.close()
         their_replica.close()
         worker = Worker(slot, proc, None, replica)
@@ -3621,6 +3647,15 @@ class Supervisor(EventLoop):
             log.error("room %s: worker %d sent seq %d of a room it does not sequence", name, worker.slot, seq)
             return
         room.keep(self.budget, seq, payload, key)
+
+    def _on_doorbell(self, _events: int) -> None:
+        """A worker's replica socket is full, and its clients' writes wait for it: read them all now."""
+        try:
+            while os.read(self.doorbell, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        self.read_replicas()
 
     def read_replicas(self) -> None:
         """Every REPLICA_READ_INTERVAL: keep what each worker sequenced since the last time."""
@@ -4664,6 +4699,9 @@ class StatsCollector:
                 ("scalechat_leased_messages", ("Messages a --workers worker sequenced itself, in a room leased to it "
                                                "(the supervisor keeps a copy, off the message's path)"),
                  s.leased_messages),
+                ("scalechat_replica_full", ("Times a worker's socket of sequenced messages to the supervisor was "
+                                            "full: it rang the supervisor to read it now, not at its next tick"),
+                 s.replica_full),
                 ("scalechat_bytes_received", "Bytes read from client sockets", s.bytes_in),
                 ("scalechat_bytes_sent", "Bytes written to client sockets", s.bytes_out),
                 ("scalechat_internal_errors", "Exceptions caught by the loop's barriers (a bug: see the log)",
@@ -4859,6 +4897,7 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
     parser.add_argument("--worker-count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--hub-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--replica-fd", type=int, default=None, help=argparse.SUPPRESS)   # HubBus.replica
+    parser.add_argument("--doorbell-fd", type=int, default=None, help=argparse.SUPPRESS)  # HubBus.doorbell
     parser.add_argument("--handoff-fds", default=None, help=argparse.SUPPRESS)     # Handoff's ends, by slot
     parser.add_argument("--version", action="version", version=f"scalechat {__version__}")
     args = parser.parse_args(argv)
@@ -4910,7 +4949,7 @@ def main(argv: list | None = None) -> int:
 
     def make_buses(server: Server, chat: Chat) -> tuple:
         """A worker's link to its supervisor (its stats; its bus without Redis), and the chat's bus."""
-        hub = HubBus(server, chat, hub_sock, replica_sock) if hub_sock is not None else None
+        hub = HubBus(server, chat, hub_sock, replica_sock, args.doorbell_fd) if hub_sock is not None else None
         return hub, RedisBus(server, chat, args.redis) if args.redis else hub
     try:
         if supervising:

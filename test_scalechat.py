@@ -23,6 +23,7 @@ import os
 import pathlib
 import random
 import re
+import selectors
 import signal
 import socket
 import struct
@@ -700,6 +701,40 @@ def test_a_record_written_after_a_lazy_snapshot_arrives_after_all_of_it():
         assert kinds[0] == (Rec.REVOKE, b"other")
         assert kinds[-1] == (Rec.REVOKE, b"r") and kinds[1:-1] == [(Rec.SNAPSHOT, None)] * (len(kinds) - 2)
         assert parse_snapshot(got[-2][1])[1] & 2, "the REVOKE came before the snapshot's last part"
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_link_says_when_its_socket_is_full_each_time_it_fills():
+    """Link.on_full (a worker's replica rings the supervisor with it): called whenever a flush
+    leaves bytes the socket would not take, so the reader is asked again as long as the writer
+    waits for it; never for a flush that sent everything, nor while the link waits to be writable."""
+    loop = EventLoop()
+    ours, theirs = socket.socketpair()
+    fills = []
+    try:
+        link = Link(loop, ours, lambda data: None, lambda: None)
+        link.on_full = lambda: fills.append(link.pending)
+        link.write(b"x" * 100)
+        link.flush()
+        assert fills == [] and not link.pending
+        theirs.setblocking(False)
+        link.write(b"y" * (8 << 20))
+        link.flush()
+        link.flush()                                    # waiting for the socket: no second call
+        assert fills == [True]
+        refills = 1
+        while link.pending:
+            with contextlib.suppress(BlockingIOError):
+                while theirs.recv(1 << 20):
+                    pass
+            link.on_event(selectors.EVENT_WRITE)        # as the loop does once the socket is writable
+            refills += link.pending
+        assert fills == [True] * refills and refills > 2
+        link.write(b"z" * 100)
+        link.flush()
+        assert len(fills) == refills, "told of a fill when the socket took everything"
     finally:
         ours.close()
         theirs.close()

@@ -585,6 +585,33 @@ async def test_the_owner_worker_sequences_its_rooms_with_no_hop_through_the_supe
         server.stop()
 
 
+def replica_full(server: ServerProc) -> float:
+    """Times a worker found its socket of sequenced messages to the supervisor full."""
+    return scrape(server.metrics_url).get("scalechat_replica_full_total", 0)
+
+
+@run_async
+async def test_a_burst_that_fills_the_owners_socket_to_the_supervisor_still_arrives_in_one_order():
+    """Members of a leased room send 60 KB messages as fast as their byte burst allows: the owner's
+    replica socket to the supervisor fills (the owner rings the supervisor to read it, counted in
+    scalechat_replica_full_total), and its clients' writes wait for it; every message still reaches
+    every member once, in one order, acked with the seq it came with."""
+    server = await start_workers(2)
+    try:
+        async with Crowd() as crowd:
+            room = room_per_worker("bulk", 2)[0]
+            members = await crowd.join([server.url], room, 4, "bulk")
+            keys = await everyone_says(members, 12, size=60_000)     # 2.9 MB; a socket holds about 200 KB
+            await all_received(members, keys, timeout=20)
+            assert assert_one_order(members, keys) == 48
+            await until(lambda: all(len(m.acks) == 12 for m in members), 5, "every ack")
+            assert_acked_as_delivered(members)
+            await until(lambda: leased_messages(server) == 48, 5, "48 messages sequenced by the owner")
+            await until(lambda: replica_full(server) > 0, 5, "the owner's replica socket to fill")
+    finally:
+        server.stop()
+
+
 async def kill_owner_mid_burst(server: ServerProc, members: list[Member], kills: int) -> None:
     """While members chat, SIGKILL their room's worker kills times; each time they come back (with
     since= and the epoch) to its successor."""

@@ -726,14 +726,15 @@ class Member:
         """(sender, message_id) of the messages this member sent."""
         return {(self.name, i) for i in self.sent}
 
-    async def say(self) -> bool:
-        """Send the next chat message if the connection is open; whether it was sent."""
+    async def say(self, size: int = 0) -> bool:
+        """Send the next chat message (its text padded to size bytes) if the connection is open;
+        whether it was sent."""
         if not self.connected:
             return False
         self.next_id += 1
+        text = f"{self.name} says {self.next_id}"
         try:
-            await self.ws.send(json.dumps({"message_id": self.next_id,
-                                           "text": f"{self.name} says {self.next_id}"}))
+            await self.ws.send(json.dumps({"message_id": self.next_id, "text": text.ljust(size, ".")}))
         except ConnectionClosed:
             return False
         self.sent.append(self.next_id)
@@ -770,11 +771,12 @@ class Crowd:
         await asyncio.gather(*(m.leave() for m in self.members), return_exceptions=True)
 
 
-async def everyone_says(members: list[Member], times: int = 1) -> set[tuple[str, int]]:
-    """Each member sends times messages, all at once; the keys of those that went out."""
+async def everyone_says(members: list[Member], times: int = 1, size: int = 0) -> set[tuple[str, int]]:
+    """Each member sends times messages (of size bytes of text, at least), all at once; the keys
+    of those that went out."""
     before = {m.name: len(m.sent) for m in members}
     for _ in range(times):
-        await asyncio.gather(*(m.say() for m in members))
+        await asyncio.gather(*(m.say(size) for m in members))
     return {(m.name, i) for m in members for i in m.sent[before[m.name]:]}
 
 
