@@ -18,7 +18,9 @@ compares two ways to run it). The server's CPU is summed over its processes (a
 supervisor and its workers, each read at the window's two ends); the
 supervisor's own share is reported beside the total. ``--server-cores`` widens
 the server's pinning (``0,1``: the workers may use both cores, sharing core 1
-with the load client).
+with the load client). ``--load`` replaces the load client's scenario, e.g.
+``--load "--rooms 100 --room-size 2 --rate 1 --msg-size 60000"`` (bursts of big
+messages); the load client's p99 latency is reported beside the CPU.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ sys.path.insert(0, HERE)
 
 
 from testkit import children, cpu_seconds, free_port, machine, machine_line, wait_http
+
+DEFAULT_LOAD = "--rooms 100 --room-size 10 --rate 2"
 
 
 def checkout(rev: str, into: str) -> str:
@@ -65,7 +69,7 @@ def one_run(folder: str, args: argparse.Namespace, out: str, server_args: list) 
         wait_http(f"http://127.0.0.1:{port}/healthz")
         load = subprocess.Popen(
             ["taskset", "-c", "1", sys.executable, os.path.join(ROOT, "loadclient.py"), "--load-test",
-             "--server-url", f"ws://127.0.0.1:{port}/ws", "--rooms", "100", "--room-size", "10", "--rate", "2",
+             "--server-url", f"ws://127.0.0.1:{port}/ws", *args.load.split(),
              "--duration", str(args.duration), "--record-receivers", "0.1", "--seed", "1", "--out", out],
             cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(args.warmup)
@@ -79,7 +83,9 @@ def one_run(folder: str, args: argparse.Namespace, out: str, server_args: list) 
         server.wait(15)
     ratio = next((line.split("delivery ratio")[1].split()[0] for line in output.splitlines()
                   if "delivery ratio" in line), "?")
-    return {"cpu_share": (c1 - c0) / (t1 - t0), "delivery_ratio": ratio, "exit": load.returncode,
+    p99 = next((float(line.split(" p99 ")[1].split()[0]) for line in output.splitlines()
+                if "latency/actual" in line and " p99 " in line), None)
+    return {"cpu_share": (c1 - c0) / (t1 - t0), "delivery_ratio": ratio, "p99_ms": p99, "exit": load.returncode,
             "processes": len(pids), "supervisor_share": (own1 - own0) / (t1 - t0) if len(pids) > 1 else None}
 
 
@@ -99,6 +105,8 @@ def main() -> int:
     parser.add_argument("--a-args", default="", help="server flags of side A, e.g. \"--workers 2\"")
     parser.add_argument("--b-args", default="", help="server flags of side B")
     parser.add_argument("--server-cores", default="0", help="the cores the server is pinned to (taskset -c)")
+    parser.add_argument("--load", default=DEFAULT_LOAD,
+                        help=f"the load client's scenario flags (default: {DEFAULT_LOAD!r})")
     parser.add_argument("--results", default=os.path.join(HERE, "results"))
     args = parser.parse_args()
     flags = {"a": args.a_args.split(), "b": args.b_args.split()}
@@ -111,7 +119,8 @@ def main() -> int:
                 result = one_run(os.path.join(tmp, side), args, os.path.join(tmp, f"out-{side}-{r}"), flags[side])
                 runs[side].append(result)
                 print(f"round {r + 1} {side} ({names[side]}): server {100 * result['cpu_share']:.1f}% of a core"
-                      f"{supervisor_part(result)}, delivery ratio {result['delivery_ratio']}", flush=True)
+                      f"{supervisor_part(result)}, delivery ratio {result['delivery_ratio']}, "
+                      f"p99 {result['p99_ms']} ms", flush=True)
     medians = {side: statistics.median(x["cpu_share"] for x in runs[side]) for side in runs}
     change = medians["b"] / medians["a"] - 1
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -121,15 +130,19 @@ def main() -> int:
              f"- command: `{command}`",
              (f"- machine: {machine_line(info)}; "
               f"load average {info['loadavg']} at the end"),
-             ("- load: 100 rooms x 10 members x 2 messages/s = 20,000 deliveries/s; server on core "
-              f"{args.server_cores}, load client on core 1; CPU summed over the server's processes "
-              "(in brackets: the supervisor's own)"), "",
-             "| round | A: server % of a core | B: server % of a core | B / A |", "| ---: | ---: | ---: | ---: |"]
+             (f"- load: `{args.load}`" + (" (100 rooms x 10 members x 2 messages/s = 20,000 deliveries/s)"
+                                           if args.load == DEFAULT_LOAD else "") +
+              f"; server on core {args.server_cores}, load client on core 1; CPU summed over the server's "
+              "processes (in brackets: the supervisor's own); p99: the load client's message latency"), "",
+             "| round | A: server % of a core | B: server % of a core | B / A | A: p99 ms | B: p99 ms |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r, (a, b) in enumerate(zip(runs["a"], runs["b"]), 1):
         lines.append(f"| {r} | {100 * a['cpu_share']:.1f}{supervisor_part(a, '')} | "
                      f"{100 * b['cpu_share']:.1f}{supervisor_part(b, '')} | "
-                     f"{b['cpu_share'] / a['cpu_share']:.3f} |")
-    lines += [f"| median | {100 * medians['a']:.1f} | {100 * medians['b']:.1f} | {1 + change:.3f} |", ""]
+                     f"{b['cpu_share'] / a['cpu_share']:.3f} | {a['p99_ms']} | {b['p99_ms']} |")
+    p99 = {side: statistics.median(x["p99_ms"] for x in runs[side] if x["p99_ms"] is not None) for side in runs}
+    lines += [(f"| median | {100 * medians['a']:.1f} | {100 * medians['b']:.1f} | {1 + change:.3f} | "
+              f"{p99['a']} | {p99['b']} |"), ""]
     os.makedirs(args.results, exist_ok=True)
     path = os.path.join(args.results, "ab.md")
     new = not os.path.exists(path)
