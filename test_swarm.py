@@ -279,7 +279,7 @@ def test_load_spreads_over_every_replica_with_rooms_across_them(healthy, tmp_pat
 
 def start_loads(stack: Stack, out: Path, seconds: int, grace: int) -> dict[str, subprocess.Popen]:
     """A load run through each door at once, in its own rooms: out/<door> holds each one's files."""
-    wait_for_traefik_routes(stack)
+    stack.wait_for_traefik_routes(REPLICAS)
     return {door: stack.load(out / door, seconds=seconds, grace=grace, door=door) for door in DOORS}
 
 
@@ -332,12 +332,6 @@ def test_replica_killed_during_load_runs_direct_and_through_traefik_loses_and_du
 
 # ---------------------------------------------------------------- the door: Traefik
 
-def traefik_service() -> dict:
-    """Traefik's view of the chat service: its servers and their health (its API, port 8088)."""
-    with urllib.request.urlopen(f"{TRAEFIK_API}/api/http/services/chat@swarm", timeout=5) as answer:
-        return json.load(answer)
-
-
 def open_websocket(host: str, port: int, resource: str) -> tuple[int, socket.socket]:
     """An opening handshake for resource: the answer's status, and the socket (still open)."""
     sock = socket.create_connection((host, port), timeout=10)
@@ -350,22 +344,10 @@ def open_websocket(host: str, port: int, resource: str) -> tuple[int, socket.soc
     return int(head.split(None, 2)[1]), sock
 
 
-def wait_for_traefik_routes(stack: Stack) -> None:
-    """Until Traefik routes to every healthy chat replica, and only to them: its swarm provider
-    reads the tasks every 15 s, so a replica that just came is not yet there."""
-    def every_replica_up() -> bool:
-        with contextlib.suppress(OSError):
-            status = traefik_service().get("serverStatus", {})
-            wanted = {f"http://{address}:8080" for address in stack.healthy_chat_addresses()}
-            return len(wanted) == REPLICAS and set(status) == wanted and set(status.values()) == {"UP"}
-        return False
-    wait_for(every_replica_up, 60, "Traefik routes to every chat replica", interval=1.0)
-
-
 @pytest.fixture
 def door(healthy):
     """The stack once Traefik routes to every healthy chat replica."""
-    wait_for_traefik_routes(healthy)
+    healthy.wait_for_traefik_routes(REPLICAS)
     return healthy
 
 
@@ -424,7 +406,7 @@ def test_traefik_sends_no_new_websocket_to_a_draining_replica(door, tmp_path):
         wait_for(lambda: "101" in (tmp_path / "hold.log").read_text().split(), 30, "a WebSocket held on the victim",
                  interval=0.2)
         docker("kill", "--signal", "TERM", victim["Id"])
-        wait_for(lambda: traefik_service()["serverStatus"].get(url) == "DOWN", 3,
+        wait_for(lambda: door.traefik_service()["serverStatus"].get(url) == "DOWN", 3,
                  "Traefik's health check takes the draining replica out", interval=0.05)
         statuses = []
         for i in range(12):

@@ -380,6 +380,23 @@ class Stack:
             result = json.load(answer)["data"]["result"]
         return {r["metric"].get(by, ""): float(r["value"][1]) for r in result}
 
+    def traefik_service(self) -> dict:
+        """Traefik's view of the chat service: its servers and their health (its API, port 8088)."""
+        with urllib.request.urlopen(f"{TRAEFIK_API}/api/http/services/chat@swarm", timeout=5) as answer:
+            return json.load(answer)
+
+    def wait_for_traefik_routes(self, replicas: int) -> None:
+        """Until Traefik routes to every healthy chat replica, and only to them: its swarm provider
+        reads the tasks every 15 s, so a replica that just came is not yet there."""
+        def every_replica_up() -> bool:
+            try:
+                status = self.traefik_service().get("serverStatus", {})
+            except OSError:
+                return False
+            wanted = {f"http://{address}:8080" for address in self.healthy_chat_addresses()}
+            return len(wanted) == replicas and set(status) == wanted and set(status.values()) == {"UP"}
+        wait_for(every_replica_up, 60, "Traefik routes to every chat replica", interval=1.0)
+
     def resolve(self, name: str) -> set[str]:
         """The addresses name has on the stack's network, as its containers see them."""
         answer = docker("run", "--rm", "--network", self.network, CHAT_IMAGE, "python", "-c",
