@@ -207,7 +207,10 @@ def exported_names(exposition: str) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("name", ["scalechat.json", "containers.json"])
+DASHBOARD_FILES = ("scalechat.json", "containers.json", "door.json")
+
+
+@pytest.mark.parametrize("name", DASHBOARD_FILES)
 def test_dashboard_is_valid_with_unique_panel_ids(name):
     board = load_dashboard(name)
     ids = [panel["id"] for panel in board["panels"]]
@@ -221,6 +224,11 @@ def test_dashboard_is_valid_with_unique_panel_ids(name):
 def test_containers_dashboard_reads_cadvisor_only():
     names = dashboard_metric_names(load_dashboard("containers.json"))
     assert names and all(name.startswith("container_") for name in names), names
+
+
+def test_door_dashboard_reads_traefik_only():
+    names = dashboard_metric_names(load_dashboard("door.json"))
+    assert names and all(name.startswith("traefik_") for name in names), names
 
 
 # ---------------------------------------------------------------- a real Prometheus scraping a real server
@@ -285,7 +293,7 @@ def provoke_refusal_and_protocol_error(url: str) -> None:
 
 @pytest.mark.slow
 def test_every_dashboard_query_runs_and_scalechat_panels_show_data(prometheus, chat_server):
-    for name in ("scalechat.json", "containers.json"):
+    for name in DASHBOARD_FILES:
         for expr in dashboard_queries(load_dashboard(name)):
             prometheus.query(grafana_to_prometheus(expr))
     provoke_refusal_and_protocol_error(chat_server.url)
