@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -40,6 +41,7 @@ import pytest
 import yaml
 
 import csvprocess
+import plot
 import testkit_docker
 from loadclient import EVENT_COLUMNS, ServerAddresses
 from scalechat import client_handshake_request, new_key
@@ -262,8 +264,10 @@ def test_prometheus_discovers_and_scrapes_every_replica_through_tasks_chat(healt
     assert found == addresses, targets
 
 
-def test_load_spreads_over_every_replica_with_rooms_across_them(healthy, tmp_path):
-    """5 rooms of 4 clients, in turn over 3 replicas: each room has members on every replica."""
+def test_load_spreads_over_every_replica_and_plot_draws_the_run_from_the_stacks_prometheus(healthy, tmp_path):
+    """5 rooms of 4 clients, in turn over 3 replicas: each room has members on every replica.
+    Then plot.py --prometheus draws the run's server view from the stack's own Prometheus, with
+    the Grafana dashboard's queries: every panel has samples, and the connections add up."""
     replicas = {f"{address}:8081" for address in healthy.healthy_chat_addresses()}
     result = finish_load(healthy.load(tmp_path, seconds=12, grace=5), tmp_path, 90)
     assert result["reconnects"] == 0 and not result["errors"], result
@@ -275,6 +279,18 @@ def test_load_spreads_over_every_replica_with_rooms_across_them(healthy, tmp_pat
     assert all(rooms.get(instance, 0) >= 5 for instance in replicas), rooms
     received = healthy.query("increase(scalechat_messages_received_total[30s])")
     assert all(received.get(instance, 0) > 0 for instance in replicas), received
+
+    drawn = subprocess.run([sys.executable, HERE / "plot.py", "--prometheus", PROMETHEUS, tmp_path / "run"],
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert drawn.returncode == 0, drawn.stderr
+    points = dict(re.findall(r"^  ([\w -]+): (\d+) points in \d+ series$", drawn.stdout, re.MULTILINE))
+    assert set(points) == {title for title, _ in plot.SERVER_PANELS}, drawn.stdout
+    assert all(int(n) >= 1 for n in points.values()), points
+    assert (tmp_path / "run" / "plots" / "server-view.png").stat().st_size > 30_000
+    board = json.loads(plot.DASHBOARD.read_text(encoding="utf-8"))
+    _, panels = plot.server_view_data(PROMETHEUS, plot.load_run(tmp_path / "run" / "processed"), board)
+    connections = dict(next(p["series"] for p in panels if p["title"] == "Open connections"))
+    assert max(v for _, v in connections["total"]) == 20, connections     # over the 3 replicas
 
 
 def start_loads(stack: Stack, out: Path, seconds: int, grace: int) -> dict[str, subprocess.Popen]:
