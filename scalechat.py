@@ -1019,14 +1019,15 @@ class Room(Sequenced):
     room's seq, and only then joins ``members`` (who get live frames).
     """
 
-    __slots__ = ("catching_up", "early", "idle_since", "leased", "members", "others", "ready", "reported", "syncing",
-                 "waiting")
+    __slots__ = ("catching_up", "early", "idle_since", "leased", "members", "others", "others_version", "ready",
+                 "reported", "syncing", "waiting")
 
     def __init__(self, name: str, config, ready: bool, epoch: bytes = b""):
         super().__init__(name, config, epoch)   # history items: frames
         self.members: dict = {}             # Connection -> None: ordered, O(1) removal
         self.catching_up: dict = {}         # Connection -> None: replaying history
         self.others = 0                     # members on other processes, as the bus last said
+        self.others_version = 0             # the version of the total that said it (Redis numbers them)
         self.reported = 0                   # members here, as last told to the bus
         self.ready = ready
         self.syncing = False
@@ -1335,15 +1336,27 @@ class Chat:
         for conn in room.catching_up:
             conn.replay = 1
 
-    def on_members(self, room_name: str, total: int) -> None:
-        """The bus counted total members in a room, over every process (this one as last reported)."""
+    def on_members(self, room_name: str, total: int, version: int | None = None) -> None:
+        """The bus counted total members in a room, over every process (this one as last reported).
+
+        version orders the totals (Redis numbers each new one): a total comes both in the answer
+        to this process's report and on the room's channel, on two links, so an older one can
+        arrive after a newer one, and is then ignored. Without a version (the supervisor's one
+        link keeps them in order), each total is the latest."""
         room = self.rooms.get(room_name)
-        if room is not None and (others := max(0, total - room.reported)) != room.others:
+        if room is None:
+            return
+        if version is not None:
+            if version <= room.others_version:
+                return
+            room.others_version = version
+        if (others := max(0, total - room.reported)) != room.others:
             room.others = others
             self.recount[room] = None
 
     def on_snapshot(self, room_name: str, epoch: bytes, seq: int, payloads: list,
-                    members: int | None = None, keys: list | None = None) -> None:
+                    members: int | None = None, keys: list | None = None,
+                    members_version: int | None = None) -> None:
         """The bus's view of a room: its order (epoch, seq), its last messages (ending at seq), its members.
 
         Messages that came while the snapshot was on its way (``early``) are
@@ -1356,7 +1369,7 @@ class Chat:
         if room is None:
             return
         if members is not None:
-            self.on_members(room_name, members)
+            self.on_members(room_name, members, members_version)
         early, room.early = room.early, []
         first = seq - len(payloads) + 1
         if not room.ready:
@@ -3951,23 +3964,29 @@ return cur
 # messages. On a shard with replicas (ARGV[2] empty) only up to the last seq
 # published: a message no member has been sent yet may still be lost in a
 # failover, so no joiner sees it first. The fourth item is the room's member
-# count, as the last presence report summed it.
+# count, as the last presence report summed it, and the fifth that sum's version.
 # KEYS: state, history, published, members
 SNAPSHOT_SCRIPT = b"""
 local e = redis.call('HGET', KEYS[1], 'e') or ''
 local seq = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
-local members = tonumber(redis.call('HGET', KEYS[4], '=') or '0')
+local sum = redis.call('HGET', KEYS[4], '=') or '0'
+local sp = string.find(sum, ' ', 1, true) or #sum + 1
+local members, version = tonumber(string.sub(sum, 1, sp - 1)), tonumber(string.sub(sum, sp + 1)) or 0
 local upto = seq
 if ARGV[2] == '' then upto = math.min(seq, tonumber(redis.call('GET', KEYS[3]) or '0')) end
-if upto == 0 then return {e, 0, {}, members} end
-return {e, upto, redis.call('LRANGE', KEYS[2], upto - seq - tonumber(ARGV[1]), upto - seq - 1), members}
+if upto == 0 then return {e, 0, {}, members, version} end
+return {e, upto, redis.call('LRANGE', KEYS[2], upto - seq - tonumber(ARGV[1]), upto - seq - 1), members, version}
 """
 
 # Presence: each process keeps "<count> <expiry ms>" under its tag in the room's
-# members hash; a report sums the fields not expired (dropping the others) and
-# publishes "m <total>" when the total moved. The hash and every field expire
-# when no process refreshes them, so a process that dies is forgotten.
+# members hash; a report sums the fields not expired (dropping the others), keeps
+# "<total> <version>" under "=", and publishes "m <total> <version>" when the
+# total moved. Each new total gets a higher version (Redis's clock in ms, or the
+# last one + 1), so a process that hears totals on two links (this answer, and
+# the room's channel) keeps the newest. The hash and every field expire when no
+# process refreshes them, so a process that dies is forgotten.
 # KEYS: members. ARGV: tag, count, ttl ms, channel, 'P' or 'S' (PUBLISH or SPUBLISH)
+# Returns {total, version}.
 PRESENCE_SCRIPT = b"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -3977,10 +3996,11 @@ else
   redis.call('HDEL', KEYS[1], ARGV[1])
 end
 local fields = redis.call('HGETALL', KEYS[1])
-local total, last = 0, -1
+local total, last, version = 0, -1, 0
 for i = 1, #fields, 2 do
   if fields[i] == '=' then
-    last = tonumber(fields[i + 1])
+    local sp = string.find(fields[i + 1], ' ', 1, true) or #fields[i + 1] + 1
+    last, version = tonumber(string.sub(fields[i + 1], 1, sp - 1)), tonumber(string.sub(fields[i + 1], sp + 1)) or 0
   else
     local sp = string.find(fields[i + 1], ' ', 1, true)
     if tonumber(string.sub(fields[i + 1], sp + 1)) < now then
@@ -3990,13 +4010,15 @@ for i = 1, #fields, 2 do
     end
   end
 end
-redis.call('HSET', KEYS[1], '=', total)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
 if total ~= last then
-  if ARGV[5] == 'S' then redis.call('SPUBLISH', ARGV[4], 'm ' .. total .. '\\n')
-  else redis.call('PUBLISH', ARGV[4], 'm ' .. total .. '\\n') end
+  version = math.max(version + 1, now)
+  redis.call('HSET', KEYS[1], '=', total .. ' ' .. version)
+  local note = 'm ' .. total .. ' ' .. version .. '\\n'
+  if ARGV[5] == 'S' then redis.call('SPUBLISH', ARGV[4], note)
+  else redis.call('PUBLISH', ARGV[4], note) end
 end
-return total
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {total, version}
 """
 PRESENCE_REFRESH = 10.0       # seconds between a process's refreshes of its member counts in Redis
 PRESENCE_TTL_MS = 30_000      # a process that stops refreshing is no longer counted after this
@@ -4583,7 +4605,7 @@ class RedisBus(RemoteBus):
         name = room.name
         node.call(self.loop.now, ("EVALSHA", self.presence_sha, 1, self._keys(name)[2] + ":members", self.tag,
                                   count, PRESENCE_TTL_MS, self._keys(name)[2], "S" if self.topology.cluster else "P"),
-                  lambda reply: None if isinstance(reply, RespError) else self.chat.on_members(name, reply))
+                  lambda reply: None if isinstance(reply, RespError) else self.chat.on_members(name, *reply))
 
     def _refresh_presence(self) -> None:
         """Keep this process's counts alive in Redis (they expire, so a dead process is forgotten)."""
@@ -4614,7 +4636,7 @@ class RedisBus(RemoteBus):
                 self._unsubscribe(node, room)       # subscribed again where the map says
                 self.topology.refresh()
             return
-        self.chat.on_snapshot(room, reply[0], int(reply[1]), reply[2], int(reply[3]))
+        self.chat.on_snapshot(room, reply[0], int(reply[1]), reply[2], int(reply[3]), members_version=int(reply[4]))
 
     # -- replies
 
@@ -4628,8 +4650,9 @@ class RedisBus(RemoteBus):
             if kind == b"message" or kind == b"smessage":
                 head, _, payload = reply[2].partition(b"\n")
                 room = reply[1][plen:-1].decode()
-                if head[:2] == b"m ":        # presence: the room's new total
-                    self.chat.on_members(room, int(head[2:]))
+                if head[:2] == b"m ":        # presence: the room's new total, and its version
+                    total, _, version = head[2:].partition(b" ")
+                    self.chat.on_members(room, int(total), int(version) if version else None)
                     continue
                 seq, epoch, tag, t0 = head.split(b" ", 3)
                 mine = tag.decode() == self.tag

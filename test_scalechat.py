@@ -955,6 +955,26 @@ def test_member_counts_visit_only_rooms_whose_count_moved():
     assert list(chat.member_count_frames()) == []
 
 
+def test_an_older_member_total_arriving_after_a_newer_one_is_ignored():
+    """Redis numbers each room total; one can come in the answer to this process's report after a
+    newer one came on the room's channel (two links): the newest stays. Without a version (the
+    supervisor's one ordered link) every total applies."""
+    chat, _ = remote_chat(CountingBus, "--room-linger", "0")
+    here = [Member(f"m{i}") for i in range(2)]
+    for m in here:
+        chat.join(m, "r", None)
+    chat.on_snapshot("r", b"", 0, [], members=3, members_version=100)
+    list(chat.member_count_frames())                    # reports the 2 here
+    chat.on_members("r", 7, 300)                        # on the channel: another process's report
+    chat.on_members("r", 5, 200)                        # the answer to ours, sent before it
+    counts = [json.loads(frame[2:])["count"] for _, frame in chat.member_count_frames()]
+    assert counts == [7] and chat.rooms["r"].others == 5
+    chat.on_members("r", 7, 300)                        # the same total again: nothing moves
+    assert list(chat.member_count_frames()) == []
+    chat.on_members("r", 4)                             # no version: the latest by its link's order
+    assert [json.loads(frame[2:])["count"] for _, frame in chat.member_count_frames()] == [4]
+
+
 # ---------------------------------------------------------------------------
 # 3. The server end to end, over real sockets
 # ---------------------------------------------------------------------------
