@@ -3490,9 +3490,10 @@ class Supervisor(EventLoop):
     worker only (with --room-affinity, nearly all) is leased to it: the worker
     sequences it and this supervisor keeps a copy, read from the worker's replica
     socket every REPLICA_READ_INTERVAL (or at once when the worker rings: its socket
-    is full), off the message's path; a successor continues from that copy. Any other room it sequences itself: a worker sends
-    it each message, it assigns the seq, keeps the history and forwards the
-    message to the workers with members in the room, in one order for all."""
+    is full), off the message's path; a successor continues from that copy. Any
+    other room it sequences itself: a worker sends it each message, it assigns the
+    seq, keeps the history and forwards the message to the workers with members in
+    the room, in one order for all."""
 
     def __init__(self, config, worker_flags: list, worker_env: dict):
         """worker_flags and worker_env: every worker's command line flags and environment."""
@@ -3523,10 +3524,9 @@ class Supervisor(EventLoop):
         self.loads = os.memfd_create("scalechat-loads")
         os.ftruncate(self.loads, LOAD.size * config.workers)
         # One pipe for every worker: a worker whose replica socket is full writes a byte to it.
-        self.doorbell, doorbell_w = os.pipe()
-        os.set_blocking(self.doorbell, False)
-        os.set_blocking(doorbell_w, False)
-        self.doorbell_w = doorbell_w
+        self.doorbell, self.doorbell_w = os.pipe()
+        for end in (self.doorbell, self.doorbell_w):
+            os.set_blocking(end, False)
         self.sel.register(self.doorbell, selectors.EVENT_READ, self._on_doorbell)
         for slot in range(config.workers):
             self._spawn(slot)
@@ -3960,18 +3960,25 @@ if cur < tonumber(ARGV[1]) then
 end
 return cur
 """
+# A room's member total in its members hash ("=": "<total> <version>"; a total
+# kept before versions has none: version 0). Both scripts that read it start so.
+MEMBER_TOTAL_LUA = b"""
+local function total_and_version(sum)
+  local sp = string.find(sum, ' ', 1, true)
+  if not sp then return tonumber(sum), 0 end
+  return tonumber(string.sub(sum, 1, sp - 1)), tonumber(string.sub(sum, sp + 1))
+end
+"""
 # The room's order (epoch, '' if it has none, and seq) and its last ARGV[1]
 # messages. On a shard with replicas (ARGV[2] empty) only up to the last seq
 # published: a message no member has been sent yet may still be lost in a
 # failover, so no joiner sees it first. The fourth item is the room's member
 # count, as the last presence report summed it, and the fifth that sum's version.
 # KEYS: state, history, published, members
-SNAPSHOT_SCRIPT = b"""
+SNAPSHOT_SCRIPT = MEMBER_TOTAL_LUA + b"""
 local e = redis.call('HGET', KEYS[1], 'e') or ''
 local seq = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
-local sum = redis.call('HGET', KEYS[4], '=') or '0'
-local sp = string.find(sum, ' ', 1, true) or #sum + 1
-local members, version = tonumber(string.sub(sum, 1, sp - 1)), tonumber(string.sub(sum, sp + 1)) or 0
+local members, version = total_and_version(redis.call('HGET', KEYS[4], '=') or '0')
 local upto = seq
 if ARGV[2] == '' then upto = math.min(seq, tonumber(redis.call('GET', KEYS[3]) or '0')) end
 if upto == 0 then return {e, 0, {}, members, version} end
@@ -3987,7 +3994,7 @@ return {e, upto, redis.call('LRANGE', KEYS[2], upto - seq - tonumber(ARGV[1]), u
 # process refreshes them, so a process that dies is forgotten.
 # KEYS: members. ARGV: tag, count, ttl ms, channel, 'P' or 'S' (PUBLISH or SPUBLISH)
 # Returns {total, version}.
-PRESENCE_SCRIPT = b"""
+PRESENCE_SCRIPT = MEMBER_TOTAL_LUA + b"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if tonumber(ARGV[2]) > 0 then
@@ -3999,8 +4006,7 @@ local fields = redis.call('HGETALL', KEYS[1])
 local total, last, version = 0, -1, 0
 for i = 1, #fields, 2 do
   if fields[i] == '=' then
-    local sp = string.find(fields[i + 1], ' ', 1, true) or #fields[i + 1] + 1
-    last, version = tonumber(string.sub(fields[i + 1], 1, sp - 1)), tonumber(string.sub(fields[i + 1], sp + 1)) or 0
+    last, version = total_and_version(fields[i + 1])
   else
     local sp = string.find(fields[i + 1], ' ', 1, true)
     if tonumber(string.sub(fields[i + 1], sp + 1)) < now then
